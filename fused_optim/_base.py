@@ -1,0 +1,228 @@
+"""The base class every fused_optim optimizer derives from.
+
+It owns everything that is the same for all optimizers: input validation, lazy state creation, complex params,
+AMP (grad_scale / found_inf), and the choice between the reference math and the fused kernel. A subclass states
+its math in one place: ``_reference`` (torch ops, defines the numbers) and, when it has one, ``_kernel_rule``
+(the Triton rule computing the same thing, see kernels/multi_tensor.py).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from .kernels import multi_tensor as mt
+
+_OUR_KEYS = ("fused",)
+
+
+def check(cond: bool, msg: str) -> None:
+    """Raise ValueError(msg) unless cond. NaN fails every comparison, so `check(0 <= x, ...)` rejects NaN too."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_nonneg(**kw) -> None:
+    for name, value in kw.items():
+        v = value.item() if isinstance(value, torch.Tensor) else value
+        check(isinstance(v, (int, float)) and 0.0 <= v < math.inf, f"Invalid {name} value: {value}")
+
+
+def check_betas(betas, *, allow_one: bool = False, names=("betas[0]", "betas[1]")) -> None:
+    check(isinstance(betas, (tuple, list)) and len(betas) == len(names),
+          f"Invalid betas: {betas!r} (expected a pair of floats)")
+    for name, b in zip(names, betas):
+        b = b.item() if isinstance(b, torch.Tensor) else b
+        ok = 0.0 <= b <= 1.0 if allow_one else 0.0 <= b < 1.0
+        check(ok, f"Invalid beta parameter at index {names.index(name)}: {b}")
+
+
+def scalar(x) -> float:
+    """A hyper-parameter as a Python float (tensor hyper-parameters are read once, on the host)."""
+    return x.item() if isinstance(x, torch.Tensor) else float(x)
+
+
+def as_real(t: torch.Tensor | None):
+    return torch.view_as_real(t) if t is not None and t.is_complex() else t
+
+
+class FusedOptimizer(Optimizer):
+    """Base class. Subclasses set the class attributes below and implement ``_init_state`` and ``_reference``.
+
+    Attributes:
+        dense_only: grads must be dense (all but SparseAdam).
+        supports_complex: complex params are updated as real views (torch's element-wise optimizers do this).
+        requires_closure: ``step()`` without a closure is an error (LBFGS).
+        scalar_keys: per-param 0-d float32 states (``step``, ...) in kernel order.
+    """
+
+    dense_only = True
+    sparse_only = False
+    supports_complex = True
+    requires_closure = False
+    scalar_keys: tuple = ("step",)
+    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf (unscale inside the step)
+
+    def __init__(self, params, defaults: dict, *, fused: bool | None = None):
+        defaults = dict(defaults)
+        defaults.setdefault("fused", fused)
+        if defaults.get("differentiable"):
+            raise ValueError(f"{type(self).__name__}: differentiable=True is not supported by fused_optim")
+        super().__init__(params, defaults)
+        self._kernel_caches: dict = {}
+        for group in self.param_groups:
+            if group["fused"]:
+                self._require_kernel(group)
+
+    # ---- hooks for subclasses -------------------------------------------------------------------------------
+    def _validate(self, group: dict) -> None:
+        """Check a param group's hyper-parameters; raise ValueError naming the offending one."""
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        """Fresh state for param p (same keys, dtypes and devices as the anchor optimizer)."""
+        return {}
+
+    def _reference(self, group, params, grads, states) -> None:
+        """Reference update of one group: lists of (real) params, grads and state dicts. In place."""
+        raise NotImplementedError
+
+    def _kernel_rule(self, group, variant=None):
+        """(mt.Rule, element-wise state keys, scalar state keys) for this group; ``variant`` is what a subclass's
+        ``_kernel_step`` passed (e.g. SGD's first momentum step)."""
+        return None
+
+    def _prepare(self, group, params, grads, states) -> None:
+        """Per-step work before the kernel launch (e.g. a reduction pass); default none."""
+
+    # ---- the step ----------------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate(group)
+        self._check_params(group)
+        if getattr(self, "_kernel_caches", None) is not None and group.get("fused"):
+            self._require_kernel(group)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # checkpoints from torch/timm lack our extra keys: fill them from our defaults
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+        self.__dict__.setdefault("_kernel_caches", {})
+
+    def _check_params(self, group):
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"{type(self).__name__}: all params of a group must be on one device, got {devices}")
+        for p in group["params"]:
+            if p.is_complex() and not self.supports_complex:
+                raise ValueError(f"{type(self).__name__} does not support complex params (got {p.dtype})")
+
+    def _has_kernel(self) -> bool:
+        return type(self)._kernel_rule is not FusedOptimizer._kernel_rule
+
+    def _require_kernel(self, group):
+        name = type(self).__name__
+        if not self._has_kernel():
+            raise RuntimeError(f"{name}: fused=True is not available for this optimizer")
+        if not mt.available():
+            raise RuntimeError(f"{name}: fused=True needs triton, which is not installed")
+        for p in group["params"]:
+            if not (p.is_cuda or (p.device.type == "cpu" and mt.interpreter_enabled())):
+                raise RuntimeError(
+                    f"{name}: fused=True needs CUDA params (or TRITON_INTERPRET=1 to run the kernels on CPU), "
+                    f"got a param on {p.device}")
+
+    def _use_kernel(self, group, params) -> bool:
+        fused = group.get("fused")
+        if fused is False:
+            return False
+        if fused:
+            return True
+        return self._has_kernel() and mt.available() and all(p.is_cuda for p in params)
+
+    def _grads_of(self, group):
+        """The group's params that have a grad, checked (nothing is changed before every group passes)."""
+        name = type(self).__name__
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad
+            if g.is_sparse and self.dense_only:
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            if self.sparse_only and not g.is_sparse:
+                raise RuntimeError(f"{name} supports only sparse gradients (e.g. nn.Embedding(sparse=True))")
+            if g.device != p.device:
+                raise RuntimeError(f"{name}: grad on {g.device} for a param on {p.device}")
+            params.append(p)
+            grads.append(g)
+        return params, grads
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, *, grad_scale: torch.Tensor | None = None,
+             found_inf: torch.Tensor | None = None):
+        if closure is None and self.requires_closure:
+            raise RuntimeError(f"{type(self).__name__}.step() requires a closure that re-evaluates the loss")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(group, *self._grads_of(group)) for group in self.param_groups]  # validate everything first
+        for group, params, grads in work:
+            if params:
+                self._step_group(group, params, grads, grad_scale, found_inf)
+        return loss
+
+    def _state_of(self, p, group) -> dict:
+        st = self.state[p]
+        if not st:
+            st.update(self._init_state(p, group))
+        return st
+
+    def _step_group(self, group, params, grads, grad_scale, found_inf):
+        states = [self._state_of(p, group) for p in params]
+        if self._use_kernel(group, params):
+            self._kernel_step(group, params, grads, states, grad_scale, found_inf)
+            return
+        if found_inf is not None and found_inf.item() != 0:
+            return  # AMP overflow: skip, advance nothing (like torch's fused optimizers)
+        if grad_scale is not None:
+            torch._foreach_div_(grads, grad_scale.to(grads[0].device))  # p.grad holds unscaled grads afterwards
+        real_states = [{k: as_real(v) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                        for k, v in st.items()} for p, st in zip(params, states)]
+        self._reference(group, [as_real(p) for p in params], [as_real(g) for g in grads], real_states)
+        # scalar states are replaced, not mutated, by some references: write them back
+        for st, rst in zip(states, real_states):
+            for k, v in rst.items():
+                if not (isinstance(v, torch.Tensor) and isinstance(st.get(k), torch.Tensor) and v.data_ptr() == st[k].data_ptr()):
+                    st[k] = v
+
+    def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
+        rule, keys, skeys = self._kernel_rule(group, variant)
+        dev = params[0].device
+        for st in states:  # kernels read per-tensor scalars from device memory (torch keeps them on CPU by default)
+            for k in skeys:
+                if st[k].device != dev or st[k].dtype != torch.float32:
+                    st[k] = st[k].to(device=dev, dtype=torch.float32)
+        self._prepare(group, params, grads, states)
+        flat = [as_real(t).view(-1) if t.is_contiguous() else None for t in params]
+        if any(f is None for f in flat) or any(not g.is_contiguous() for g in grads):
+            raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
+        lr = group.get("lr")
+        # a table hit is verified against every address, so a recycled id() can never reuse a stale table
+        cache = self._kernel_caches.setdefault((id(group), variant), mt.GroupCache())
+        mt.apply(rule, cache, flat, [as_real(g).view(-1) for g in grads],
+                 [[as_real(st[k]).view(-1) for k in keys] for st in states],
+                 [[st[k] for k in skeys] for st in states],
+                 lr_tensor=lr if isinstance(lr, torch.Tensor) else None,
+                 grad_scale=grad_scale, found_inf=found_inf)
+
+
+def new_step(p: torch.Tensor, group: dict) -> torch.Tensor:
+    """torch's per-param step counter: float32 0-d, on CPU unless capturable/fused (then on the param's device)."""
+    on_dev = group.get("capturable") or group.get("fused")
+    return torch.zeros((), dtype=torch.float32, device=p.device if on_dev else "cpu")

@@ -1,0 +1,363 @@
+"""One-launch multi-tensor apply for Triton.
+
+A param group's tensors (params, grads, element-wise states) are described by device-resident tables:
+
+* ``ptrs``    int64 [T, 2 + NS]  addresses of param, grad and each element-wise state of tensor t
+* ``numels``  int64 [T]
+* ``work``    int32 [W, 2]       (tensor, chunk) pairs; every tensor has >= 1 chunk (so 0-element tensors
+                                 still advance their per-tensor scalars, like torch)
+* ``sptrs``   int64 [T, NT]      addresses of per-tensor 0-d float32 states (``step``, NAdam's ``mu_product``,
+                                 ASGD's ``eta``/``mu``, per-layer norms, ...)
+* ``counters`` int32 [T]         finished-program counters, see below
+
+One program updates one chunk of one tensor, so the whole group (per dtype combination) is ONE launch.
+The tables are cached on the host side by the tuple of addresses and sizes: a steady-state step uploads nothing.
+
+Per-tensor scalars: every program reads the old values; the program that finishes last (an atomic counter per
+tensor) writes the new ones and resets the counter. No program of the launch can read a value written in the same
+launch, so the result does not depend on scheduling, and nothing ever leaves the device (CUDA-graph capturable).
+
+Each optimizer provides two ``@triton.jit`` functions, passed as constexprs:
+
+* ``SCALARS(t0, t1, t2, t3, lr, h1..h7, FLAGS) -> (n0, n1, n2, n3, c0, c1, c2, c3)``: fp64 scalar math once per
+  program: new per-tensor scalar states ``n*`` and coefficients ``c*`` for the element-wise part.
+* ``UPDATE(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1..h7, FLAGS) -> (p, s0, s1, s2, s3)``: fp32 element math.
+
+Unused state / scalar slots are zeros and never stored. ``h*`` are fp64 hyper-parameters, ``FLAGS`` a constexpr
+bit set (maximize, amsgrad, ...), so each specialisation carries only its own code.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the reference path still works
+    triton = None
+    tl = None
+
+MAX_STATES = 4
+MAX_SCALARS = 4
+N_HYPER = 8
+# Elements per program: BLOCK lanes x ITERS iterations. 4096 x 4 fp32 = 64 KB per tensor per program.
+BLOCK = int(os.environ.get("FUSED_OPTIM_BLOCK", 4096))
+ITERS = int(os.environ.get("FUSED_OPTIM_ITERS", 4))
+NUM_WARPS = 8
+# FMA contraction: explicit so triton 3.9's changing default does not change our last bits.
+FP_FUSION = True
+
+launch_count = 0  # number of Triton launches made; tests assert one per group and dtype combination
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                  torch.float64: tl.float64}
+
+    @triton.jit
+    def _no_scalars(t0, t1, t2, t3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS: tl.constexpr):
+        # Default SCALARS for optimizers with no per-tensor scalar state.
+        return t0, t1, t2, t3, lr, 0.0, 0.0, 0.0
+
+    @triton.jit
+    def _chunk_ptr(row, slot, DT: tl.constexpr, ALIGNED: tl.constexpr):
+        p = tl.load(row + slot).to(tl.pointer_type(DT))
+        if ALIGNED:
+            p = tl.multiple_of(p, 16)
+        return p
+
+    @triton.jit
+    def _load(ptr, offs, mask, FULL: tl.constexpr):
+        if FULL:
+            return tl.load(ptr + offs).to(tl.float32)
+        else:
+            return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    # Triton's interpreter truncates fp32 -> bf16 casts, while the GPU rounds to nearest even; under the
+    # interpreter we round explicitly so CPU tests see the GPU's numbers.
+    _EMULATE_BF16_RTNE = tl.constexpr(interpreter_enabled())
+
+    @triton.jit
+    def _to_bf16_rtne(x):
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _cast_for(ptr, val):
+        if _EMULATE_BF16_RTNE and ptr.dtype.element_ty == tl.bfloat16:
+            return _to_bf16_rtne(val)
+        else:
+            return val.to(ptr.dtype.element_ty)
+
+    @triton.jit
+    def _store(ptr, offs, val, mask, FULL: tl.constexpr):
+        if FULL:
+            tl.store(ptr + offs, _cast_for(ptr, val))
+        else:
+            tl.store(ptr + offs, _cast_for(ptr, val), mask=mask)
+
+    @triton.jit
+    def _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, offs, mask, inv_scale,
+               c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7,
+               UPDATE: tl.constexpr, FLAGS: tl.constexpr, NS: tl.constexpr,
+               HAS_SCALE: tl.constexpr, FULL: tl.constexpr):
+        p = _load(p_ptr, offs, mask, FULL)
+        g = _load(g_ptr, offs, mask, FULL)
+        if HAS_SCALE:
+            g = g * inv_scale
+            _store(g_ptr, offs, g, mask, FULL)  # like torch's fused path: p.grad holds the unscaled grad after
+        s0 = tl.zeros_like(p)
+        s1 = tl.zeros_like(p)
+        s2 = tl.zeros_like(p)
+        s3 = tl.zeros_like(p)
+        if NS > 0:
+            s0 = _load(s0_ptr, offs, mask, FULL)
+        if NS > 1:
+            s1 = _load(s1_ptr, offs, mask, FULL)
+        if NS > 2:
+            s2 = _load(s2_ptr, offs, mask, FULL)
+        if NS > 3:
+            s3 = _load(s3_ptr, offs, mask, FULL)
+        p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
+        _store(p_ptr, offs, p, mask, FULL)
+        if NS > 0:
+            _store(s0_ptr, offs, s0, mask, FULL)
+        if NS > 1:
+            _store(s1_ptr, offs, s1, mask, FULL)
+        if NS > 2:
+            _store(s2_ptr, offs, s2, mask, FULL)
+        if NS > 3:
+            _store(s3_ptr, offs, s3, mask, FULL)
+
+    @triton.jit
+    def multi_tensor_apply_kernel(
+        ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, inf_ptr,
+        lr: tl.float64, h1: tl.float64, h2: tl.float64, h3: tl.float64,
+        h4: tl.float64, h5: tl.float64, h6: tl.float64, h7: tl.float64,
+        UPDATE: tl.constexpr, SCALARS: tl.constexpr, FLAGS: tl.constexpr,
+        NS: tl.constexpr, NT: tl.constexpr,
+        P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+        LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+        ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        skip = 0
+        if HAS_INF:
+            skip = tl.load(inf_ptr) != 0  # AMP overflow: touch nothing, advance nothing
+        if skip == 0:
+            t = tl.load(work + 2 * pid)
+            chunk = tl.load(work + 2 * pid + 1).to(tl.int64)
+            n = tl.load(numels + t)
+            row = ptrs + t.to(tl.int64) * (2 + NS)
+            p_ptr = _chunk_ptr(row, 0, P_DT, ALIGNED)
+            g_ptr = _chunk_ptr(row, 1, G_DT, ALIGNED)
+            s0_ptr = p_ptr
+            s1_ptr = p_ptr
+            s2_ptr = p_ptr
+            s3_ptr = p_ptr
+            if NS > 0:
+                s0_ptr = _chunk_ptr(row, 2, S_DT, ALIGNED)
+            if NS > 1:
+                s1_ptr = _chunk_ptr(row, 3, S_DT, ALIGNED)
+            if NS > 2:
+                s2_ptr = _chunk_ptr(row, 4, S_DT, ALIGNED)
+            if NS > 3:
+                s3_ptr = _chunk_ptr(row, 5, S_DT, ALIGNED)
+
+            # per-tensor scalar states (fp32 in memory, fp64 math)
+            srow = sptrs + t.to(tl.int64) * NT
+            t0 = 0.0
+            t1 = 0.0
+            t2 = 0.0
+            t3 = 0.0
+            if NT > 0:
+                t0 = tl.load(tl.load(srow).to(tl.pointer_type(tl.float32))).to(tl.float64)
+            if NT > 1:
+                t1 = tl.load(tl.load(srow + 1).to(tl.pointer_type(tl.float32))).to(tl.float64)
+            if NT > 2:
+                t2 = tl.load(tl.load(srow + 2).to(tl.pointer_type(tl.float32))).to(tl.float64)
+            if NT > 3:
+                t3 = tl.load(tl.load(srow + 3).to(tl.pointer_type(tl.float32))).to(tl.float64)
+            # scalar arguments are plain Python floats under the interpreter: make them fp64 tensors everywhere
+            lr = tl.cast(lr, tl.float64)
+            h1 = tl.cast(h1, tl.float64)
+            h2 = tl.cast(h2, tl.float64)
+            h3 = tl.cast(h3, tl.float64)
+            h4 = tl.cast(h4, tl.float64)
+            h5 = tl.cast(h5, tl.float64)
+            h6 = tl.cast(h6, tl.float64)
+            h7 = tl.cast(h7, tl.float64)
+            if LR_TENSOR:
+                lr = tl.load(lr_ptr).to(tl.float64)
+            n0, n1, n2, n3, c0, c1, c2, c3 = SCALARS(t0, t1, t2, t3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
+            c0 = tl.cast(c0, tl.float32)
+            c1 = tl.cast(c1, tl.float32)
+            c2 = tl.cast(c2, tl.float32)
+            c3 = tl.cast(c3, tl.float32)
+            inv_scale = 1.0
+            if HAS_SCALE:
+                inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
+
+            lanes = tl.arange(0, BLOCK)
+            start = chunk * (BLOCK * ITERS)
+            if start + BLOCK * ITERS <= n:
+                # full chunk: no mask, so aligned tensors get 128-bit loads and stores
+                for i in range(ITERS):
+                    offs = start + i * BLOCK + lanes
+                    _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, offs, offs < n, inv_scale,
+                           c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, UPDATE, FLAGS, NS, HAS_SCALE, True)
+            else:
+                for i in range(ITERS):
+                    offs = start + i * BLOCK + lanes
+                    _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, offs, offs < n, inv_scale,
+                           c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, UPDATE, FLAGS, NS, HAS_SCALE, False)
+
+            if NT > 0:
+                # the last program of this tensor writes the new scalars (all readers are done by then)
+                nchunks = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
+                done = tl.atomic_add(counters + t, 1)
+                if done == nchunks - 1:
+                    tl.store(tl.load(srow).to(tl.pointer_type(tl.float32)), tl.cast(n0, tl.float32))
+                    if NT > 1:
+                        tl.store(tl.load(srow + 1).to(tl.pointer_type(tl.float32)), tl.cast(n1, tl.float32))
+                    if NT > 2:
+                        tl.store(tl.load(srow + 2).to(tl.pointer_type(tl.float32)), tl.cast(n2, tl.float32))
+                    if NT > 3:
+                        tl.store(tl.load(srow + 3).to(tl.pointer_type(tl.float32)), tl.cast(n3, tl.float32))
+                    tl.store(counters + t, 0)
+
+
+@dataclass
+class Rule:
+    """An optimizer's kernel math: the two jit functions above plus constexpr flags and fp64 hyper-parameters."""
+    update: object
+    scalars: object = None
+    flags: int = 0
+    hypers: tuple = ()          # lr first, then up to 7 more (fp64)
+
+
+@dataclass
+class _Tables:
+    key: tuple
+    ptrs: torch.Tensor
+    numels: torch.Tensor
+    work: torch.Tensor
+    sptrs: torch.Tensor
+    counters: torch.Tensor
+    aligned: bool
+    gkey: tuple = ()
+
+
+@dataclass
+class GroupCache:
+    """Per param-group cache of device tables, one entry per dtype combination."""
+    tables: dict = field(default_factory=dict)
+    builds: int = 0  # how many times tables were (re)built: tests check steady state builds nothing
+    grad_uploads: int = 0  # how many times only the grad addresses changed
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def _all_aligned(params, grads, states) -> bool:
+    # tl.multiple_of(ptr, 16) is a promise: one misaligned tensor (a view at an odd offset) sends the whole
+    # bucket to the variant without the hint
+    return all(_aligned(t) for t in params) and all(_aligned(t) for t in grads) and all(
+        _aligned(s) for st in states for s in st)
+
+
+def _build_tables(key, params, grads, states, scalars, device) -> _Tables:
+    chunk = BLOCK * ITERS
+    rows, numels, work, srows = [], [], [], []
+    for i, (p, g, st, sc) in enumerate(zip(params, grads, states, scalars)):
+        rows.append([p.data_ptr(), g.data_ptr(), *[s.data_ptr() for s in st]])
+        srows.append([s.data_ptr() for s in sc])
+        n = p.numel()
+        numels.append(n)
+        work.extend((i, c) for c in range(max(1, -(-n // chunk))))
+    aligned = _all_aligned(params, grads, states)
+
+    def dev(x, dtype):
+        return torch.tensor(x, dtype=dtype).to(device)
+
+    n_t = len(params)
+    return _Tables(
+        key=key,
+        ptrs=dev(rows, torch.int64),
+        numels=dev(numels, torch.int64),
+        work=dev(work, torch.int32),
+        sptrs=dev(srows, torch.int64) if srows and srows[0] else torch.zeros(1, dtype=torch.int64, device=device),
+        counters=torch.zeros(max(n_t, 1), dtype=torch.int32, device=device),
+        aligned=aligned,
+    )
+
+
+def apply(rule: Rule, cache: GroupCache, params, grads, states, scalars, *, lr_tensor=None,
+          grad_scale=None, found_inf=None) -> None:
+    """Update one param group in one launch per (param, grad, state) dtype combination.
+
+    ``states[i]`` lists tensor i's element-wise states (same count for all tensors), ``scalars[i]`` its 0-d float32
+    per-tensor scalar states. All tensors must be contiguous (views of real dtype).
+    """
+    global launch_count
+    buckets: dict = {}
+    for i, p in enumerate(params):
+        sdt = states[i][0].dtype if states[i] else p.dtype
+        buckets.setdefault((p.dtype, grads[i].dtype, sdt), []).append(i)
+    for dts, idx in buckets.items():
+        ps = [params[i] for i in idx]
+        gs = [grads[i] for i in idx]
+        sts = [states[i] for i in idx]
+        scs = [scalars[i] for i in idx]
+        # The key covers every address and size the tables hold: any change (a loaded state, a replaced param)
+        # rebuilds. Grads are often re-allocated each step (zero_grad(set_to_none=True)): a new grad address only
+        # re-uploads the grad column.
+        key = tuple(p.data_ptr() for p in ps) + tuple(s.data_ptr() for st in sts for s in st) + tuple(
+            s.data_ptr() for sc in scs for s in sc) + tuple(p.numel() for p in ps)
+        gkey = tuple(g.data_ptr() for g in gs)
+        tab = cache.tables.get(dts)
+        if tab is None or tab.key != key or tab.aligned != _all_aligned(ps, gs, sts):
+            tab = _build_tables(key, ps, gs, sts, scs, ps[0].device)
+            tab.gkey = gkey
+            cache.tables[dts] = tab
+            cache.builds += 1
+        elif tab.gkey != gkey:
+            tab.ptrs[:, 1].copy_(torch.tensor(gkey, dtype=torch.int64))
+            tab.gkey = gkey
+            cache.grad_uploads += 1
+        _launch(rule, tab, dts, len(sts[0]), len(scs[0]), lr_tensor, grad_scale, found_inf)
+        launch_count += 1
+
+
+def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf):
+    assert ns <= MAX_STATES and nt <= MAX_SCALARS
+    hypers = tuple(float(h) for h in rule.hypers) + (0.0,) * (N_HYPER - len(rule.hypers))
+    dummy = tab.numels
+    extra = {} if interpreter_enabled() else {"num_warps": NUM_WARPS, "enable_fp_fusion": FP_FUSION}
+    grid = (tab.work.shape[0],)
+    multi_tensor_apply_kernel[grid](
+        tab.ptrs, tab.numels, tab.work, tab.sptrs, tab.counters,
+        lr_tensor if lr_tensor is not None else dummy,
+        grad_scale if grad_scale is not None else dummy,
+        found_inf if found_inf is not None else dummy,
+        *hypers,
+        UPDATE=rule.update, SCALARS=rule.scalars or _no_scalars, FLAGS=rule.flags,
+        NS=ns, NT=nt,
+        P_DT=_TL_DTYPES[dts[0]], G_DT=_TL_DTYPES[dts[1]], S_DT=_TL_DTYPES[dts[2]],
+        LR_TENSOR=lr_tensor is not None, HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
+        ALIGNED=tab.aligned, BLOCK=BLOCK, ITERS=ITERS,
+        **extra,
+    )

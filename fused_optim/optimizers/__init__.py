@@ -1,0 +1,1 @@
+"""One module per optimizer family: its class(es), reference math and kernel rule."""

@@ -1,0 +1,119 @@
+"""Adam and AdamW, with amsgrad, maximize and L2 or decoupled weight decay (anchors: torch.optim.Adam/AdamW)."""
+from __future__ import annotations
+
+import torch
+
+from .._base import FusedOptimizer, check_betas, check_nonneg, new_step, scalar
+from .._registry import register
+from ..kernels import multi_tensor as mt
+
+if mt.available():
+    import triton
+    import triton.language as tl
+
+    MAXIMIZE, AMSGRAD, WD, DECOUPLED = 1, 2, 4, 8
+
+    @triton.jit
+    def _adam_scalars(step, t1, t2, t3, lr, beta1, beta2, eps, wd, h5, h6, h7, FLAGS: tl.constexpr):
+        step = step + 1.0
+        bc1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+        bc2 = 1.0 - tl.exp2(step * tl.log2(beta2))
+        return step, t1, t2, t3, -lr / bc1, tl.sqrt(bc2), 1.0 - lr * wd, 0.0
+
+    @triton.jit
+    def _adam_update(p, g, m, v, vmax, s3, step_size, bc2_sqrt, decay, c3, lr, beta1, beta2, eps, wd, h5, h6, h7,
+                     FLAGS: tl.constexpr):
+        if FLAGS & MAXIMIZE:
+            g = -g
+        if FLAGS & WD:
+            if FLAGS & DECOUPLED:
+                p = p * decay
+            else:
+                g = g + wd.to(tl.float32) * p
+        m = m + (1.0 - beta1).to(tl.float32) * (g - m)
+        v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * g * g
+        if FLAGS & AMSGRAD:
+            vmax = tl.maximum(vmax, v)
+            denom = tl.sqrt(vmax) / bc2_sqrt + eps.to(tl.float32)
+        else:
+            denom = tl.sqrt(v) / bc2_sqrt + eps.to(tl.float32)
+        p = p + step_size * (m / denom)
+        return p, m, v, vmax, s3
+
+
+def adam_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled):
+    """Adam / AdamW on lists (foreach ops). Shared by Adam, AdamW and the Adam half of AdamP-like optimizers."""
+    steps = [st["step"] for st in states]
+    m = [st["exp_avg"] for st in states]
+    v = [st["exp_avg_sq"] for st in states]
+    torch._foreach_add_(steps, 1)
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        if decoupled:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        else:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_lerp_(m, grads, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
+    bc1 = [1 - beta1 ** s.item() for s in steps]
+    bc2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in steps]
+    if amsgrad:
+        vmax = [st["max_exp_avg_sq"] for st in states]
+        torch._foreach_maximum_(vmax, v)
+        denom = torch._foreach_sqrt(vmax)
+    else:
+        denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, m, denom, [-lr / b for b in bc1])
+
+
+@register
+class Adam(FusedOptimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        betas = tuple(scalar(b) for b in betas) if isinstance(betas, (tuple, list)) else betas
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, fused=fused)
+
+    def _validate(self, group):
+        check_nonneg(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"])
+        check_betas(group["betas"])
+
+    def _init_state(self, p, group):
+        st = {"step": new_step(p, group), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+              "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        if group["amsgrad"]:
+            st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return st
+
+    def _reference(self, group, params, grads, states):
+        beta1, beta2 = group["betas"]
+        adam_reference(params, grads, states, lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                       weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
+                       decoupled=group["decoupled_weight_decay"])
+
+    def _kernel_rule(self, group, variant=None):
+        beta1, beta2 = group["betas"]
+        flags = ((MAXIMIZE if group["maximize"] else 0) | (AMSGRAD if group["amsgrad"] else 0)
+                 | (WD if group["weight_decay"] != 0 else 0) | (DECOUPLED if group["decoupled_weight_decay"] else 0))
+        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        rule = mt.Rule(_adam_update, _adam_scalars, flags,
+                       (scalar(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"]))
+        return rule, keys, ("step",)
+
+
+@register
+class AdamW(Adam):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)

@@ -1,0 +1,95 @@
+"""SGD with momentum, dampening, Nesterov, weight decay and maximize (anchor: torch.optim.SGD)."""
+from __future__ import annotations
+
+import torch
+
+from .._base import FusedOptimizer, check, check_nonneg, scalar
+from .._registry import register
+from ..kernels import multi_tensor as mt
+
+if mt.available():
+    import triton
+    import triton.language as tl
+
+    MAXIMIZE, NESTEROV, MOMENTUM, FIRST, WD = 1, 2, 4, 8, 16
+
+    @triton.jit
+    def _sgd_update(p, g, buf, s1, s2, s3, c0, c1, c2, c3, lr, momentum, dampening, wd, h4, h5, h6, h7,
+                    FLAGS: tl.constexpr):
+        if FLAGS & MAXIMIZE:
+            g = -g
+        if FLAGS & WD:
+            g = g + wd.to(tl.float32) * p
+        if FLAGS & MOMENTUM:
+            if FLAGS & FIRST:
+                buf = g  # torch starts the buffer at the first (decayed) grad, undamped
+            else:
+                buf = buf * momentum.to(tl.float32) + (1.0 - dampening).to(tl.float32) * g
+            if FLAGS & NESTEROV:
+                g = g + momentum.to(tl.float32) * buf
+            else:
+                g = buf
+        p = p - lr.to(tl.float32) * g
+        return p, buf, s1, s2, s3
+
+
+@register
+class SGD(FusedOptimizer):
+    scalar_keys = ()
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                        fused=fused)
+        super().__init__(params, defaults, fused=fused)
+
+    def _validate(self, group):
+        check_nonneg(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+                     dampening=group["dampening"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def _reference(self, group, params, grads, states):
+        lr, momentum, dampening = scalar(group["lr"]), group["momentum"], group["dampening"]
+        wd = scalar(group["weight_decay"])
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        if wd != 0:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        if momentum != 0:
+            bufs = []
+            for g, st in zip(grads, states):
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.clone(g).detach()
+                else:
+                    st["momentum_buffer"].mul_(momentum).add_(g, alpha=1 - dampening)
+                bufs.append(st["momentum_buffer"])
+            grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+        torch._foreach_add_(params, grads, alpha=-lr)
+
+    def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
+        if group["momentum"] == 0:
+            return super()._kernel_step(group, params, grads, states, grad_scale, found_inf)
+        # A param's first momentum step copies the grad into a new buffer: those params go in a launch of their own
+        # (only on the step where they first get a grad). The buffer starts at zero, so if AMP skips that step the
+        # next one is an ordinary momentum step (identical to torch unless dampening != 0).
+        fresh = [i for i, st in enumerate(states) if "momentum_buffer" not in st]
+        for st, p in zip(states, params):
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for subset, first in ((fresh, True), (sorted(set(range(len(params))) - set(fresh)), False)):
+            if subset:
+                super()._kernel_step(group, [params[i] for i in subset], [grads[i] for i in subset],
+                                     [states[i] for i in subset], grad_scale, found_inf, variant=first)
+
+    def _kernel_rule(self, group, first=None):
+        momentum = group["momentum"]
+        flags = ((MAXIMIZE if group["maximize"] else 0) | (NESTEROV if group["nesterov"] else 0)
+                 | (MOMENTUM if momentum != 0 else 0) | (WD if scalar(group["weight_decay"]) != 0 else 0)
+                 | (FIRST if momentum != 0 and first else 0))
+        rule = mt.Rule(_sgd_update, flags=flags,
+                       hypers=(scalar(group["lr"]), momentum, group["dampening"], scalar(group["weight_decay"])))
+        return rule, (("momentum_buffer",) if momentum != 0 else ()), ()

@@ -1,0 +1,92 @@
+"""The test matrix: one Case per optimizer, collected from tests/cases_*.py (each module defines CASES).
+
+A Case names our class, its anchor (torch.optim / timm class, or a float64 transcription of the paper), the option
+combinations to test and, where plain random dense grads do not fit (sparse, Hessian, closures), a driver.
+The generic tests in test_anchor.py / test_kernels.py / test_state_dict.py run every case.
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import fused_optim
+
+# odd sizes, 1-element, 0-d, empty, and a 4-D conv weight; the first group gets these, the second a few more
+SHAPES = [(5, 3), (7,), (1,), (), (0,), (4, 3, 3, 3), (67, 33)]
+SHAPES_2 = [(11,), (2, 9)]
+
+
+@dataclass
+class Case:
+    name: str                                   # our class name in fused_optim
+    anchor: Callable | None                     # () -> anchor class (None: the case has its own check)
+    configs: list = field(default_factory=lambda: [{}])  # constructor kwargs combinations
+    group2: dict = field(default_factory=dict)  # overrides for a second param group
+    shapes: list = field(default_factory=lambda: SHAPES)
+    shapes2: list = field(default_factory=lambda: SHAPES_2)
+    steps: int = 20
+    driver: Callable | None = None              # driver(opts, param_lists, step_index, gen): sets grads + steps all
+    kernel: bool = True                         # has a fused (Triton) path to test against the reference
+    complex_ok: bool = True
+    rtol32: float = 1e-6                        # fp32 agreement with the anchor
+    atol32: float = 1e-7
+    id: str = ""
+
+    @property
+    def cls(self):
+        return fused_optim.REGISTRY[self.name.lower()]
+
+
+def _collect():
+    cases = []
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "cases_*.py"))):
+        mod = importlib.import_module(os.path.basename(path)[:-3])
+        cases.extend(mod.CASES)
+    return cases
+
+
+def make_params(case: Case, dtype=torch.float32, device="cpu", seed=0):
+    """Random non-zero params (two groups' worth)."""
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda shapes: [(torch.rand(s, generator=gen, dtype=torch.float64) * 2 - 1).add_(0.1).to(dtype).to(device)
+                         for s in shapes]
+    return mk(case.shapes), mk(case.shapes2)
+
+
+def param_groups(case: Case, config: dict, ps1, ps2):
+    return [{"params": ps1}, {"params": ps2, **case.group2}]
+
+
+def default_driver(opts, param_lists, step, gen):
+    """Same random non-zero grads for every optimizer, then step each."""
+    grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in param_lists[0]]
+    for opt, params in zip(opts, param_lists):
+        for p, g in zip(params, grads):
+            p.grad = g.to(dtype=p.dtype, device=p.device)
+        opt.step()
+
+
+def run(case: Case, opts, param_lists, steps=None, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    driver = case.driver or default_driver
+    for i in range(case.steps if steps is None else steps):
+        driver(opts, param_lists, i, gen)
+
+
+def clone_params(params):
+    return [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+
+
+def config_id(config: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in config.items()) or "default"
+
+
+ALL = _collect()
+# (case, config) pairs, flattened for parametrize
+MATRIX = [(c, cfg) for c in ALL for cfg in c.configs]
+MATRIX_IDS = [f"{c.name}[{config_id(cfg)}]" for c, cfg in MATRIX]

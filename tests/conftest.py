@@ -1,0 +1,23 @@
+"""Test set-up: without CUDA, every Triton kernel runs under the interpreter on CPU tensors (never skipped).
+
+TRITON_INTERPRET must be set before triton decorates the kernels, i.e. before fused_optim is imported. Small
+chunks make every test tensor span several programs, so chunk boundaries and masked tails are exercised.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("FUSED_OPTIM_BLOCK", "256")
+    os.environ.setdefault("FUSED_OPTIM_ITERS", "2")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
