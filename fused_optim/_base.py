@@ -121,8 +121,9 @@ class FusedOptimizer(Optimizer):
             if p.is_complex() and not self.supports_complex:
                 raise ValueError(f"{type(self).__name__} does not support complex params (got {p.dtype})")
 
-    def _has_kernel(self) -> bool:
-        return type(self)._kernel_rule is not FusedOptimizer._kernel_rule
+    @classmethod
+    def _has_kernel(cls) -> bool:
+        return cls._kernel_rule is not FusedOptimizer._kernel_rule
 
     def _require_kernel(self, group):
         name = type(self).__name__

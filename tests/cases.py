@@ -35,6 +35,13 @@ class Case:
     complex_ok: bool = True
     rtol32: float = 1e-6                        # fp32 agreement with the anchor
     atol32: float = 1e-7
+    one_group: bool = False                     # takes exactly one param group (LBFGS): both lists go in it
+    dense_grads: bool = True                    # False: only the driver's grads fit (sparse): tests that set dense
+                                                # grads themselves skip the case
+    # param dtype of the checkpoint test. torch's load_state_dict casts every state but `step` to the param dtype,
+    # so float32 scalar states (ASGD eta/mu, NAdam mu_product) turn float64 with float64 params and the reloaded run
+    # drifts ~1e-8 from the unreloaded one (torch -> torch too); with float32 params the cast changes nothing.
+    ckpt_dtype: torch.dtype = torch.float64
     id: str = ""
 
     @property
@@ -59,6 +66,8 @@ def make_params(case: Case, dtype=torch.float32, device="cpu", seed=0):
 
 
 def param_groups(case: Case, config: dict, ps1, ps2):
+    if case.one_group:
+        return [{"params": ps1 + ps2}]
     return [{"params": ps1}, {"params": ps2, **case.group2}]
 
 

@@ -36,7 +36,7 @@ def test_matches_anchor_every_step(case, config, dtype, rtol, atol):
 @pytest.mark.parametrize("direction", ["anchor_to_ours", "ours_to_anchor"])
 def test_checkpoint_moves_both_ways(case, config, direction):
     """A state_dict saved by one side loads into the other, and both continue on the same trajectory."""
-    ours, pa, theirs, pb = _pair(case, config, torch.float64)
+    ours, pa, theirs, pb = _pair(case, config, case.ckpt_dtype)
     run(case, [ours, theirs], [pa, pb], steps=5, seed=0)
     to_ours = direction == "anchor_to_ours"
     src, src_params = (theirs, pb) if to_ours else (ours, pa)

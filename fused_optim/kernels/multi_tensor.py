@@ -43,9 +43,10 @@ except ImportError:  # pragma: no cover - the reference path still works
 MAX_STATES = 4
 MAX_SCALARS = 4
 N_HYPER = 8
-# Elements per program: BLOCK lanes x ITERS iterations. 4096 x 4 fp32 = 64 KB per tensor per program.
-BLOCK = int(os.environ.get("FUSED_OPTIM_BLOCK", 4096))
-ITERS = int(os.environ.get("FUSED_OPTIM_ITERS", 4))
+# Elements per program: BLOCK lanes x ITERS iterations = 16K elements (64 KB fp32 per tensor). With 8 warps a
+# thread holds 8 elements per tensor per iteration: two 128-bit fp32 accesses, one for bf16/fp16, at ~80 registers.
+BLOCK = int(os.environ.get("FUSED_OPTIM_BLOCK", 2048))
+ITERS = int(os.environ.get("FUSED_OPTIM_ITERS", 8))
 NUM_WARPS = 8
 # FMA contraction: explicit so triton 3.9's changing default does not change our last bits.
 FP_FUSION = True
@@ -239,6 +240,25 @@ if triton is not None:
                     tl.store(counters + t, 0)
 
 
+if triton is not None:
+    class _Bit(tl.constexpr):
+        """A FLAGS bit. Compiled kernels may only read tl.constexpr globals; the interpreter passes FLAGS as a
+        plain int, so `FLAGS & BIT` also needs the reflected operator."""
+
+        def __rand__(self, other):
+            return tl.constexpr(int(getattr(other, "value", other)) & self.value)
+
+
+def flag_bits(n: int):
+    """n option bits for FLAGS (`if FLAGS & BIT:` in a kernel, `pack((BIT, cond), ...)` on the host)."""
+    return tuple(_Bit(1 << i) for i in range(n))
+
+
+def pack(*bits_and_conditions) -> int:
+    """FLAGS value from (bit, condition) pairs: pack((MAXIMIZE, group["maximize"]), ...)."""
+    return sum(int(bit.value) for bit, on in bits_and_conditions if on)
+
+
 @dataclass
 class Rule:
     """An optimizer's kernel math: the two jit functions above plus constexpr flags and fp64 hyper-parameters."""
@@ -258,6 +278,7 @@ class _Tables:
     counters: torch.Tensor
     aligned: bool
     gkey: tuple = ()
+    fdummy: torch.Tensor = None
 
 
 @dataclass
@@ -302,6 +323,7 @@ def _build_tables(key, params, grads, states, scalars, device) -> _Tables:
         sptrs=dev(srows, torch.int64) if srows and srows[0] else torch.zeros(1, dtype=torch.int64, device=device),
         counters=torch.zeros(max(n_t, 1), dtype=torch.int32, device=device),
         aligned=aligned,
+        fdummy=torch.zeros(1, dtype=torch.float32, device=device),
     )
 
 
@@ -342,11 +364,22 @@ def apply(rule: Rule, cache: GroupCache, params, grads, states, scalars, *, lr_t
         launch_count += 1
 
 
-def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf):
+def constexprs(rule: Rule, dts, ns: int, nt: int, *, lr_tensor: bool, has_scale: bool, has_inf: bool,
+               aligned: bool) -> dict:
+    """The kernel's compile-time arguments for one launch: the launcher and the AOT inventory both use this."""
     assert ns <= MAX_STATES and nt <= MAX_SCALARS
+    return dict(UPDATE=rule.update, SCALARS=rule.scalars or _no_scalars, FLAGS=rule.flags, NS=ns, NT=nt,
+                P_DT=_TL_DTYPES[dts[0]], G_DT=_TL_DTYPES[dts[1]], S_DT=_TL_DTYPES[dts[2]],
+                LR_TENSOR=lr_tensor, HAS_SCALE=has_scale, HAS_INF=has_inf, ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS)
+
+
+def compile_options() -> dict:
+    return {"num_warps": NUM_WARPS, "enable_fp_fusion": FP_FUSION}
+
+
+def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf):
     hypers = tuple(float(h) for h in rule.hypers) + (0.0,) * (N_HYPER - len(rule.hypers))
-    dummy = tab.numels
-    extra = {} if interpreter_enabled() else {"num_warps": NUM_WARPS, "enable_fp_fusion": FP_FUSION}
+    dummy = tab.fdummy  # an fp32 stand-in for absent lr / grad_scale / found_inf (one specialization per use)
     grid = (tab.work.shape[0],)
     multi_tensor_apply_kernel[grid](
         tab.ptrs, tab.numels, tab.work, tab.sptrs, tab.counters,
@@ -354,10 +387,7 @@ def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf):
         grad_scale if grad_scale is not None else dummy,
         found_inf if found_inf is not None else dummy,
         *hypers,
-        UPDATE=rule.update, SCALARS=rule.scalars or _no_scalars, FLAGS=rule.flags,
-        NS=ns, NT=nt,
-        P_DT=_TL_DTYPES[dts[0]], G_DT=_TL_DTYPES[dts[1]], S_DT=_TL_DTYPES[dts[2]],
-        LR_TENSOR=lr_tensor is not None, HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
-        ALIGNED=tab.aligned, BLOCK=BLOCK, ITERS=ITERS,
-        **extra,
+        **constexprs(rule, dts, ns, nt, lr_tensor=lr_tensor is not None, has_scale=grad_scale is not None,
+                     has_inf=found_inf is not None, aligned=tab.aligned),
+        **({} if interpreter_enabled() else compile_options()),
     )

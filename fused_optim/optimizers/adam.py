@@ -11,7 +11,7 @@ if mt.available():
     import triton
     import triton.language as tl
 
-    MAXIMIZE, AMSGRAD, WD, DECOUPLED = 1, 2, 4, 8
+    MAXIMIZE, AMSGRAD, WD, DECOUPLED = mt.flag_bits(4)
 
     @triton.jit
     def _adam_scalars(step, t1, t2, t3, lr, beta1, beta2, eps, wd, h5, h6, h7, FLAGS: tl.constexpr):
@@ -21,8 +21,9 @@ if mt.available():
         return step, t1, t2, t3, -lr / bc1, tl.sqrt(bc2), 1.0 - lr * wd, 0.0
 
     @triton.jit
-    def _adam_update(p, g, m, v, vmax, s3, step_size, bc2_sqrt, decay, c3, lr, beta1, beta2, eps, wd, h5, h6, h7,
-                     FLAGS: tl.constexpr):
+    def decayed_grad(p, g, decay, wd, FLAGS: tl.constexpr):
+        """maximize, then L2 (into g) or decoupled (p * decay, decay = 1 - lr * wd) weight decay. Shared by the
+        Adam family, Adamax, NAdam, RAdam and ASGD (their FLAGS use these bits)."""
         if FLAGS & MAXIMIZE:
             g = -g
         if FLAGS & WD:
@@ -30,8 +31,20 @@ if mt.available():
                 p = p * decay
             else:
                 g = g + wd.to(tl.float32) * p
+        return p, g
+
+    @triton.jit
+    def adam_moments(g, m, v, beta1, beta2):
+        """First moment (lerp towards g) and second moment (EMA of g*g)."""
         m = m + (1.0 - beta1).to(tl.float32) * (g - m)
         v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * g * g
+        return m, v
+
+    @triton.jit
+    def _adam_update(p, g, m, v, vmax, s3, step_size, bc2_sqrt, decay, c3, lr, beta1, beta2, eps, wd, h5, h6, h7,
+                     FLAGS: tl.constexpr):
+        p, g = decayed_grad(p, g, decay, wd, FLAGS)
+        m, v = adam_moments(g, m, v, beta1, beta2)
         if FLAGS & AMSGRAD:
             vmax = tl.maximum(vmax, v)
             denom = tl.sqrt(vmax) / bc2_sqrt + eps.to(tl.float32)
@@ -41,12 +54,9 @@ if mt.available():
         return p, m, v, vmax, s3
 
 
-def adam_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled):
-    """Adam / AdamW on lists (foreach ops). Shared by Adam, AdamW and the Adam half of AdamP-like optimizers."""
-    steps = [st["step"] for st in states]
-    m = [st["exp_avg"] for st in states]
-    v = [st["exp_avg_sq"] for st in states]
-    torch._foreach_add_(steps, 1)
+def decayed_grads(params, grads, *, lr, weight_decay, maximize, decoupled=False):
+    """maximize, then L2 weight decay (returns new grads) or decoupled decay (scales params in place), in torch's
+    order. Shared by the Adam family, Adamax, NAdam, RAdam and ASGD."""
     if maximize:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:
@@ -54,9 +64,24 @@ def adam_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_decay
             torch._foreach_mul_(params, 1 - lr * weight_decay)
         else:
             grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    torch._foreach_lerp_(m, grads, 1 - beta1)
-    torch._foreach_mul_(v, beta2)
-    torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
+    return grads
+
+
+def adam_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2):
+    """In place: exp_avg lerps towards grad by 1 - beta1, exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad^2."""
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+
+
+def adam_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled):
+    """Adam / AdamW on lists (foreach ops). Shared by Adam, AdamW and the Adam half of AdamP-like optimizers."""
+    steps = [st["step"] for st in states]
+    m = [st["exp_avg"] for st in states]
+    v = [st["exp_avg_sq"] for st in states]
+    torch._foreach_add_(steps, 1)
+    grads = decayed_grads(params, grads, lr=lr, weight_decay=weight_decay, maximize=maximize, decoupled=decoupled)
+    adam_moments_(m, v, grads, beta1, beta2)
     bc1 = [1 - beta1 ** s.item() for s in steps]
     bc2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in steps]
     if amsgrad:
@@ -102,8 +127,8 @@ class Adam(FusedOptimizer):
 
     def _kernel_rule(self, group, variant=None):
         beta1, beta2 = group["betas"]
-        flags = ((MAXIMIZE if group["maximize"] else 0) | (AMSGRAD if group["amsgrad"] else 0)
-                 | (WD if group["weight_decay"] != 0 else 0) | (DECOUPLED if group["decoupled_weight_decay"] else 0))
+        flags = mt.pack((MAXIMIZE, group["maximize"]), (AMSGRAD, group["amsgrad"]), (WD, group["weight_decay"] != 0),
+                        (DECOUPLED, group["decoupled_weight_decay"]))
         keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
         rule = mt.Rule(_adam_update, _adam_scalars, flags,
                        (scalar(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"]))

@@ -11,7 +11,7 @@ if mt.available():
     import triton
     import triton.language as tl
 
-    MAXIMIZE, NESTEROV, MOMENTUM, FIRST, WD = 1, 2, 4, 8, 16
+    MAXIMIZE, NESTEROV, MOMENTUM, FIRST, WD = mt.flag_bits(5)
 
     @triton.jit
     def _sgd_update(p, g, buf, s1, s2, s3, c0, c1, c2, c3, lr, momentum, dampening, wd, h4, h5, h6, h7,
@@ -36,6 +36,7 @@ if mt.available():
 @register
 class SGD(FusedOptimizer):
     scalar_keys = ()
+    kernel_subvariants = (False, True)  # the `first` argument of _kernel_rule (AOT inventory compiles both)
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None):
@@ -87,9 +88,8 @@ class SGD(FusedOptimizer):
 
     def _kernel_rule(self, group, first=None):
         momentum = group["momentum"]
-        flags = ((MAXIMIZE if group["maximize"] else 0) | (NESTEROV if group["nesterov"] else 0)
-                 | (MOMENTUM if momentum != 0 else 0) | (WD if scalar(group["weight_decay"]) != 0 else 0)
-                 | (FIRST if momentum != 0 and first else 0))
+        flags = mt.pack((MAXIMIZE, group["maximize"]), (NESTEROV, group["nesterov"]), (MOMENTUM, momentum != 0),
+                        (WD, scalar(group["weight_decay"]) != 0), (FIRST, momentum != 0 and first))
         rule = mt.Rule(_sgd_update, flags=flags,
                        hypers=(scalar(group["lr"]), momentum, group["dampening"], scalar(group["weight_decay"])))
         return rule, (("momentum_buffer",) if momentum != 0 else ()), ()

@@ -1,0 +1,263 @@
+"""Ahead-of-time compile every Triton kernel specialization the package launches, with no GPU.
+
+    python -m fused_optim.tools.aot [--arch 80 90] [--check] [--json out.json] [--only NAME]
+
+The inventory (``inventory()``) is derived from the code, so it cannot fall behind it:
+* the shared multi-tensor kernel, once per registered optimizer x option variant (its ``_kernel_rule`` on a group
+  with those options) x dtype combination x aligned / unaligned variant;
+* every dedicated kernel an optimizer module lists in a module-level ``aot_kernels()`` function.
+
+For each entry and each target (sm_80, sm_90) it reports: compiled or the error, registers, local memory (spills),
+shared memory, and from the SASS (triton's bundled cuobjdump) the widest global load and store. ``--check`` exits
+non-zero if any entry fails to compile, spills, or (aligned fp32/bf16/fp16 element-wise entries) has no 128-bit
+global loads and stores on its full-chunk path. ``check_complete()`` verifies that every ``triton.jit`` function
+defined in the package is reachable from the inventory.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    raise SystemExit("fused_optim.tools.aot compiles real kernels: unset TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import fused_optim  # noqa: E402
+from fused_optim.kernels import multi_tensor as mt  # noqa: E402
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+_SKIP_BOOLS = {"foreach", "capturable", "differentiable", "fused"}
+
+
+@dataclass
+class Entry:
+    name: str
+    fn: JITFunction
+    signature: dict
+    constexprs: dict
+    options: dict = field(default_factory=dict)
+    vector_check: bool = False  # aligned element-wise entry: must use 128-bit loads/stores
+
+
+def multi_tensor_signature() -> dict:
+    """Runtime argument types of the shared kernel (constexprs filled separately)."""
+    ptr = {"ptrs": "*i64", "numels": "*i64", "work": "*i32", "sptrs": "*i64", "counters": "*i32",
+           "lr_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32"}
+    sig = {}
+    for name in mt.multi_tensor_apply_kernel.arg_names:
+        if name in ptr:
+            sig[name] = ptr[name]
+        elif name == "lr" or re.fullmatch(r"h\d", name):
+            sig[name] = "fp64"
+        else:
+            sig[name] = "constexpr"
+    return sig
+
+
+def option_variants(cls) -> list[dict]:
+    """Representative option sets: defaults, each boolean option alone, everything on (with momentum/decay)."""
+    if getattr(cls, "kernel_variants", None) is not None:
+        return list(cls.kernel_variants)
+    params = inspect.signature(cls.__init__).parameters
+    bools = [n for n, p in params.items() if p.default is False and n not in _SKIP_BOOLS]
+    numeric = {k: v for k, v in (("momentum", 0.9), ("weight_decay", 0.1)) if k in params}
+    variants = [{}, *({b: True} for b in bools), {**{b: True for b in bools}, **numeric}]
+    if numeric:
+        variants.append(numeric)
+    return variants
+
+
+def _rules_of(cls):
+    """(variant name, Rule, n states, n scalars) for each option variant of an optimizer class."""
+    probe = cls([torch.nn.Parameter(torch.ones(2))], fused=False, **({"lr": 0.1} if _lr_required(cls) else {}))
+    seen, out = set(), []
+    for variant in option_variants(cls):
+        group = {**probe.param_groups[0], **variant}
+        for sub in getattr(cls, "kernel_subvariants", (None,)):
+            rule, keys, skeys = probe._kernel_rule(group, sub)
+            sig = (rule.update, rule.scalars, rule.flags, len(keys), len(skeys))
+            if sig not in seen:
+                seen.add(sig)
+                label = ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
+                out.append((label + (f",variant={sub}" if sub is not None else ""), rule, len(keys), len(skeys)))
+    return out
+
+
+def _lr_required(cls) -> bool:
+    p = inspect.signature(cls.__init__).parameters.get("lr")
+    return p is not None and (p.default is inspect.Parameter.empty or "required" in repr(p.default))
+
+
+# (param, grad, state) dtypes, aligned, AMP args. Every option variant is compiled for aligned fp32; the first
+# (defaults) and last (every option on) also for unaligned fp32, bf16, and fp16 with AMP scaling.
+FP32 = ((torch.float32,) * 3, True, False)
+DTYPE_VARIANTS = [FP32, ((torch.float32,) * 3, False, False), ((torch.bfloat16,) * 3, True, False),
+                  ((torch.float16,) * 3, True, True)]
+
+
+def inventory() -> list[Entry]:
+    entries = []
+    sig = multi_tensor_signature()
+    for name, cls in sorted(fused_optim.REGISTRY.items()):
+        if not cls._has_kernel():
+            continue
+        rules = _rules_of(cls)
+        for i, (label, rule, ns, nt) in enumerate(rules):
+            for dts, aligned, amp in (DTYPE_VARIANTS if i in (0, len(rules) - 1) else [FP32]):
+                cx = mt.constexprs(rule, dts, ns, nt, lr_tensor=False, has_scale=amp, has_inf=amp, aligned=aligned)
+                dname = str(dts[0]).replace("torch.", "")
+                entries.append(Entry(f"{cls.__name__}[{label}] {dname}{'' if aligned else ' unaligned'}"
+                                     f"{' amp' if amp else ''}", mt.multi_tensor_apply_kernel, sig, cx,
+                                     mt.compile_options(), vector_check=aligned))
+    for mod in sorted({sys.modules[c.__module__] for c in fused_optim.REGISTRY.values()}, key=lambda m: m.__name__):
+        if hasattr(mod, "aot_kernels"):
+            entries.extend(Entry(**e) if isinstance(e, dict) else e for e in mod.aot_kernels())
+    return entries
+
+
+def _jit_functions_in_package() -> set:
+    found = set()
+    for name, mod in list(sys.modules.items()):
+        if name == "fused_optim" or name.startswith("fused_optim."):
+            for obj in vars(mod).values():
+                if isinstance(obj, JITFunction) and obj.fn.__module__ == name:
+                    found.add(obj)
+    return found
+
+
+def _reachable(entries) -> set:
+    """JIT functions reachable from the inventory: kernels, constexpr functions, and what they call."""
+    todo = [e.fn for e in entries] + [v for e in entries for v in e.constexprs.values() if isinstance(v, JITFunction)]
+    seen = set()
+    while todo:
+        fn = todo.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        g = fn.fn.__globals__
+        for n in fn.fn.__code__.co_names:
+            if isinstance(g.get(n), JITFunction):
+                todo.append(g[n])
+    return seen
+
+
+def check_complete(entries=None) -> list[str]:
+    """Names of triton.jit functions in the package that no inventory entry compiles."""
+    entries = inventory() if entries is None else entries
+    missing = _jit_functions_in_package() - _reachable(entries)
+    return sorted(f"{f.fn.__module__}.{f.fn.__name__}" for f in missing)
+
+
+def _sass_report(cubin: bytes) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-sass", path],
+                              capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", path],
+                             capture_output=True, text=True, check=True).stdout
+
+    def field_of(key):
+        m = re.search(rf"\b{key}:(\d+)", res)
+        return int(m.group(1)) if m else 0
+
+    def widest(op):
+        # e.g. LDG.E.128 (16 B), LDG.E.64, LDG.E (32-bit), LDG.E.U16 (bf16/fp16 scalar)
+        widths = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+        bits = [max([widths.get(part, 0) for part in ins.split(".")] + [0]) or 32
+                for ins in re.findall(rf"\b{op}(?:\.[A-Z0-9_]+)+", sass)]
+        return max(bits, default=0)
+
+    return {"regs": field_of("REG"), "local": field_of("LOCAL"), "stack": field_of("STACK"),
+            "shared": field_of("SHARED"), "ldg_bits": widest("LDG"), "stg_bits": widest("STG"),
+            "ldg128": len(re.findall(r"\bLDG\.E\.128\b", sass)), "stg128": len(re.findall(r"\bSTG\.E\.128\b", sass))}
+
+
+def compile_entry(e: Entry, arch: int) -> dict:
+    t0 = time.perf_counter()
+    row = {"name": e.name, "arch": arch}
+    try:
+        src = ASTSource(fn=e.fn, signature=e.signature, constexprs=e.constexprs)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=e.options)
+        row.update(ok=True, **_sass_report(k.asm["cubin"]))
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, and --check fails on it
+        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    problems = []
+    if not row["ok"]:
+        problems.append("does not compile")
+    else:
+        if row["local"]:  # register spills land in local memory (the ABI stack frame alone is not a spill)
+            problems.append(f"spills ({row['local']} B local memory per thread)")
+        if e.vector_check and not (row["ldg128"] and row["stg128"]):
+            problems.append(f"no 128-bit loads/stores (widest LDG {row['ldg_bits']}, STG {row['stg_bits']})")
+    row["problems"] = problems
+    return row
+
+
+_ENTRIES: list = []
+
+
+def _compile_job(job):
+    i, arch = job
+    return compile_entry(_ENTRIES[i], arch)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--check", action="store_true", help="exit 1 on any compile failure, spill or narrow access")
+    ap.add_argument("--json", help="write all rows to this file")
+    ap.add_argument("--only", help="compile only entries whose name contains this")
+    ap.add_argument("--list", action="store_true", help="print the inventory and the completeness check only")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+
+    global _ENTRIES
+    entries = inventory()
+    missing = check_complete(entries)
+    if args.only:
+        entries = [e for e in entries if args.only in e.name]
+    _ENTRIES = entries
+    if args.list:
+        for e in entries:
+            print(e.name)
+        print(f"{len(entries)} entries; not covered: {missing or 'none'}")
+        return 1 if missing else 0
+    rows = []
+    print(f"{'kernel':60s} {'sm':>3s} {'ok':>3s} {'regs':>4s} {'spill':>5s} {'ldg':>4s} {'stg':>4s}  problems")
+    jobs = [(i, arch) for i in range(len(entries)) for arch in args.arch]
+    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+        # fork: workers inherit the inventory (JIT functions do not pickle); each job is an index
+        for (i, arch), r in zip(jobs, pool.imap(_compile_job, jobs)):
+            e = entries[i]
+            rows.append(r)
+            print(f"{e.name[:60]:60s} {arch:3d} {'yes' if r['ok'] else 'NO':>3s} {r.get('regs', 0):4d} "
+                  f"{r.get('local', 0):5d} {r.get('ldg_bits', 0):4d} {r.get('stg_bits', 0):4d}  "
+                  f"{'; '.join(r['problems']) or '-'}{'  ' + r['error'] if not r['ok'] else ''}", flush=True)
+    bad = [r for r in rows if r["problems"]]
+    print(f"{len(rows)} compiles ({len(entries)} kernels x {len(args.arch)} targets), {len(bad)} with problems; "
+          f"jit functions not in the inventory: {missing or 'none'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "rows": rows, "missing": missing}, f, indent=1)
+    return 1 if args.check and (bad or missing) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
