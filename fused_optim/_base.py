@@ -193,22 +193,24 @@ class FusedOptimizer(Optimizer):
             return  # AMP overflow: skip, advance nothing (like torch's fused optimizers)
         if grad_scale is not None:
             torch._foreach_div_(grads, grad_scale.to(grads[0].device))  # p.grad holds unscaled grads afterwards
+        if not any(p.is_complex() for p in params):
+            self._reference(group, params, grads, states)
+            return
+        # complex params are updated as real views (like torch); states are passed as real views too, and any
+        # entry a reference replaces (rather than mutates in place) is written back
         real_states = [{k: as_real(v) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
                         for k, v in st.items()} for p, st in zip(params, states)]
+        views = [dict(rst) for rst in real_states]
         self._reference(group, [as_real(p) for p in params], [as_real(g) for g in grads], real_states)
-        # scalar states are replaced, not mutated, by some references: write them back
-        for st, rst in zip(states, real_states):
+        for st, rst, view in zip(states, real_states, views):
             for k, v in rst.items():
-                if not (isinstance(v, torch.Tensor) and isinstance(st.get(k), torch.Tensor) and v.data_ptr() == st[k].data_ptr()):
+                if view.get(k) is not v:
                     st[k] = v
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         rule, keys, skeys = self._kernel_rule(group, variant)
         dev = params[0].device
-        for st in states:  # kernels read per-tensor scalars from device memory (torch keeps them on CPU by default)
-            for k in skeys:
-                if st[k].device != dev or st[k].dtype != torch.float32:
-                    st[k] = st[k].to(device=dev, dtype=torch.float32)
+        scalars_on_device(states, skeys, dev)
         self._prepare(group, params, grads, states)
         flat = [as_real(t).view(-1) if t.is_contiguous() else None for t in params]
         if any(f is None for f in flat) or any(not g.is_contiguous() for g in grads):
@@ -223,7 +225,30 @@ class FusedOptimizer(Optimizer):
                  grad_scale=grad_scale, found_inf=found_inf)
 
 
+def scalars_on_device(states, keys, device) -> None:
+    """Make per-tensor scalar states float32 0-d tensors on `device`, in place: kernels read them from device memory
+    (torch keeps them on CPU by default, timm as Python numbers)."""
+    for st in states:
+        for k in keys:
+            v = st[k]
+            if not isinstance(v, torch.Tensor) or v.device != device or v.dtype != torch.float32:
+                st[k] = torch.as_tensor(v, dtype=torch.float32).to(device)
+
+
 def new_step(p: torch.Tensor, group: dict) -> torch.Tensor:
     """torch's per-param step counter: float32 0-d, on CPU unless capturable/fused (then on the param's device)."""
     on_dev = group.get("capturable") or group.get("fused")
     return torch.zeros((), dtype=torch.float32, device=p.device if on_dev else "cpu")
+
+
+def restore_state_dtypes(opt: Optimizer, state_dict: dict, dtypes_of: Callable) -> None:
+    """Call after ``Optimizer.load_state_dict``: torch casts every floating state but ``step`` to its param's dtype;
+    timm keeps some in another dtype (fp32 moments of bf16 params, NvNovoGrad's default-dtype norms).
+    ``dtypes_of(group, p)`` maps state keys to the dtype to keep (None: leave torch's cast); those are re-read from
+    the saved values (copies, never aliases of the checkpoint)."""
+    for group, saved_group in zip(opt.param_groups, state_dict["param_groups"]):
+        for p, pid in zip(group["params"], saved_group["params"]):
+            saved = state_dict["state"].get(pid, {})
+            for key, dtype in dtypes_of(group, p).items():
+                if dtype is not None and isinstance(saved.get(key), torch.Tensor):
+                    opt.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)

@@ -61,13 +61,14 @@ class SGD(FusedOptimizer):
         if wd != 0:
             grads = torch._foreach_add(grads, params, alpha=wd)
         if momentum != 0:
-            bufs = []
+            old = [(st["momentum_buffer"], g) for st, g in zip(states, grads) if "momentum_buffer" in st]
+            if old:
+                torch._foreach_mul_([b for b, _ in old], momentum)
+                torch._foreach_add_([b for b, _ in old], [g for _, g in old], alpha=1 - dampening)
             for g, st in zip(grads, states):
-                if "momentum_buffer" not in st:
+                if "momentum_buffer" not in st:  # the first momentum step starts the buffer at the grad
                     st["momentum_buffer"] = torch.clone(g).detach()
-                else:
-                    st["momentum_buffer"].mul_(momentum).add_(g, alpha=1 - dampening)
-                bufs.append(st["momentum_buffer"])
+            bufs = [st["momentum_buffer"] for st in states]
             grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
         torch._foreach_add_(params, grads, alpha=-lr)
 
