@@ -9,10 +9,11 @@ import pkgutil
 from ._base import FusedOptimizer
 from ._registry import REGISTRY
 from . import optimizers as _optimizers
+from .factory import create_optimizer, from_config, optimizer_names
 
 for _m in pkgutil.iter_modules(_optimizers.__path__):
     importlib.import_module(f"{__name__}.optimizers.{_m.name}")
 globals().update({cls.__name__: cls for cls in REGISTRY.values()})
 
-__all__ = ["FusedOptimizer", "REGISTRY", *sorted(cls.__name__ for cls in REGISTRY.values())]
+__all__ = ["FusedOptimizer", "REGISTRY", "create_optimizer", "from_config", "optimizer_names", *sorted(cls.__name__ for cls in REGISTRY.values())]
 __version__ = "0.1.0"
