@@ -166,6 +166,9 @@ class FusedOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable | None = None, *, grad_scale: torch.Tensor | None = None,
              found_inf: torch.Tensor | None = None):
+        # torch.amp.GradScaler hands these over as attributes (its contract for _step_supports_amp_scaling)
+        grad_scale = getattr(self, "grad_scale", None) if grad_scale is None else grad_scale
+        found_inf = getattr(self, "found_inf", None) if found_inf is None else found_inf
         if closure is None and self.requires_closure:
             raise RuntimeError(f"{type(self).__name__}.step() requires a closure that re-evaluates the loss")
         loss = None

@@ -1,0 +1,56 @@
+"""torch.amp.GradScaler drives every dense optimizer: unscaling happens inside our step, an overflow step is
+skipped with nothing changed, and the trajectory equals unscaled training."""
+import pytest
+import torch
+
+from cases import ALL
+from conftest import DEVICE
+
+DENSE = sorted({c.name: c for c in ALL if c.dense_grads and c.driver is None}.values(), key=lambda c: c.name)
+
+
+def _train(case, fused, scaler, steps=6, inf_at=None):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(DEVICE)
+    kw = {"lr": 0.01} if case.name == "SGDP" else {}
+    opt = case.cls(model.parameters(), fused=fused, **{**kw, **case.configs[0]})
+    x, y = torch.randn(32, 6, device=DEVICE), torch.randn(32, 1, device=DEVICE)
+    snaps = []
+    for i in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if i == inf_at:
+            model[0].weight.grad[0, 0] = float("inf")
+        snaps.append([p.detach().clone() for p in model.parameters()])
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+    return model, opt, snaps
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("case", DENSE, ids=lambda c: c.name)
+def test_grad_scaler_matches_unscaled_training(case, fused):
+    if fused and not case.kernel:
+        pytest.skip("no fused path")
+    ref, _, _ = _train(case, False, None)
+    scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 10)
+    model, _, _ = _train(case, fused, scaler)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("case", DENSE, ids=lambda c: c.name)
+def test_grad_scaler_skips_overflow_step(case, fused):
+    if fused and not case.kernel:
+        pytest.skip("no fused path")
+    scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 10)
+    model, opt, snaps = _train(case, fused, scaler, steps=4, inf_at=2)
+    # step 2 changed nothing: params before step 3 equal params before step 2
+    for a, b in zip(snaps[3], snaps[2]):
+        assert torch.equal(a, b)
+    assert scaler.get_scale() == 2.0 ** 9
