@@ -1,0 +1,67 @@
+"""Adamax: Adam with an infinity-norm second moment, with weight decay and maximize (anchor: torch.optim.Adamax)."""
+from __future__ import annotations
+
+import torch
+
+from .._base import FusedOptimizer, check_betas, check_nonneg, new_step, scalar
+from .._registry import register
+from ..kernels import multi_tensor as mt
+from .adam import decayed_grads
+
+if mt.available():
+    import triton
+    import triton.language as tl
+
+    # decayed_grad reads adam's bits; Adamax has only L2 weight decay, so DECOUPLED is never set.
+    # Adam's SCALARS already gives what Adamax needs: the new step and c0 = -lr / (1 - beta1^step).
+    from .adam import MAXIMIZE, WD, _adam_scalars, decayed_grad
+
+    @triton.jit
+    def _adamax_update(p, g, m, u, s2, s3, step_size, c1, c2, c3, lr, beta1, beta2, eps, wd, h5, h6, h7,
+                       FLAGS: tl.constexpr):
+        p, g = decayed_grad(p, g, 1.0, wd, FLAGS)
+        m = m + (1.0 - beta1).to(tl.float32) * (g - m)
+        u = tl.maximum(u * beta2.to(tl.float32), tl.abs(g) + eps.to(tl.float32))
+        p = p + step_size * (m / u)
+        return p, m, u, s2, s3
+
+
+@register
+class Adamax(FusedOptimizer):
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, *,
+                 maximize=False, differentiable=False, capturable=False, fused=None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize,
+                        differentiable=differentiable, capturable=capturable, fused=fused)
+        super().__init__(params, defaults, fused=fused)
+
+    def _validate(self, group):
+        check_nonneg(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"])
+        check_betas(group["betas"])
+
+    def _init_state(self, p, group):
+        return {"step": new_step(p, group), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_inf": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    def _reference(self, group, params, grads, states):
+        lr = scalar(group["lr"])
+        beta1, beta2 = (scalar(b) for b in group["betas"])
+        steps = [st["step"] for st in states]
+        m = [st["exp_avg"] for st in states]
+        u = [st["exp_inf"] for st in states]
+        torch._foreach_add_(steps, 1)
+        grads = decayed_grads(params, grads, lr=lr, weight_decay=group["weight_decay"], maximize=group["maximize"])
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(u, beta2)
+        norm = torch._foreach_abs(grads)
+        torch._foreach_add_(norm, group["eps"])
+        torch._foreach_maximum_(u, norm)
+        torch._foreach_addcdiv_(params, m, u, [-lr / (1 - beta1 ** s.item()) for s in steps])
+
+    def _kernel_rule(self, group, variant=None):
+        beta1, beta2 = (scalar(b) for b in group["betas"])
+        flags = mt.pack((MAXIMIZE, group["maximize"]), (WD, group["weight_decay"] != 0))
+        rule = mt.Rule(_adamax_update, _adam_scalars, flags,
+                       (scalar(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"]))
+        return rule, ("exp_avg", "exp_inf"), ("step",)

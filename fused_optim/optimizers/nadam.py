@@ -1,0 +1,105 @@
+"""NAdam: Adam with Nesterov momentum and a momentum-decay schedule, with L2 or decoupled weight decay and maximize
+(anchor: torch.optim.NAdam)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._base import FusedOptimizer, check_betas, check_nonneg, new_step, scalar
+from .._registry import register
+from ..kernels import multi_tensor as mt
+from .adam import adam_moments_, decayed_grads
+
+if mt.available():
+    import triton
+    import triton.language as tl
+
+    from .adam import DECOUPLED, MAXIMIZE, WD, adam_moments, decayed_grad
+
+    LOG2_096 = tl.constexpr(math.log2(0.96))
+
+    @triton.jit
+    def _momentum(beta1, step, momentum_decay):
+        # mu_t = beta1 * (1 - 0.5 * 0.96^(t * momentum_decay))
+        return beta1 * (1.0 - 0.5 * tl.exp2(step * momentum_decay * LOG2_096))
+
+    @triton.jit
+    def _nadam_scalars(step, mu_product, t2, t3, lr, beta1, beta2, eps, wd, momentum_decay, h6, h7,
+                       FLAGS: tl.constexpr):
+        step = step + 1.0
+        mu = _momentum(beta1, step, momentum_decay)
+        mu_next = _momentum(beta1, step + 1.0, momentum_decay)
+        # mu_product is a float32 state that torch multiplies in float32: round the same way
+        mu_product = (mu_product.to(tl.float32) * mu.to(tl.float32)).to(tl.float64)
+        grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product)
+        avg_coef = -lr * mu_next / (1.0 - mu_product * mu_next)
+        bc2 = 1.0 - tl.exp2(step * tl.log2(beta2))
+        return step, mu_product, t2, t3, grad_coef, avg_coef, bc2, 1.0 - lr * wd
+
+    @triton.jit
+    def _nadam_update(p, g, m, v, s2, s3, grad_coef, avg_coef, bc2, decay, lr, beta1, beta2, eps, wd, h5, h6, h7,
+                      FLAGS: tl.constexpr):
+        p, g = decayed_grad(p, g, decay, wd, FLAGS)
+        m, v = adam_moments(g, m, v, beta1, beta2)
+        denom = tl.sqrt(v / bc2) + eps.to(tl.float32)
+        p = p + grad_coef * (g / denom)
+        p = p + avg_coef * (m / denom)
+        return p, m, v, s2, s3
+
+
+@register
+class NAdam(FusedOptimizer):
+    scalar_keys = ("step", "mu_product")
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3,
+                 decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
+                        capturable=capturable, differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults, fused=fused)
+
+    def _validate(self, group):
+        check_nonneg(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
+                     momentum_decay=group["momentum_decay"])
+        check_betas(group["betas"])
+
+    def _init_state(self, p, group):
+        step = new_step(p, group)
+        return {"step": step, "mu_product": torch.ones_like(step),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    def _reference(self, group, params, grads, states):
+        lr, eps, md = scalar(group["lr"]), group["eps"], group["momentum_decay"]
+        beta1, beta2 = (scalar(b) for b in group["betas"])
+        steps = [st["step"] for st in states]
+        mu_products = [st["mu_product"] for st in states]
+        m = [st["exp_avg"] for st in states]
+        v = [st["exp_avg_sq"] for st in states]
+        torch._foreach_add_(steps, 1)
+        grads = decayed_grads(params, grads, lr=lr, weight_decay=group["weight_decay"], maximize=group["maximize"],
+                              decoupled=group["decoupled_weight_decay"])
+        t = [s.item() for s in steps]
+        mus = [beta1 * (1.0 - 0.5 * 0.96 ** (s * md)) for s in t]
+        mus_next = [beta1 * (1.0 - 0.5 * 0.96 ** ((s + 1) * md)) for s in t]
+        torch._foreach_mul_(mu_products, mus)  # in the state's dtype, like torch's `mu_product *= mu`
+        adam_moments_(m, v, grads, beta1, beta2)
+        denom = torch._foreach_div(v, [1 - beta2 ** s for s in t])
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+        mp = [x.item() for x in mu_products]
+        torch._foreach_addcdiv_(params, grads, denom, [-lr * (1.0 - mu) / (1.0 - q) for mu, q in zip(mus, mp)])
+        torch._foreach_addcdiv_(params, m, denom, [(-lr * mn) / (1.0 - q * mn) for mn, q in zip(mus_next, mp)])
+
+    def _kernel_rule(self, group, variant=None):
+        beta1, beta2 = (scalar(b) for b in group["betas"])
+        wd = group["weight_decay"] != 0
+        flags = mt.pack((MAXIMIZE, group["maximize"]), (WD, wd), (DECOUPLED, wd and group["decoupled_weight_decay"]))
+        rule = mt.Rule(_nadam_update, _nadam_scalars, flags,
+                       (scalar(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
+                        group["momentum_decay"]))
+        return rule, ("exp_avg", "exp_avg_sq"), self.scalar_keys

@@ -1,0 +1,98 @@
+"""RAdam: Adam with the variance rectification term, with L2 or decoupled weight decay and maximize
+(anchor: torch.optim.RAdam)."""
+from __future__ import annotations
+
+import torch
+
+from .._base import FusedOptimizer, check_betas, check_nonneg, new_step, scalar
+from .._registry import register
+from ..kernels import multi_tensor as mt
+from .adam import adam_moments_, decayed_grads
+
+if mt.available():
+    import triton
+    import triton.language as tl
+
+    from .adam import DECOUPLED, MAXIMIZE, WD, adam_moments, decayed_grad
+
+    @triton.jit
+    def _radam_scalars(step, t1, t2, t3, lr, beta1, beta2, eps, wd, h5, h6, h7, FLAGS: tl.constexpr):
+        step = step + 1.0
+        beta2_t = tl.exp2(step * tl.log2(beta2))
+        bc1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+        bc2 = 1.0 - beta2_t
+        rho_inf = 2.0 / (1.0 - beta2) - 1.0
+        rho_t = rho_inf - 2.0 * step * beta2_t / bc2
+        # the branch is per tensor (its own step). Unrectified, the term is undefined (sqrt < 0, rho_inf == 4): it is
+        # computed on safe stand-ins and not used
+        rectified = rho_t > 5.0
+        num = tl.where(rectified, (rho_t - 4.0) * (rho_t - 2.0) * rho_inf, 1.0)
+        den = tl.where(rectified, (rho_inf - 4.0) * (rho_inf - 2.0) * rho_t, 1.0)
+        step_size = lr / bc1 * tl.sqrt(num / den)
+        return step, t1, t2, t3, step_size, tl.sqrt(bc2), tl.where(rectified, 1.0, 0.0), 1.0 - lr * wd
+
+    @triton.jit
+    def _radam_update(p, g, m, v, s2, s3, step_size, bc2_sqrt, rectified, decay, lr, beta1, beta2, eps, wd, h5, h6,
+                      h7, FLAGS: tl.constexpr):
+        p, g = decayed_grad(p, g, decay, wd, FLAGS)
+        m, v = adam_moments(g, m, v, beta1, beta2)
+        adaptive = tl.where(rectified != 0.0, bc2_sqrt / (tl.sqrt(v) + eps.to(tl.float32)), 1.0)
+        p = p - step_size * m * adaptive
+        return p, m, v, s2, s3
+
+
+@register
+class RAdam(FusedOptimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, decoupled_weight_decay=False,
+                 *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
+                        capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
+                        differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults, fused=fused)
+
+    def _validate(self, group):
+        check_nonneg(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"])
+        check_betas(group["betas"])
+
+    def _init_state(self, p, group):
+        return {"step": new_step(p, group), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    def _reference(self, group, params, grads, states):
+        lr, eps = scalar(group["lr"]), group["eps"]
+        beta1, beta2 = (scalar(b) for b in group["betas"])
+        steps = [st["step"] for st in states]
+        m = [st["exp_avg"] for st in states]
+        v = [st["exp_avg_sq"] for st in states]
+        torch._foreach_add_(steps, 1)
+        grads = decayed_grads(params, grads, lr=lr, weight_decay=group["weight_decay"], maximize=group["maximize"],
+                              decoupled=group["decoupled_weight_decay"])
+        adam_moments_(m, v, grads, beta1, beta2)
+        t = [s.item() for s in steps]
+        bc2 = [1 - beta2 ** s for s in t]
+        rho_inf = 2 / (1 - beta2) - 1
+        rho = [rho_inf - 2 * s * (beta2 ** s) / b for s, b in zip(t, bc2)]
+        # update = (exp_avg / bc1) * lr [* adaptive lr * rectification where rho_t > 5], in torch's op order
+        update = torch._foreach_div(m, [1 - beta1 ** s for s in t])
+        torch._foreach_mul_(update, lr)
+        rect = [i for i, r in enumerate(rho) if r > 5.0]
+        if rect:
+            adaptive = torch._foreach_sqrt([v[i] for i in rect])
+            torch._foreach_add_(adaptive, eps)
+            torch._foreach_reciprocal_(adaptive)  # torch writes bc2**0.5 / x, which it computes as x.reciprocal() * ..
+            torch._foreach_mul_(adaptive, [bc2[i] ** 0.5 for i in rect])
+            sub = [update[i] for i in rect]
+            torch._foreach_mul_(sub, adaptive)
+            torch._foreach_mul_(sub, [((rho[i] - 4) * (rho[i] - 2) * rho_inf
+                                       / ((rho_inf - 4) * (rho_inf - 2) * rho[i])) ** 0.5 for i in rect])
+        torch._foreach_sub_(params, update)
+
+    def _kernel_rule(self, group, variant=None):
+        beta1, beta2 = (scalar(b) for b in group["betas"])
+        wd = group["weight_decay"] != 0
+        flags = mt.pack((MAXIMIZE, group["maximize"]), (WD, wd), (DECOUPLED, wd and group["decoupled_weight_decay"]))
+        rule = mt.Rule(_radam_update, _radam_scalars, flags,
+                       (scalar(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"]))
+        return rule, ("exp_avg", "exp_avg_sq"), ("step",)

@@ -1,0 +1,228 @@
+"""SparseAdam: Adam restricted to the rows a sparse (COO) gradient holds (anchor: torch.optim.SparseAdam).
+
+Only the rows present in the coalesced gradient are read or written: moments and params of every other row stay
+bit-identical. As in torch, ``step`` is a plain Python int per param, advanced whenever the param has a grad (even an
+empty one), so the bias corrections are computed on the host and reach the kernel as one per-tensor step size.
+
+Fused path: the coalesced rows of every param of a group (per dtype combination) are described by one small table
+(uploaded each step: sparse indices are new every step anyway) and updated by ONE launch of ``_sparse_rows_kernel``,
+which gathers p / exp_avg / exp_avg_sq at those rows, applies the element rule ``_sparse_adam_update`` (the
+multi-tensor UPDATE convention of kernels/multi_tensor.py) and scatters them back.
+"""
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+
+from .._base import FusedOptimizer, check, check_betas, scalar
+from .._registry import register
+from ..kernels import multi_tensor as mt
+
+if mt.available():
+    import triton
+    import triton.language as tl
+
+    (MAXIMIZE,) = mt.flag_bits(1)
+
+    @triton.jit
+    def _sparse_adam_update(p, g, m, v, s2, s3, step_size, c1, c2, c3, lr, beta1, beta2, eps, h4, h5, h6, h7,
+                            FLAGS: tl.constexpr):
+        # torch's order: m += (1 - b1) (g - m); v += (1 - b2) (g^2 - v); p -= step_size * m / (sqrt(v) + eps)
+        if FLAGS & MAXIMIZE:
+            g = -g
+        m = m + (g - m) * (1.0 - beta1).to(tl.float32)
+        v = v + (g * g - v) * (1.0 - beta2).to(tl.float32)
+        p = p - step_size * (m / (tl.sqrt(v) + eps.to(tl.float32)))
+        return p, m, v, s2, s3
+
+    @triton.jit
+    def _sparse_rows_kernel(hypers, table, work, scale_ptr, UPDATE: tl.constexpr, FLAGS: tl.constexpr,
+                            P_DT: tl.constexpr, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+                            ITERS: tl.constexpr):
+        # One program = one chunk of one tensor's coalesced values (present rows x row length). A tensor's table
+        # row (int64): p, exp_avg, exp_avg_sq, values, row numbers (addresses), numel of values, row length, and
+        # the step size as float64 bits.
+        pid = tl.program_id(0)
+        t = tl.load(work + 2 * pid)
+        chunk = tl.load(work + 2 * pid + 1)
+        row = table + t * 8
+        p_ptr = mt._chunk_ptr(row, 0, P_DT, False)
+        m_ptr = mt._chunk_ptr(row, 1, P_DT, False)
+        v_ptr = mt._chunk_ptr(row, 2, P_DT, False)
+        g_ptr = mt._chunk_ptr(row, 3, G_DT, False)
+        idx_ptr = tl.load(row + 4).to(tl.pointer_type(tl.int64))
+        n = tl.load(row + 5)
+        cols = tl.load(row + 6)
+        step_size = tl.load(row + 7).to(tl.float64, bitcast=True).to(tl.float32)
+        # fp64 hyper-parameters (lr, beta1, beta2, eps) come from memory: the interpreter would round float
+        # arguments to fp32 first
+        lr = tl.load(hypers)
+        h1 = tl.load(hypers + 1)
+        h2 = tl.load(hypers + 2)
+        h3 = tl.load(hypers + 3)
+        inv_scale = 1.0
+        if HAS_SCALE:
+            inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
+        zero = tl.zeros([BLOCK], dtype=tl.float32)
+        lanes = tl.arange(0, BLOCK)
+        for i in range(ITERS):
+            e = chunk * (BLOCK * ITERS) + i * BLOCK + lanes  # index into the coalesced values
+            mask = e < n
+            r = e // cols
+            offs = tl.load(idx_ptr + r, mask=mask, other=0) * cols + (e - r * cols)  # into p, m, v
+            p = mt._load(p_ptr, offs, mask, False)
+            m = mt._load(m_ptr, offs, mask, False)
+            v = mt._load(v_ptr, offs, mask, False)
+            g = mt._load(g_ptr, e, mask, False)
+            if HAS_SCALE:
+                g = g * inv_scale
+                mt._store(g_ptr, e, g, mask, False)  # the grad holds the unscaled values afterwards
+            p, m, v, _, _ = UPDATE(p, g, m, v, zero, zero, step_size, 0.0, 0.0, 0.0, lr, h1, h2, h3,
+                                   0.0, 0.0, 0.0, 0.0, FLAGS)
+            mt._store(p_ptr, offs, p, mask, False)
+            mt._store(m_ptr, offs, m, mask, False)
+            mt._store(v_ptr, offs, v, mask, False)
+
+
+def _constexprs(rule, dts, has_scale: bool) -> dict:
+    return dict(UPDATE=rule.update, FLAGS=rule.flags, P_DT=mt._TL_DTYPES[dts[0]], G_DT=mt._TL_DTYPES[dts[1]],
+                HAS_SCALE=has_scale, BLOCK=mt.BLOCK, ITERS=mt.ITERS)
+
+
+def aot_kernels():
+    """The rows kernel's specializations for fused_optim.tools.aot: fp32 / bf16 / fp16, with and without maximize,
+    and with AMP unscaling (an absent grad_scale is passed as the int64 table, hence its pointer type)."""
+    entries = []
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for maximize in (False, True):
+            for amp in (False, True):
+                rule = mt.Rule(_sparse_adam_update, flags=mt.pack((MAXIMIZE, maximize)))
+                cx = _constexprs(rule, (dt, dt), amp)
+                sig = {"hypers": "*fp64", "table": "*i64", "work": "*i64", "scale_ptr": "*fp32" if amp else "*i64",
+                       **{k: "constexpr" for k in cx}}
+                name = f"SparseAdam[rows,maximize={maximize}] {str(dt).replace('torch.', '')}{' amp' if amp else ''}"
+                entries.append(dict(name=name, fn=_sparse_rows_kernel, signature=sig, constexprs=cx,
+                                    options=mt.compile_options()))
+    return entries
+
+
+def _step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
+    return lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+
+
+def _linear_rows(grad: torch.Tensor) -> torch.Tensor:
+    """Row numbers of a coalesced COO grad in its param viewed as (prod(sparse sizes), prod(dense sizes))."""
+    idx = grad._indices()
+    if idx.shape[0] == 0:
+        return idx.new_zeros(idx.shape[1])
+    rows = idx[0]
+    for d in range(1, idx.shape[0]):
+        rows = rows * grad.shape[d] + idx[d]
+    return rows.contiguous()
+
+
+def _f64_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+@register
+class SparseAdam(FusedOptimizer):
+    dense_only = False
+    sparse_only = True
+    supports_complex = False
+    scalar_keys = ()
+    # like torch: GradScaler unscales sparse grads itself (unscale_) and then calls a plain step()
+    _step_supports_amp_scaling = False
+    kernel_variants = ()  # the shared multi-tensor kernel is never launched: aot_kernels() lists the rows kernel
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False, *, fused=None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        betas = tuple(scalar(b) for b in betas) if isinstance(betas, (tuple, list)) else betas
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, maximize=maximize), fused=fused)
+
+    def _validate(self, group):
+        lr, eps = scalar(group["lr"]), group["eps"]
+        check(0.0 < lr < math.inf, f"Invalid learning rate: {lr}")
+        check(isinstance(eps, (int, float)) and 0.0 < eps < math.inf, f"Invalid epsilon value: {eps}")
+        check_betas(group["betas"])
+
+    def _check_params(self, group):
+        super()._check_params(group)
+        for p in group["params"]:
+            if p.is_sparse:
+                raise ValueError("SparseAdam requires dense parameter tensors (got a sparse param)")
+
+    def _init_state(self, p, group):
+        return {"step": 0, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    def _reference(self, group, params, grads, states):
+        lr, (beta1, beta2), eps = scalar(group["lr"]), group["betas"], group["eps"]
+        for p, grad, st in zip(params, grads, states):
+            st["step"] += 1  # advanced even for an empty grad, like torch
+            g = (-grad if group["maximize"] else grad).coalesce()  # duplicates summed: the update is non-linear
+            vals = g._values()
+            if vals.numel() == 0:
+                continue
+            # a leading size-1 dim makes the index tuple non-empty even for sparse_dim == 0
+            at = (g._indices().new_zeros(vals.shape[0]), *g._indices())
+            m, v, p = st["exp_avg"].unsqueeze(0), st["exp_avg_sq"].unsqueeze(0), p.unsqueeze(0)
+            m_old, v_old = m[at], v[at]
+            dm = (vals - m_old).mul_(1 - beta1)
+            dv = vals.pow(2).sub_(v_old).mul_(1 - beta2)
+            m_new, v_new = m_old + dm, v_old + dv
+            m.index_put_(at, m_new)
+            v.index_put_(at, v_new)
+            upd = (m_new / (v_new.sqrt_().add_(eps))) * -_step_size(lr, beta1, beta2, st["step"])
+            p.index_put_(at, p[at] + upd)
+
+    def _kernel_rule(self, group, variant=None):
+        beta1, beta2 = group["betas"]
+        rule = mt.Rule(_sparse_adam_update, flags=mt.pack((MAXIMIZE, group["maximize"])),
+                       hypers=(scalar(group["lr"]), beta1, beta2, group["eps"]))
+        return rule, ("exp_avg", "exp_avg_sq"), ()
+
+    def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
+        if found_inf is not None and found_inf.item() != 0:
+            return  # AMP overflow: nothing advances (the host sync is free: coalescing syncs anyway)
+        rule, keys, _ = self._kernel_rule(group)
+        lr, (beta1, beta2) = scalar(group["lr"]), group["betas"]
+        if not all(p.is_contiguous() and all(st[k].is_contiguous() for k in keys) for p, st in zip(params, states)):
+            raise RuntimeError("SparseAdam: fused=True needs contiguous params")
+        buckets: dict = {}
+        for p, grad, st in zip(params, grads, states):
+            st["step"] += 1
+            g = grad.coalesce()
+            if grad_scale is not None and g is not grad:
+                p.grad = g  # the kernel unscales the coalesced values in place: make them p.grad
+            vals = g._values()
+            if vals.numel() == 0:
+                continue
+            vals = vals.contiguous()
+            rows = _linear_rows(g)
+            item = (p, st, vals, rows, _step_size(lr, beta1, beta2, st["step"]))
+            buckets.setdefault((p.dtype, vals.dtype), []).append(item)
+        for dts, items in buckets.items():
+            self._launch(rule, dts, items, grad_scale)
+
+    @staticmethod
+    def _launch(rule, dts, items, grad_scale):
+        chunk = mt.BLOCK * mt.ITERS
+        table, work = [], []
+        for t, (p, st, vals, rows, step_size) in enumerate(items):
+            cols = vals[0].numel() if vals.dim() > 1 else 1
+            table += [p.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr(), vals.data_ptr(),
+                      rows.data_ptr(), vals.numel(), cols, _f64_bits(step_size)]
+            work += [x for c in range(-(-vals.numel() // chunk)) for x in (t, c)]
+        dev = items[0][0].device
+        hypers = [_f64_bits(float(h)) for h in rule.hypers]
+        buf = torch.tensor(hypers + table + work, dtype=torch.int64).to(dev)  # one upload per launch
+        n_h, n_t = len(hypers), len(hypers) + len(table)
+        _sparse_rows_kernel[(len(work) // 2,)](
+            buf[:n_h].view(torch.float64), buf[n_h:n_t], buf[n_t:], grad_scale if grad_scale is not None else buf,
+            **_constexprs(rule, dts, grad_scale is not None),
+            **({} if mt.interpreter_enabled() else mt.compile_options()))
+        mt.launch_count += 1

@@ -1,0 +1,72 @@
+"""SparseAdam (sparse COO grads, driver-made) and LBFGS (closure-driven, one param group)."""
+import torch
+
+from cases import Case
+
+# SparseAdam: embedding-like tables. A param's grad indexes its leading dims (all of them for 1-D: fully sparse;
+# the first two for 3-D: hybrid) with repeated rows, so the optimizer must coalesce.
+SPARSE_SHAPES = [(13, 4), (9,), (6, 2, 3), (1, 5), (0, 3)]
+SPARSE_SHAPES_2 = [(8, 3), (5,)]
+
+
+def _sparse_dim(p):
+    return 1 if p.dim() <= 2 else p.dim() - 1
+
+
+def sparse_driver(opts, param_lists, step, gen):
+    """Same uncoalesced sparse grads for every optimizer. Now and then a param gets no grad (its step must not
+    advance) or an empty one (its step advances, nothing else changes)."""
+    grads = []
+    for i, p in enumerate(param_lists[0]):
+        if (step + i) % 7 == 3:
+            grads.append(None)
+            continue
+        k = _sparse_dim(p)
+        nnz = 0 if (step + i) % 5 == 4 or p.numel() == 0 else p.shape[0] + 1
+        idx = torch.stack([torch.randint(0, max(s, 1), (nnz,), generator=gen) for s in p.shape[:k]])
+        grads.append((idx, torch.randn((nnz, *p.shape[k:]), generator=gen, dtype=torch.float64)))
+    for opt, params in zip(opts, param_lists):
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else torch.sparse_coo_tensor(
+                g[0], g[1].to(p.dtype), p.shape, device=p.device, check_invariants=False)
+        opt.step()
+
+
+def rosenbrock(x):
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+
+def lbfgs_driver(opts, param_lists, step, gen):
+    """One step() of each optimizer on a chained Rosenbrock over all params plus a per-step random linear term
+    (a changing mini-batch), with the grads from autograd; every optimizer must call its closure equally often."""
+    n = sum(p.numel() * (2 if p.is_complex() else 1) for p in param_lists[0])
+    shift = 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
+    calls = []
+    for opt, params in zip(opts, param_lists):
+        count = [0]
+
+        def closure(params=params, count=count):
+            count[0] += 1
+            leaves = [p.detach().requires_grad_() for p in params]
+            x = torch.cat([torch.view_as_real(v).reshape(-1) if v.is_complex() else v.reshape(-1) for v in leaves])
+            loss = rosenbrock(x) + (shift.to(x.dtype) * x).sum()
+            for p, g in zip(params, torch.autograd.grad(loss, leaves)):
+                p.grad = g
+            return loss.detach()
+
+        opt.step(closure)
+        calls.append(count[0])
+    assert len(set(calls)) == 1, f"closure calls differ: {calls}"
+
+
+CASES = [
+    Case("SparseAdam", lambda: torch.optim.SparseAdam,
+         configs=[{}, {"lr": 0.01, "betas": (0.8, 0.99), "maximize": True}, {"lr": 0.05, "eps": 1e-6}],
+         group2={"lr": 3e-3}, shapes=SPARSE_SHAPES, shapes2=SPARSE_SHAPES_2, driver=sparse_driver,
+         complex_ok=False, dense_grads=False),
+    Case("LBFGS", lambda: torch.optim.LBFGS,
+         configs=[{}, {"line_search_fn": "strong_wolfe"},
+                  {"lr": 0.5, "history_size": 3, "max_iter": 6},
+                  {"line_search_fn": "strong_wolfe", "history_size": 4, "max_iter": 8, "max_eval": 9}],
+         driver=lbfgs_driver, kernel=False, one_group=True, steps=10),
+]
