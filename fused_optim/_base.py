@@ -55,6 +55,7 @@ class FusedOptimizer(Optimizer):
         dense_only: grads must be dense (all but SparseAdam).
         supports_complex: complex params are updated as real views (torch's element-wise optimizers do this).
         requires_closure: ``step()`` without a closure is an error (LBFGS).
+        elementwise: the fused update needs no per-tensor reduction (FSDP2 shards are fine).
         scalar_keys: per-param 0-d float32 states (``step``, ...) in kernel order.
     """
 
@@ -62,6 +63,7 @@ class FusedOptimizer(Optimizer):
     sparse_only = False
     supports_complex = True
     requires_closure = False
+    elementwise = True  # the fused update is element-wise (so it may run on FSDP2 shards); False for reductions
     scalar_keys: tuple = ("step",)
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf (unscale inside the step)
 
@@ -212,9 +214,15 @@ class FusedOptimizer(Optimizer):
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         rule, keys, skeys = self._kernel_rule(group, variant)
+        if params and is_dtensor(params[0]) and not self.elementwise:
+            raise NotImplementedError(
+                f"{type(self).__name__}: the fused path reduces over whole tensors, which FSDP2/DTensor shards; "
+                f"use fused=False (its torch ops reduce across shards)")
         dev = params[0].device
         scalars_on_device(states, skeys, dev)
         self._prepare(group, params, grads, states)
+        # FSDP2 / DTensor params: an element-wise update of the local shard is the update of the whole tensor
+        params, grads = [local(p) for p in params], [local(g) for g in grads]
         flat = [as_real(t).view(-1) if t.is_contiguous() else None for t in params]
         if any(f is None for f in flat) or any(not g.is_contiguous() for g in grads):
             raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
@@ -222,10 +230,19 @@ class FusedOptimizer(Optimizer):
         # a table hit is verified against every address, so a recycled id() can never reuse a stale table
         cache = self._kernel_caches.setdefault((id(group), variant), mt.GroupCache())
         mt.apply(rule, cache, flat, [as_real(g).view(-1) for g in grads],
-                 [[as_real(st[k]).view(-1) for k in keys] for st in states],
+                 [[as_real(local(st[k])).view(-1) for k in keys] for st in states],
                  [[st[k] for k in skeys] for st in states],
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None,
                  grad_scale=grad_scale, found_inf=found_inf)
+
+
+def is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def local(t):
+    """The local shard of a DTensor (FSDP2), else the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 def scalars_on_device(states, keys, device) -> None:

@@ -144,9 +144,7 @@ if triton is not None:
 
     @triton.jit
     def multi_tensor_apply_kernel(
-        ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, inf_ptr,
-        lr: tl.float64, h1: tl.float64, h2: tl.float64, h3: tl.float64,
-        h4: tl.float64, h5: tl.float64, h6: tl.float64, h7: tl.float64,
+        ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, inf_ptr, hp,
         UPDATE: tl.constexpr, SCALARS: tl.constexpr, FLAGS: tl.constexpr,
         NS: tl.constexpr, NT: tl.constexpr,
         P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
@@ -191,15 +189,16 @@ if triton is not None:
                 t2 = tl.load(tl.load(srow + 2).to(tl.pointer_type(tl.float32))).to(tl.float64)
             if NT > 3:
                 t3 = tl.load(tl.load(srow + 3).to(tl.pointer_type(tl.float32))).to(tl.float64)
-            # scalar arguments are plain Python floats under the interpreter: make them fp64 tensors everywhere
-            lr = tl.cast(lr, tl.float64)
-            h1 = tl.cast(h1, tl.float64)
-            h2 = tl.cast(h2, tl.float64)
-            h3 = tl.cast(h3, tl.float64)
-            h4 = tl.cast(h4, tl.float64)
-            h5 = tl.cast(h5, tl.float64)
-            h6 = tl.cast(h6, tl.float64)
-            h7 = tl.cast(h7, tl.float64)
+            # fp64 hyper-parameters come from a device buffer: kernel float arguments would be fp32 under the
+            # interpreter, and 1 - beta2 ** step needs fp64
+            lr = tl.load(hp)
+            h1 = tl.load(hp + 1)
+            h2 = tl.load(hp + 2)
+            h3 = tl.load(hp + 3)
+            h4 = tl.load(hp + 4)
+            h5 = tl.load(hp + 5)
+            h6 = tl.load(hp + 6)
+            h7 = tl.load(hp + 7)
             if LR_TENSOR:
                 lr = tl.load(lr_ptr).to(tl.float64)
             n0, n1, n2, n3, c0, c1, c2, c3 = SCALARS(t0, t1, t2, t3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
@@ -238,6 +237,30 @@ if triton is not None:
                     if NT > 3:
                         tl.store(tl.load(srow + 3).to(tl.pointer_type(tl.float32)), tl.cast(n3, tl.float32))
                     tl.store(counters + t, 0)
+
+    # ---- deterministic cross-program reductions (NovoGrad's per-layer norms, Adafactor's row/col means) ----------
+    # Each program stores its partial result, then "arrives" at a counter; the last of the expected programs sums the
+    # partials in a fixed order and resets the counter. No float atomics: the result does not depend on scheduling.
+
+    @triton.jit
+    def arrive(counter, expected):
+        """Count this program in at `counter`; True in the last of `expected` programs (which must reset it to 0).
+
+        The barrier makes every thread's earlier stores precede the device-scope acquire-release atomic, so the last
+        program sees all partials stored before the other programs arrived."""
+        tl.debug_barrier()
+        done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        return done == expected - 1
+
+    @triton.jit
+    def sum_partials(ptr, n, PB: tl.constexpr):
+        """fp32 sum of the n values at ptr, PB lanes at a time, in a fixed order. Loads bypass L1 (.cg): the values
+        were written by other programs of this launch."""
+        acc = tl.zeros([PB], tl.float32)
+        for start in range(0, n, PB):
+            offs = start + tl.arange(0, PB)
+            acc += tl.load(ptr + offs, mask=offs < n, other=0.0, cache_modifier=".cg")
+        return tl.sum(acc, axis=0)
 
 
 if triton is not None:
@@ -278,6 +301,8 @@ class _Tables:
     counters: torch.Tensor
     aligned: bool
     gkey: tuple = ()
+    hp: torch.Tensor = None     # fp64 [N_HYPER] hyper-parameters on the device
+    hkey: tuple = ()
     fdummy: torch.Tensor = None
 
 
@@ -324,6 +349,7 @@ def _build_tables(key, params, grads, states, scalars, device) -> _Tables:
         counters=torch.zeros(max(n_t, 1), dtype=torch.int32, device=device),
         aligned=aligned,
         fdummy=torch.zeros(1, dtype=torch.float32, device=device),
+        hp=torch.zeros(N_HYPER, dtype=torch.float64, device=device),
     )
 
 
@@ -379,6 +405,9 @@ def compile_options() -> dict:
 
 def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf):
     hypers = tuple(float(h) for h in rule.hypers) + (0.0,) * (N_HYPER - len(rule.hypers))
+    if tab.hkey != hypers:  # uploads only when a hyper-parameter changed (e.g. an LR schedule step)
+        tab.hp.copy_(torch.tensor(hypers, dtype=torch.float64), non_blocking=True)
+        tab.hkey = hypers
     dummy = tab.fdummy  # an fp32 stand-in for absent lr / grad_scale / found_inf (one specialization per use)
     grid = (tab.work.shape[0],)
     multi_tensor_apply_kernel[grid](
@@ -386,7 +415,7 @@ def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf):
         lr_tensor if lr_tensor is not None else dummy,
         grad_scale if grad_scale is not None else dummy,
         found_inf if found_inf is not None else dummy,
-        *hypers,
+        tab.hp,
         **constexprs(rule, dts, ns, nt, lr_tensor=lr_tensor is not None, has_scale=grad_scale is not None,
                      has_inf=found_inf is not None, aligned=tab.aligned),
         **({} if interpreter_enabled() else compile_options()),

@@ -56,13 +56,11 @@ class Entry:
 def multi_tensor_signature() -> dict:
     """Runtime argument types of the shared kernel (constexprs filled separately)."""
     ptr = {"ptrs": "*i64", "numels": "*i64", "work": "*i32", "sptrs": "*i64", "counters": "*i32",
-           "lr_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32"}
+           "lr_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32", "hp": "*fp64"}
     sig = {}
     for name in mt.multi_tensor_apply_kernel.arg_names:
         if name in ptr:
             sig[name] = ptr[name]
-        elif name == "lr" or re.fullmatch(r"h\d", name):
-            sig[name] = "fp64"
         else:
             sig[name] = "constexpr"
     return sig
