@@ -178,6 +178,11 @@ class FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(group, *self._grads_of(group)) for group in self.param_groups]  # validate everything first
+        if not self.elementwise and any(is_dtensor(p) for _, params, _ in work for p in params):
+            raise NotImplementedError(
+                f"{type(self).__name__} reduces over whole tensors (norms / projections / factored moments), "
+                f"which FSDP2 shards across ranks: not supported on DTensor params; use DDP, or an element-wise "
+                f"optimizer under FSDP2")
         for group, params, grads in work:
             if params:
                 self._step_group(group, params, grads, grad_scale, found_inf)
@@ -214,10 +219,6 @@ class FusedOptimizer(Optimizer):
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         rule, keys, skeys = self._kernel_rule(group, variant)
-        if params and is_dtensor(params[0]) and not self.elementwise:
-            raise NotImplementedError(
-                f"{type(self).__name__}: the fused path reduces over whole tensors, which FSDP2/DTensor shards; "
-                f"use fused=False (its torch ops reduce across shards)")
         dev = params[0].device
         scalars_on_device(states, skeys, dev)
         self._prepare(group, params, grads, states)

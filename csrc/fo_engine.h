@@ -1,0 +1,376 @@
+// Multi-tensor reduction engine, one source for host and device.
+//
+// Work: a list of "entries" (normally one per tensor), each a batch of B row-major matrices [R, C] over the
+// tensor's contiguous storage (flat kinds use a virtual [ceil(n/1024), 1024] view with a tail mask). An entry is
+// cut into tiles of TR rows x TC*V columns; one tile is one work item, one CUDA block of NT threads. The whole
+// list is ONE launch of n_items blocks; the block finds its entry by binary search in item_start (no per-item
+// table, so the metadata is O(entries) words).
+//
+// Inside a tile, thread (ty, tx) (tx in [0, TC), TC = a power of two >= C where C < NT) owns columns
+// c0 + v*TC + tx and rows r0 + i*TW + ty. Every statistic is a fixed-order sum:
+//   * total:  thread partials in element order, then a fixed tree over the NT threads -> ws_items[item];
+//   * rows:   per row, the thread's V terms in order, then a fixed tree over the TC lanes (shared memory);
+//   * cols:   per column, the thread's rows in order, then a fixed tree over the TW thread rows.
+// A statistic spread over several tiles (rows when nct > 1, columns when nrt > 1, every total) is written as a
+// partial and summed in tile order by the LAST block of its group (the one that draws the last ticket of an
+// atomic counter, and resets it): a row band's, a column band's or the entry's. The last entry to finish sums
+// the entry totals into the global one.
+// Nothing depends on which block runs first, so results are deterministic, and host == device bit for bit
+// (the host runs the blocks in order through the same code, see Exec in fo_common.h).
+#pragma once
+
+#include "fo_common.h"
+#include "fo_functors.h"
+
+namespace fo {
+
+constexpr int NT = 256;         // threads per block
+constexpr int LOG2_NT = 8;
+constexpr int S_MAX = 8;        // tile rows per thread whose row sums are reduced together (shared memory bound)
+constexpr int V_MAX = 8;        // columns per lane for wide rows (row-only kinds; column kinds use 1); power of 2
+constexpr int LOADS_IN_FLIGHT = 8;  // per thread (per input)
+constexpr int TILE_ELEMS = 8192;  // target elements per tile: amortizes the block's fixed reduction cost
+constexpr int NRT_MAX = 64;     // column kinds: at most this many row tiles, bounding the partials to 64*C
+constexpr int FLAT_V = 4, FLAT_IT = 8;  // flat kinds: tiles of 8 x 1024 elements
+
+// Metadata: int64 words. item_start[E + 1], then E records of META_W words.
+enum Meta : int {
+  M_PA, M_PB, M_DTYPES, M_FLAGS, M_NUMEL, M_B, M_R, M_C, M_LOG2TC, M_LOG2V, M_IT, M_NRT, M_NCT,
+  M_ROW_OUT, M_COL_OUT, M_WS_ROW, M_WS_COL, M_CNT_ROW, M_CNT_COL, META_W
+};
+enum Flags : int { F_ROWS = 1, F_COLS = 2 };
+
+struct Args {
+  const int64_t* meta;
+  int64_t n_entries;
+  int64_t n_items;
+  float* ws_items;   // [n_items, K] tile totals
+  float* ws_extra;   // row / column partials (offsets in the records)
+  int* counters;     // [n_entries + 1 + band counters], zero before the first launch; launches leave them zero
+  float* out_t;      // [n_entries, K] entry totals
+  float* out_stats;  // [n_stats, K] row / column statistics (offsets in the records)
+  float* out_g;      // [K] sum over all entries
+  float eps;
+};
+
+struct Tile {
+  const void* pa;
+  const void* pb;
+  int da, db, log2tc, log2v;
+  bool rows, cols;
+  int64_t e, item0, n_it, b, rt, ct;
+  int64_t numel, B, R, C, IT, nrt, nct, row_out, col_out, ws_row, ws_col, cnt_row, cnt_col;
+};
+
+FO_HD FO_INLINE Tile make_tile(const Args& a, int64_t item) {
+  const int64_t* starts = a.meta;
+  int64_t lo = 0, hi = a.n_entries - 1;  // last entry whose first item <= item (every entry has >= 1 item)
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) >> 1;
+    if (starts[mid] <= item) lo = mid; else hi = mid - 1;
+  }
+  const int64_t* m = a.meta + (a.n_entries + 1) + lo * META_W;
+  Tile t;
+  t.e = lo;
+  t.item0 = starts[lo];
+  t.n_it = starts[lo + 1] - starts[lo];
+  t.pa = reinterpret_cast<const void*>(static_cast<uintptr_t>(m[M_PA]));
+  t.pb = reinterpret_cast<const void*>(static_cast<uintptr_t>(m[M_PB]));
+  t.da = int(m[M_DTYPES] & 0xff);
+  t.db = int((m[M_DTYPES] >> 8) & 0xff);
+  t.rows = (m[M_FLAGS] & F_ROWS) != 0;
+  t.cols = (m[M_FLAGS] & F_COLS) != 0;
+  t.numel = m[M_NUMEL];
+  t.B = m[M_B];
+  t.R = m[M_R];
+  t.C = m[M_C];
+  t.log2tc = int(m[M_LOG2TC]);
+  t.log2v = int(m[M_LOG2V]);
+  t.IT = m[M_IT];
+  t.nrt = m[M_NRT];
+  t.nct = m[M_NCT];
+  t.row_out = m[M_ROW_OUT];
+  t.col_out = m[M_COL_OUT];
+  t.ws_row = m[M_WS_ROW];
+  t.ws_col = m[M_WS_COL];
+  t.cnt_row = m[M_CNT_ROW];
+  t.cnt_col = m[M_CNT_COL];
+  const int64_t local = item - t.item0;  // item order within an entry: (b, rt, ct), ct fastest
+  t.ct = local % t.nct;
+  t.rt = (local / t.nct) % t.nrt;
+  t.b = local / (t.nct * t.nrt);
+  return t;
+}
+
+template <int K>
+struct Regs {
+  float tot[K];
+  float col[K];  // column kinds use V == 1: one column per thread
+};
+
+template <class Sp>
+struct Shared {
+  float v[Sp::ROWS ? S_MAX : 1][Sp::K][NT];  // per-thread row terms of up to S_MAX tile rows
+  float red[Sp::K][NT];
+  Tile tile;  // in shared memory, not per-thread registers: ~20 int64 fields would crowd out the load loop
+  int flag;
+};
+
+// Fixed tree over sh.red[k][0..NT) -> sh.red[k][0]. Expects the values written and synced; ends synced.
+template <int K, class Ex, class Sh>
+FO_HD FO_INLINE void block_tree(Ex& ex, Sh& sh) {
+  for (int off = NT / 2; off > 0; off >>= 1) {
+    ex.each([&](int tid, Regs<K>&) {
+      if (tid < off)
+        for (int k = 0; k < K; ++k) sh.red[k][tid] += sh.red[k][tid + off];
+    });
+    ex.sync();
+  }
+}
+
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <class Sp, class Ex>
+FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_t item) {
+  using Op = typename Sp::Op;
+  constexpr int K = Sp::K;
+  using Rg = Regs<K>;
+  ex.each([&](int tid, Rg&) {
+    if (tid == 0) sh.tile = make_tile(a, item);
+  });
+  ex.sync();
+  const Tile& tl = sh.tile;
+  const int TC = 1 << tl.log2tc;
+  const int64_t TW = NT >> tl.log2tc;
+  const int64_t r0 = tl.rt * TW * tl.IT, c0 = (tl.ct * TC) << tl.log2v;
+  const bool do_rows = Sp::ROWS && tl.rows;
+  const bool do_cols = Sp::COLS && tl.cols;
+  const bool b_ok = tl.b < tl.B;  // false only for the one empty tile of an entry with B == 0
+
+  ex.each([&](int, Rg& rg) {
+    for (int k = 0; k < K; ++k) rg.tot[k] = rg.col[k] = 0.f;
+  });
+
+  // Pass over the tile in groups of S tile rows per thread (all at once when no row sums are wanted).
+  const int64_t S = do_rows ? S_MAX : (tl.IT < (1 << 20) ? tl.IT : (1 << 20));  // bounded: q counts in int
+  for (int64_t s = 0; s < tl.IT; s += S) {
+    const int ns = int(tl.IT - s < S ? tl.IT - s : S);
+    dispatch_dtype(tl.da, [&](auto ta) {
+      dispatch_dtype(Op::TWO_INPUTS ? tl.db : int(F32), [&](auto tb) {
+        ex.each([&](int tid, Rg& rg) {
+          const int tx = tid & (TC - 1);
+          const int64_t ty = tid >> tl.log2tc;
+          // The thread's elements of this group, q = (j, v) in order: tile row s + j, column c0 + v*TC + tx.
+          // Batches of LOADS_IN_FLIGHT independent loads are issued before any is used (memory parallelism).
+          const int nq = ns << tl.log2v, vmask = (1 << tl.log2v) - 1;
+          const int64_t rf = r0 + s * TW + ty;              // this thread's first row of the group
+          const int64_t jlim = rf < tl.R ? (tl.R - rf + TW - 1) / TW : 0;  // row rf + j*TW exists iff j < jlim
+          const int64_t clim = tl.C - c0 - tx;              // column exists iff v*TC < clim
+          const int64_t ibase = (tl.b * tl.R + rf) * tl.C + c0 + tx, rstride = TW * tl.C;
+          float rl[K];
+          for (int k = 0; k < K; ++k) rl[k] = 0.f;
+          for (int q0 = 0; q0 < nq; q0 += LOADS_IN_FLIGHT) {
+            float xa[LOADS_IN_FLIGHT], xb[LOADS_IN_FLIGHT];
+            bool ok[LOADS_IN_FLIGHT];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+            for (int u = 0; u < LOADS_IN_FLIGHT; ++u) {
+              const int q = q0 + u, j = q >> tl.log2v, cv = (q & vmask) << tl.log2tc;
+              const int64_t i = ibase + j * rstride + cv;
+              ok[u] = q < nq && b_ok && j < jlim && cv < clim && i < tl.numel;  // i < numel: flat kinds' tail
+              xa[u] = ok[u] ? load(ta, tl.pa, i) : 0.f;
+              xb[u] = Op::TWO_INPUTS && ok[u] ? load(tb, tl.pb, i) : 0.f;
+            }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+            for (int u = 0; u < LOADS_IN_FLIGHT; ++u) {
+              if (ok[u]) {
+                float x[K];
+                Op::value(xa[u], xb[u], a.eps, x);
+                for (int k = 0; k < K; ++k) {
+                  rg.tot[k] += x[k];
+                  if (Sp::COLS) rg.col[k] += x[k];  // column kinds have V == 1: one column per thread
+                  rl[k] += x[k];
+                }
+              }
+              if constexpr (Sp::ROWS) {
+                const int q = q0 + u;
+                if (do_rows && q < nq && (q & vmask) == vmask) {  // the thread's part of row s+j is done
+                  for (int k = 0; k < K; ++k) {
+                    sh.v[q >> tl.log2v][k][tid] = rl[k];
+                    rl[k] = 0.f;
+                  }
+                }
+              }
+            }
+          }
+        });
+      });
+    });
+    if constexpr (Sp::ROWS) {
+      if (do_rows) {
+        ex.sync();
+        for (int off = TC >> 1; off > 0; off >>= 1) {  // tree over the TC lanes of each thread row
+          ex.each([&](int tid, Rg&) {
+            if ((tid & (TC - 1)) < off)
+              for (int j = 0; j < ns; ++j)
+                for (int k = 0; k < K; ++k) sh.v[j][k][tid] += sh.v[j][k][tid + off];
+          });
+          ex.sync();
+        }
+        ex.each([&](int tid, Rg&) {
+          if ((tid & (TC - 1)) != 0) return;
+          const int64_t ty = tid >> tl.log2tc;
+          for (int j = 0; j < ns; ++j) {
+            const int64_t r = r0 + (s + j) * TW + ty;
+            if (!b_ok || r >= tl.R) continue;
+            const int64_t rid = tl.b * tl.R + r;
+            for (int k = 0; k < K; ++k) {
+              const float val = sh.v[j][k][tid];
+              if (tl.nct == 1) a.out_stats[(tl.row_out + rid) * K + k] = Op::finish(val, tl.C);
+              else a.ws_extra[tl.ws_row + (tl.ct * tl.B * tl.R + rid) * K + k] = val;  // [ct][row]: coalesced
+            }
+          }
+        });
+        ex.sync();  // sh.v is rewritten by the next group
+      }
+    }
+  }
+
+  if constexpr (Sp::COLS) {
+    if (do_cols) {
+      ex.each([&](int tid, Rg& rg) {
+        for (int k = 0; k < K; ++k) sh.red[k][tid] = rg.col[k];
+      });
+      ex.sync();
+      for (int64_t off = TW >> 1; off > 0; off >>= 1) {  // tree over the thread rows of each column
+        ex.each([&](int tid, Rg&) {
+          if ((tid >> tl.log2tc) < off)
+            for (int k = 0; k < K; ++k) sh.red[k][tid] += sh.red[k][tid + (off << tl.log2tc)];
+        });
+        ex.sync();
+      }
+      ex.each([&](int tid, Rg&) {
+        const int64_t c = c0 + tid;
+        if (tid >= TC || !b_ok || c >= tl.C) return;
+        const int64_t cid = tl.b * tl.C + c;
+        for (int k = 0; k < K; ++k) {
+          const float val = sh.red[k][tid];
+          if (tl.nrt == 1) a.out_stats[(tl.col_out + cid) * K + k] = Op::finish(val, tl.R);
+          else a.ws_extra[tl.ws_col + (tl.rt * tl.B * tl.C + cid) * K + k] = val;  // [rt][col]
+        }
+      });
+      ex.sync();
+    }
+  }
+
+  // Tile total -> ws_items. Then tickets (atomic counters, reset by whoever draws the last one):
+  //   bit 1: last tile of this row band (b, rt)    -> sums the band's row partials over its nct column tiles
+  //   bit 2: last tile of this column band (b, ct) -> sums the band's column partials over its nrt row tiles
+  //   bit 4: last tile of the entry                -> sums the entry total over its tiles
+  // Bands spread the second stage over many blocks (an LM head's rows would otherwise be summed by one block).
+  ex.each([&](int tid, Rg& rg) {
+    for (int k = 0; k < K; ++k) sh.red[k][tid] = rg.tot[k];
+  });
+  ex.sync();
+  block_tree<K>(ex, sh);
+  ex.each([&](int tid, Rg&) {
+    if (tid == 0)
+      for (int k = 0; k < K; ++k) a.ws_items[item * K + k] = sh.red[k][0];
+  });
+  ex.sync();
+  // Barrier, then one thread fences and takes the tickets (the pattern of cooperative groups' grid sync): the
+  // block's partials are published before its tickets, and a last block reads them (from L2) after its fence.
+  const bool split_rows = do_rows && b_ok && tl.nct > 1, split_cols = do_cols && b_ok && tl.nrt > 1;
+  int* const row_cnt = a.counters + tl.cnt_row + tl.b * tl.nrt + tl.rt;
+  int* const col_cnt = a.counters + tl.cnt_col + tl.b * tl.nct + tl.ct;
+  ex.each([&](int tid, Rg&) {
+    if (tid != 0) return;
+    fence();
+    int f = 0;
+    if (split_rows && atomic_inc(row_cnt) == tl.nct - 1) f |= 1;
+    if (split_cols && atomic_inc(col_cnt) == tl.nrt - 1) f |= 2;
+    if (atomic_inc(&a.counters[tl.e]) == tl.n_it - 1) f |= 4;
+    fence();
+    sh.flag = f;
+  });
+  ex.sync();
+  const int flags = sh.flag;
+  if constexpr (Sp::ROWS) {
+    if (flags & 1)
+      ex.each([&](int tid, Rg&) {
+        if (tid == 0) *row_cnt = 0;
+        const int64_t BR = tl.B * tl.R;
+        for (int64_t r = r0 + tid; r < tl.R && r < r0 + TW * tl.IT; r += NT) {
+          const int64_t rid = tl.b * tl.R + r;
+          for (int k = 0; k < K; ++k) {
+            float acc = 0.f;
+            for (int64_t ct = 0; ct < tl.nct; ++ct) acc += load_l2(&a.ws_extra[tl.ws_row + (ct * BR + rid) * K + k]);
+            a.out_stats[(tl.row_out + rid) * K + k] = Op::finish(acc, tl.C);
+          }
+        }
+      });
+  }
+  if constexpr (Sp::COLS) {
+    if (flags & 2)
+      ex.each([&](int tid, Rg&) {
+        if (tid == 0) *col_cnt = 0;
+        const int64_t BC = tl.B * tl.C;
+        for (int64_t c = c0 + tid; c < tl.C && c < c0 + (int64_t(TC) << tl.log2v); c += NT) {
+          const int64_t cid = tl.b * tl.C + c;
+          for (int k = 0; k < K; ++k) {
+            float acc = 0.f;
+            for (int64_t rt = 0; rt < tl.nrt; ++rt) acc += load_l2(&a.ws_extra[tl.ws_col + (rt * BC + cid) * K + k]);
+            a.out_stats[(tl.col_out + cid) * K + k] = Op::finish(acc, tl.R);
+          }
+        }
+      });
+  }
+  if (!(flags & 4)) return;
+
+  ex.each([&](int tid, Rg&) {
+    if (tid == 0) a.counters[tl.e] = 0;  // ready for the next launch
+    float acc[K];
+    for (int k = 0; k < K; ++k) acc[k] = 0.f;
+    for (int64_t j = tid; j < tl.n_it; j += NT)
+      for (int k = 0; k < K; ++k) acc[k] += load_l2(&a.ws_items[(tl.item0 + j) * K + k]);
+    for (int k = 0; k < K; ++k) sh.red[k][tid] = acc[k];
+  });
+  ex.sync();
+  block_tree<K>(ex, sh);
+  ex.each([&](int tid, Rg&) {
+    if (tid == 0)
+      for (int k = 0; k < K; ++k) a.out_t[tl.e * K + k] = sh.red[k][0];
+  });
+  ex.sync();
+
+  // The last entry to finish sums the entry totals.
+  ex.each([&](int tid, Rg&) {
+    if (tid == 0) {
+      fence();
+      sh.flag = atomic_inc(&a.counters[a.n_entries]) == a.n_entries - 1;
+      fence();
+    }
+  });
+  ex.sync();
+  if (!sh.flag) return;
+  ex.each([&](int tid, Rg&) {
+    if (tid == 0) a.counters[a.n_entries] = 0;
+    float acc[K];
+    for (int k = 0; k < K; ++k) acc[k] = 0.f;
+    for (int64_t e = tid; e < a.n_entries; e += NT)
+      for (int k = 0; k < K; ++k) acc[k] += load_l2(&a.out_t[e * K + k]);
+    for (int k = 0; k < K; ++k) sh.red[k][tid] = acc[k];
+  });
+  ex.sync();
+  block_tree<K>(ex, sh);
+  ex.each([&](int tid, Rg&) {
+    if (tid == 0)
+      for (int k = 0; k < K; ++k) a.out_g[k] = sh.red[k][0];
+  });
+}
+
+}  // namespace fo
