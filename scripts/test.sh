@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite. Without CUDA the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py).
+# Then, with or without a GPU: every Triton kernel AOT-compiled for sm_80/sm_90 (fails on compile errors, spills,
+# narrow loads), and csrc/ compiled by nvcc for sm_80/sm_90 where nvcc exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
 $PY -m pytest -q tests "$@"
+env -u TRITON_INTERPRET $PY -m fused_optim.tools.aot --check --json build/aot-report.json | tail -n 3
+if command -v nvcc >/dev/null 2>&1; then
+    bash scripts/build_csrc.sh --cuda-check
+else
+    echo "nvcc not found: skipping the CUDA compile check of csrc/"
+fi
