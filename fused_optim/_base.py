@@ -165,6 +165,9 @@ class FusedOptimizer(Optimizer):
             grads.append(g)
         return params, grads
 
+    # step() runs eagerly: under torch.compile, dynamo does not trace into it (the kernels are launched as they
+    # are), so a compiled model's graphs stay whole and a compiled function calling step() breaks only there.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable | None = None, *, grad_scale: torch.Tensor | None = None,
              found_inf: torch.Tensor | None = None):
