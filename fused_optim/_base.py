@@ -7,6 +7,8 @@ its math in one place: ``_reference`` (torch ops, defines the numbers) and, when
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Callable, Iterable
 
@@ -64,8 +66,33 @@ class FusedOptimizer(Optimizer):
     supports_complex = True
     requires_closure = False
     elementwise = True  # the fused update is element-wise (so it may run on FSDP2 shards); False for reductions
+    # Precision options beyond the anchors, keyword-only on every optimizer (see __init_subclass__); they are
+    # optimizer attributes, not param-group keys, so checkpoints keep the anchor's group layout.
+    master_weights = False       # bf16/fp16 params get an fp32 master copy (state['master_param']) that the math updates
+    stochastic_rounding = False  # bf16 params are written with stochastic rounding (unbiased, keeps small updates)
+    precision_in_kernel = True   # the fused path implements the two options above (else they use the reference path)
     scalar_keys: tuple = ("step",)
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf (unscale inside the step)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args, master_weights=None, stochastic_rounding=None, **kw):
+            if master_weights is not None:  # None: keep what an outer (subclass) constructor already set
+                self.master_weights = bool(master_weights)
+            if stochastic_rounding is not None:
+                self.stochastic_rounding = bool(stochastic_rounding)
+            init(self, *args, **kw)
+
+        sig = inspect.signature(init)
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=False)
+                 for n in ("master_weights", "stochastic_rounding") if n not in sig.parameters]
+        __init__.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+        cls.__init__ = __init__
 
     def __init__(self, params, defaults: dict, *, fused: bool | None = None):
         defaults = dict(defaults)
@@ -195,30 +222,65 @@ class FusedOptimizer(Optimizer):
         st = self.state[p]
         if not st:
             st.update(self._init_state(p, group))
+            if self.master_weights and p.dtype in LOW_PRECISION:
+                # fp32 master copy, and fp32 element-wise states alongside it
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor) and v.dtype in LOW_PRECISION:
+                        st[k] = v.float()
+                st["master_param"] = p.detach().float().clone()
         return st
 
     def _step_group(self, group, params, grads, grad_scale, found_inf):
         states = [self._state_of(p, group) for p in params]
-        if self._use_kernel(group, params):
+        low = (self.master_weights or self.stochastic_rounding) and any(p.dtype in LOW_PRECISION for p in params)
+        if self._use_kernel(group, params) and (self.precision_in_kernel or not low):
             self._kernel_step(group, params, grads, states, grad_scale, found_inf)
             return
         if found_inf is not None and found_inf.item() != 0:
             return  # AMP overflow: skip, advance nothing (like torch's fused optimizers)
         if grad_scale is not None:
             torch._foreach_div_(grads, grad_scale.to(grads[0].device))  # p.grad holds unscaled grads afterwards
-        if not any(p.is_complex() for p in params):
+        if low:
+            self._reference_low_precision(group, params, grads, states)
+        elif not any(p.is_complex() for p in params):
             self._reference(group, params, grads, states)
             return
         # complex params are updated as real views (like torch); states are passed as real views too, and any
         # entry a reference replaces (rather than mutates in place) is written back
-        real_states = [{k: as_real(v) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
-                        for k, v in st.items()} for p, st in zip(params, states)]
-        views = [dict(rst) for rst in real_states]
-        self._reference(group, [as_real(p) for p in params], [as_real(g) for g in grads], real_states)
-        for st, rst, view in zip(states, real_states, views):
-            for k, v in rst.items():
-                if view.get(k) is not v:
+        else:
+            real_states = [{k: as_real(v) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                            for k, v in st.items()} for p, st in zip(params, states)]
+            self._run_reference(group, [as_real(p) for p in params], [as_real(g) for g in grads], states,
+                                real_states)
+
+    def _run_reference(self, group, params, grads, states, work_states):
+        """Run the reference on substitute tensors (real views, fp32 copies) and write back into ``states`` every
+        entry the reference replaced rather than mutated in place."""
+        before = [dict(ws) for ws in work_states]
+        self._reference(group, params, grads, work_states)
+        for st, ws, old in zip(states, work_states, before):
+            for k, v in ws.items():
+                if old.get(k) is not v:
                     st[k] = v
+
+    def _reference_low_precision(self, group, params, grads, states):
+        """master_weights / stochastic_rounding on the reference path: fp32 math on the master copy (or an fp32
+        copy of the param), low-precision states rounded to nearest, the param rounded to nearest or
+        stochastically. The fused path does the same in one pass."""
+        work_p = [st["master_param"] if "master_param" in st else p.float() for p, st in zip(params, states)]
+        work_st = [{k: v.float() if isinstance(v, torch.Tensor) and v.dtype in LOW_PRECISION else v
+                    for k, v in st.items() if k != "master_param"} for st in states]
+        self._reference(group, work_p, [g.float() for g in grads], work_st)
+        for p, wp, st, ws in zip(params, work_p, states, work_st):
+            for k, v in ws.items():
+                if isinstance(st[k], torch.Tensor) and st[k].dtype in LOW_PRECISION:
+                    st[k].copy_(v)  # low-precision state: round to nearest
+                elif st[k] is not v:
+                    st[k] = v
+            if p.dtype == torch.bfloat16 and self.stochastic_rounding:
+                p.copy_(stochastic_round_bf16(wp))
+            elif wp is not p:
+                p.copy_(wp)
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         rule, keys, skeys = self._kernel_rule(group, variant)
@@ -237,7 +299,21 @@ class FusedOptimizer(Optimizer):
                  [[as_real(local(st[k])).view(-1) for k in keys] for st in states],
                  [[st[k] for k in skeys] for st in states],
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None,
-                 grad_scale=grad_scale, found_inf=found_inf)
+                 grad_scale=grad_scale, found_inf=found_inf,
+                 masters=[local(st["master_param"]).view(-1) if "master_param" in st else None for st in states],
+                 stochastic_rounding=self.stochastic_rounding,
+                 # host RNG (torch.manual_seed makes it reproducible); no device sync
+                 seed=int(torch.randint(0, 2**31 - 1, ())) if self.stochastic_rounding else 0)
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def stochastic_round_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 with stochastic rounding: add 16 random low bits, then truncate (unbiased)."""
+    bits = x.float().contiguous().view(torch.int32)
+    bits = bits + torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
+    return ((bits >> 16) << 16).view(torch.float32).to(torch.bfloat16)
 
 
 def is_dtensor(t) -> bool:

@@ -110,11 +110,26 @@ if triton is not None:
             tl.store(ptr + offs, _cast_for(ptr, val), mask=mask)
 
     @triton.jit
-    def _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, offs, mask, inv_scale,
+    def _store_bf16_stochastic(ptr, offs, val, mask, seed, FULL: tl.constexpr):
+        # stochastic rounding to bf16: add 16 random bits below the kept mantissa, then truncate, so the stored
+        # value is unbiased (E[stored] = val) and small updates survive on average
+        r = tl.randint(seed, offs.to(tl.uint32))
+        bits = val.to(tl.uint32, bitcast=True) + (r & 0xFFFF)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        if FULL:
+            tl.store(ptr + offs, out)
+        else:
+            tl.store(ptr + offs, out, mask=mask)
+
+    @triton.jit
+    def _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, offs, mask, inv_scale, seed,
                c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7,
                UPDATE: tl.constexpr, FLAGS: tl.constexpr, NS: tl.constexpr,
-               HAS_SCALE: tl.constexpr, FULL: tl.constexpr):
-        p = _load(p_ptr, offs, mask, FULL)
+               HAS_SCALE: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, FULL: tl.constexpr):
+        if MASTER:
+            p = _load(m_ptr, offs, mask, FULL)  # the fp32 master copy is the param the math updates
+        else:
+            p = _load(p_ptr, offs, mask, FULL)
         g = _load(g_ptr, offs, mask, FULL)
         if HAS_SCALE:
             g = g * inv_scale
@@ -132,7 +147,12 @@ if triton is not None:
         if NS > 3:
             s3 = _load(s3_ptr, offs, mask, FULL)
         p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
-        _store(p_ptr, offs, p, mask, FULL)
+        if MASTER:
+            _store(m_ptr, offs, p, mask, FULL)
+        if SR:
+            _store_bf16_stochastic(p_ptr, offs, p, mask, seed, FULL)
+        else:
+            _store(p_ptr, offs, p, mask, FULL)
         if NS > 0:
             _store(s0_ptr, offs, s0, mask, FULL)
         if NS > 1:
@@ -144,9 +164,9 @@ if triton is not None:
 
     @triton.jit
     def multi_tensor_apply_kernel(
-        ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, inf_ptr, hp,
+        ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, inf_ptr, hp, seed,
         UPDATE: tl.constexpr, SCALARS: tl.constexpr, FLAGS: tl.constexpr,
-        NS: tl.constexpr, NT: tl.constexpr,
+        NS: tl.constexpr, NT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
         P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
         LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
         ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
@@ -159,7 +179,7 @@ if triton is not None:
             t = tl.load(work + 2 * pid)
             chunk = tl.load(work + 2 * pid + 1).to(tl.int64)
             n = tl.load(numels + t)
-            row = ptrs + t.to(tl.int64) * (2 + NS)
+            row = ptrs + t.to(tl.int64) * (2 + NS + MASTER)
             p_ptr = _chunk_ptr(row, 0, P_DT, ALIGNED)
             g_ptr = _chunk_ptr(row, 1, G_DT, ALIGNED)
             s0_ptr = p_ptr
@@ -174,6 +194,9 @@ if triton is not None:
                 s2_ptr = _chunk_ptr(row, 4, S_DT, ALIGNED)
             if NS > 3:
                 s3_ptr = _chunk_ptr(row, 5, S_DT, ALIGNED)
+            m_ptr = p_ptr
+            if MASTER:
+                m_ptr = _chunk_ptr(row, 2 + NS, tl.float32, ALIGNED)
 
             # per-tensor scalar states (fp32 in memory, fp64 math)
             srow = sptrs + t.to(tl.int64) * NT
@@ -216,18 +239,21 @@ if triton is not None:
                 # full chunk: no mask, so aligned tensors get 128-bit loads and stores
                 for i in range(ITERS):
                     offs = start + i * BLOCK + lanes
-                    _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, offs, offs < n, inv_scale,
-                           c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, UPDATE, FLAGS, NS, HAS_SCALE, True)
+                    _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, offs, offs < n, inv_scale, seed + t,
+                           c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, UPDATE, FLAGS, NS, HAS_SCALE, MASTER,
+                           SR, True)
             else:
                 for i in range(ITERS):
                     offs = start + i * BLOCK + lanes
-                    _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, offs, offs < n, inv_scale,
-                           c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, UPDATE, FLAGS, NS, HAS_SCALE, False)
+                    _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, offs, offs < n, inv_scale, seed + t,
+                           c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, UPDATE, FLAGS, NS, HAS_SCALE, MASTER,
+                           SR, False)
 
             if NT > 0:
                 # the last program of this tensor writes the new scalars (all readers are done by then)
                 nchunks = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
-                done = tl.atomic_add(counters + t, 1)
+                tl.debug_barrier()  # every thread of this program has read the old scalars before it counts in
+                done = tl.atomic_add(counters + t, 1, sem="acq_rel", scope="gpu")
                 if done == nchunks - 1:
                     tl.store(tl.load(srow).to(tl.pointer_type(tl.float32)), tl.cast(n0, tl.float32))
                     if NT > 1:
@@ -354,21 +380,26 @@ def _build_tables(key, params, grads, states, scalars, device) -> _Tables:
 
 
 def apply(rule: Rule, cache: GroupCache, params, grads, states, scalars, *, lr_tensor=None,
-          grad_scale=None, found_inf=None) -> None:
+          grad_scale=None, found_inf=None, masters=None, stochastic_rounding=False, seed=0) -> None:
     """Update one param group in one launch per (param, grad, state) dtype combination.
 
     ``states[i]`` lists tensor i's element-wise states (same count for all tensors), ``scalars[i]`` its 0-d float32
-    per-tensor scalar states. All tensors must be contiguous (views of real dtype).
+    per-tensor scalar states. All tensors must be contiguous (views of real dtype). ``masters[i]``: an fp32 master
+    copy of a bf16/fp16 param (the math updates it, the param gets its rounding), or None. ``stochastic_rounding``:
+    bf16 params are stored with stochastic rounding, random bits drawn from ``seed`` (vary it every step).
     """
     global launch_count
     buckets: dict = {}
+    masters = masters or [None] * len(params)
     for i, p in enumerate(params):
         sdt = states[i][0].dtype if states[i] else p.dtype
-        buckets.setdefault((p.dtype, grads[i].dtype, sdt), []).append(i)
-    for dts, idx in buckets.items():
+        buckets.setdefault((p.dtype, grads[i].dtype, sdt, masters[i] is not None), []).append(i)
+    for (*dts, master), idx in buckets.items():
+        dts = tuple(dts)
         ps = [params[i] for i in idx]
         gs = [grads[i] for i in idx]
-        sts = [states[i] for i in idx]
+        # the master copy rides in the table as one more element-wise slot, after the states
+        sts = [states[i] + ([masters[i]] if master else []) for i in idx]
         scs = [scalars[i] for i in idx]
         # The key covers every address and size the tables hold: any change (a loaded state, a replaced param)
         # rebuilds. Grads are often re-allocated each step (zero_grad(set_to_none=True)): a new grad address only
@@ -376,34 +407,37 @@ def apply(rule: Rule, cache: GroupCache, params, grads, states, scalars, *, lr_t
         key = tuple(p.data_ptr() for p in ps) + tuple(s.data_ptr() for st in sts for s in st) + tuple(
             s.data_ptr() for sc in scs for s in sc) + tuple(p.numel() for p in ps)
         gkey = tuple(g.data_ptr() for g in gs)
-        tab = cache.tables.get(dts)
+        tab = cache.tables.get((dts, master))
         if tab is None or tab.key != key or tab.aligned != _all_aligned(ps, gs, sts):
             tab = _build_tables(key, ps, gs, sts, scs, ps[0].device)
             tab.gkey = gkey
-            cache.tables[dts] = tab
+            cache.tables[(dts, master)] = tab
             cache.builds += 1
         elif tab.gkey != gkey:
             tab.ptrs[:, 1].copy_(torch.tensor(gkey, dtype=torch.int64))
             tab.gkey = gkey
             cache.grad_uploads += 1
-        _launch(rule, tab, dts, len(sts[0]), len(scs[0]), lr_tensor, grad_scale, found_inf)
+        sr = stochastic_rounding and dts[0] == torch.bfloat16
+        _launch(rule, tab, dts, len(sts[0]) - master, len(scs[0]), lr_tensor, grad_scale, found_inf, master, sr,
+                seed)
         launch_count += 1
 
 
 def constexprs(rule: Rule, dts, ns: int, nt: int, *, lr_tensor: bool, has_scale: bool, has_inf: bool,
-               aligned: bool) -> dict:
+               aligned: bool, master: bool = False, sr: bool = False) -> dict:
     """The kernel's compile-time arguments for one launch: the launcher and the AOT inventory both use this."""
     assert ns <= MAX_STATES and nt <= MAX_SCALARS
     return dict(UPDATE=rule.update, SCALARS=rule.scalars or _no_scalars, FLAGS=rule.flags, NS=ns, NT=nt,
                 P_DT=_TL_DTYPES[dts[0]], G_DT=_TL_DTYPES[dts[1]], S_DT=_TL_DTYPES[dts[2]],
-                LR_TENSOR=lr_tensor, HAS_SCALE=has_scale, HAS_INF=has_inf, ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS)
+                LR_TENSOR=lr_tensor, HAS_SCALE=has_scale, HAS_INF=has_inf, ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
+                MASTER=master, SR=sr)
 
 
 def compile_options() -> dict:
     return {"num_warps": NUM_WARPS, "enable_fp_fusion": FP_FUSION}
 
 
-def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf):
+def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=False, sr=False, seed=0):
     hypers = tuple(float(h) for h in rule.hypers) + (0.0,) * (N_HYPER - len(rule.hypers))
     if tab.hkey != hypers:  # uploads only when a hyper-parameter changed (e.g. an LR schedule step)
         tab.hp.copy_(torch.tensor(hypers, dtype=torch.float64), non_blocking=True)
@@ -415,8 +449,8 @@ def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf):
         lr_tensor if lr_tensor is not None else dummy,
         grad_scale if grad_scale is not None else dummy,
         found_inf if found_inf is not None else dummy,
-        tab.hp,
+        tab.hp, seed,
         **constexprs(rule, dts, ns, nt, lr_tensor=lr_tensor is not None, has_scale=grad_scale is not None,
-                     has_inf=found_inf is not None, aligned=tab.aligned),
+                     has_inf=found_inf is not None, aligned=tab.aligned, master=master, sr=sr),
         **({} if interpreter_enabled() else compile_options()),
     )

@@ -56,7 +56,7 @@ class Entry:
 def multi_tensor_signature() -> dict:
     """Runtime argument types of the shared kernel (constexprs filled separately)."""
     ptr = {"ptrs": "*i64", "numels": "*i64", "work": "*i32", "sptrs": "*i64", "counters": "*i32",
-           "lr_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32", "hp": "*fp64"}
+           "lr_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32", "hp": "*fp64", "seed": "i32"}
     sig = {}
     for name in mt.multi_tensor_apply_kernel.arg_names:
         if name in ptr:
@@ -102,9 +102,12 @@ def _lr_required(cls) -> bool:
 
 # (param, grad, state) dtypes, aligned, AMP args. Every option variant is compiled for aligned fp32; the first
 # (defaults) and last (every option on) also for unaligned fp32, bf16, and fp16 with AMP scaling.
-FP32 = ((torch.float32,) * 3, True, False)
-DTYPE_VARIANTS = [FP32, ((torch.float32,) * 3, False, False), ((torch.bfloat16,) * 3, True, False),
-                  ((torch.float16,) * 3, True, True)]
+# ... and bf16 with an fp32 master copy (fp32 states), and bf16 with stochastic rounding.
+FP32 = ((torch.float32,) * 3, True, False, False, False)
+BF16 = torch.bfloat16
+DTYPE_VARIANTS = [FP32, ((torch.float32,) * 3, False, False, False, False), ((BF16,) * 3, True, False, False, False),
+                  ((torch.float16,) * 3, True, True, False, False), ((BF16, BF16, torch.float32), True, False, True, False),
+                  ((BF16,) * 3, True, False, False, True)]
 
 
 def inventory() -> list[Entry]:
@@ -115,11 +118,15 @@ def inventory() -> list[Entry]:
             continue
         rules = _rules_of(cls)
         for i, (label, rule, ns, nt) in enumerate(rules):
-            for dts, aligned, amp in (DTYPE_VARIANTS if i in (0, len(rules) - 1) else [FP32]):
-                cx = mt.constexprs(rule, dts, ns, nt, lr_tensor=False, has_scale=amp, has_inf=amp, aligned=aligned)
+            for dts, aligned, amp, master, sr in (DTYPE_VARIANTS if i in (0, len(rules) - 1) else [FP32]):
+                if (master or sr) and not cls.precision_in_kernel:
+                    continue
+                cx = mt.constexprs(rule, dts, ns, nt, lr_tensor=False, has_scale=amp, has_inf=amp, aligned=aligned,
+                                   master=master, sr=sr)
                 dname = str(dts[0]).replace("torch.", "")
                 entries.append(Entry(f"{cls.__name__}[{label}] {dname}{'' if aligned else ' unaligned'}"
-                                     f"{' amp' if amp else ''}", mt.multi_tensor_apply_kernel, sig, cx,
+                                     f"{' amp' if amp else ''}{' master' if master else ''}{' sr' if sr else ''}",
+                                     mt.multi_tensor_apply_kernel, sig, cx,
                                      mt.compile_options(), vector_check=aligned))
     for mod in sorted({sys.modules[c.__module__] for c in fused_optim.REGISTRY.values()}, key=lambda m: m.__name__):
         if hasattr(mod, "aot_kernels"):
