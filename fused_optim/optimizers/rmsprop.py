@@ -1,0 +1,103 @@
+"""RMSprop, plain or centered, with momentum, weight decay and maximize (anchor: torch.optim.RMSprop)."""
+from __future__ import annotations
+
+import torch
+
+from .._base import FusedOptimizer, check, check_nonneg, new_step, scalar
+from .._registry import register
+from ..kernels import multi_tensor as mt
+from .adagrad import effective_grads, grad_flags
+
+if mt.available():
+    import triton
+    import triton.language as tl
+
+    from .adagrad import count_step, effective_grad
+
+    _MAXIMIZE, _WD, CENTERED, MOMENTUM = mt.flag_bits(4)  # bits 0-1: effective_grad's
+
+    @triton.jit
+    def _rmsprop_update(p, g, sq, s1, s2, s3, c0, c1, c2, c3, lr, alpha, one_minus_alpha, eps, wd, momentum, h6,
+                        h7, FLAGS: tl.constexpr):
+        # states: square_avg, then grad_avg if centered, then momentum_buffer if momentum
+        g = effective_grad(p, g, wd, FLAGS)
+        w = one_minus_alpha.to(tl.float32)
+        neg_lr = -lr.to(tl.float32)
+        sq = tl.fma(w * g, g, sq * alpha.to(tl.float32))
+        if FLAGS & CENTERED:
+            # torch's lerp: from the nearer end, so a weight >= 0.5 is exact too
+            d = g - s1
+            s1 = tl.where(one_minus_alpha < 0.5, tl.fma(w, d, s1), tl.fma(w - 1.0, d, g))
+            avg = tl.sqrt_rn(tl.fma(-s1, s1, sq)) + eps.to(tl.float32)
+        else:
+            avg = tl.sqrt_rn(sq) + eps.to(tl.float32)
+        if FLAGS & MOMENTUM:
+            if FLAGS & CENTERED:
+                s2 = s2 * momentum.to(tl.float32) + tl.div_rn(g, avg)
+                p = tl.fma(neg_lr, s2, p)
+            else:
+                s1 = s1 * momentum.to(tl.float32) + tl.div_rn(g, avg)
+                p = tl.fma(neg_lr, s1, p)
+        else:
+            p = p + tl.div_rn(neg_lr * g, avg)
+        return p, sq, s1, s2, s3
+
+
+def _state_keys(group):
+    return ("square_avg",) + (("grad_avg",) if group["centered"] else ()) + (
+        ("momentum_buffer",) if group["momentum"] > 0 else ())
+
+
+@register
+class RMSprop(FusedOptimizer):
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
+                 capturable=False, foreach=None, maximize=False, differentiable=False, *, fused=None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
+                        weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
+                        differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults, fused=fused)
+
+    def _validate(self, group):
+        check_nonneg(lr=group["lr"], eps=group["eps"], momentum=group["momentum"],
+                     weight_decay=group["weight_decay"])
+        # alpha > 1 would make square_avg negative (torch only rejects alpha < 0)
+        check(0.0 <= group["alpha"] <= 1.0, f"Invalid alpha value: {group['alpha']}")
+
+    def _init_state(self, p, group):
+        st = {"step": new_step(p, group)}
+        for k in _state_keys(group):
+            st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return st
+
+    def _reference(self, group, params, grads, states):
+        lr, alpha, eps, momentum = scalar(group["lr"]), group["alpha"], group["eps"], group["momentum"]
+        torch._foreach_add_([st["step"] for st in states], 1)
+        gs = effective_grads(grads, params, group["maximize"], group["weight_decay"])
+        sq = [st["square_avg"] for st in states]
+        torch._foreach_mul_(sq, alpha)
+        torch._foreach_addcmul_(sq, gs, gs, value=1 - alpha)
+        if group["centered"]:
+            ga = [st["grad_avg"] for st in states]
+            torch._foreach_lerp_(ga, gs, 1 - alpha)
+            avg = torch._foreach_addcmul(sq, ga, ga, value=-1)
+            torch._foreach_sqrt_(avg)
+        else:
+            avg = torch._foreach_sqrt(sq)
+        torch._foreach_add_(avg, eps)
+        if momentum > 0:
+            bufs = [st["momentum_buffer"] for st in states]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_addcdiv_(bufs, gs, avg)
+            torch._foreach_add_(params, bufs, alpha=-lr)
+        else:
+            torch._foreach_addcdiv_(params, gs, avg, value=-lr)
+
+    def _kernel_rule(self, group, variant=None):
+        alpha = group["alpha"]
+        # 1 - alpha is formed on the host like torch's: from alpha rounded to fp32 it would be off by ~1e-6
+        flags = grad_flags(group) | mt.pack((CENTERED, group["centered"]), (MOMENTUM, group["momentum"] > 0))
+        rule = mt.Rule(_rmsprop_update, count_step, flags,
+                       (scalar(group["lr"]), alpha, 1 - alpha, group["eps"], group["weight_decay"], group["momentum"]))
+        return rule, _state_keys(group), ("step",)
