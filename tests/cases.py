@@ -42,6 +42,9 @@ class Case:
     # so float32 scalar states (ASGD eta/mu, NAdam mu_product) turn float64 with float64 params and the reloaded run
     # drifts ~1e-8 from the unreloaded one (torch -> torch too); with float32 params the cast changes nothing.
     ckpt_dtype: torch.dtype = torch.float64
+    launches: int = 1                           # kernel launches per param group and step (reduction passes count)
+    requires_grad: bool = False                 # params are leaves that require grad from the start (drivers that
+                                                # differentiate the grads w.r.t. them, e.g. Adahessian's Hessian)
     id: str = ""
 
     @property
@@ -61,7 +64,7 @@ def make_params(case: Case, dtype=torch.float32, device="cpu", seed=0):
     """Random non-zero params (two groups' worth)."""
     gen = torch.Generator().manual_seed(seed)
     mk = lambda shapes: [(torch.rand(s, generator=gen, dtype=torch.float64) * 2 - 1).add_(0.1).to(dtype).to(device)
-                         for s in shapes]
+                         .requires_grad_(case.requires_grad) for s in shapes]
     return mk(case.shapes), mk(case.shapes2)
 
 

@@ -29,11 +29,16 @@ def test_kernel_matches_reference_fp32(case, config):
     n0 = mt.launch_count
     run(case, [fused, ref], [pa, pb])
     assert_states_close(fused, pa, ref, pb, rtol=1e-5, atol=1e-6)
-    # one launch per param group per step (SGD's first momentum step may add one)
-    assert mt.launch_count - n0 <= len(fused.param_groups) * case.steps + len(fused.param_groups)
+    # case.launches per param group per step, independent of the tensor count (SGD's first momentum step may add one)
+    assert mt.launch_count - n0 <= len(fused.param_groups) * (case.steps * case.launches + 1)
 
 
-@pytest.mark.parametrize("case,config", KERNEL_MATRIX, ids=KERNEL_IDS)
+# low precision changes only the loads and stores, not the option code: the first and last (most options)
+# configuration of each optimizer
+_LOWP = [i for i, (c, cfg) in enumerate(KERNEL_MATRIX) if cfg is c.configs[0] or cfg is c.configs[-1]]
+
+
+@pytest.mark.parametrize("case,config", [KERNEL_MATRIX[i] for i in _LOWP], ids=[KERNEL_IDS[i] for i in _LOWP])
 @pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 0.05), (torch.float16, 0.01)], ids=["bf16", "fp16"])
 def test_kernel_low_precision(case, config, dtype, bound):
     """bf16/fp16 params, grads and states, against an fp32 run from the same start.
