@@ -97,6 +97,9 @@ class FusedOptimizer(Optimizer):
     def __init__(self, params, defaults: dict, *, fused: bool | None = None):
         defaults = dict(defaults)
         defaults.setdefault("fused", fused)
+        lr = defaults.get("lr")
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got {lr.numel()} elements")
         if defaults.get("differentiable"):
             raise ValueError(f"{type(self).__name__}: differentiable=True is not supported by fused_optim")
         super().__init__(params, defaults)
@@ -333,6 +336,11 @@ def scalars_on_device(states, keys, device) -> None:
             v = st[k]
             if not isinstance(v, torch.Tensor) or v.device != device or v.dtype != torch.float32:
                 st[k] = torch.as_tensor(v, dtype=torch.float32).to(device)
+
+
+def zeros_like(p: torch.Tensor) -> torch.Tensor:
+    """A fresh element-wise state buffer, laid out like the param (as torch's optimizers make them)."""
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def new_step(p: torch.Tensor, group: dict) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._base import FusedOptimizer, check, check_nonneg, new_step, scalar
+from .._base import FusedOptimizer, check, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from .adagrad import effective_grads, grad_flags
@@ -32,8 +32,6 @@ if mt.available():
 class Adadelta(FusedOptimizer):
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *, capturable=False,
                  maximize=False, differentiable=False, fused=None):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
         defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         capturable=capturable, foreach=foreach, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, fused=fused)
@@ -44,8 +42,8 @@ class Adadelta(FusedOptimizer):
 
     def _init_state(self, p, group):
         return {"step": new_step(p, group),
-                "square_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "acc_delta": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                "square_avg": zeros_like(p),
+                "acc_delta": zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
         lr, rho, eps = scalar(group["lr"]), group["rho"], group["eps"]

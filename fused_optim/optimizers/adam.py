@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._base import FusedOptimizer, check_betas, check_nonneg, new_step, scalar
+from .._base import FusedOptimizer, check_betas, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 
@@ -100,8 +100,6 @@ class Adam(FusedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
         betas = tuple(scalar(b) for b in betas) if isinstance(betas, (tuple, list)) else betas
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
@@ -113,10 +111,10 @@ class Adam(FusedOptimizer):
         check_betas(group["betas"])
 
     def _init_state(self, p, group):
-        st = {"step": new_step(p, group), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-              "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        st = {"step": new_step(p, group), "exp_avg": zeros_like(p),
+              "exp_avg_sq": zeros_like(p)}
         if group["amsgrad"]:
-            st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["max_exp_avg_sq"] = zeros_like(p)
         return st
 
     def _reference(self, group, params, grads, states):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._base import FusedOptimizer, check_betas, check_nonneg, new_step, scalar
+from .._base import FusedOptimizer, check_betas, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from .adam import decayed_grads
@@ -30,8 +30,6 @@ if mt.available():
 class Adamax(FusedOptimizer):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, *,
                  maximize=False, differentiable=False, capturable=False, fused=None):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, capturable=capturable, fused=fused)
         super().__init__(params, defaults, fused=fused)
@@ -41,8 +39,8 @@ class Adamax(FusedOptimizer):
         check_betas(group["betas"])
 
     def _init_state(self, p, group):
-        return {"step": new_step(p, group), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_inf": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        return {"step": new_step(p, group), "exp_avg": zeros_like(p),
+                "exp_inf": zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
         lr = scalar(group["lr"])

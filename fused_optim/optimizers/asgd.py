@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .._base import FusedOptimizer, check, check_nonneg, scalar
+from .._base import FusedOptimizer, check, check_nonneg, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from .adam import decayed_grads
@@ -51,8 +51,6 @@ class ASGD(FusedOptimizer):
 
     def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0, foreach=None,
                  maximize=False, differentiable=False, capturable=False, *, fused=None):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
         defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, capturable=capturable, fused=fused)
         super().__init__(params, defaults, fused=fused)
@@ -68,7 +66,7 @@ class ASGD(FusedOptimizer):
         # torch keeps all three scalars on the param's device (unlike Adam's step)
         scal = dict(dtype=torch.float32, device=p.device)
         return {"step": torch.zeros((), **scal), "eta": torch.tensor(scalar(group["lr"]), **scal),
-                "mu": torch.ones((), **scal), "ax": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                "mu": torch.ones((), **scal), "ax": zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
         lr, lambd, alpha, t0 = scalar(group["lr"]), group["lambd"], group["alpha"], group["t0"]

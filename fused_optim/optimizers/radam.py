@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._base import FusedOptimizer, check_betas, check_nonneg, new_step, scalar
+from .._base import FusedOptimizer, check_betas, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from .adam import adam_moments_, decayed_grads
@@ -45,8 +45,6 @@ if mt.available():
 class RAdam(FusedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, decoupled_weight_decay=False,
                  *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
                         differentiable=differentiable, fused=fused)
@@ -57,8 +55,8 @@ class RAdam(FusedOptimizer):
         check_betas(group["betas"])
 
     def _init_state(self, p, group):
-        return {"step": new_step(p, group), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        return {"step": new_step(p, group), "exp_avg": zeros_like(p),
+                "exp_avg_sq": zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
         lr, eps = scalar(group["lr"]), group["eps"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._base import FusedOptimizer, check, check_nonneg, new_step, scalar
+from .._base import FusedOptimizer, check, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from .adagrad import effective_grads, grad_flags
@@ -52,8 +52,6 @@ def _state_keys(group):
 class RMSprop(FusedOptimizer):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *, fused=None):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, fused=fused)
@@ -68,7 +66,7 @@ class RMSprop(FusedOptimizer):
     def _init_state(self, p, group):
         st = {"step": new_step(p, group)}
         for k in _state_keys(group):
-            st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st[k] = zeros_like(p)
         return st
 
     def _reference(self, group, params, grads, states):

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .._base import FusedOptimizer, check, new_step, scalar
+from .._base import FusedOptimizer, check, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from .adagrad import effective_grads, grad_flags
@@ -40,8 +40,6 @@ def _pair(group, key):
 class Rprop(FusedOptimizer):
     def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *, capturable=False, foreach=None,
                  maximize=False, differentiable=False, fused=None):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
         defaults = dict(lr=lr, etas=etas, step_sizes=step_sizes, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, capturable=capturable, fused=fused)
         super().__init__(params, defaults, fused=fused)
@@ -58,7 +56,7 @@ class Rprop(FusedOptimizer):
         # every element starts at step size lr (both halves of a complex element)
         lr = scalar(group["lr"])
         return {"step": new_step(p, group),
-                "prev": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "prev": zeros_like(p),
                 "step_size": torch.full_like(p, complex(lr, lr) if p.is_complex() else lr,
                                              memory_format=torch.preserve_format)}
 

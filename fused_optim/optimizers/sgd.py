@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._base import FusedOptimizer, check, check_nonneg, scalar
+from .._base import FusedOptimizer, check, check_nonneg, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 
@@ -40,8 +40,6 @@ class SGD(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused)
@@ -81,7 +79,7 @@ class SGD(FusedOptimizer):
         fresh = [i for i, st in enumerate(states) if "momentum_buffer" not in st]
         for st, p in zip(states, params):
             if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["momentum_buffer"] = zeros_like(p)
         for subset, first in ((fresh, True), (sorted(set(range(len(params))) - set(fresh)), False)):
             if subset:
                 super()._kernel_step(group, [params[i] for i in subset], [grads[i] for i in subset],

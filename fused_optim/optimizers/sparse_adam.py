@@ -16,7 +16,7 @@ import struct
 
 import torch
 
-from .._base import FusedOptimizer, check, check_betas, scalar
+from .._base import FusedOptimizer, check, check_betas, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 
@@ -156,8 +156,8 @@ class SparseAdam(FusedOptimizer):
                 raise ValueError("SparseAdam requires dense parameter tensors (got a sparse param)")
 
     def _init_state(self, p, group):
-        return {"step": 0, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        return {"step": 0, "exp_avg": zeros_like(p),
+                "exp_avg_sq": zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
         lr, (beta1, beta2), eps = scalar(group["lr"]), group["betas"], group["eps"]
