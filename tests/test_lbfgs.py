@@ -188,6 +188,6 @@ def test_errors():
                      ({"line_search_fn": "armijo"}, "line_search_fn")]:
         with pytest.raises(ValueError, match=name):
             fused_optim.LBFGS(p, **kw)
-    with pytest.raises(RuntimeError, match="fused=True is not available"):
-        fused_optim.LBFGS(p, fused=True)
+    with pytest.raises(RuntimeError, match="requires a closure"):  # the fused path too (test_lbfgs_fused.py)
+        fused_optim.LBFGS(p, fused=True).step()
     assert fused_optim.LBFGS(p).param_groups[0]["max_eval"] == 25  # torch's default: max_iter * 5 // 4
