@@ -71,6 +71,7 @@ class FusedOptimizer(Optimizer):
     master_weights = False       # bf16/fp16 params get an fp32 master copy (state['master_param']) that the math updates
     stochastic_rounding = False  # bf16 params are written with stochastic rounding (unbiased, keeps small updates)
     precision_in_kernel = True   # the fused path implements the two options above (else they use the reference path)
+    supports_precision_options = True  # False: the two options are refused (LBFGS)
     scalar_keys: tuple = ("step",)
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf (unscale inside the step)
 
@@ -97,6 +98,8 @@ class FusedOptimizer(Optimizer):
     def __init__(self, params, defaults: dict, *, fused: bool | None = None):
         defaults = dict(defaults)
         defaults.setdefault("fused", fused)
+        if (self.master_weights or self.stochastic_rounding) and not self.supports_precision_options:
+            raise ValueError(f"{type(self).__name__} does not support master_weights / stochastic_rounding")
         lr = defaults.get("lr")
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError(f"Tensor lr must be 1-element, got {lr.numel()} elements")

@@ -105,3 +105,8 @@ def test_signature_has_precision_options():
         params = inspect.signature(cls).parameters
         assert params["master_weights"].kind is inspect.Parameter.KEYWORD_ONLY
         assert params["stochastic_rounding"].default is False
+
+
+def test_lbfgs_refuses_precision_options():
+    with pytest.raises(ValueError, match="master_weights"):
+        fused_optim.LBFGS([torch.nn.Parameter(torch.randn(3))], master_weights=True)

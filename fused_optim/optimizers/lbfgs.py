@@ -596,6 +596,8 @@ class LBFGS(FusedOptimizer):
     step() call (``host_syncs`` counts them). float32 and float64 params (complex as real pairs).
     """
     requires_closure = True
+    elementwise = False  # dot products over the whole flat vector
+    supports_precision_options = False  # line search and history assume the params' own precision
     scalar_keys = ()
     _step_supports_amp_scaling = False
     kernel_variants = ()  # no multi-tensor rule: aot_kernels() lists the direction kernel

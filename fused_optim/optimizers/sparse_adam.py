@@ -133,6 +133,7 @@ class SparseAdam(FusedOptimizer):
     sparse_only = True
     supports_complex = False
     scalar_keys = ()
+    precision_in_kernel = False  # its row kernel has no master copy / stochastic rounding: reference path
     # like torch: GradScaler unscales sparse grads itself (unscale_) and then calls a plain step()
     _step_supports_amp_scaling = False
     kernel_variants = ()  # the shared multi-tensor kernel is never launched: aot_kernels() lists the rows kernel
