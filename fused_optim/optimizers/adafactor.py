@@ -1,0 +1,563 @@
+"""Adafactor (anchor: timm.optim.Adafactor; Shazeer & Stern 2018, "Adafactor: Adaptive Learning Rates with Sublinear
+Memory Cost").
+
+Second moment: factored into row and column means of g^2 + eps for params with two dims > min_dim_size_to_factor
+(dims 0, 1 of a conv weight, else the last two), element-wise otherwise. Relative step size when lr=None, update RMS
+clipping, optional first moment (betas[0]), timm's cautious masking.
+
+Fused path: dedicated Triton kernels (the factored update needs a row and a column factor per element, which the
+shared element-wise kernel cannot express). Every tensor is cut into 2-D tiles: a factored tensor, viewed as
+[pre, A, B, post] (A, B the factored dims), into (plane = (pre, post) index, A-block, B-block) tiles; an unfactored
+one into rows of TB elements. Per param group and dtype combination, all tensors at once:
+
+  pass 0  row/col sums of g^2 + eps (factored tensors only); the last tile of each row/column block
+          folds the partial sums into exp_avg_sq_row / exp_avg_sq_col
+  pass 1  sum of p^2 (-> RMS) and of the unclipped update^2 (-> clip factor), per tensor
+  pass 2  the update: second moment, clip, lr, first moment, weight decay; step advances
+          (caution=True with betas: pass 3 updates the moments and counts the mask, pass 4 applies it)
+
+so 3 launches (2 without factored tensors, 4 with caution), independent of the tensor count. Cross-program sums are
+deterministic (partials + the last arriving program sums them in order; mt.arrive). No host syncs: RMS, step and the
+lr live on the device, and group['lr'] (timm writes the last param's relative lr there) becomes a 0-d device view.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .._base import FusedOptimizer, check, check_nonneg, restore_state_dtypes, scalar, scalars_on_device
+from .._registry import register
+from ..kernels import multi_tensor as mt
+
+_LOW = (torch.float16, torch.bfloat16)
+_MOMENTS = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
+# Tiles: SUB rows x TB columns per iteration, mt.ITERS iterations (TA rows). RB: rows per step of the row-mean loop,
+# PB: partials per step of sum_partials. Under the interpreter (CPU tests, whose cost is per op and program): small
+# enough that the test shapes span several row and column blocks and every loop runs more than once.
+if mt.interpreter_enabled():
+    TB, SUB, RB, _PB = 32, 16, 32, 4
+else:
+    TB, SUB, RB, _PB = 256, max(1, mt.BLOCK // 256), 1024, 256
+TA = SUB * mt.ITERS
+ROWCOL, NORMS, APPLY, MOMENTS, CAUTIOUS_APPLY = range(5)  # the passes
+
+
+def factored_dims(shape, min_size):
+    """(A dim, B dim) to factor the second moment over, or None: dims 0 and 1 when a >2-D param has both larger than
+    min_size (conv weights: out, in channels), else the last two when both are larger (timm's heuristic)."""
+    nd = len(shape)
+    if nd > 2 and shape[0] > min_size and shape[1] > min_size:
+        return 0, 1
+    if nd >= 2 and shape[-2] > min_size and shape[-1] > min_size:
+        return nd - 2, nd - 1
+    return None
+
+
+def _rms(t):
+    return t.norm(2) / (t.numel() ** 0.5)
+
+
+def adafactor_lr(group, step, rms):
+    """timm's step size: lr, or when relative (lr=None) min(1e-2 (warmup: 1e-6 * step), 1 / sqrt(step)), scaled by
+    max(eps_scale, RMS(p)) with scale_parameter. Written to group['lr'] as timm does (the last param's value)."""
+    if not group["relative_step"]:
+        return group["lr"]
+    lr = min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
+    if group["scale_parameter"]:
+        lr = lr * (rms if rms > group["eps_scale"] else group["eps_scale"])  # max(eps_scale, rms), rms's type
+    group["lr"] = lr
+    return lr
+
+
+def adafactor_reference(group, params, grads, states):
+    """Tensor by tensor, in timm's op order (fp32 math for fp16/bf16 params, states kept in fp32)."""
+    beta1 = group["beta1"]
+    for p, g, st in zip(params, grads, states):
+        grad = g.float() if g.dtype in _LOW else g
+        for k in _MOMENTS:
+            if k in st:
+                st[k] = st[k].to(grad)  # a loaded checkpoint may hold another dtype or device
+        w = p.float() if p.dtype in _LOW else p
+        st["step"] += 1
+        step = float(st["step"])
+        st["RMS"] = _rms(w)
+        lr = adafactor_lr(group, step, st["RMS"])
+        beta2t = 1.0 - math.pow(step, group["decay_rate"])
+        sq = grad.square().add_(group["eps"])
+        dims = factored_dims(grad.shape, group["min_dim_size_to_factor"])
+        if dims is not None:
+            da, db = dims
+            rows, cols = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+            rows.lerp_(sq.mean(dim=db), 1.0 - beta2t)
+            cols.lerp_(sq.mean(dim=da), 1.0 - beta2t)
+            # rows are normalised by their mean, so r x c estimates the mean square of each element
+            r = (rows / rows.mean(dim=da, keepdim=True)).rsqrt_().unsqueeze(db)
+            update = torch.mul(r, cols.unsqueeze(da).rsqrt()).mul_(grad)
+        else:
+            v = st["exp_avg_sq"]
+            v.lerp_(sq, 1.0 - beta2t)
+            update = v.rsqrt().mul_(grad)
+        update.div_((_rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        update.mul_(lr)
+        if beta1 is not None:
+            m = st["exp_avg"]
+            m.lerp_(update, 1 - beta1)
+            if group["caution"]:
+                mask = (m * grad > 0).to(grad.dtype)
+                mask.div_(mask.mean().clamp_(min=1e-3))
+                update = m * mask
+            else:
+                update = m
+        if group["weight_decay"] != 0:
+            w.add_(w, alpha=-group["weight_decay"] * lr)
+        w.add_(-update)
+        if w is not p:
+            p.copy_(w)
+
+
+if mt.available():
+    import triton
+    import triton.language as tl
+
+    RELATIVE, WARMUP, SCALE_PARAM, BETA1, WD = mt.flag_bits(5)
+    # the passes as compile-time globals (a kernel may read only tl.constexpr globals)
+    P_ROWCOL, P_NORMS, P_APPLY, P_MOMENTS, P_CAUTIOUS_APPLY = (tl.constexpr(x) for x in range(5))
+    _chunk_ptr, _store, arrive, sum_partials = mt._chunk_ptr, mt._store, mt.arrive, mt.sum_partials
+
+    @triton.jit
+    def _lerp(s, e, w):
+        # torch's lerp: exact at both ends (w = 1 on the first step)
+        return tl.where(w < 0.5, s + w * (e - s), e - (e - s) * (1.0 - w))
+
+    @triton.jit
+    def _step_scalars(step_old, rms, lr, eps_scale, decay_rate, FLAGS: tl.constexpr):
+        """fp64: the new step, the second moment's EMA weight step^decay_rate (= 1 - beta2t) and the step size."""
+        step = step_old + 1.0
+        keep = tl.exp2(decay_rate * tl.log2(step))
+        if FLAGS & RELATIVE:
+            cap = 1e-2
+            if FLAGS & WARMUP:
+                cap = 1e-6 * step
+            lr = tl.minimum(cap, 1.0 / tl.sqrt(step))
+            if FLAGS & SCALE_PARAM:
+                lr = lr * tl.where(rms > eps_scale, rms, eps_scale)  # max(eps_scale, RMS); NaN RMS -> eps_scale
+        return step, keep, lr
+
+    @triton.jit
+    def _inv_root(fac, g, s3_ptr, s4_ptr, offs, vmask, ridx, fmask_r, cidx, fmask_c, rmean, keep, eps):
+        """Per element 1 / sqrt(second moment estimate), and the new unfactored moment (unused when factored).
+        Slot 3 is exp_avg_sq_row of a factored tensor, exp_avg_sq of an unfactored one; slot 4 exp_avg_sq_col.
+        The masks are empty for the kind the tensor is not (vmask: unfactored elements, fmask_*: factored)."""
+        r = tl.load(s3_ptr + ridx, mask=fmask_r, other=1.0).to(tl.float32)
+        c = tl.load(s4_ptr + cidx, mask=fmask_c, other=1.0).to(tl.float32)
+        v = tl.load(s3_ptr + offs, mask=vmask, other=1.0).to(tl.float32)
+        v = _lerp(v, g * g + eps, keep)
+        f = (1.0 / tl.sqrt(r / rmean))[:, None] * (1.0 / tl.sqrt(c))[None, :]
+        return tl.where(fac != 0, f, 1.0 / tl.sqrt(v)), v
+
+    @triton.jit
+    def adafactor_kernel(
+        ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr, inf_ptr,
+        lr: tl.float64, eps: tl.float64, eps_scale: tl.float64, clip: tl.float64, decay_rate: tl.float64,
+        beta1: tl.float64, wd: tl.float64,
+        PASS: tl.constexpr, FLAGS: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+        LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+        TB: tl.constexpr, SUB: tl.constexpr, ITERS: tl.constexpr, RB: tl.constexpr, PB: tl.constexpr,
+    ):
+        """One program = one tile (SUB * ITERS rows x TB columns of one plane) of one tensor.
+
+        ptrs[t]  = (p, g, exp_avg, row moment | exp_avg_sq, col moment, step, RMS, -) addresses
+        meta[t]  = (numel, factored, A, B, post, planes, A-blocks, B-blocks, row partials offset, col partials
+                    offset, block counters offset, first work item)
+        work[i]  = (t, plane, A-block, B-block); factored tensors first (pass 0 runs over those only)
+        tsc[t]   = (sum of update^2, caution mask count, step size, -) fp32
+        part0/1[i] = pass 1 partials (update^2, p^2) of work item i; pass 3 reuses part0 for mask counts
+        rcpart   = pass 0 partial row / column sums; counters: per tensor [T], then per row / column block."""
+        pid = tl.program_id(0)
+        skip = 0
+        if HAS_INF:
+            skip = tl.load(inf_ptr) != 0  # AMP overflow: touch nothing, advance nothing
+        if skip == 0:
+            t = tl.load(work + 4 * pid).to(tl.int64)
+            plane = tl.load(work + 4 * pid + 1).to(tl.int64)
+            ab = tl.load(work + 4 * pid + 2).to(tl.int64)
+            bb = tl.load(work + 4 * pid + 3).to(tl.int64)
+            mrow = meta + 12 * t
+            n = tl.load(mrow)
+            fac = tl.load(mrow + 1)
+            A = tl.load(mrow + 2)
+            B = tl.load(mrow + 3)
+            post = tl.load(mrow + 4)
+            planes = tl.load(mrow + 5)
+            nab = tl.load(mrow + 6)
+            nbb = tl.load(mrow + 7)
+            row = ptrs + 8 * t
+            p_ptr = _chunk_ptr(row, 0, P_DT, False)
+            g_ptr = _chunk_ptr(row, 1, G_DT, False)
+            m_ptr = _chunk_ptr(row, 2, S_DT, False)
+            s3_ptr = _chunk_ptr(row, 3, S_DT, False)
+            s4_ptr = _chunk_ptr(row, 4, S_DT, False)
+            step_ptr = _chunk_ptr(row, 5, tl.float32, False)
+            rms_ptr = _chunk_ptr(row, 6, tl.float32, False)
+            # every pass reads the old step; the last pass's last program of the tensor writes the new one
+            rms = tl.cast(0.0, tl.float64)
+            if PASS >= P_APPLY:
+                rms = tl.load(rms_ptr).to(tl.float64)
+            # scalar arguments are plain Python floats under the interpreter: make them fp64 tensors everywhere
+            lr = tl.cast(lr, tl.float64)
+            clip = tl.cast(clip, tl.float64)
+            beta1 = tl.cast(beta1, tl.float64)
+            wd = tl.cast(wd, tl.float64)
+            if LR_TENSOR:
+                lr = tl.load(lr_ptr).to(tl.float64)
+            step, keep, lr_t = _step_scalars(tl.load(step_ptr).to(tl.float64), rms, lr,
+                                             tl.cast(eps_scale, tl.float64), tl.cast(decay_rate, tl.float64), FLAGS)
+            keep = keep.to(tl.float32)
+            eps32 = tl.cast(eps, tl.float32)
+            inv_scale = 1.0
+            if HAS_SCALE:
+                inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
+
+            i = plane // post
+            j = plane % post
+            base = i * (A * B * post) + j
+            cols = bb * TB + tl.arange(0, TB)
+            cmask = cols < B
+            cidx = (i * B + cols) * post + j
+            # masks of one kind only (a scalar bool in a mask trips Triton's interpreter: compare ranges instead)
+            fa = tl.where(fac != 0, A, 0)
+            nu = tl.where(fac != 0, 0, n)
+            fmask_c = cols < tl.where(fac != 0, B, 0)
+            # row mean of exp_avg_sq_row over A, for this plane (factored tensors only)
+            rmean = tl.zeros([RB], tl.float32)
+            if PASS == P_NORMS or PASS == P_APPLY or PASS == P_MOMENTS:
+                for a0 in range(0, fa, RB):
+                    aa = a0 + tl.arange(0, RB)
+                    rmean += tl.load(s3_ptr + (i * A + aa) * post + j, mask=aa < A, other=0.0).to(tl.float32)
+            rmean = tl.where(fac != 0, tl.sum(rmean, axis=0) / A.to(tl.float32), 1.0)
+
+            clip_f = tl.cast(1.0, tl.float32)
+            lr_f = lr_t.to(tl.float32)
+            if PASS == P_APPLY or PASS == P_MOMENTS:
+                urms = tl.sqrt(tl.load(tsc + 4 * t).to(tl.float64)) / tl.sqrt(n.to(tl.float64))
+                clip_f = tl.maximum(urms / clip, 1.0).to(tl.float32)
+            mask_scale = tl.cast(0.0, tl.float32)
+            if PASS == P_CAUTIOUS_APPLY:
+                mask_mean = tl.load(tsc + 4 * t + 1) / n.to(tl.float32)
+                mask_scale = 1.0 / tl.maximum(mask_mean, 1e-3)
+            neg_decay = (-(wd * lr_t)).to(tl.float32)
+
+            col_acc = tl.zeros([TB], tl.float32)
+            acc0 = tl.zeros([SUB], tl.float32)  # per-row running sums: fewer registers than a [SUB, TB] tile
+            acc1 = tl.zeros([SUB], tl.float32)
+            for it in range(ITERS):
+                rows = ab * (SUB * ITERS) + it * SUB + tl.arange(0, SUB)
+                rmask = rows < A
+                ridx = (i * A + rows) * post + j
+                offs = base + rows[:, None] * (B * post) + cols[None, :] * post
+                mask = rmask[:, None] & cmask[None, :] & (offs < n)
+                g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
+                if PASS == P_ROWCOL:
+                    u = tl.where(mask, g * g + eps32, 0.0)
+                    tl.store(rcpart + tl.load(mrow + 8) + (bb * planes + plane) * A + rows, tl.sum(u, axis=1),
+                             mask=rmask)
+                    col_acc += tl.sum(u, axis=0)
+                else:
+                    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                    if PASS == P_CAUTIOUS_APPLY:
+                        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                        upd = tl.where(m * g > 0.0, m * mask_scale, 0.0)
+                    else:
+                        vmask = mask & (offs < nu)
+                        f, v = _inv_root(fac, g, s3_ptr, s4_ptr, offs, vmask, ridx, rows < fa, cidx, fmask_c, rmean,
+                                         keep, eps32)
+                        u = g * f
+                        if PASS == P_NORMS:
+                            acc0 += tl.sum(tl.where(mask, u * u, 0.0), axis=1)
+                            acc1 += tl.sum(tl.where(mask, p * p, 0.0), axis=1)
+                        else:
+                            _store(s3_ptr, offs, v, vmask, False)
+                            u = u / clip_f * lr_f
+                            upd = u
+                            if FLAGS & BETA1:
+                                m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                                m = _lerp(m, u, (1.0 - beta1).to(tl.float32))
+                                _store(m_ptr, offs, m, mask, False)
+                                upd = m
+                                if PASS == P_MOMENTS:
+                                    acc0 += tl.sum(tl.where(mask & (m * g > 0.0), 1.0, 0.0), axis=1)
+                            if HAS_SCALE:
+                                _store(g_ptr, offs, g, mask, False)  # p.grad ends unscaled, like the generic kernel
+                    if PASS == P_APPLY or PASS == P_CAUTIOUS_APPLY:
+                        if FLAGS & WD:
+                            p = p + neg_decay * p
+                        _store(p_ptr, offs, p - upd, mask, False)
+
+            if PASS == P_ROWCOL:
+                # fold each row / column block once all its tiles have stored their partial sums
+                tl.store(rcpart + tl.load(mrow + 9) + (ab * planes + plane) * B + cols, col_acc, mask=cmask)
+                cnt = counters + tl.load(mrow + 10)
+                if arrive(cnt + plane * nab + ab, nbb):
+                    for it in range(ITERS):
+                        rows = ab * (SUB * ITERS) + it * SUB + tl.arange(0, SUB)
+                        rmask = rows < A
+                        tot = tl.zeros([SUB], tl.float32)
+                        for k in range(nbb):
+                            tot += tl.load(rcpart + tl.load(mrow + 8) + (k * planes + plane) * A + rows, mask=rmask,
+                                           other=0.0, cache_modifier=".cg")
+                        ridx = (i * A + rows) * post + j
+                        r = tl.load(s3_ptr + ridx, mask=rmask, other=0.0).to(tl.float32)
+                        _store(s3_ptr, ridx, _lerp(r, tot / B.to(tl.float32), keep), rmask, False)
+                    tl.store(cnt + plane * nab + ab, 0)
+                if arrive(cnt + planes * nab + plane * nbb + bb, nab):
+                    tot = tl.zeros([TB], tl.float32)
+                    for k in range(nab):
+                        tot += tl.load(rcpart + tl.load(mrow + 9) + (k * planes + plane) * B + cols, mask=cmask,
+                                       other=0.0, cache_modifier=".cg")
+                    c = tl.load(s4_ptr + cidx, mask=cmask, other=0.0).to(tl.float32)
+                    _store(s4_ptr, cidx, _lerp(c, tot / A.to(tl.float32), keep), cmask, False)
+                    tl.store(cnt + planes * nab + plane * nbb + bb, 0)
+            else:
+                nwork = planes * nab * nbb
+                if PASS == P_NORMS or PASS == P_MOMENTS:
+                    tl.store(part0 + pid, tl.sum(acc0, axis=0))
+                    tl.store(part1 + pid, tl.sum(acc1, axis=0))
+                # the last program of the tensor finishes it (every other one has stored its partials / read step)
+                if arrive(counters + t, nwork):
+                    first = tl.load(mrow + 11)
+                    if PASS == P_NORMS:
+                        tl.store(tsc + 4 * t, sum_partials(part0 + first, nwork, PB))
+                        psq = sum_partials(part1 + first, nwork, PB)
+                        tl.store(rms_ptr, tl.sqrt(psq) / tl.sqrt(n.to(tl.float32)))
+                    if PASS == P_MOMENTS:
+                        tl.store(tsc + 4 * t + 1, sum_partials(part0 + first, nwork, PB))
+                    if PASS == P_APPLY or PASS == P_CAUTIOUS_APPLY:
+                        tl.store(step_ptr, step.to(tl.float32))
+                        tl.store(tsc + 4 * t + 2, lr_t.to(tl.float32))
+                    tl.store(counters + t, 0)
+
+
+@dataclass
+class _Tables:
+    key: tuple
+    gkey: tuple
+    ptrs: torch.Tensor
+    meta: torch.Tensor
+    work: torch.Tensor
+    n_factored_work: int
+    tsc: torch.Tensor
+    part: torch.Tensor      # [2, W]: part0, part1
+    rcpart: torch.Tensor
+    counters: torch.Tensor
+    fdummy: torch.Tensor
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _build_tables(key, ps, gs, sts, dims, device) -> _Tables:
+    entries = []  # (factored first) per tensor: its table rows and work items
+    rc_size, n_t = 0, len(ps)
+    cnt_size = n_t
+    for t, (p, g, st, d) in enumerate(zip(ps, gs, sts, dims)):
+        n = p.numel()
+        shape = p.shape
+        if d is not None:
+            da, db = d
+            A, B = shape[da], shape[db]
+            pre, post = math.prod(shape[:da]), math.prod(shape[db + 1:])
+            planes, nab, nbb = pre * post, _cdiv(A, TA), _cdiv(B, TB)
+            s3, s4 = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+            offs = (rc_size, rc_size + nbb * planes * A, cnt_size)
+            rc_size += nbb * planes * A + nab * planes * B
+            cnt_size += planes * (nab + nbb)
+        else:  # rows of TB elements, one plane
+            A, B, post, planes = max(1, _cdiv(n, TB)), TB, 1, 1
+            nab, nbb = _cdiv(A, TA), 1
+            s3, s4 = st["exp_avg_sq"], p
+            offs = (0, 0, 0)
+        m = st["exp_avg"] if "exp_avg" in st else p
+        row = [p.data_ptr(), g.data_ptr(), m.data_ptr(), s3.data_ptr(), s4.data_ptr(), st["step"].data_ptr(),
+               st["RMS"].data_ptr(), 0]
+        items = [(t, pl, a, b) for pl in range(planes) for a in range(nab) for b in range(nbb)]
+        entries.append((d is None, t, row, [n, int(d is not None), A, B, post, planes, nab, nbb, *offs], items))
+    rows, meta, work = [None] * n_t, [None] * n_t, []
+    n_fact = 0
+    for unfactored, t, row, mrow, items in sorted(entries, key=lambda e: (e[0], e[1])):
+        rows[t], meta[t] = row, mrow + [len(work)]
+        work.extend(items)
+        n_fact += 0 if unfactored else len(items)
+
+    def dev(x, dtype):
+        return torch.tensor(x, dtype=dtype).to(device)
+
+    return _Tables(key=key, gkey=tuple(g.data_ptr() for g in gs), ptrs=dev(rows, torch.int64),
+                   meta=dev(meta, torch.int64), work=dev(work, torch.int32), n_factored_work=n_fact,
+                   tsc=torch.zeros(n_t, 4, dtype=torch.float32, device=device),
+                   part=torch.zeros(2, len(work), dtype=torch.float32, device=device),
+                   rcpart=torch.zeros(max(rc_size, 1), dtype=torch.float32, device=device),
+                   counters=torch.zeros(cnt_size, dtype=torch.int32, device=device),
+                   fdummy=torch.zeros(1, dtype=torch.float32, device=device))
+
+
+def kernel_constexprs(pass_, flags, dts, *, lr_tensor=False, has_scale=False, has_inf=False) -> dict:
+    return dict(PASS=pass_, FLAGS=flags, P_DT=mt._TL_DTYPES[dts[0]], G_DT=mt._TL_DTYPES[dts[1]],
+                S_DT=mt._TL_DTYPES[dts[2]], LR_TENSOR=lr_tensor, HAS_SCALE=has_scale, HAS_INF=has_inf,
+                TB=TB, SUB=SUB, ITERS=mt.ITERS, RB=RB, PB=_PB)
+
+
+def _flags(group) -> int:
+    return mt.pack((RELATIVE, group["relative_step"]), (WARMUP, group["relative_step"] and group["warmup_init"]),
+                   (SCALE_PARAM, group["scale_parameter"]), (BETA1, group["beta1"] is not None),
+                   (WD, group["weight_decay"] != 0))
+
+
+def _passes(group, has_factored) -> list:
+    cautious = group["caution"] and group["beta1"] is not None
+    return ([ROWCOL] if has_factored else []) + [NORMS] + ([MOMENTS, CAUTIOUS_APPLY] if cautious else [APPLY])
+
+
+def aot_kernels():
+    """Every pass of the dedicated kernel, for tools/aot.py: relative step (default), and external lr with beta1,
+    weight decay and caution; fp32, bf16 (fp32 states) and fp16 with AMP arguments."""
+    sig = {"ptrs": "*i64", "meta": "*i64", "work": "*i32", "tsc": "*fp32", "part0": "*fp32", "part1": "*fp32",
+           "rcpart": "*fp32",
+           "counters": "*i32", "lr_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32"}
+    sig.update({k: "fp64" for k in ("lr", "eps", "eps_scale", "clip", "decay_rate", "beta1", "wd")})
+    sig.update({k: "constexpr" for k in kernel_constexprs(0, 0, (torch.float32,) * 3)})
+    variants = [("relative", mt.pack((RELATIVE, True), (SCALE_PARAM, True)), (ROWCOL, NORMS, APPLY)),
+                ("lr,betas,weight_decay,caution", mt.pack((BETA1, True), (WD, True)),
+                 (ROWCOL, NORMS, APPLY, MOMENTS, CAUTIOUS_APPLY))]
+    dtypes = [((torch.float32,) * 3, False), ((torch.bfloat16, torch.bfloat16, torch.float32), False),
+              ((torch.float16, torch.float16, torch.float32), True)]
+    return [dict(name=f"Adafactor[{label},pass={pass_}] {str(dts[0]).replace('torch.', '')}{' amp' if amp else ''}",
+                 fn=adafactor_kernel, signature=sig,
+                 constexprs=kernel_constexprs(pass_, flags, dts, has_scale=amp and pass_ != CAUTIOUS_APPLY,
+                                              has_inf=amp),
+                 options=mt.compile_options())
+            for label, flags, passes in variants for pass_ in passes for dts, amp in dtypes]
+
+
+@register
+class Adafactor(FusedOptimizer):
+    """timm's Adafactor (same signature, defaults, state and group keys; `betas` is stored as group['beta1']).
+
+    State: step (a Python int; a float32 0-d device tensor once the fused path has run), RMS (0-d), exp_avg with
+    betas, exp_avg_sq_row / exp_avg_sq_col for factored params or exp_avg_sq, in fp32 for fp16/bf16 params."""
+
+    supports_complex = False
+    scalar_keys = ("step", "RMS")
+    kernel_variants = ()  # no shared-kernel rule: tools/aot.py takes the dedicated kernel from aot_kernels()
+
+    def __init__(self, params, lr=None, eps=1e-30, eps_scale=1e-3, clip_threshold=1.0, decay_rate=-0.8, betas=None,
+                 weight_decay=0.0, scale_parameter=True, warmup_init=False, min_dim_size_to_factor=16,
+                 caution=False, *, fused=None):
+        relative_step = lr is None
+        if warmup_init and not relative_step:
+            raise ValueError("warmup_init requires relative_step=True (lr=None)")
+        beta1 = None if betas is None else betas[0]
+        defaults = dict(lr=lr, eps=eps, eps_scale=eps_scale, clip_threshold=clip_threshold, decay_rate=decay_rate,
+                        beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
+                        relative_step=relative_step, warmup_init=warmup_init,
+                        min_dim_size_to_factor=min_dim_size_to_factor, caution=caution)
+        super().__init__(params, defaults, fused=fused)
+
+    @classmethod
+    def _has_kernel(cls) -> bool:
+        return True
+
+    def _validate(self, group):
+        if not group["relative_step"]:
+            check_nonneg(lr=group["lr"])
+        check_nonneg(eps=group["eps"], eps_scale=group["eps_scale"], weight_decay=group["weight_decay"])
+        clip = group["clip_threshold"]
+        check(isinstance(clip, (int, float)) and 0 < clip < math.inf, f"Invalid clip_threshold value: {clip}")
+        check(isinstance(group["decay_rate"], (int, float)) and -math.inf < group["decay_rate"] <= 0,
+              f"Invalid decay_rate value: {group['decay_rate']} (expected <= 0)")
+        beta1 = group["beta1"]
+        check(beta1 is None or (isinstance(beta1, (int, float)) and 0.0 <= beta1 < 1.0),
+              f"Invalid beta parameter at index 0: {beta1}")
+        check(not group["warmup_init"] or group["relative_step"], "warmup_init requires relative_step=True (lr=None)")
+        check(isinstance(group["min_dim_size_to_factor"], int) and group["min_dim_size_to_factor"] >= 0,
+              f"Invalid min_dim_size_to_factor value: {group['min_dim_size_to_factor']}")
+
+    def _init_state(self, p, group):
+        dtype = torch.float32 if p.dtype in _LOW else p.dtype
+        st = {"step": 0}
+        if group["beta1"] is not None:
+            st["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+        dims = factored_dims(p.shape, group["min_dim_size_to_factor"])
+        if dims is not None:
+            da, db = dims
+            st["exp_avg_sq_row"] = torch.zeros(p.shape[:db] + p.shape[db + 1:], dtype=dtype, device=p.device)
+            st["exp_avg_sq_col"] = torch.zeros(p.shape[:da] + p.shape[da + 1:], dtype=dtype, device=p.device)
+        else:
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
+        st["RMS"] = 0
+        return st
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # moments stay fp32 for fp16/bf16 params, as timm keeps them
+        restore_state_dtypes(self, state_dict, lambda group, p: {
+            k: torch.float32 for k in _MOMENTS} if p.dtype in _LOW else {})
+
+    def _reference(self, group, params, grads, states):
+        adafactor_reference(group, params, grads, states)
+
+    def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
+        dev = params[0].device
+        scalars_on_device(states, self.scalar_keys, dev)
+        for g, st in zip(grads, states):
+            sdt = torch.float32 if g.dtype in _LOW else g.dtype
+            for k in _MOMENTS:
+                if k in st and (st[k].dtype != sdt or st[k].device != dev or not st[k].is_contiguous()):
+                    st[k] = st[k].to(device=dev, dtype=sdt).contiguous()
+        if any(not t.is_contiguous() for t in params + grads):
+            raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
+        dims = [factored_dims(p.shape, group["min_dim_size_to_factor"]) for p in params]
+        flags = _flags(group)
+        lr = group["lr"]
+        lr_tensor = lr if isinstance(lr, torch.Tensor) and not group["relative_step"] else None
+        host_lr = 0.0 if group["relative_step"] or lr_tensor is not None else scalar(lr)  # a tensor lr: read on device
+        hypers = (host_lr, group["eps"], group["eps_scale"], group["clip_threshold"], group["decay_rate"],
+                  0.0 if group["beta1"] is None else group["beta1"], group["weight_decay"])
+        cache = self._kernel_caches.setdefault(id(group), mt.GroupCache())
+        buckets: dict = {}
+        for i, (p, g, st) in enumerate(zip(params, grads, states)):
+            sdt = next(st[k].dtype for k in _MOMENTS if k in st)
+            buckets.setdefault((p.dtype, g.dtype, sdt), []).append(i)
+        last_lr = None
+        for dts, idx in buckets.items():
+            ps, gs, sts, ds = ([x[i] for i in idx] for x in (params, grads, states, dims))
+            # every address and size the tables hold: a replaced param or state rebuilds them
+            key = (tuple(p.data_ptr() for p in ps) + tuple(tuple(p.shape) for p in ps) + tuple(ds)
+                   + tuple(v.data_ptr() for st in sts for k, v in st.items() if isinstance(v, torch.Tensor)))
+            tab = cache.tables.get(dts)
+            if tab is None or tab.key != key:
+                tab = cache.tables[dts] = _build_tables(key, ps, gs, sts, ds, dev)
+                cache.builds += 1
+            elif tab.gkey != (gkey := tuple(g.data_ptr() for g in gs)):
+                tab.ptrs[:, 1].copy_(torch.tensor(gkey, dtype=torch.int64))
+                tab.gkey = gkey
+                cache.grad_uploads += 1
+            extra = {} if mt.interpreter_enabled() else mt.compile_options()
+            for pass_ in _passes(group, tab.n_factored_work > 0):
+                grid = (tab.n_factored_work if pass_ == ROWCOL else tab.work.shape[0],)
+                adafactor_kernel[grid](
+                    tab.ptrs, tab.meta, tab.work, tab.tsc, tab.part[0], tab.part[1], tab.rcpart, tab.counters,
+                    lr_tensor if lr_tensor is not None else tab.fdummy,
+                    grad_scale if grad_scale is not None else tab.fdummy,
+                    found_inf if found_inf is not None else tab.fdummy, *hypers,
+                    # the moments pass already wrote the unscaled grads back
+                    **kernel_constexprs(pass_, flags, dts, lr_tensor=lr_tensor is not None,
+                                        has_scale=grad_scale is not None and pass_ != CAUTIOUS_APPLY,
+                                        has_inf=found_inf is not None), **extra)
+                mt.launch_count += 1
+            if idx[-1] == len(params) - 1:
+                last_lr = tab.tsc[len(idx) - 1, 2]
+        if group["relative_step"] and last_lr is not None:
+            group["lr"] = last_lr  # timm leaves the last param's step size here; a device view, no sync

@@ -1,0 +1,344 @@
+"""NovoGrad (the paper's update) and NvNovoGrad (anchor: timm.optim.NvNovoGrad): layer-wise second moments.
+
+Both keep one second moment per param tensor ("layer"): an EMA of the squared L2 norm of its grad, a 0-d state.
+The reference and the kernel rule below are shared; the two classes differ only in how a layer's first step is
+recognised, in which dtype the 0-d moments live, and in NvNovoGrad's decoupled weight decay options.
+
+Fused path, per param group and grad dtype: one launch of ``_layer_sumsq_kernel`` (||g||^2 of every tensor,
+deterministic, on the device) and one launch of the shared multi-tensor apply, whose per-tensor scalar slots carry
+(step, exp_avg_sq, ||g||^2, max_exp_avg_sq). No host syncs (timm's NvNovoGrad tests ``exp_avg_sq == 0`` on the host).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._base import (FusedOptimizer, as_real, check, check_betas, check_nonneg, new_step, restore_state_dtypes,
+                     scalar, scalars_on_device)
+from .._registry import register
+from ..kernels import multi_tensor as mt
+
+_LOW = (torch.float16, torch.bfloat16)
+_NORM = "||g||^2"  # the scalar slot fed from the reduction pass, not a state
+# partial sums are added PB at a time; small under the interpreter so CPU tests cover several passes
+_PB = 4 if mt.interpreter_enabled() else 256
+
+if mt.available():
+    import triton
+    import triton.language as tl
+
+    AMSGRAD, WD, DECOUPLED, CORRECTED, GRAD_AVG, FIRST_IF_ZERO = mt.flag_bits(6)
+    _chunk_ptr, _load, arrive, sum_partials = mt._chunk_ptr, mt._load, mt.arrive, mt.sum_partials
+
+    @triton.jit
+    def _layer_sumsq_kernel(ptrs, numels, work, first, counters, partials, out, scale_ptr, inf_ptr,
+                            G_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+                            ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, PB: tl.constexpr):
+        # one program per (tensor, chunk) of mt's work table; out[t] = sum of the unscaled grad's squares
+        pid = tl.program_id(0)
+        skip = 0
+        if HAS_INF:
+            skip = tl.load(inf_ptr) != 0
+        if skip == 0:
+            t = tl.load(work + 2 * pid)
+            chunk = tl.load(work + 2 * pid + 1).to(tl.int64)
+            n = tl.load(numels + t)
+            g_ptr = _chunk_ptr(ptrs + t.to(tl.int64) * 2, 1, G_DT, ALIGNED)
+            inv_scale = 1.0
+            if HAS_SCALE:
+                inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
+            lanes = tl.arange(0, BLOCK)
+            start = chunk * (BLOCK * ITERS)
+            acc = tl.zeros([BLOCK], tl.float32)
+            if start + BLOCK * ITERS <= n:
+                for i in range(ITERS):
+                    offs = start + i * BLOCK + lanes
+                    g = _load(g_ptr, offs, offs < n, True) * inv_scale
+                    acc += g * g
+            else:
+                for i in range(ITERS):
+                    offs = start + i * BLOCK + lanes
+                    g = _load(g_ptr, offs, offs < n, False) * inv_scale
+                    acc += g * g
+            tl.store(partials + pid, tl.sum(acc, axis=0))
+            nwork = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
+            if arrive(counters + t, nwork):
+                tl.store(out + t, sum_partials(partials + tl.load(first + t), nwork, PB))
+                tl.store(counters + t, 0)
+
+    @triton.jit
+    def _novograd_scalars(step, v, norm, vmax, lr, beta1, beta2, eps, wd, max_lr, h6, h7, FLAGS: tl.constexpr):
+        # a layer's first step takes ||g||^2 as is (NvNovoGrad: whenever the moment is still 0, as timm does)
+        if FLAGS & FIRST_IF_ZERO:
+            first = v == 0.0
+        else:
+            first = step == 0.0
+        v = tl.where(first, norm, beta2 * v + (1.0 - beta2) * norm)
+        if FLAGS & AMSGRAD:
+            vmax = tl.maximum(vmax, v)
+            denom = tl.sqrt(vmax) + eps
+        else:
+            denom = tl.sqrt(v) + eps
+        decay = 1.0
+        if FLAGS & CORRECTED:
+            decay = 1.0 - wd * (lr * lr / max_lr)
+        elif FLAGS & DECOUPLED:
+            decay = 1.0 - wd * lr
+        return step + 1.0, v, norm, vmax, denom, decay, 0.0, 0.0
+
+    @triton.jit
+    def _novograd_update(p, g, m, s1, s2, s3, denom, decay, c2, c3, lr, beta1, beta2, eps, wd, max_lr, h6, h7,
+                         FLAGS: tl.constexpr):
+        u = g / denom
+        if FLAGS & WD:
+            if FLAGS & DECOUPLED:
+                p = p * decay
+            else:
+                u = u + wd.to(tl.float32) * p
+        if FLAGS & GRAD_AVG:
+            u = u * (1.0 - beta1).to(tl.float32)
+        m = m * beta1.to(tl.float32) + u
+        p = p - lr.to(tl.float32) * m
+        return p, m, s1, s2, s3
+
+
+@dataclass
+class _SumsqTables:
+    tab: object            # mt._Tables over the grads (ptrs column 1, numels, work, counters)
+    first: torch.Tensor    # int32 [T]: index of each tensor's first work item (its partials start there)
+    partials: torch.Tensor  # fp32 [W]
+    out: torch.Tensor      # fp32 [T]; out[i] is tensor i's ||g||^2 slot of the apply
+    gkey: tuple = ()
+
+
+def layer_sumsq(cache: dict, grads, grad_scale=None, found_inf=None) -> list:
+    """||g||^2 of every (unscaled) grad, as 0-d fp32 device tensors: one launch per grad dtype.
+
+    The results are views of a buffer cached per group, at stable addresses, so the apply's tables stay valid."""
+    out = [None] * len(grads)
+    buckets: dict = {}
+    for i, g in enumerate(grads):
+        buckets.setdefault(g.dtype, []).append(i)
+    for dt, idx in buckets.items():
+        gs = [grads[i] for i in idx]
+        key = tuple(g.numel() for g in gs)
+        gkey = tuple(g.data_ptr() for g in gs)
+        st = cache.get(dt)
+        if st is None or st.tab.key != key or st.tab.aligned != mt._all_aligned(gs, gs, []):
+            empty = [[] for _ in gs]
+            tab = mt._build_tables(key, gs, gs, empty, empty, gs[0].device)  # ptrs column 1 holds the grads
+            chunks = [max(1, -(-n // (mt.BLOCK * mt.ITERS))) for n in key]
+            starts = [sum(chunks[:i]) for i in range(len(chunks))]
+            dev = gs[0].device
+            st = cache[dt] = _SumsqTables(tab, torch.tensor(starts, dtype=torch.int32).to(dev),
+                                          torch.zeros(sum(chunks), dtype=torch.float32, device=dev),
+                                          torch.zeros(len(gs), dtype=torch.float32, device=dev), gkey)
+        elif st.gkey != gkey:
+            st.tab.ptrs[:, 1].copy_(torch.tensor(gkey, dtype=torch.int64))
+            st.gkey = gkey
+        dummy = st.tab.fdummy
+        _layer_sumsq_kernel[(st.tab.work.shape[0],)](
+            st.tab.ptrs, st.tab.numels, st.tab.work, st.first, st.tab.counters, st.partials, st.out,
+            grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
+            **_sumsq_constexprs(dt, grad_scale is not None, found_inf is not None, st.tab.aligned),
+            **({} if mt.interpreter_enabled() else mt.compile_options()))
+        mt.launch_count += 1
+        for j, i in enumerate(idx):
+            out[i] = st.out[j]
+    return out
+
+
+def _sumsq_constexprs(g_dtype, has_scale, has_inf, aligned) -> dict:
+    return dict(G_DT=mt._TL_DTYPES[g_dtype], HAS_SCALE=has_scale, HAS_INF=has_inf, ALIGNED=aligned,
+                BLOCK=mt.BLOCK, ITERS=mt.ITERS, PB=_PB)
+
+
+def aot_kernels():
+    """The reduction pass, for tools/aot.py (the apply is covered through ``_kernel_rule``)."""
+    sig = {"ptrs": "*i64", "numels": "*i64", "work": "*i32", "first": "*i32", "counters": "*i32",
+           "partials": "*fp32", "out": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32"}
+    sig.update({k: "constexpr" for k in _sumsq_constexprs(torch.float32, False, False, True)})
+    return [dict(name=f"NovoGrad[layer ||g||^2] {str(dt).replace('torch.', '')}{'' if al else ' unaligned'}"
+                      f"{' amp' if amp else ''}",
+                 fn=_layer_sumsq_kernel, signature=sig, constexprs=_sumsq_constexprs(dt, amp, amp, al),
+                 options=mt.compile_options())
+            for dt, al, amp in ((torch.float32, True, False), (torch.float32, False, False),
+                                (torch.bfloat16, True, False), (torch.float16, True, True))]
+
+
+def layer_second_moment_(v, norm, beta2, first) -> None:
+    """v <- ||g||^2 on a layer's first step, else beta2 * v + (1 - beta2) * ||g||^2; in place, no host sync when
+    `first` is a tensor. The blend is rounded in v's dtype before the add, as timm's in-place ops do."""
+    blended = v.mul(beta2).add_(norm, alpha=1 - beta2)
+    if isinstance(first, torch.Tensor):
+        v.copy_(torch.where(first, norm, blended))
+    else:
+        v.copy_(norm if first else blended)
+
+
+def novograd_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, grad_averaging, amsgrad,
+                       first_of, decoupled_scale=None):
+    """Both NovoGrads, tensor by tensor. first_of(state) says whether this is the layer's first step (evaluated
+    before the update); decoupled_scale: None for L2 decay inside the moment, else p *= 1 - scale * weight_decay."""
+    for p, g, st in zip(params, grads, states):
+        first = first_of(st)
+        st["step"] += 1
+        v = st["exp_avg_sq"]
+        layer_second_moment_(v, torch.sum(torch.pow(g, 2)), beta2, first)
+        if amsgrad:
+            vmax = st["max_exp_avg_sq"]
+            torch.maximum(vmax, v, out=vmax)
+            denom = vmax.sqrt().add_(eps)
+        else:
+            denom = v.sqrt().add_(eps)
+        update = g / denom
+        if weight_decay != 0:
+            if decoupled_scale is not None:
+                p.mul_(1.0 - decoupled_scale * weight_decay)
+            else:
+                update.add_(p, alpha=weight_decay)
+        if grad_averaging:
+            update.mul_(1 - beta1)
+        st["exp_avg"].mul_(beta1).add_(update)
+        p.add_(st["exp_avg"], alpha=-lr)
+
+
+class _LayerwiseMoments(FusedOptimizer):
+    """What NovoGrad and NvNovoGrad share: validation, reference, kernel rule and the fused step."""
+
+    scalar_keys = ("step", "exp_avg_sq", "max_exp_avg_sq")
+    _slots = ("step", "exp_avg_sq", _NORM, "max_exp_avg_sq")  # the apply's per-tensor scalars, in SCALARS' order
+    first_if_zero = False  # NvNovoGrad: a layer starts over whenever its moment is 0 (timm); else: at step 1
+
+    def _validate(self, group):
+        check_nonneg(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"])
+        check_betas(group["betas"])
+
+    def _moment_dtype(self, p):
+        raise NotImplementedError
+
+    def _init_state(self, p, group):
+        zero = lambda: torch.zeros((), dtype=self._moment_dtype(p), device=p.device)  # noqa: E731
+        st = {"step": self._new_step(p, group), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+              "exp_avg_sq": zero()}
+        if group["amsgrad"]:
+            st["max_exp_avg_sq"] = zero()
+        return st
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict, lambda group, p: {
+            k: self._moment_dtype(p) for k in ("exp_avg_sq", "max_exp_avg_sq")})
+
+    def _decoupled_scale(self, group):
+        return None
+
+    def _reference(self, group, params, grads, states):
+        beta1, beta2 = group["betas"]
+        first_of = ((lambda st: st["exp_avg_sq"] == 0) if self.first_if_zero
+                    else (lambda st: float(st["step"]) == 0))
+        novograd_reference(params, grads, states, lr=scalar(group["lr"]), beta1=beta1, beta2=beta2,
+                           eps=group["eps"], weight_decay=group["weight_decay"],
+                           grad_averaging=group["grad_averaging"], amsgrad=group["amsgrad"], first_of=first_of,
+                           decoupled_scale=self._decoupled_scale(group))
+
+    def _kernel_rule(self, group, variant=None):
+        beta1, beta2 = group["betas"]
+        decoupled, corrected = group.get("decoupled_decay", False), group.get("corrected_weight_decay", False)
+        wd = group["weight_decay"] != 0
+        flags = mt.pack((AMSGRAD, group["amsgrad"]), (WD, wd), (DECOUPLED, wd and decoupled),
+                        (CORRECTED, wd and decoupled and corrected), (GRAD_AVG, group["grad_averaging"]),
+                        (FIRST_IF_ZERO, self.first_if_zero))
+        rule = mt.Rule(_novograd_update, _novograd_scalars, flags,
+                       (scalar(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
+                        group.get("max_lr_snapshot", 1.0)))
+        skeys = self._slots if group["amsgrad"] else self._slots[:3]
+        return rule, ("exp_avg",), skeys
+
+    def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
+        rule, keys, skeys = self._kernel_rule(group)
+        scalars_on_device(states, [k for k in skeys if k != _NORM], params[0].device)
+        if any(not t.is_contiguous() for t in params + grads):
+            raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
+        flat_g = [as_real(g).view(-1) for g in grads]
+        norms = layer_sumsq(self._kernel_caches.setdefault((id(group), "sumsq"), {}), flat_g, grad_scale, found_inf)
+        lr = group["lr"]
+        mt.apply(rule, self._kernel_caches.setdefault((id(group), None), mt.GroupCache()),
+                 [as_real(p).view(-1) for p in params], flat_g,
+                 [[as_real(st[k]).view(-1) for k in keys] for st in states],
+                 [[norm if k == _NORM else st[k] for k in skeys] for st, norm in zip(states, norms)],
+                 lr_tensor=lr if isinstance(lr, torch.Tensor) else None, grad_scale=grad_scale, found_inf=found_inf)
+
+
+@register
+class NovoGrad(_LayerwiseMoments):
+    """NovoGrad, Ginsburg et al. 2019, "Stochastic Gradient Methods with Layer-wise Adaptive Moments for Training of
+    Deep Networks" (arXiv:1905.11286), Algorithm 1, per param tensor l ("layer"), with moments started at zero:
+
+        v_1 = ||g_1||^2,   v_t = beta2 * v_{t-1} + (1 - beta2) * ||g_t||^2            (t > 1)
+        v^_t = max(v^_{t-1}, v_t) and v^_t replaces v_t below              (amsgrad=True only)
+        m_t = beta1 * m_{t-1} + s * (g_t / (sqrt(v_t) + eps) + weight_decay * w_t),   m_0 = 0,
+              s = 1 - beta1 if grad_averaging else 1
+        w_{t+1} = w_t - lr * m_t
+
+    So the first step's moment is the paper's m_0 = g / sqrt(v) + d * w (with eps in the denominator); there is no
+    bias correction and no separate initialisation pass. ||.|| is the L2 norm over the whole tensor (a complex param
+    counts as its real view). The first step is counted per tensor (``step``), so a tensor that first gets a grad
+    later starts then. State: ``step`` (float32 0-d, as torch's optimizers), ``exp_avg``, ``exp_avg_sq`` (0-d, in the
+    param's dtype; float32 for fp16/bf16 params) and ``max_exp_avg_sq`` with amsgrad.
+
+    Unlike timm's NvNovoGrad, the first step is recognised by the step count (NvNovoGrad: whenever v == 0) and
+    v keeps the param's precision (NvNovoGrad: the default dtype). No current library anchors this class: the
+    tests check it against a float64 transcription of the formulas above (tests/test_novograd.py)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.95, 0.98), eps=1e-8, weight_decay=0, grad_averaging=False,
+                 amsgrad=False, *, fused=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, grad_averaging=grad_averaging,
+                        amsgrad=amsgrad)
+        super().__init__(params, defaults, fused=fused)
+
+    @staticmethod
+    def _new_step(p, group):
+        return new_step(p, group)
+
+    def _moment_dtype(self, p):
+        dt = p.dtype.to_real()
+        return torch.float32 if dt in _LOW else dt
+
+
+@register
+class NvNovoGrad(_LayerwiseMoments):
+    """timm's NvNovoGrad (NVIDIA's Jasper NovoGrad): the same layer-wise moments, with timm's state layout
+    (``step`` a Python int, 0-d moments in the default dtype) and its first-step rule (v == 0). Weight decay is
+    added to the normalised grad (the paper) or, with decoupled_decay, applied to the weights as
+    p *= 1 - lr * weight_decay (corrected_weight_decay: lr**2 / max_lr instead of lr, max_lr = the constructor's lr).
+
+    The fused path keeps ``step`` as a float32 0-d device tensor (advanced in the kernel, so an AMP-skipped step
+    does not count); the reference path keeps timm's int."""
+
+    supports_complex = False  # timm squares complex grads as complex numbers: no real-view equivalent
+    first_if_zero = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.95, 0.98), eps=1e-8, weight_decay=0, grad_averaging=False,
+                 amsgrad=False, decoupled_decay=False, corrected_weight_decay=False, *, fused=None):
+        max_lr = scalar(lr) if isinstance(lr, (int, float, torch.Tensor)) else lr
+        check(not corrected_weight_decay or (isinstance(max_lr, float) and max_lr > 0),
+              f"Invalid lr for corrected weight decay: {lr} (needs the positive peak lr)")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, grad_averaging=grad_averaging,
+                        amsgrad=amsgrad, decoupled_decay=decoupled_decay, corrected_weight_decay=corrected_weight_decay,
+                        max_lr_snapshot=max_lr)
+        super().__init__(params, defaults, fused=fused)
+
+    @staticmethod
+    def _new_step(p, group):
+        return 0
+
+    def _moment_dtype(self, p):
+        return torch.get_default_dtype()
+
+    def _decoupled_scale(self, group):
+        if not group["decoupled_decay"]:
+            return None
+        lr = scalar(group["lr"])
+        return lr * lr / group["max_lr_snapshot"] if group["corrected_weight_decay"] else lr
