@@ -450,6 +450,8 @@ class Adafactor(FusedOptimizer):
 
     supports_complex = False
     scalar_keys = ("step", "RMS")
+    elementwise = False  # row/column means and update RMS over whole tensors
+    precision_in_kernel = False  # its own kernels: master_weights / stochastic_rounding use the reference path
     kernel_variants = ()  # no shared-kernel rule: tools/aot.py takes the dedicated kernel from aot_kernels()
 
     def __init__(self, params, lr=None, eps=1e-30, eps_scale=1e-3, clip_threshold=1.0, decay_rate=-0.8, betas=None,

@@ -208,6 +208,8 @@ class _LayerwiseMoments(FusedOptimizer):
     """What NovoGrad and NvNovoGrad share: validation, reference, kernel rule and the fused step."""
 
     scalar_keys = ("step", "exp_avg_sq", "max_exp_avg_sq")
+    elementwise = False  # per-layer grad norms
+    precision_in_kernel = False  # the apply launch carries no master copy: reference path for those options
     _slots = ("step", "exp_avg_sq", _NORM, "max_exp_avg_sq")  # the apply's per-tensor scalars, in SCALARS' order
     first_if_zero = False  # NvNovoGrad: a layer starts over whenever its moment is 0 (timm); else: at step 1
 
