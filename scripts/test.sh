@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
-$PY -m pytest -q tests "$@"
+# two workers: the interpreter-bound kernel tests dominate and parallelize cleanly
+$PY -m pytest -q -n "${PYTEST_WORKERS:-2}" tests "$@"
 env -u TRITON_INTERPRET $PY -m fused_optim.tools.aot --check --json build/aot-report.json | tail -n 3
 if command -v nvcc >/dev/null 2>&1; then
     bash scripts/build_csrc.sh --cuda-check
