@@ -259,6 +259,7 @@ def main(argv=None) -> int:
     print(f"{len(rows)} compiles ({len(entries)} kernels x {len(args.arch)} targets), {len(bad)} with problems; "
           f"jit functions not in the inventory: {missing or 'none'}")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "rows": rows, "missing": missing}, f, indent=1)
     return 1 if args.check and (bad or missing) else 0
