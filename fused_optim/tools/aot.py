@@ -201,7 +201,11 @@ def compile_entry(e: Entry, arch: int) -> dict:
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=e.options)
         row.update(ok=True, **_sass_report(k.asm["cubin"]))
     except Exception as exc:  # noqa: BLE001 - every failure is reported, and --check fails on it
-        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
+        root = exc
+        while root.__cause__ is not None:  # triton chains CompilationErrors up the call stack: report the origin
+            root = root.__cause__
+        lines = str(root).strip().splitlines() or [""]
+        row.update(ok=False, error=f"{type(root).__name__}: {lines[-1][:300]}")
     row["seconds"] = round(time.perf_counter() - t0, 2)
     problems = []
     if not row["ok"]:
