@@ -44,7 +44,7 @@ def workloads(device: str, which: list[str]):
     gpu = device == "cuda"
     out = {}
     if "large" in which:  # one large group
-        out["large"] = [(100_000_000,) if gpu else (4_000_000,)]
+        out["large"] = [(100_000_000,) if gpu else (16_000_000,)]  # far above the last-level cache
     if "gpt" in which:  # a 24-layer GPT-style parameter list (12 layers, d=256 on CPU)
         layers, d, vocab = (24, 1024, 50304) if gpu else (12, 256, 8192)
         shapes = [(vocab, d), (1024, d)]
@@ -70,6 +70,9 @@ class Timer:
         self.cuda = device == "cuda"
 
     def time_ms(self, fn, reps: int, warmup: int):
+        return statistics.median(self.samples_ms(fn, reps, warmup))
+
+    def samples_ms(self, fn, reps: int, warmup: int) -> list:
         for _ in range(warmup):
             fn()
         if self.cuda:
@@ -88,7 +91,7 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return times
 
 
 def copy_bandwidth_gbs(device, timer):
@@ -148,29 +151,37 @@ def main(argv=None):
             for name in names:
                 reads, writes = STREAMS[name]
                 nbytes = numel * (reads + writes) * dtype.itemsize
+                # build every implementation first, then time them in interleaved rounds, so that drift (clocks,
+                # other load) hits all of them alike; median over all rounds
+                opts, firsts = {}, {}
                 for impl, make in implementations(name, device).items():
                     params = make_params(shapes, dtype, device)
                     try:
-                        opt = make(params, **KW.get(name, {}))
+                        opts[impl] = make(params, **KW.get(name, {}))
                         t0 = time.perf_counter()
-                        opt.step()
+                        opts[impl].step()
                         if device == "cuda":
                             torch.cuda.synchronize()
-                        first = (time.perf_counter() - t0) * 1e3
-                        ms = timer.time_ms(opt.step, args.reps, args.warmup)
+                        firsts[impl] = (time.perf_counter() - t0) * 1e3
                     except Exception as exc:  # noqa: BLE001 - an unsupported combination is a row, not a crash
                         rows.append({"workload": wname, "dtype": dtype_name, "optimizer": name, "impl": impl,
                                      "error": f"{type(exc).__name__}: {exc}"[:200]})
-                        continue
+                samples = {impl: [] for impl in opts}
+                rounds = 5
+                for _ in range(rounds):
+                    for impl, opt in opts.items():
+                        samples[impl] += timer.samples_ms(opt.step, max(args.reps // rounds, 1), args.warmup)
+                for impl in opts:
+                    ms = statistics.median(samples[impl])
                     gbs = nbytes / ms / 1e6
                     row = {"workload": wname, "dtype": dtype_name, "optimizer": name, "impl": impl,
                            "tensors": len(shapes), "numel": numel, "ms": round(ms, 4),
-                           "first_step_ms": round(first, 2), "bytes": nbytes, "GBs": round(gbs, 1),
+                           "first_step_ms": round(firsts[impl], 2), "bytes": nbytes, "GBs": round(gbs, 1),
                            "pct_copy_bw": round(100 * gbs / bw, 1)}
                     rows.append(row)
                     print(f"{wname:6s} {dtype_name:9s} {name:11s} {impl:15s} {ms:10.3f} ms {gbs:8.1f} GB/s "
                           f"{row['pct_copy_bw']:5.1f}% of copy", flush=True)
-                    del opt, params
+                del opts
     _speedups(rows)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

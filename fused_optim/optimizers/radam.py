@@ -72,20 +72,19 @@ class RAdam(FusedOptimizer):
         bc2 = [1 - beta2 ** s for s in t]
         rho_inf = 2 / (1 - beta2) - 1
         rho = [rho_inf - 2 * s * (beta2 ** s) / b for s, b in zip(t, bc2)]
-        # update = (exp_avg / bc1) * lr [* adaptive lr * rectification where rho_t > 5], in torch's op order
-        update = torch._foreach_div(m, [1 - beta1 ** s for s in t])
-        torch._foreach_mul_(update, lr)
-        rect = [i for i, r in enumerate(rho) if r > 5.0]
-        if rect:
-            adaptive = torch._foreach_sqrt([v[i] for i in rect])
-            torch._foreach_add_(adaptive, eps)
-            torch._foreach_reciprocal_(adaptive)  # torch writes bc2**0.5 / x, which it computes as x.reciprocal() * ..
-            torch._foreach_mul_(adaptive, [bc2[i] ** 0.5 for i in rect])
-            sub = [update[i] for i in rect]
-            torch._foreach_mul_(sub, adaptive)
-            torch._foreach_mul_(sub, [((rho[i] - 4) * (rho[i] - 2) * rho_inf
-                                       / ((rho_inf - 4) * (rho_inf - 2) * rho[i])) ** 0.5 for i in rect])
-        torch._foreach_sub_(params, update)
+        # p -= exp_avg * c, with c = lr / bc1 (unrectified) or lr * rect * sqrt(bc2) / (bc1 * (sqrt(v) + eps))
+        # (rectified, rho_t > 5): torch's foreach formulation, six passes
+        bc1 = [1 - beta1 ** s for s in t]
+        rect = [((r - 4) * (r - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * r)) ** 0.5 if r > 5.0 else 0.0
+                for r in rho]
+        unrect_step = [0.0 if rc > 0 else -lr / b1 for rc, b1 in zip(rect, bc1)]
+        rect_step = [(b2 ** 0.5) * (lr * rc / b1) * -1 for b2, rc, b1 in zip(bc2, rect, bc1)]
+        coef = torch._foreach_sqrt(v)
+        torch._foreach_add_(coef, eps)
+        torch._foreach_div_(coef, rect_step)
+        torch._foreach_reciprocal_(coef)
+        torch._foreach_add_(coef, unrect_step)
+        torch._foreach_addcmul_(params, m, coef)
 
     def _kernel_rule(self, group, variant=None):
         beta1, beta2 = (scalar(b) for b in group["betas"])
