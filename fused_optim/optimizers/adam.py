@@ -95,8 +95,21 @@ def adam_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_decay
     torch._foreach_addcdiv_(params, m, denom, [-lr / b for b in bc1])
 
 
+class AdamFamily(FusedOptimizer):
+    """What Adam, Adamax, NAdam and RAdam share: hyper-parameter checks and the two moment buffers."""
+    extra_nonneg: tuple = ()  # further hyper-parameters that must be finite and >= 0
+
+    def _validate(self, group):
+        check_nonneg(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
+                     **{k: group[k] for k in self.extra_nonneg})
+        check_betas(group["betas"])
+
+    def _init_state(self, p, group):
+        return {"step": new_step(p, group), "exp_avg": zeros_like(p), "exp_avg_sq": zeros_like(p)}
+
+
 @register
-class Adam(FusedOptimizer):
+class Adam(AdamFamily):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False):
@@ -106,13 +119,8 @@ class Adam(FusedOptimizer):
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, fused=fused)
 
-    def _validate(self, group):
-        check_nonneg(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"])
-        check_betas(group["betas"])
-
     def _init_state(self, p, group):
-        st = {"step": new_step(p, group), "exp_avg": zeros_like(p),
-              "exp_avg_sq": zeros_like(p)}
+        st = super()._init_state(p, group)
         if group["amsgrad"]:
             st["max_exp_avg_sq"] = zeros_like(p)
         return st

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from .._base import FusedOptimizer, check_betas, check_nonneg, new_step, scalar, zeros_like
+from .._base import new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
-from .adam import decayed_grads
+from .adam import AdamFamily, decayed_grads
 
 if mt.available():
     import triton
@@ -27,16 +27,12 @@ if mt.available():
 
 
 @register
-class Adamax(FusedOptimizer):
+class Adamax(AdamFamily):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, *,
                  maximize=False, differentiable=False, capturable=False, fused=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, capturable=capturable, fused=fused)
         super().__init__(params, defaults, fused=fused)
-
-    def _validate(self, group):
-        check_nonneg(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"])
-        check_betas(group["betas"])
 
     def _init_state(self, p, group):
         return {"step": new_step(p, group), "exp_avg": zeros_like(p),

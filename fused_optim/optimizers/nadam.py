@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from .._base import FusedOptimizer, check_betas, check_nonneg, new_step, scalar, zeros_like
+from .._base import new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
-from .adam import adam_moments_, decayed_grads
+from .adam import AdamFamily, adam_moments_, decayed_grads
 
 if mt.available():
     import triton
@@ -49,7 +49,8 @@ if mt.available():
 
 
 @register
-class NAdam(FusedOptimizer):
+class NAdam(AdamFamily):
+    extra_nonneg = ("momentum_decay",)
     scalar_keys = ("step", "mu_product")
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3,
@@ -59,11 +60,6 @@ class NAdam(FusedOptimizer):
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, fused=fused)
-
-    def _validate(self, group):
-        check_nonneg(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
-                     momentum_decay=group["momentum_decay"])
-        check_betas(group["betas"])
 
     def _init_state(self, p, group):
         step = new_step(p, group)

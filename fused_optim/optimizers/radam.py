@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .._base import FusedOptimizer, check_betas, check_nonneg, new_step, scalar, zeros_like
+from .._base import scalar
 from .._registry import register
 from ..kernels import multi_tensor as mt
-from .adam import adam_moments_, decayed_grads
+from .adam import AdamFamily, adam_moments_, decayed_grads
 
 if mt.available():
     import triton
@@ -42,21 +42,13 @@ if mt.available():
 
 
 @register
-class RAdam(FusedOptimizer):
+class RAdam(AdamFamily):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, decoupled_weight_decay=False,
                  *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
                         differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, fused=fused)
-
-    def _validate(self, group):
-        check_nonneg(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"])
-        check_betas(group["betas"])
-
-    def _init_state(self, p, group):
-        return {"step": new_step(p, group), "exp_avg": zeros_like(p),
-                "exp_avg_sq": zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
         lr, eps = scalar(group["lr"]), group["eps"]
