@@ -3,9 +3,6 @@
 FSDP2 params are DTensor shards: both paths of an element-wise optimizer update the local shards; optimizers that
 reduce over whole tensors (SGDP, AdamP, NovoGrad, NvNovoGrad, Adafactor) refuse DTensor params with a clear error.
 """
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -32,9 +29,9 @@ def _train(model, opt, x, y):
         opt.step()
 
 
-def _worker(rank, port, mode, name, fused, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank, store_path, mode, name, fused, out):
+    # a file store: no TCP port to race for when several test workers run distributed tests at once
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
     try:
         import fused_optim
         model = _model()
@@ -59,13 +56,8 @@ def _worker(rank, port, mode, name, fused, out):
         if rank == 0:
             torch.save([t.detach().clone() for t in full], out)
     finally:
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
@@ -75,7 +67,7 @@ def test_distributed_matches_single_process(tmp_path, mode, name, fused):
     if name not in fused_optim.REGISTRY:
         pytest.skip(f"{name} not available")
     out = str(tmp_path / "params.pt")
-    mp.spawn(_worker, args=(_free_port(), mode, name, fused, out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "store"), mode, name, fused, out), nprocs=WORLD, join=True)
     got = torch.load(out)
     if mode == "fsdp2" and not fused_optim.REGISTRY[name].elementwise:
         assert "not supported on DTensor" in got  # a clear refusal, not a silently wrong per-shard norm
