@@ -14,30 +14,31 @@ def rosenbrock(x):
     return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
 
 
-# ---- problems: make(dtype) -> (list of params, loss(params) -> scalar) --------------------------------------------
+# ---- problems: make(dtype, device) -> (list of params, loss(params) -> scalar) ------------------------------------
 def _rosen(n):
-    def make(dtype):
-        x = torch.tensor([-1.2, 1.0] * (n // 2) + [-1.2] * (n % 2), dtype=dtype)
+    def make(dtype, device="cpu"):
+        x = torch.tensor([-1.2, 1.0] * (n // 2) + [-1.2] * (n % 2), dtype=dtype, device=device)
         return [x], lambda ps: rosenbrock(ps[0])
     return make
 
 
-def _logreg(dtype):
+def _logreg(dtype, device="cpu"):
     gen = torch.Generator().manual_seed(1)
     X = torch.randn(64, 5, generator=gen, dtype=torch.float64)
     noise = 0.3 * torch.randn(64, generator=gen, dtype=torch.float64)
     y = X @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64) + noise > 0
-    X, y = X.to(dtype), y.to(dtype)
-    w, b = torch.zeros(5, dtype=dtype), torch.zeros(1, dtype=dtype)
+    X, y = X.to(device, dtype), y.to(device, dtype)
+    w, b = torch.zeros(5, dtype=dtype, device=device), torch.zeros(1, dtype=dtype, device=device)
     return [w, b], lambda ps: torch.nn.functional.binary_cross_entropy_with_logits(X @ ps[0] + ps[1], y) + \
         1e-3 * (ps[0] ** 2).sum()
 
 
-def _mlp(dtype):
+def _mlp(dtype, device="cpu"):
     gen = torch.Generator().manual_seed(2)
-    X = torch.randn(32, 4, generator=gen, dtype=torch.float64).to(dtype)
+    X = torch.randn(32, 4, generator=gen, dtype=torch.float64).to(device, dtype)
     y = torch.sin(X.sum(1, keepdim=True))
-    ps = [(torch.randn(s, generator=gen, dtype=torch.float64) * 0.5).to(dtype) for s in ((16, 4), (16,), (1, 16), (1,))]
+    ps = [(torch.randn(s, generator=gen, dtype=torch.float64) * 0.5).to(device, dtype)
+          for s in ((16, 4), (16,), (1, 16), (1,))]
     return ps, lambda ps: ((torch.tanh(X @ ps[0].T + ps[1]) @ ps[2].T + ps[3] - y) ** 2).mean()
 
 

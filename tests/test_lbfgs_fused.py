@@ -14,6 +14,7 @@ bit-identical arithmetic could follow it; the fused path's dots round differentl
 """
 import contextlib
 import copy
+import functools
 import io
 import math
 import sys
@@ -26,40 +27,14 @@ import fused_optim
 from conftest import DEVICE
 from fused_optim.kernels import multi_tensor as mt
 from fused_optim.optimizers import lbfgs as L
+import test_lbfgs
 from test_lbfgs import SEARCHES, _closure, _types, rosenbrock
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-# ---- test_lbfgs.py's problems, on DEVICE: make(dtype) -> (list of params, loss(params) -> scalar) -----------------
-def _rosen(n):
-    def make(dtype):
-        x = torch.tensor([-1.2, 1.0] * (n // 2) + [-1.2] * (n % 2), dtype=dtype, device=DEVICE)
-        return [x], lambda ps: rosenbrock(ps[0])
-    return make
-
-
-def _logreg(dtype):
-    gen = torch.Generator().manual_seed(1)
-    X = torch.randn(64, 5, generator=gen, dtype=torch.float64)
-    noise = 0.3 * torch.randn(64, generator=gen, dtype=torch.float64)
-    y = X @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64) + noise > 0
-    X, y = X.to(DEVICE, dtype), y.to(DEVICE, dtype)
-    w, b = torch.zeros(5, dtype=dtype, device=DEVICE), torch.zeros(1, dtype=dtype, device=DEVICE)
-    return [w, b], lambda ps: torch.nn.functional.binary_cross_entropy_with_logits(X @ ps[0] + ps[1], y) + \
-        1e-3 * (ps[0] ** 2).sum()
-
-
-def _mlp(dtype):
-    gen = torch.Generator().manual_seed(2)
-    X = torch.randn(32, 4, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
-    y = torch.sin(X.sum(1, keepdim=True))
-    ps = [(torch.randn(s, generator=gen, dtype=torch.float64) * 0.5).to(DEVICE, dtype)
-          for s in ((16, 4), (16,), (1, 16), (1,))]
-    return ps, lambda ps: ((torch.tanh(X @ ps[0].T + ps[1]) @ ps[2].T + ps[3] - y) ** 2).mean()
-
-
-PROBLEMS = {"rosen2": _rosen(2), "rosen5": _rosen(5), "rosen40": _rosen(40), "logreg": _logreg, "mlp": _mlp}
+# test_lbfgs.py's problems, on DEVICE
+PROBLEMS = {name: functools.partial(make, device=DEVICE) for name, make in test_lbfgs.PROBLEMS.items()}
 
 
 @pytest.fixture(autouse=True, scope="module")
