@@ -7,5 +7,5 @@ setup(
     packages=find_packages(include=["fused_optim", "fused_optim.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0"],
-    extras_require={"test": ["pytest", "timm"], "bench": ["matplotlib"]},
+    extras_require={"test": ["pytest", "timm"], "bench": ["matplotlib", "tqdm"]},
 )

@@ -1,26 +1,37 @@
 """Time optimizer.step() for every optimizer and implementation available on this device.
 
     python bench/run.py [--device cuda|cpu] [--workload large gpt tiny] [--dtype float32 bfloat16]
-                        [--only Adam,SGD] [--out bench/results/NAME]
+                        [--only Adam,SGD] [--[no-]compile] [--out bench/results/NAME]
 
 Implementations: ours (fused kernels on CUDA, the reference path everywhere), torch.optim (for-loop, foreach,
-fused where torch has it), timm's class where timm is the anchor. Timing: warm-up steps first (compilation and
-table building stay out and are reported separately as `first_step_ms`), then CUDA events (CPU: perf_counter)
-around each step, median of --reps. Each row reports step time, bytes moved per step (each tensor read or written
-once, see BYTES), achieved GB/s and, on CUDA, the fraction of the device copy bandwidth measured in the same run.
-Writes <out>.json and <out>.md (and <out>.png with matplotlib).
+fused where torch has it, and `torch-compile`: step() under torch.compile, on by default on CUDA only since on
+CPU it needs a C++ compiler and seconds per optimizer), timm's class where timm is the anchor. Timing: untimed
+priming steps first (one; three for torch-compile, which recompiles once the state exists), whose time is reported
+separately as `first_step_ms` so that compilation and table building stay out, then --warmup steps, then CUDA
+events (CPU: perf_counter) around each step, median of --reps. Each row reports step time, bytes moved per step
+(each tensor read or written once, see STREAMS), achieved GB/s and, on CUDA, the fraction of the device copy
+bandwidth measured in the same run.
+Writes <out>.json and <out>.md after every optimizer (a run cut short keeps what it measured) and <out>.png at the
+end (with matplotlib). Shows a progress bar with tqdm (`pip install .[bench]`), else one line per item on stderr.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+import types
 
 import torch
+
+try:  # optional (the `bench` extra): progress bar
+    from tqdm import tqdm
+except ImportError:
+    tqdm = None
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -38,6 +49,7 @@ TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
 TIMM = {"SGDP": ("sgdp", "SGDP"), "AdamP": ("adamp", "AdamP"), "Adafactor": ("adafactor", "Adafactor"),
         "NvNovoGrad": ("nvnovograd", "NvNovoGrad")}
 KW = {"SGD": {"lr": 0.01, "momentum": 0.9}, "SGDP": {"lr": 0.01, "momentum": 0.9}}
+PRIME = {"torch-compile": 3}  # untimed steps before timing (default 1): compile, then recompile once state exists
 
 
 def workloads(device: str, which: list[str]):
@@ -102,7 +114,21 @@ def copy_bandwidth_gbs(device, timer):
     return 2 * n * 4 / ms / 1e6
 
 
-def implementations(name, device):
+def compiled(opt):
+    """torch's "Compiling the optimizer" recipe: the optimizer built with its defaults (torch picks for-loop or
+    foreach), step() called inside a function under torch.compile(fullgraph=False)."""
+    # every optimizer compiles this same code object (and torch's step()), two cache entries each (before and after
+    # the state exists): past the recompile limit (8) dynamo silently runs eager, even once the earlier optimizers
+    # are gone. Resetting is safe: only one compiled step is alive at a time.
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=False)
+    def step():
+        opt.step()
+    return types.SimpleNamespace(step=step)
+
+
+def implementations(name, device, compile_torch=False):
     import fused_optim
     ours = fused_optim.REGISTRY[name.lower()]
     impls = {}
@@ -115,6 +141,8 @@ def implementations(name, device):
         impls["torch-foreach"] = lambda ps, **kw: cls(ps, foreach=True, **kw)
         if name in TORCH_FUSED and device == "cuda":
             impls["torch-fused"] = lambda ps, **kw: cls(ps, fused=True, **kw)
+        if compile_torch:
+            impls["torch-compile"] = lambda ps, **kw: compiled(cls(ps, **kw))
     if name in TIMM:
         from anchors import timm_class
         cls = timm_class(*TIMM[name])
@@ -127,8 +155,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workload", nargs="+", default=["large", "gpt", "tiny"])
-    ap.add_argument("--dtype", nargs="+", default=["float32"])
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--only", default="", help="comma-separated optimizer names")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="add torch-compile for the torch anchors (default: on CUDA only)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=None)
@@ -136,6 +166,7 @@ def main(argv=None):
 
     import fused_optim
     device = args.device
+    compile_torch = device == "cuda" if args.compile is None else args.compile
     timer = Timer(device)
     names = [n for n in STREAMS if not args.only or n in args.only.split(",")]
     bw = copy_bandwidth_gbs(device, timer)
@@ -144,53 +175,80 @@ def main(argv=None):
             "date": time.strftime("%Y-%m-%d"), "copy_bandwidth_GBs": round(bw, 1), "reps": args.reps}
     print(json.dumps(meta))
     rows = []
-    for wname, shapes in workloads(device, args.workload).items():
-        for dtype_name in args.dtype:
-            dtype = getattr(torch, dtype_name)
-            numel = sum(torch.Size(s).numel() for s in shapes)
-            for name in names:
-                reads, writes = STREAMS[name]
-                nbytes = numel * (reads + writes) * dtype.itemsize
-                # build every implementation first, then time them in interleaved rounds, so that drift (clocks,
-                # other load) hits all of them alike; median over all rounds
-                opts, firsts = {}, {}
-                for impl, make in implementations(name, device).items():
-                    params = make_params(shapes, dtype, device)
-                    try:
-                        opts[impl] = make(params, **KW.get(name, {}))
-                        t0 = time.perf_counter()
-                        opts[impl].step()
-                        if device == "cuda":
-                            torch.cuda.synchronize()
-                        firsts[impl] = (time.perf_counter() - t0) * 1e3
-                    except Exception as exc:  # noqa: BLE001 - an unsupported combination is a row, not a crash
-                        rows.append({"workload": wname, "dtype": dtype_name, "optimizer": name, "impl": impl,
-                                     "error": f"{type(exc).__name__}: {exc}"[:200]})
-                samples = {impl: [] for impl in opts}
-                rounds = 5
-                for _ in range(rounds):
-                    for impl, opt in opts.items():
-                        samples[impl] += timer.samples_ms(opt.step, max(args.reps // rounds, 1), args.warmup)
-                for impl in opts:
-                    ms = statistics.median(samples[impl])
-                    gbs = nbytes / ms / 1e6
-                    row = {"workload": wname, "dtype": dtype_name, "optimizer": name, "impl": impl,
-                           "tensors": len(shapes), "numel": numel, "ms": round(ms, 4),
-                           "first_step_ms": round(firsts[impl], 2), "bytes": nbytes, "GBs": round(gbs, 1),
-                           "pct_copy_bw": round(100 * gbs / bw, 1)}
-                    rows.append(row)
-                    print(f"{wname:6s} {dtype_name:9s} {name:11s} {impl:15s} {ms:10.3f} ms {gbs:8.1f} GB/s "
-                          f"{row['pct_copy_bw']:5.1f}% of copy", flush=True)
-                del opts
-    _speedups(rows)
+    items = list(itertools.product(workloads(device, args.workload).items(), args.dtype, names))
+    for (wname, shapes), dtype_name, name in progress(items, lambda it: f"{it[0][0]} {it[1]} {it[2]}"):
+        dtype = getattr(torch, dtype_name)
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        reads, writes = STREAMS[name]
+        nbytes = numel * (reads + writes) * dtype.itemsize
+        # build every implementation first, then time them in interleaved rounds, so that drift (clocks, other
+        # load) hits all of them alike; median over all rounds
+        opts, firsts = {}, {}
+        for impl, make in implementations(name, device, compile_torch).items():
+            params = make_params(shapes, dtype, device)
+            try:
+                opt = make(params, **KW.get(name, {}))
+                t0 = time.perf_counter()
+                for _ in range(PRIME.get(impl, 1)):
+                    opt.step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                firsts[impl] = (time.perf_counter() - t0) * 1e3
+                opts[impl] = opt
+            except Exception as exc:  # noqa: BLE001 - an unsupported combination is a row, not a crash
+                rows.append({"workload": wname, "dtype": dtype_name, "optimizer": name, "impl": impl,
+                             "error": f"{type(exc).__name__}: {exc}"[:200]})
+        samples = {impl: [] for impl in opts}
+        rounds = 5
+        for _ in range(rounds):
+            for impl, opt in opts.items():
+                samples[impl] += timer.samples_ms(opt.step, max(args.reps // rounds, 1), args.warmup)
+        for impl in opts:
+            ms = statistics.median(samples[impl])
+            gbs = nbytes / ms / 1e6
+            row = {"workload": wname, "dtype": dtype_name, "optimizer": name, "impl": impl,
+                   "tensors": len(shapes), "numel": numel, "ms": round(ms, 4),
+                   "first_step_ms": round(firsts[impl], 2), "bytes": nbytes, "GBs": round(gbs, 1),
+                   "pct_copy_bw": round(100 * gbs / bw, 1)}
+            rows.append(row)
+            _log(f"{wname:6s} {dtype_name:9s} {name:11s} {impl:15s} {ms:10.3f} ms {gbs:8.1f} GB/s "
+                 f"{row['pct_copy_bw']:5.1f}% of copy")
+        del opts
+        if args.out:
+            _save(args.out, meta, rows)
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        with open(args.out + ".md", "w") as f:
-            f.write(_markdown(meta, rows))
         _plot(meta, rows, args.out + ".png")
     return 0
+
+
+def progress(items, describe):
+    """Yield items with a tqdm bar on stderr (shown on a terminal only), else one `[i/n] item` line per item."""
+    if tqdm is None:
+        for i, item in enumerate(items, 1):
+            print(f"[{i}/{len(items)}] {describe(item)}", file=sys.stderr, flush=True)
+            yield item
+        return
+    with tqdm(items, file=sys.stderr, disable=None, dynamic_ncols=True) as bar:  # disable=None: off when not a tty
+        for item in bar:
+            bar.set_description(describe(item))
+            yield item
+
+
+def _log(line):
+    """Print a result line to stdout without tearing the progress bar."""
+    if tqdm is None:
+        print(line, flush=True)
+    else:
+        tqdm.write(line)
+
+
+def _save(out, meta, rows):
+    _speedups(rows)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(out + ".md", "w") as f:
+        f.write(_markdown(meta, rows))
 
 
 def _speedups(rows):
