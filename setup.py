@@ -1,4 +1,94 @@
-from setuptools import find_packages, setup
+"""fused_optim: pure Python (Triton kernels) plus two optional C++/CUDA extension modules from csrc/.
+
+The extensions are built by CMake + pybind11 (Ninja generator) through scripts/build_csrc.sh, the one driver of
+that build; ``build_ext`` below only tells it where setuptools wants each module:
+
+* ``fused_optim._fused_optim_host``  always declared; optional: a failed build (no C++ compiler, no pybind11, no
+  cmake and no fallback compiler) prints why and the install goes on (fused_optim.csrc falls back to torch ops).
+* ``fused_optim._fused_optim_cuda``  declared when nvcc is found (CUDACXX, PATH or /usr/local/cuda/bin/nvcc),
+  unless FUSED_OPTIM_CUDA=0; FUSED_OPTIM_CUDA=1 requires it (a failed build fails the install).
+
+pybind11 must be importable at build time: scripts/setup.sh installs it and then runs
+``pip install --no-build-isolation -e .``.
+"""
+import collections
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+HOST, CUDA = "fused_optim._fused_optim_host", "fused_optim._fused_optim_cuda"
+
+
+def _find_nvcc():
+    for cand in (os.environ.get("CUDACXX"), "nvcc", "/usr/local/cuda/bin/nvcc"):
+        path = cand and shutil.which(cand)
+        if path:
+            return path
+    return None
+
+
+def _extensions():
+    exts = [Extension(HOST, sources=["csrc/host_module.cpp"], optional=True)]
+    want = os.environ.get("FUSED_OPTIM_CUDA", "").strip()
+    nvcc = _find_nvcc()
+    if want == "0":
+        skip = "FUSED_OPTIM_CUDA=0"
+    elif nvcc is None and want != "1":
+        skip = "nvcc not found (CUDACXX, PATH, /usr/local/cuda/bin)"
+    else:
+        skip = None
+        exts.append(Extension(CUDA, sources=["csrc/cuda_module.cpp", "csrc/cuda_kernels.cu"], optional=want != "1"))
+    return exts, skip
+
+
+EXTENSIONS, CUDA_SKIPPED = _extensions()
+
+
+class BuildCsrc(build_ext):
+    """Builds each csrc extension with ``scripts/build_csrc.sh`` (CMake + Ninja) into setuptools' output path."""
+
+    def run(self):
+        if CUDA_SKIPPED:
+            print(f"fused_optim: {CUDA_SKIPPED} -> skipping the CUDA extension {CUDA}; "
+                  "CUDA tensors use the Triton path or the reference")
+        super().run()
+
+    def build_extension(self, ext):
+        cuda = ext.name == CUDA
+        target = self.get_ext_fullpath(ext.name)  # build_lib/..., copied to the source tree by editable installs
+        sub = "csrc" if cuda else "csrc-host"
+        # Editable installs get a throwaway build_temp: build in build/ (build_csrc.sh's own dirs) to stay incremental.
+        tmp = os.path.join(ROOT, "build") if getattr(self, "editable_mode", False) else os.path.abspath(self.build_temp)
+        env = dict(os.environ, PYTHON=sys.executable, OUT_DIR=os.path.dirname(os.path.abspath(target)),
+                   BUILD_DIR=os.path.join(tmp, sub))
+        if self.parallel:
+            env["JOBS"] = str(self.parallel)
+        cmd = ["bash", os.path.join(ROOT, "scripts", "build_csrc.sh"), "--cuda-only" if cuda else "--host-only"]
+        print(f"fused_optim: building {ext.name}: {' '.join(cmd[1:])} (BUILD_DIR={env['BUILD_DIR']})", flush=True)
+        tail = collections.deque(maxlen=25)
+        try:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, errors="replace")
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+                tail.append(line)
+            rc = proc.wait()
+        except OSError as e:
+            rc, tail = None, [str(e)]
+        fallback = ""
+        if ext.optional:
+            fallback = " (CUDA tensors use Triton / torch ops)" if cuda else " (fused_optim.csrc falls back to torch ops)"
+        if rc != 0:
+            raise CompileError(f"{' '.join(cmd[1:])} failed ({rc}): {ext.name} not built{fallback}:\n" + "".join(tail))
+        if not os.path.exists(target):
+            raise CompileError(f"{' '.join(cmd[1:])} did not write {target}: {ext.name} not built{fallback}")
+
 
 setup(
     name="fused_optim",
@@ -8,4 +98,6 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0"],
     extras_require={"test": ["pytest", "timm"], "bench": ["matplotlib", "tqdm"]},
+    ext_modules=EXTENSIONS,
+    cmdclass={"build_ext": BuildCsrc},
 )
