@@ -37,7 +37,8 @@ template <class T>
 T* ptr(uint64_t addr) { return reinterpret_cast<T*>(static_cast<uintptr_t>(addr)); }
 
 inline Args make_args(uint64_t meta, int64_t n_entries, int64_t n_items, uint64_t ws_items, uint64_t ws_extra,
-                      uint64_t counters, uint64_t out_t, uint64_t out_stats, uint64_t out_g, double eps) {
+                      uint64_t counters, uint64_t out_t, uint64_t out_stats, uint64_t out_g, uint64_t scale_a,
+                      double eps) {
   Args a;
   a.meta = ptr<const int64_t>(meta);
   a.n_entries = n_entries;
@@ -48,6 +49,7 @@ inline Args make_args(uint64_t meta, int64_t n_entries, int64_t n_items, uint64_
   a.out_t = ptr<float>(out_t);
   a.out_stats = ptr<float>(out_stats);
   a.out_g = ptr<float>(out_g);
+  a.scale_a = scale_a ? ptr<const float>(scale_a) : nullptr;
   a.eps = float(eps);
   return a;
 }
@@ -63,17 +65,18 @@ void bind_module(py::module_& m, Launcher launcher) {
   m.def(
       "launch",
       [launcher](int kind, uint64_t meta, int64_t n_entries, int64_t n_items, uint64_t ws_items, uint64_t ws_extra,
-                 uint64_t counters, uint64_t out_t, uint64_t out_stats, uint64_t out_g, double eps, int device,
-                 uint64_t stream) {
+                 uint64_t counters, uint64_t out_t, uint64_t out_stats, uint64_t out_g, uint64_t scale_a, double eps,
+                 int device, uint64_t stream) {
         check_kind(kind);
         if (n_entries <= 0 || n_items <= 0) return;
-        const Args a = make_args(meta, n_entries, n_items, ws_items, ws_extra, counters, out_t, out_stats, out_g, eps);
+        const Args a = make_args(meta, n_entries, n_items, ws_items, ws_extra, counters, out_t, out_stats, out_g,
+                                 scale_a, eps);
         py::gil_scoped_release nogil;
         launcher(kind, a, device, stream);
       },
       py::arg("kind"), py::arg("meta"), py::arg("n_entries"), py::arg("n_items"), py::arg("ws_items"),
       py::arg("ws_extra"), py::arg("counters"), py::arg("out_t"), py::arg("out_stats"), py::arg("out_g"),
-      py::arg("eps"), py::arg("device") = 0, py::arg("stream") = 0);
+      py::arg("scale_a"), py::arg("eps"), py::arg("device") = 0, py::arg("stream") = 0);
   m.attr("KIND_SUMSQ") = int(KIND_SUMSQ);
   m.attr("KIND_DOT") = int(KIND_DOT);
   m.attr("KIND_DOT_ROWS") = int(KIND_DOT_ROWS);
@@ -86,7 +89,7 @@ void bind_module(py::module_& m, Launcher launcher) {
   m.attr("M_B") = int(M_B);  // record fields the tests inspect
   m.attr("M_NRT") = int(M_NRT);
   m.attr("M_NCT") = int(M_NCT);
-  m.attr("ABI_VERSION") = 1;  // bump when plan()/launch() change; the loader checks it
+  m.attr("ABI_VERSION") = 2;  // bump when plan()/launch() change; the loader checks it
 }
 
 }  // namespace fo

@@ -50,6 +50,7 @@ struct Args {
   float* out_t;      // [n_entries, K] entry totals
   float* out_stats;  // [n_stats, K] row / column statistics (offsets in the records)
   float* out_g;      // [K] sum over all entries
+  const float* scale_a;  // nullable: list A's elements are multiplied by 1 / *scale_a (AMP's loss scale) first
   float eps;
 };
 
@@ -147,6 +148,8 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
   const bool do_rows = Sp::ROWS && tl.rows;
   const bool do_cols = Sp::COLS && tl.cols;
   const bool b_ok = tl.b < tl.B;  // false only for the one empty tile of an entry with B == 0
+  // x * (1 / scale), the unscaling the Triton kernels and the references' callers do (rounded the same way)
+  const float inv_a = a.scale_a ? 1.f / load_ro<float>(a.scale_a, 0) : 1.f;
 
   ex.each([&](int, Rg& rg) {
     for (int k = 0; k < K; ++k) rg.tot[k] = rg.col[k] = 0.f;
@@ -180,7 +183,7 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
               const int q = q0 + u, j = q >> tl.log2v, cv = (q & vmask) << tl.log2tc;
               const int64_t i = ibase + j * rstride + cv;
               ok[u] = q < nq && b_ok && j < jlim && cv < clim && i < tl.numel;  // i < numel: flat kinds' tail
-              xa[u] = ok[u] ? load(ta, tl.pa, i) : 0.f;
+              xa[u] = ok[u] ? load(ta, tl.pa, i) * inv_a : 0.f;
               xb[u] = Op::TWO_INPUTS && ok[u] ? load(tb, tl.pb, i) : 0.f;
             }
 #if defined(__CUDA_ARCH__)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch.optim import Optimizer
 
 from .kernels import multi_tensor as mt
+from .kernels import reduce
 
 _OUR_KEYS = ("fused",)
 
@@ -72,6 +73,12 @@ class FusedOptimizer(Optimizer):
     stochastic_rounding = False  # bf16 params are written with stochastic rounding (unbiased, keeps small updates)
     precision_in_kernel = True   # the fused path implements the two options above (else they use the reference path)
     supports_precision_options = True  # False: the two options are refused (LBFGS)
+    # Global grad-norm clipping, keyword-only on every dense first-order optimizer (an attribute too): the step
+    # clips the grads as torch.nn.utils.clip_grad_norm_(params, max_grad_norm) would, on the device, inside the same
+    # kernels (see _clip_grads). ``last_grad_norm`` holds the norm before clipping (0-d tensor) after each step.
+    max_grad_norm: float | None = None
+    supports_max_grad_norm = True  # False: refused (SparseAdam's sparse grads, LBFGS's line search)
+    last_grad_norm: torch.Tensor | None = None
     scalar_keys: tuple = ("step",)
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf (unscale inside the step)
 
@@ -82,16 +89,19 @@ class FusedOptimizer(Optimizer):
             return
 
         @functools.wraps(init)
-        def __init__(self, *args, master_weights=None, stochastic_rounding=None, **kw):
+        def __init__(self, *args, master_weights=None, stochastic_rounding=None, max_grad_norm=None, **kw):
             if master_weights is not None:  # None: keep what an outer (subclass) constructor already set
                 self.master_weights = bool(master_weights)
             if stochastic_rounding is not None:
                 self.stochastic_rounding = bool(stochastic_rounding)
+            if max_grad_norm is not None:
+                self.max_grad_norm = max_grad_norm
             init(self, *args, **kw)
 
         sig = inspect.signature(init)
-        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=False)
-                 for n in ("master_weights", "stochastic_rounding") if n not in sig.parameters]
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=default)
+                 for n, default in (("master_weights", False), ("stochastic_rounding", False),
+                                    ("max_grad_norm", None)) if n not in sig.parameters]
         __init__.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
         cls.__init__ = __init__
 
@@ -100,6 +110,13 @@ class FusedOptimizer(Optimizer):
         defaults.setdefault("fused", fused)
         if (self.master_weights or self.stochastic_rounding) and not self.supports_precision_options:
             raise ValueError(f"{type(self).__name__} does not support master_weights / stochastic_rounding")
+        if self.max_grad_norm is not None:
+            if not self.supports_max_grad_norm:
+                raise ValueError(f"{type(self).__name__} does not support max_grad_norm")
+            norm = self.max_grad_norm
+            check(isinstance(norm, (int, float)) and not isinstance(norm, bool) and 0.0 < norm < math.inf,
+                  f"Invalid max_grad_norm value: {norm} (expected a positive finite number)")
+            self.max_grad_norm = float(norm)
         lr = defaults.get("lr")
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError(f"Tensor lr must be 1-element, got {lr.numel()} elements")
@@ -219,10 +236,49 @@ class FusedOptimizer(Optimizer):
                 f"{type(self).__name__} reduces over whole tensors (norms / projections / factored moments), "
                 f"which FSDP2 shards across ranks: not supported on DTensor params; use DDP, or an element-wise "
                 f"optimizer under FSDP2")
+        grad_scale, skip = self._clip_grads(work, grad_scale, found_inf)
+        if skip:
+            return loss
         for group, params, grads in work:
             if params:
                 self._step_group(group, params, grads, grad_scale, found_inf)
         return loss
+
+    def _clip_grads(self, work, grad_scale, found_inf):
+        """max_grad_norm: clip the global norm of all grads as torch.nn.utils.clip_grad_norm_ does (eps 1e-6), on
+        AMP-unscaled grads. Returns (the grad_scale to step with, whether to skip the step).
+
+        Fused: one reduction launch and one tiny launch turn the grads' norm into an effective scale,
+        grad_scale / min(1, max_norm / (norm + 1e-6)), that the kernels apply while they read the grads (and write
+        back, as they write back AMP-unscaled grads): no host sync, no extra pass. Reference path: unscale in place,
+        then clip_grad_norm_ itself."""
+        if self.max_grad_norm is None:
+            return grad_scale, False
+        pairs = [(p, g) for _, params, grads in work for p, g in zip(params, grads)]
+        if not pairs:
+            return grad_scale, False
+        if any(is_dtensor(g) for _, g in pairs):
+            raise NotImplementedError(f"{type(self).__name__}: max_grad_norm needs the norm over all ranks' shards; "
+                                      f"with DTensor params use torch.nn.utils.clip_grad_norm_ before step()")
+        devices = {g.device for _, g in pairs}
+        if len(devices) > 1:
+            raise ValueError(f"{type(self).__name__}: max_grad_norm needs all grads on one device, got {devices}")
+        if all(self._kernel_path(group, params) for group, params, _ in work if params):
+            flat = [as_real(g).reshape(-1) for _, g in pairs]
+            out = reduce.clip_scale(self._kernel_caches.setdefault("clip", {}), flat, self.max_grad_norm, grad_scale)
+            self.last_grad_norm = out[0]
+            return out[1:], False
+        if found_inf is not None and found_inf.item() != 0:
+            return None, True
+        if grad_scale is not None:
+            torch._foreach_div_([g for _, g in pairs], grad_scale.to(pairs[0][1].device))
+        self.last_grad_norm = torch.nn.utils.clip_grad_norm_([p for p, _ in pairs], self.max_grad_norm)
+        return None, False
+
+    def _kernel_path(self, group, params) -> bool:
+        """Whether this group's step runs the fused kernels."""
+        low = (self.master_weights or self.stochastic_rounding) and any(p.dtype in LOW_PRECISION for p in params)
+        return self._use_kernel(group, params) and (self.precision_in_kernel or not low)
 
     def _state_of(self, p, group) -> dict:
         st = self.state[p]
@@ -238,10 +294,10 @@ class FusedOptimizer(Optimizer):
 
     def _step_group(self, group, params, grads, grad_scale, found_inf):
         states = [self._state_of(p, group) for p in params]
-        low = (self.master_weights or self.stochastic_rounding) and any(p.dtype in LOW_PRECISION for p in params)
-        if self._use_kernel(group, params) and (self.precision_in_kernel or not low):
+        if self._kernel_path(group, params):
             self._kernel_step(group, params, grads, states, grad_scale, found_inf)
             return
+        low = (self.master_weights or self.stochastic_rounding) and any(p.dtype in LOW_PRECISION for p in params)
         if found_inf is not None and found_inf.item() != 0:
             return  # AMP overflow: skip, advance nothing (like torch's fused optimizers)
         if grad_scale is not None:

@@ -17,6 +17,10 @@ Python API (every result is float32, on the inputs' device, freshly allocated by
 ``host_available() -> bool``, ``cuda_available() -> bool``, ``load_errors() -> dict``
     Whether each module imported, and why not.
 
+``sumsq(tensors, scale=None, out=None) -> (Tensor[T], Tensor[])``
+    Per-tensor sums of squares and their total, of ``x / scale`` when an AMP loss scale is given (the grad-norm
+    clipping of every fused optimizer, NovoGrad's per-layer moments); ``out`` pins the results' addresses.
+
 ``sumsq_per_tensor(tensors) -> Tensor[T]``
     ``sum(t.float() ** 2)`` of each tensor (NovoGrad per-layer second moments; ``sumsq / numel`` is the mean
     square behind Adafactor's RMS clipping).
@@ -52,7 +56,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 KIND_SUMSQ, KIND_DOT, KIND_DOT_ROWS, KIND_FACTORED = 0, 1, 2, 3
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CACHE_SIZE = 64
@@ -138,8 +142,10 @@ def _backend(tensors: Sequence[torch.Tensor], backend: str | None) -> str:
     return backend
 
 
-def _run(kind: int, backend: str, a: list, b: list | None, dims: list, eps: float = 0.0):
-    """One launch over all tensors. dims[i] = (B, R, C, S). Returns (out_t [E, K], out_stats [N, K], out_g [K], plan)."""
+def _run(kind: int, backend: str, a: list, b: list | None, dims: list, eps: float = 0.0, scale=None, out=None):
+    """One launch over all tensors. dims[i] = (B, R, C, S). Returns (out_t [E, K], out_stats [N, K], out_g [K], plan).
+    scale: an fp32 1-element device tensor; list A is multiplied by 1 / scale first. out: the fp32 buffer to write
+    (else a fresh one), of (E + N + 1) * K elements: a caller that needs stable result addresses passes its own."""
     global launch_count
     mod = _load("_fused_optim_host" if backend == "host" else "_fused_optim_cuda")
     dev = a[0].device
@@ -153,7 +159,8 @@ def _run(kind: int, backend: str, a: list, b: list | None, dims: list, eps: floa
     if plan is None:
         meta, n_entries, n_items, ws_extra, n_stats, n_counters, K, row_out, col_out = mod.plan(kind, list(descs))
         plan = _Plan()
-        plan.meta = torch.frombuffer(bytearray(meta), dtype=torch.int64).to(dev)
+        # pageable -> device without non_blocking would sync the stream; the runtime stages the bytes at once
+        plan.meta = torch.frombuffer(bytearray(meta), dtype=torch.int64).to(dev, non_blocking=True)
         plan.n_entries, plan.n_items, plan.n_stats, plan.K = n_entries, n_items, n_stats, K
         plan.row_out, plan.col_out = row_out, col_out
         plan.ws_items = torch.empty(n_items * K, dtype=torch.float32, device=dev)
@@ -165,13 +172,19 @@ def _run(kind: int, backend: str, a: list, b: list | None, dims: list, eps: floa
     else:
         _plans.move_to_end(key)
     K = plan.K
-    out = torch.empty((plan.n_entries + plan.n_stats + 1) * K, dtype=torch.float32, device=dev)
+    size = (plan.n_entries + plan.n_stats + 1) * K
+    if out is None:
+        out = torch.empty(size, dtype=torch.float32, device=dev)
+    elif out.numel() != size or out.dtype != torch.float32 or out.device != dev or not out.is_contiguous():
+        raise ValueError(f"fused_optim.csrc: out must be a contiguous float32 tensor of {size} elements on {dev}")
+    if scale is not None and (scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != dev):
+        raise ValueError(f"fused_optim.csrc: scale must be a 1-element float32 tensor on {dev}")
     out_t = out[: plan.n_entries * K]
     out_stats = out[plan.n_entries * K: (plan.n_entries + plan.n_stats) * K]
     out_g = out[(plan.n_entries + plan.n_stats) * K:]
     args = (kind, plan.meta.data_ptr(), plan.n_entries, plan.n_items, plan.ws_items.data_ptr(),
             plan.ws_extra.data_ptr(), plan.counters.data_ptr(), out_t.data_ptr(), out_stats.data_ptr(),
-            out_g.data_ptr(), float(eps))
+            out_g.data_ptr(), scale.data_ptr() if scale is not None else 0, float(eps))
     if dev.type == "cuda":
         with torch.cuda.device(dev):
             mod.launch(*args, device=dev.index if dev.index is not None else torch.cuda.current_device(),
@@ -188,26 +201,35 @@ def _contig(ts: Sequence[torch.Tensor]) -> list:
 
 
 # --------------------------------------------------------------------------------------------- public functions
-def _sumsq(tensors, backend):
+def sumsq(tensors: Sequence[torch.Tensor], *, scale: torch.Tensor | None = None, out: torch.Tensor | None = None,
+          backend: str | None = None):
+    """(per-tensor sums of squares [T], their total 0-d), fp32, one launch. ``scale``: a 1-element fp32 tensor on
+    the inputs' device; each element x counts as x * (1 / scale) (AMP's unscaling). ``out``: an fp32 buffer of
+    T + 1 elements to write (the results are views of it), for callers that need stable addresses."""
     ts = _contig(tensors)
     if not ts:
         return torch.zeros(0), torch.zeros(())
     be = _backend(ts, backend)
     if be == "torch":
-        per = torch.stack([_acc(t).square().sum() for t in ts]).float()
-        return per, per.sum()
-    out_t, _, out_g, _ = _run(KIND_SUMSQ, be, ts, None, [(1, 1, 1, 1)] * len(ts))
+        inv = None if scale is None else 1.0 / scale.float()
+        per = torch.stack([(_acc(t) if inv is None else _acc(t) * inv).square().sum() for t in ts]).float()
+        res = torch.cat([per, per.sum().view(1)])
+        if out is not None:
+            out.copy_(res)
+            res = out
+        return res[:-1], res[-1]
+    out_t, _, out_g, _ = _run(KIND_SUMSQ, be, ts, None, [(1, 1, 1, 1)] * len(ts), scale=scale, out=out)
     return out_t.view(-1), out_g.view(())
 
 
 def sumsq_per_tensor(tensors: Sequence[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:
     """Per-tensor sum of squares, fp32 [T]. See the module docstring."""
-    return _sumsq(tensors, backend)[0]
+    return sumsq(tensors, backend=backend)[0]
 
 
 def norms(tensors: Sequence[torch.Tensor], *, backend: str | None = None):
     """(per-tensor L2 norms [T], global L2 norm 0-d), fp32, one launch."""
-    per, tot = _sumsq(tensors, backend)
+    per, tot = sumsq(tensors, backend=backend)
     return per.sqrt(), tot.sqrt()
 
 

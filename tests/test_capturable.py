@@ -27,11 +27,14 @@ def no_readback(monkeypatch):
     return patch
 
 
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["", "max_grad_norm"])
 @pytest.mark.parametrize("case", NO_SYNC, ids=lambda c: c.name)
-def test_fused_step_reads_nothing_back(case, no_readback):
+def test_fused_step_reads_nothing_back(case, clip, no_readback):
+    if clip and not case.cls.supports_max_grad_norm:
+        pytest.skip(f"{case.name} refuses max_grad_norm")
     cfg = case.configs[-1]
     ps1, ps2 = make_params(case, torch.float32, DEVICE)
-    opt = case.cls(param_groups(case, cfg, ps1, ps2), fused=True, **cfg)
+    opt = case.cls(param_groups(case, cfg, ps1, ps2), fused=True, max_grad_norm=clip, **cfg)
     params = ps1 + ps2
     grads = [torch.randn(p.shape, device=DEVICE) for p in params]
     for _ in range(2):  # warm-up: state creation and table uploads happen here, before capture

@@ -68,6 +68,25 @@ def test_sumsq_and_norms(dtypes):
     _close(total, ref.sum().sqrt(), what="global norm")
 
 
+@pytest.mark.parametrize("backend", ["host", "torch"])
+def test_sumsq_unscales_and_writes_into_out(backend):
+    """AMP: elements count as x * (1 / scale); out= pins the results' addresses (the optimizers' apply tables
+    point at them), and a wrong buffer is refused."""
+    ts = _tensors((torch.float32, torch.bfloat16, torch.float16), seed=3)
+    scale = torch.tensor([1024.0])
+    out = torch.full((len(ts) + 1,), float("nan"))
+    for _ in range(2):
+        per, total = csrc.sumsq(ts, scale=scale, out=out, backend=backend)
+        assert per.data_ptr() == out.data_ptr() and total.data_ptr() == out[-1:].data_ptr()
+    ref = torch.stack([(t.float() * (1 / scale)).double().square().sum() for t in ts])
+    _close(per, ref, what="unscaled sumsq")
+    _close(total, ref.sum(), what="unscaled total")
+    with pytest.raises(ValueError, match="out must be"):
+        csrc.sumsq(ts, out=torch.zeros(len(ts)), backend="host")
+    with pytest.raises(ValueError, match="scale must be"):
+        csrc.sumsq(ts, scale=torch.tensor([1.0, 2.0]), backend="host")
+
+
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.bfloat16, torch.float16)], ids=str)
 def test_dot_per_tensor_and_row(dtypes):
     a = _tensors(dtypes, seed=1)

@@ -138,6 +138,8 @@ class Adahessian(FusedOptimizer):
         self.zero_hessian()
         self.set_hessian()
         with torch.no_grad():
+            # max_grad_norm: after the Hessian products, which differentiate through the grads
+            grad_scale, _ = self._clip_grads(work, None, None)
             for group, params, grads in work:
                 keep = [i for i, p in enumerate(params) if isinstance(getattr(p, "hess", None), torch.Tensor)]
                 params, grads = [params[i] for i in keep], [grads[i] for i in keep]
@@ -153,7 +155,7 @@ class Adahessian(FusedOptimizer):
                 for p, st in zip(params, states):
                     st["hess"] = p.hess
                 try:
-                    self._step_group(group, params, grads, None, None)
+                    self._step_group(group, params, grads, grad_scale, None)
                 finally:
                     for p, st in zip(params, states):
                         p.hess = st.pop("hess")  # (the fused path may have changed its dtype)

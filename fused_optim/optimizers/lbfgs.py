@@ -598,6 +598,7 @@ class LBFGS(FusedOptimizer):
     requires_closure = True
     elementwise = False  # dot products over the whole flat vector
     supports_precision_options = False  # line search and history assume the params' own precision
+    supports_max_grad_norm = False  # the line search and the curvature pairs need the true gradient
     scalar_keys = ()
     _step_supports_amp_scaling = False
     kernel_variants = ()  # no multi-tensor rule: aot_kernels() lists the direction kernel

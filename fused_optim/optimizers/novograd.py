@@ -4,13 +4,12 @@ Both keep one second moment per param tensor ("layer"): an EMA of the squared L2
 The reference and the kernel rule below are shared; the two classes differ only in how a layer's first step is
 recognised, in which dtype the 0-d moments live, and in NvNovoGrad's decoupled weight decay options.
 
-Fused path, per param group and grad dtype: one launch of ``_layer_sumsq_kernel`` (||g||^2 of every tensor,
-deterministic, on the device) and one launch of the shared multi-tensor apply, whose per-tensor scalar slots carry
-(step, exp_avg_sq, ||g||^2, max_exp_avg_sq). No host syncs (timm's NvNovoGrad tests ``exp_avg_sq == 0`` on the host).
+Fused path, per param group: one launch of the shared per-tensor sum of squares (kernels/reduce.py: the C++/CUDA
+engine where built, else Triton; ||g||^2 of every tensor, deterministic, on the device) and one launch of the shared
+multi-tensor apply, whose per-tensor scalar slots carry (step, exp_avg_sq, ||g||^2, max_exp_avg_sq). No host syncs
+(timm's NvNovoGrad tests ``exp_avg_sq == 0`` on the host).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -18,54 +17,16 @@ from .._base import (FusedOptimizer, as_real, check, check_betas, check_nonneg, 
                      scalar, scalars_on_device)
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import reduce
 
 _LOW = (torch.float16, torch.bfloat16)
 _NORM = "||g||^2"  # the scalar slot fed from the reduction pass, not a state
-# partial sums are added PB at a time; small under the interpreter so CPU tests cover several passes
-_PB = 4 if mt.interpreter_enabled() else 256
 
 if mt.available():
     import triton
     import triton.language as tl
 
     AMSGRAD, WD, DECOUPLED, CORRECTED, GRAD_AVG, FIRST_IF_ZERO = mt.flag_bits(6)
-    _chunk_ptr, _load, arrive, sum_partials = mt._chunk_ptr, mt._load, mt.arrive, mt.sum_partials
-
-    @triton.jit
-    def _layer_sumsq_kernel(ptrs, numels, work, first, counters, partials, out, scale_ptr, inf_ptr,
-                            G_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
-                            ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, PB: tl.constexpr):
-        # one program per (tensor, chunk) of mt's work table; out[t] = sum of the unscaled grad's squares
-        pid = tl.program_id(0)
-        skip = 0
-        if HAS_INF:
-            skip = tl.load(inf_ptr) != 0
-        if skip == 0:
-            t = tl.load(work + 2 * pid)
-            chunk = tl.load(work + 2 * pid + 1).to(tl.int64)
-            n = tl.load(numels + t)
-            g_ptr = _chunk_ptr(ptrs + t.to(tl.int64) * 2, 1, G_DT, ALIGNED)
-            inv_scale = 1.0
-            if HAS_SCALE:
-                inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
-            lanes = tl.arange(0, BLOCK)
-            start = chunk * (BLOCK * ITERS)
-            acc = tl.zeros([BLOCK], tl.float32)
-            if start + BLOCK * ITERS <= n:
-                for i in range(ITERS):
-                    offs = start + i * BLOCK + lanes
-                    g = _load(g_ptr, offs, offs < n, True) * inv_scale
-                    acc += g * g
-            else:
-                for i in range(ITERS):
-                    offs = start + i * BLOCK + lanes
-                    g = _load(g_ptr, offs, offs < n, False) * inv_scale
-                    acc += g * g
-            tl.store(partials + pid, tl.sum(acc, axis=0))
-            nwork = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
-            if arrive(counters + t, nwork):
-                tl.store(out + t, sum_partials(partials + tl.load(first + t), nwork, PB))
-                tl.store(counters + t, 0)
 
     @triton.jit
     def _novograd_scalars(step, v, norm, vmax, lr, beta1, beta2, eps, wd, max_lr, h6, h7, FLAGS: tl.constexpr):
@@ -101,70 +62,6 @@ if mt.available():
         m = m * beta1.to(tl.float32) + u
         p = p - lr.to(tl.float32) * m
         return p, m, s1, s2, s3
-
-
-@dataclass
-class _SumsqTables:
-    tab: object            # mt._Tables over the grads (ptrs column 1, numels, work, counters)
-    first: torch.Tensor    # int32 [T]: index of each tensor's first work item (its partials start there)
-    partials: torch.Tensor  # fp32 [W]
-    out: torch.Tensor      # fp32 [T]; out[i] is tensor i's ||g||^2 slot of the apply
-    gkey: tuple = ()
-
-
-def layer_sumsq(cache: dict, grads, grad_scale=None, found_inf=None) -> list:
-    """||g||^2 of every (unscaled) grad, as 0-d fp32 device tensors: one launch per grad dtype.
-
-    The results are views of a buffer cached per group, at stable addresses, so the apply's tables stay valid."""
-    out = [None] * len(grads)
-    buckets: dict = {}
-    for i, g in enumerate(grads):
-        buckets.setdefault(g.dtype, []).append(i)
-    for dt, idx in buckets.items():
-        gs = [grads[i] for i in idx]
-        key = tuple(g.numel() for g in gs)
-        gkey = tuple(g.data_ptr() for g in gs)
-        st = cache.get(dt)
-        if st is None or st.tab.key != key or st.tab.aligned != mt._all_aligned(gs, gs, []):
-            empty = [[] for _ in gs]
-            tab = mt._build_tables(key, gs, gs, empty, empty, gs[0].device)  # ptrs column 1 holds the grads
-            chunks = [max(1, -(-n // (mt.BLOCK * mt.ITERS))) for n in key]
-            starts = [sum(chunks[:i]) for i in range(len(chunks))]
-            dev = gs[0].device
-            st = cache[dt] = _SumsqTables(tab, torch.tensor(starts, dtype=torch.int32).to(dev),
-                                          torch.zeros(sum(chunks), dtype=torch.float32, device=dev),
-                                          torch.zeros(len(gs), dtype=torch.float32, device=dev), gkey)
-        elif st.gkey != gkey:
-            st.tab.ptrs[:, 1].copy_(torch.tensor(gkey, dtype=torch.int64))
-            st.gkey = gkey
-        dummy = st.tab.fdummy
-        _layer_sumsq_kernel[(st.tab.work.shape[0],)](
-            st.tab.ptrs, st.tab.numels, st.tab.work, st.first, st.tab.counters, st.partials, st.out,
-            grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
-            **_sumsq_constexprs(dt, grad_scale is not None, found_inf is not None, st.tab.aligned),
-            **({} if mt.interpreter_enabled() else mt.compile_options()))
-        mt.launch_count += 1
-        for j, i in enumerate(idx):
-            out[i] = st.out[j]
-    return out
-
-
-def _sumsq_constexprs(g_dtype, has_scale, has_inf, aligned) -> dict:
-    return dict(G_DT=mt._TL_DTYPES[g_dtype], HAS_SCALE=has_scale, HAS_INF=has_inf, ALIGNED=aligned,
-                BLOCK=mt.BLOCK, ITERS=mt.ITERS, PB=_PB)
-
-
-def aot_kernels():
-    """The reduction pass, for tools/aot.py (the apply is covered through ``_kernel_rule``)."""
-    sig = {"ptrs": "*i64", "numels": "*i64", "work": "*i32", "first": "*i32", "counters": "*i32",
-           "partials": "*fp32", "out": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32"}
-    sig.update({k: "constexpr" for k in _sumsq_constexprs(torch.float32, False, False, True)})
-    return [dict(name=f"NovoGrad[layer ||g||^2] {str(dt).replace('torch.', '')}{'' if al else ' unaligned'}"
-                      f"{' amp' if amp else ''}",
-                 fn=_layer_sumsq_kernel, signature=sig, constexprs=_sumsq_constexprs(dt, amp, amp, al),
-                 options=mt.compile_options())
-            for dt, al, amp in ((torch.float32, True, False), (torch.float32, False, False),
-                                (torch.bfloat16, True, False), (torch.float16, True, True))]
 
 
 def layer_second_moment_(v, norm, beta2, first) -> None:
@@ -264,7 +161,8 @@ class _LayerwiseMoments(FusedOptimizer):
         if any(not t.is_contiguous() for t in params + grads):
             raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
         flat_g = [as_real(g).view(-1) for g in grads]
-        norms = layer_sumsq(self._kernel_caches.setdefault((id(group), "sumsq"), {}), flat_g, grad_scale, found_inf)
+        norms = reduce.sumsq(self._kernel_caches.setdefault((id(group), "sumsq"), {}), flat_g, grad_scale,
+                             found_inf).unbind()  # 0-d views at fixed addresses: the apply's tables stay valid
         lr = group["lr"]
         mt.apply(rule, self._kernel_caches.setdefault((id(group), None), mt.GroupCache()),
                  [as_real(p).view(-1) for p in params], flat_g,

@@ -131,6 +131,7 @@ def _f64_bits(x: float) -> int:
 class SparseAdam(FusedOptimizer):
     dense_only = False
     sparse_only = True
+    supports_max_grad_norm = False  # torch.nn.utils.clip_grad_norm_ has no sparse-grad counterpart to match
     supports_complex = False
     scalar_keys = ()
     precision_in_kernel = False  # its row kernel has no master copy / stochastic rounding: reference path

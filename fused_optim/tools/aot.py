@@ -100,13 +100,15 @@ def _lr_required(cls) -> bool:
     return p is not None and (p.default is inspect.Parameter.empty or "required" in repr(p.default))
 
 
-# (param, grad, state) dtypes, aligned, AMP args. Every option variant is compiled for aligned fp32; the first
-# (defaults) and last (every option on) also for unaligned fp32, bf16, and fp16 with AMP scaling.
-# ... and bf16 with an fp32 master copy (fp32 states), and bf16 with stochastic rounding.
+# (param, grad, state) dtypes, aligned, AMP args (True: grad_scale and found_inf; "clip": grad_scale only, which is
+# how max_grad_norm alone reaches the kernel). Every option variant is compiled for aligned fp32; the first
+# (defaults) and last (every option on) also for unaligned fp32, bf16, fp16 with AMP scaling, fp32 with clipping,
+# bf16 with an fp32 master copy (fp32 states), and bf16 with stochastic rounding.
 FP32 = ((torch.float32,) * 3, True, False, False, False)
 BF16 = torch.bfloat16
 DTYPE_VARIANTS = [FP32, ((torch.float32,) * 3, False, False, False, False), ((BF16,) * 3, True, False, False, False),
-                  ((torch.float16,) * 3, True, True, False, False), ((BF16, BF16, torch.float32), True, False, True, False),
+                  ((torch.float16,) * 3, True, True, False, False), ((torch.float32,) * 3, True, "clip", False, False),
+                  ((BF16, BF16, torch.float32), True, False, True, False),
                   ((BF16,) * 3, True, False, False, True)]
 
 
@@ -121,14 +123,17 @@ def inventory() -> list[Entry]:
             for dts, aligned, amp, master, sr in (DTYPE_VARIANTS if i in (0, len(rules) - 1) else [FP32]):
                 if (master or sr) and not cls.precision_in_kernel:
                     continue
-                cx = mt.constexprs(rule, dts, ns, nt, lr_tensor=False, has_scale=amp, has_inf=amp, aligned=aligned,
-                                   master=master, sr=sr)
+                cx = mt.constexprs(rule, dts, ns, nt, lr_tensor=False, has_scale=bool(amp), has_inf=amp is True,
+                                   aligned=aligned, master=master, sr=sr)
                 dname = str(dts[0]).replace("torch.", "")
                 entries.append(Entry(f"{cls.__name__}[{label}] {dname}{'' if aligned else ' unaligned'}"
-                                     f"{' amp' if amp else ''}{' master' if master else ''}{' sr' if sr else ''}",
+                                     f"{' ' + str(amp).replace('True', 'amp') if amp else ''}{' master' if master else ''}{' sr' if sr else ''}",
                                      mt.multi_tensor_apply_kernel, sig, cx,
                                      mt.compile_options(), vector_check=aligned))
-    for mod in sorted({sys.modules[c.__module__] for c in fused_optim.REGISTRY.values()}, key=lambda m: m.__name__):
+    from fused_optim.kernels import reduce  # shared by NovoGrad and every optimizer's max_grad_norm
+
+    modules = {sys.modules[c.__module__] for c in fused_optim.REGISTRY.values()} | {reduce}
+    for mod in sorted(modules, key=lambda m: m.__name__):
         if hasattr(mod, "aot_kernels"):
             entries.extend(Entry(**e) if isinstance(e, dict) else e for e in mod.aot_kernels())
     return entries

@@ -1,0 +1,162 @@
+"""max_grad_norm: global grad-norm clipping inside the step, equal to torch.nn.utils.clip_grad_norm_ before it.
+
+The reference path calls clip_grad_norm_ itself; the fused path folds the clip coefficient into the kernels' grad
+scale (kernels/reduce.py), computed on the device by the C++ engine (its host build on CPU) or by Triton. Both are
+checked against "clip_grad_norm_, then the same optimizer without max_grad_norm" over 20 steps on every dense case's
+shapes (odd sizes, 0-d, empty, 4-D), with max_grad_norm set so that some steps clip and others do not."""
+import pytest
+import torch
+
+import fused_optim
+from cases import ALL, clone_params, make_params, param_groups
+from conftest import DEVICE
+from helpers import assert_states_close, assert_unchanged, snapshot
+from fused_optim.kernels import multi_tensor as mt
+from fused_optim.kernels import reduce
+
+DENSE = sorted({c.name: c for c in ALL if c.dense_grads and c.driver is None}.values(), key=lambda c: c.name)
+STEPS = 20
+
+
+@pytest.fixture(params=["csrc", "triton"])
+def backend(request, monkeypatch):
+    if request.param == "csrc" and not reduce.use_csrc(torch.device(DEVICE)):
+        pytest.skip("the csrc module is not built here (bash scripts/build_csrc.sh)")
+    monkeypatch.setattr(reduce, "BACKEND", request.param)
+    return request.param
+
+
+def _grads(params, gen, step):
+    # random non-zero grads whose global norm is 1 every third step, else 4: across max_grad_norm=2 both ways
+    gs = [torch.randn(p.shape, generator=gen, dtype=torch.float64).add_(0.01) for p in params]
+    target = 1.0 if step % 3 == 0 else 4.0
+    return [g * (target / _norm(gs)) for g in gs]
+
+
+def _norm(grads):
+    return float(torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads]))) if grads else 0.0
+
+
+def _run_pair(case, config, fused, max_norm):
+    """Ours with max_grad_norm vs ours without it after clip_grad_norm_; returns both and the norms seen."""
+    a1, a2 = make_params(case, torch.float32, DEVICE)
+    b1, b2 = clone_params(a1), clone_params(a2)
+    ours = case.cls(param_groups(case, config, a1, a2), fused=fused, max_grad_norm=max_norm, **config)
+    plain = case.cls(param_groups(case, config, b1, b2), fused=False, **config)
+    pa, pb = a1 + a2, b1 + b2
+    gen, norms = torch.Generator().manual_seed(1), []
+    for step in range(STEPS):
+        grads = _grads(pa, gen, step)
+        for p, q, g in zip(pa, pb, grads):
+            p.grad = g.to(device=DEVICE, dtype=p.dtype)
+            q.grad = g.to(device=DEVICE, dtype=q.dtype)
+        norms.append(_norm([p.grad for p in pa]))
+        torch.nn.utils.clip_grad_norm_(pb, max_norm)
+        ours.step()
+        plain.step()
+        torch.testing.assert_close(ours.last_grad_norm.double().cpu(), torch.tensor(norms[-1], dtype=torch.float64),
+                                   rtol=1e-5, atol=0)
+        for p, q in zip(pa, pb):  # like clip_grad_norm_, the step leaves the clipped grads in p.grad
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    return ours, pa, plain, pb, norms
+
+
+@pytest.mark.parametrize("case", DENSE, ids=lambda c: c.name)
+def test_reference_equals_clip_grad_norm_then_step(case):
+    config = case.configs[-1]
+    ours, pa, plain, pb, norms = _run_pair(case, config, False, max_norm=2.0)
+    assert min(norms) < 2.0 < max(norms)  # both branches of the clip were taken
+    assert_states_close(ours, pa, plain, pb, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", [c for c in DENSE if c.kernel], ids=lambda c: c.name)
+def test_fused_equals_clip_grad_norm_then_step(case, backend):
+    config = case.configs[-1]
+    n0 = mt.launch_count
+    ours, pa, plain, pb, norms = _run_pair(case, config, True, max_norm=2.0)
+    assert min(norms) < 2.0 < max(norms)
+    assert_states_close(ours, pa, plain, pb, rtol=1e-5, atol=1e-6)
+    # clipping adds one reduction launch (per grad dtype on the Triton path; one dtype here) and one scale launch
+    groups = len(ours.param_groups)
+    assert mt.launch_count - n0 <= STEPS * (groups * case.launches + 2) + groups
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_clip_with_grad_scaler_equals_unscaled_clip(fused, backend):
+    def train(scaler):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(DEVICE)
+        opt = fused_optim.AdamW(model.parameters(), lr=0.05, fused=fused, max_grad_norm=0.1)
+        x, y = torch.randn(32, 6, device=DEVICE), torch.randn(32, 1, device=DEVICE)
+        norms = []
+        for _ in range(6):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            norms.append(float(opt.last_grad_norm))
+        return model, norms
+
+    ref, ref_norms = train(None)
+    model, norms = train(torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 12))
+    assert min(ref_norms) > 0.1  # the clip is active
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-5, atol=0)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_overflow_step_changes_nothing(backend):
+    params = [torch.nn.Parameter(torch.randn(5, 3, device=DEVICE) + 0.1), torch.nn.Parameter(torch.randn(7, device=DEVICE))]
+    opt = fused_optim.Adam(params, fused=True, max_grad_norm=1.0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    snap = snapshot(opt, params)
+    params[0].grad[0, 0] = float("inf")
+    opt.step(grad_scale=torch.tensor(4.0, device=DEVICE), found_inf=torch.tensor(1.0, device=DEVICE))
+    assert_unchanged(opt, params, snap)
+
+
+def test_adahessian_clips_after_the_hessian_products():
+    case = next(c for c in ALL if c.name == "Adahessian")
+    results = []
+    for fused, max_norm in ((False, None), (False, 0.05), (True, 0.05)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(DEVICE)
+        opt = case.cls(model.parameters(), lr=0.1, fused=fused, max_grad_norm=max_norm)
+        x, y = torch.randn(16, 6, device=DEVICE), torch.randn(16, 1, device=DEVICE)
+        for _ in range(5):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward(create_graph=True)
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    unclipped, ref, fused = results
+    assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(unclipped, ref))  # the clip changed the run
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_invalid_max_grad_norm_is_refused(value):
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        fused_optim.Adam([torch.nn.Parameter(torch.ones(3))], max_grad_norm=value)
+
+
+@pytest.mark.parametrize("name", ["SparseAdam", "LBFGS"])
+def test_max_grad_norm_refused_where_unsupported(name):
+    with pytest.raises(ValueError, match="does not support max_grad_norm"):
+        fused_optim.REGISTRY[name.lower()]([torch.nn.Parameter(torch.ones(3))], max_grad_norm=1.0)
+
+
+def test_max_grad_norm_keeps_the_checkpoint_layout():
+    p = torch.nn.Parameter(torch.randn(4))
+    ours = fused_optim.AdamW([p], max_grad_norm=1.0)
+    torch_opt = torch.optim.AdamW([torch.nn.Parameter(torch.randn(4))])
+    p.grad = torch.randn(4)
+    ours.step()
+    assert set(ours.state_dict()["param_groups"][0]) == set(torch_opt.state_dict()["param_groups"][0]) | {"fused"}
+    assert "max_grad_norm" in str(type(ours).__init__.__signature__)
