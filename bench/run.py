@@ -64,8 +64,9 @@ def workloads(device: str, which: list[str]):
             shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d),
                        (d,)]
         out["gpt"] = shapes + [(d,), (d,)]
-    if "tiny" in which:  # many tiny tensors: launch overhead
+    if "tiny" in which:  # many tiny tensors: launch overhead; tiny-flat: the same bytes as one tensor
         out["tiny"] = [(256,)] * (2000 if gpu else 500)
+        out["tiny-flat"] = [(256 * len(out["tiny"]),)]
     return out
 
 
@@ -274,7 +275,36 @@ def _markdown(meta, rows):
         else:
             lines.append(f"| {r['workload']} | {r['dtype']} | {r['optimizer']} | {r['impl']} | error: "
                          f"{r['error']} | | | |")
+    lines += ["", "## Targets (issue 5)", ""] + _targets(rows)
     return "\n".join(lines) + "\n"
+
+
+ELEMENTWISE = {"SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop", "Adadelta", "Rprop", "ASGD"}
+
+
+def _targets(rows) -> list:
+    """One line per target and measured case: met or missed, by how much (speedup = their time / ours)."""
+    ms = {(r["workload"], r["dtype"], r["optimizer"], r["impl"]): r for r in rows if "ms" in r}
+    out = []
+
+    def verdict(label, value, goal, higher=True):
+        ok = value >= goal if higher else value <= goal
+        out.append(f"- {label}: {value:.2f} (goal {'>=' if higher else '<='} {goal}) "
+                   f"{'met' if ok else f'MISSED by {abs(value / goal - 1) * 100:.0f}%'}")
+
+    for (w, dt, name, impl), r in sorted(ms.items()):
+        if impl != "ours-fused":
+            continue
+        if w == "large" and name in ELEMENTWISE:
+            verdict(f"{name} {dt} large: % of copy bandwidth", r["pct_copy_bw"], 90)
+        for other, goal in (("torch-fused", 1.05), ("torch-foreach", 2.0), ("timm", 5.0)):
+            if (w, dt, name, other) in ms and w != "tiny-flat":
+                verdict(f"{name} {dt} {w}: speedup over {other}", ms[(w, dt, name, other)]["ms"] / r["ms"], goal)
+        flat = ms.get(("tiny-flat", dt, name, impl))
+        if w == "tiny" and flat:
+            verdict(f"{name} {dt}: tiny (many tensors) / tiny-flat (one tensor) time", r["ms"] / flat["ms"], 1.3,
+                    higher=False)
+    return out or ["- no ours-fused rows (CPU runs compare the reference path with torch foreach only)"]
 
 
 def _plot(meta, rows, path):
