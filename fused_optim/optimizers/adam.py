@@ -74,16 +74,22 @@ def adam_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2):
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
 
 
-def adam_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled):
-    """Adam / AdamW on lists (foreach ops). Shared by Adam, AdamW and the Adam half of AdamP-like optimizers."""
+def begin_step(params, grads, states, *, lr, weight_decay, maximize, decoupled):
+    """The start every Adam-family reference shares: advance the step counters, then the grads with maximize and
+    weight decay applied. Returns (grads, exp_avg list, exp_avg_sq list, new step numbers as floats)."""
     steps = [st["step"] for st in states]
-    m = [st["exp_avg"] for st in states]
-    v = [st["exp_avg_sq"] for st in states]
     torch._foreach_add_(steps, 1)
     grads = decayed_grads(params, grads, lr=lr, weight_decay=weight_decay, maximize=maximize, decoupled=decoupled)
+    return grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [s.item() for s in steps]
+
+
+def adam_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled):
+    """Adam / AdamW on lists (foreach ops). Shared by Adam, AdamW and the Adam half of AdamP-like optimizers."""
+    grads, m, v, t = begin_step(params, grads, states, lr=lr, weight_decay=weight_decay, maximize=maximize,
+                                decoupled=decoupled)
     adam_moments_(m, v, grads, beta1, beta2)
-    bc1 = [1 - beta1 ** s.item() for s in steps]
-    bc2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in steps]
+    bc1 = [1 - beta1 ** s for s in t]
+    bc2_sqrt = [(1 - beta2 ** s) ** 0.5 for s in t]
     if amsgrad:
         vmax = [st["max_exp_avg_sq"] for st in states]
         torch._foreach_maximum_(vmax, v)

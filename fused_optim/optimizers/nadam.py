@@ -9,7 +9,7 @@ import torch
 from .._base import new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
-from .adam import AdamFamily, adam_moments_, decayed_grads
+from .adam import AdamFamily, adam_moments_, begin_step
 
 if mt.available():
     import triton
@@ -70,14 +70,9 @@ class NAdam(AdamFamily):
     def _reference(self, group, params, grads, states):
         lr, eps, md = scalar(group["lr"]), group["eps"], group["momentum_decay"]
         beta1, beta2 = (scalar(b) for b in group["betas"])
-        steps = [st["step"] for st in states]
         mu_products = [st["mu_product"] for st in states]
-        m = [st["exp_avg"] for st in states]
-        v = [st["exp_avg_sq"] for st in states]
-        torch._foreach_add_(steps, 1)
-        grads = decayed_grads(params, grads, lr=lr, weight_decay=group["weight_decay"], maximize=group["maximize"],
-                              decoupled=group["decoupled_weight_decay"])
-        t = [s.item() for s in steps]
+        grads, m, v, t = begin_step(params, grads, states, lr=lr, weight_decay=group["weight_decay"],
+                                    maximize=group["maximize"], decoupled=group["decoupled_weight_decay"])
         mus = [beta1 * (1.0 - 0.5 * 0.96 ** (s * md)) for s in t]
         mus_next = [beta1 * (1.0 - 0.5 * 0.96 ** ((s + 1) * md)) for s in t]
         torch._foreach_mul_(mu_products, mus)  # in the state's dtype, like torch's `mu_product *= mu`

@@ -7,7 +7,7 @@ import torch
 from .._base import scalar
 from .._registry import register
 from ..kernels import multi_tensor as mt
-from .adam import AdamFamily, adam_moments_, decayed_grads
+from .adam import AdamFamily, adam_moments_, begin_step
 
 if mt.available():
     import triton
@@ -53,14 +53,9 @@ class RAdam(AdamFamily):
     def _reference(self, group, params, grads, states):
         lr, eps = scalar(group["lr"]), group["eps"]
         beta1, beta2 = (scalar(b) for b in group["betas"])
-        steps = [st["step"] for st in states]
-        m = [st["exp_avg"] for st in states]
-        v = [st["exp_avg_sq"] for st in states]
-        torch._foreach_add_(steps, 1)
-        grads = decayed_grads(params, grads, lr=lr, weight_decay=group["weight_decay"], maximize=group["maximize"],
-                              decoupled=group["decoupled_weight_decay"])
+        grads, m, v, t = begin_step(params, grads, states, lr=lr, weight_decay=group["weight_decay"],
+                                    maximize=group["maximize"], decoupled=group["decoupled_weight_decay"])
         adam_moments_(m, v, grads, beta1, beta2)
-        t = [s.item() for s in steps]
         bc2 = [1 - beta2 ** s for s in t]
         rho_inf = 2 / (1 - beta2) - 1
         rho = [rho_inf - 2 * s * (beta2 ** s) / b for s, b in zip(t, bc2)]
