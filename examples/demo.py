@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
+from timing import timed_step  # examples/timing.py (the script dir is on sys.path)
 
 
 def main() -> int:
@@ -40,13 +40,7 @@ def main() -> int:
             loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), y)
             opt.zero_grad()
             loss.backward()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            opt.step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+            times.append(timed_step(opt, device))
             losses.append(loss.item())
         results[name] = (losses, sorted(times[3:])[len(times[3:]) // 2])
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
+from timing import timed_step  # examples/timing.py (the script dir is on sys.path)
 
 import torch
 import yaml
@@ -62,13 +62,7 @@ def train(cfg, fused: bool, device: str):
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, m["vocab"]), batch[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(timed_step(opt, device))
         losses.append(loss.item())
     return losses, statistics.median(times[2:])
 
