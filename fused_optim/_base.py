@@ -251,7 +251,8 @@ class FusedOptimizer(Optimizer):
         Fused: one reduction launch and one tiny launch turn the grads' norm into an effective scale,
         grad_scale / min(1, max_norm / (norm + 1e-6)), that the kernels apply while they read the grads (and write
         back, as they write back AMP-unscaled grads): no host sync, no extra pass. Reference path: unscale in place,
-        then clip_grad_norm_ itself."""
+        then clip_grad_norm_ itself. (bf16/fp16 grads: clip_grad_norm_ rounds each tensor's norm to the grad's
+        dtype; the fused norm stays fp32, so the two agree to that rounding.)"""
         if self.max_grad_norm is None:
             return grad_scale, False
         pairs = [(p, g) for _, params, grads in work for p, g in zip(params, grads)]
