@@ -23,7 +23,7 @@ CASES = [
                   {"min_dim_size_to_factor": 2, "eps": 1e-20}],
          group2={"weight_decay": 0.05, "eps_scale": 1e-2, "clip_threshold": 0.7},
          shapes=ADAFACTOR_SHAPES, shapes2=SHAPES_2 + [(17, 17)], complex_ok=False,
-         launches=4),  # row/col sums, norms, apply (caution: moments + apply)
+         launches=2),  # reduce (csrc engine or Triton row/col sums), then one persistent launch
     Case("NvNovoGrad", lambda: timm_class("nvnovograd", "NvNovoGrad"),
          configs=[{}, {"lr": 0.01, "weight_decay": 0.1, "grad_averaging": True},
                   {"amsgrad": True, "betas": (0.9, 0.99), "eps": 1e-6},

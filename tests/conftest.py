@@ -21,3 +21,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(params=["csrc", "triton"])
+def reductions(request, monkeypatch):
+    """Runs a test with each implementation of the per-tensor reductions (fused_optim/kernels/reduce.py): the C++
+    engine (its host build on CPU) and Triton."""
+    from fused_optim.kernels import reduce
+
+    if request.param == "csrc" and not reduce.use_csrc(torch.device(DEVICE)):
+        pytest.skip("the csrc module is not built here (bash scripts/build_csrc.sh)")
+    monkeypatch.setattr(reduce, "BACKEND", request.param)
+    return request.param

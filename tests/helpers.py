@@ -50,3 +50,33 @@ def assert_unchanged(opt, params, snap):
         assert set(now) == set(st), "state keys changed"
         for k, v in st.items():
             assert (torch.equal(now[k], v) if isinstance(v, torch.Tensor) else now[k] == v), f"state {k} changed"
+
+
+def train_mlp(make_opt, device, scaler=None, steps=6, inf_at=None, dims=(6, 16), check_unscaled=False):
+    """A small MLP trained from a fixed start by make_opt(params), optionally through a GradScaler; grad [0, 0] of
+    the first layer is inf at step inf_at. check_unscaled: after each finite scaled step, p.grad must hold the
+    unscaled grad (the fused kernels write it back). Returns (model, opt, param snapshots before each step)."""
+    torch.manual_seed(0)
+    n_in, hidden = dims
+    model = torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)).to(device)
+    opt = make_opt(model.parameters())
+    x, y = torch.randn(32, n_in, device=device), torch.randn(32, 1, device=device)
+    snaps = []
+    for i in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if i == inf_at:
+            model[0].weight.grad[0, 0] = float("inf")
+        snaps.append([p.detach().clone() for p in model.parameters()])
+        if scaler:
+            scale = scaler.get_scale()
+            scaled = [p.grad.clone() for p in model.parameters()]
+            scaler.step(opt)
+            if check_unscaled and i != inf_at:
+                for p, g in zip(model.parameters(), scaled):
+                    torch.testing.assert_close(p.grad, g / scale, rtol=1e-6, atol=0)
+            scaler.update()
+        else:
+            opt.step()
+    return model, opt, snaps

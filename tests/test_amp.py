@@ -5,30 +5,14 @@ import torch
 
 from cases import ALL
 from conftest import DEVICE
+from helpers import train_mlp
 
 DENSE = sorted({c.name: c for c in ALL if c.dense_grads and c.driver is None}.values(), key=lambda c: c.name)
 
 
 def _train(case, fused, scaler, steps=6, inf_at=None):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(DEVICE)
     kw = {"lr": 0.01} if case.name == "SGDP" else {}
-    opt = case.cls(model.parameters(), fused=fused, **{**kw, **case.configs[0]})
-    x, y = torch.randn(32, 6, device=DEVICE), torch.randn(32, 1, device=DEVICE)
-    snaps = []
-    for i in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        (scaler.scale(loss) if scaler else loss).backward()
-        if i == inf_at:
-            model[0].weight.grad[0, 0] = float("inf")
-        snaps.append([p.detach().clone() for p in model.parameters()])
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-    return model, opt, snaps
+    return train_mlp(lambda ps: case.cls(ps, fused=fused, **{**kw, **case.configs[0]}), DEVICE, scaler, steps, inf_at)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])

@@ -12,18 +12,9 @@ from cases import ALL, clone_params, make_params, param_groups
 from conftest import DEVICE
 from helpers import assert_states_close, assert_unchanged, snapshot
 from fused_optim.kernels import multi_tensor as mt
-from fused_optim.kernels import reduce
 
 DENSE = sorted({c.name: c for c in ALL if c.dense_grads and c.driver is None}.values(), key=lambda c: c.name)
 STEPS = 20
-
-
-@pytest.fixture(params=["csrc", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "csrc" and not reduce.use_csrc(torch.device(DEVICE)):
-        pytest.skip("the csrc module is not built here (bash scripts/build_csrc.sh)")
-    monkeypatch.setattr(reduce, "BACKEND", request.param)
-    return request.param
 
 
 def _grads(params, gen, step):
@@ -70,7 +61,7 @@ def test_reference_equals_clip_grad_norm_then_step(case):
 
 
 @pytest.mark.parametrize("case", [c for c in DENSE if c.kernel], ids=lambda c: c.name)
-def test_fused_equals_clip_grad_norm_then_step(case, backend):
+def test_fused_equals_clip_grad_norm_then_step(case, reductions):
     config = case.configs[-1]
     n0 = mt.launch_count
     ours, pa, plain, pb, norms = _run_pair(case, config, True, max_norm=2.0)
@@ -82,7 +73,7 @@ def test_fused_equals_clip_grad_norm_then_step(case, backend):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-def test_clip_with_grad_scaler_equals_unscaled_clip(fused, backend):
+def test_clip_with_grad_scaler_equals_unscaled_clip(fused, reductions):
     def train(scaler):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(DEVICE)
@@ -109,7 +100,7 @@ def test_clip_with_grad_scaler_equals_unscaled_clip(fused, backend):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_clip_overflow_step_changes_nothing(backend):
+def test_clip_overflow_step_changes_nothing(reductions):
     params = [torch.nn.Parameter(torch.randn(5, 3, device=DEVICE) + 0.1), torch.nn.Parameter(torch.randn(7, device=DEVICE))]
     opt = fused_optim.Adam(params, fused=True, max_grad_norm=1.0)
     for p in params:
@@ -162,7 +153,7 @@ def test_max_grad_norm_keeps_the_checkpoint_layout():
     assert "max_grad_norm" in str(type(ours).__init__.__signature__)
 
 
-def test_mixed_dtypes_share_one_global_norm(backend):
+def test_mixed_dtypes_share_one_global_norm(reductions):
     """fp32, bf16 and fp16 grads in two groups: one norm over all of them (fp32 accumulation), as the reference."""
     shapes_dtypes = [((33, 5), torch.float32), ((257,), torch.bfloat16), ((4, 3, 3, 3), torch.float16),
                      ((), torch.float32)]

@@ -28,7 +28,7 @@ from conftest import DEVICE
 from fused_optim.kernels import multi_tensor as mt
 from fused_optim.optimizers import lbfgs as L
 import test_lbfgs
-from test_lbfgs import SEARCHES, _closure, _types, rosenbrock
+from test_lbfgs import SEARCHES, _closure, _types
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -288,6 +288,39 @@ if triton is not None:
             acc += tl.load(ptr + offs, mask=offs < n, other=0.0, cache_modifier=".cg")
         return tl.sum(acc, axis=0)
 
+    # ---- grid barrier for persistent launches (grid <= SM count, so every program is resident) ---------------------
+    # The counter counts arrivals cumulatively over a launch: barrier k (k = 1, 2, ...) waits for k * G arrivals, and
+    # grid_barrier_exit (one more arrival per program) lets the last program out reset it for the next launch.
+
+    GRID_SPIN_LIMIT = tl.constexpr(1 << 24)  # ~seconds of polling: a barrier that never completes gives up
+
+    @triton.jit
+    def grid_barrier(counter, target):
+        """Wait until `target` arrivals (this one included) are counted at `counter`; 1 if they were, 0 if the spin
+        limit gave up. Cooperative groups' grid sync: the CTA barrier orders every thread's earlier stores before the
+        acquire-release atomic at GPU scope, so after it they are visible to every program (loads of them must
+        bypass L1: cache_modifier=".cg")."""
+        tl.debug_barrier()
+        seen = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") + 1
+        spins = 0
+        while (seen < target) & (spins < GRID_SPIN_LIMIT):
+            seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+            spins += 1
+        tl.debug_barrier()
+        return (seen >= target).to(tl.int32)
+
+    @triton.jit
+    def grid_barrier_exit(counter, total, ok):
+        """Every program calls this once after its last grid_barrier (total = (barriers + 1) * G): the last one out
+        resets the counter to 0 (all others are past every spin). A program whose barrier gave up (ok == 0) sets
+        counter[1], a sticky failure flag for the host to inspect."""
+        if ok == 0:
+            tl.atomic_xchg(counter + 1, 1, sem="relaxed", scope="gpu")
+        tl.debug_barrier()
+        left = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if left == total - 1:
+            tl.atomic_xchg(counter, 0, sem="acq_rel", scope="gpu")
+
 
 if triton is not None:
     class _Bit(tl.constexpr):
@@ -414,7 +447,7 @@ def apply(rule: Rule, cache: GroupCache, params, grads, states, scalars, *, lr_t
             cache.tables[(dts, master)] = tab
             cache.builds += 1
         elif tab.gkey != gkey:
-            tab.ptrs[:, 1].copy_(torch.tensor(gkey, dtype=torch.int64))
+            tab.ptrs[:, 1].copy_(torch.tensor(gkey, dtype=torch.int64), non_blocking=True)  # no stream sync
             tab.gkey = gkey
             cache.grad_uploads += 1
         sr = stochastic_rounding and dts[0] == torch.bfloat16

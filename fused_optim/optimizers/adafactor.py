@@ -5,20 +5,36 @@ Second moment: factored into row and column means of g^2 + eps for params with t
 (dims 0, 1 of a conv weight, else the last two), element-wise otherwise. Relative step size when lr=None, update RMS
 clipping, optional first moment (betas[0]), timm's cautious masking.
 
-Fused path: dedicated Triton kernels (the factored update needs a row and a column factor per element, which the
-shared element-wise kernel cannot express). Every tensor is cut into 2-D tiles: a factored tensor, viewed as
-[pre, A, B, post] (A, B the factored dims), into (plane = (pre, post) index, A-block, B-block) tiles; an unfactored
-one into rows of TB elements. Per param group and dtype combination, all tensors at once:
+Fused path: one dedicated Triton kernel (the factored update needs a row and a column factor per element, which the
+shared element-wise kernel cannot express). Every tensor is cut into 2-D tiles (work items): a factored tensor, viewed
+as [pre, A, B, post] (A, B the factored dims), into (plane = (pre, post) index, A-block, B-block) tiles; an unfactored
+one into rows of TB elements. The kernel runs passes over the work items:
 
-  pass 0  row/col sums of g^2 + eps (factored tensors only); the last tile of each row/column block
-          folds the partial sums into exp_avg_sq_row / exp_avg_sq_col
-  pass 1  sum of p^2 (-> RMS) and of the unclipped update^2 (-> clip factor), per tensor
-  pass 2  the update: second moment, clip, lr, first moment, weight decay; step advances
-          (caution=True with betas: pass 3 updates the moments and counts the mask, pass 4 applies it)
+  ROWCOL  row/col sums of g^2 + eps (factored tensors only); the last tile of each row/column block folds the
+          partial sums into exp_avg_sq_row / exp_avg_sq_col
+  FOLD    the same fold from the C++ engine's row/col means (fused_optim.csrc.factored_stats)
+  NORMS   sum of p^2 (-> RMS) and of the unclipped update^2 (-> clip factor), per tensor
+  APPLY   the update: second moment, clip, lr, first moment, weight decay; step advances
+          (caution=True with betas: MOMENTS updates the moments and counts the mask, CAUTIOUS_APPLY applies it)
 
-so 3 launches (2 without factored tensors, 4 with caution), independent of the tensor count. Cross-program sums are
-deterministic (partials + the last arriving program sums them in order; mt.arrive). No host syncs: RMS, step and the
-lr live on the device, and group['lr'] (timm writes the last param's relative lr there) becomes a 0-d device view.
+Per param group and dtype combination, all tensors at once, a step is "reduce, then apply": at most 2 launches,
+independent of the tensor count.
+
+  launch 1  the factored statistics: ONE csrc engine launch where its module is built for the device (fp32 / bf16 /
+            fp16 grads; reduce.use_csrc), else the Triton ROWCOL pass; none without factored tensors
+  launch 2  persistent: [FOLD after csrc,] NORMS, APPLY (or NORMS, MOMENTS, CAUTIOUS_APPLY)
+
+The passes of launch 2 depend on each other through whole-tensor sums (the update RMS needs every new row/col
+moment, the apply needs the update RMS), so they are phases separated by a grid-wide barrier (mt.grid_barrier).
+A barrier only works if every program of the grid is resident at once, hence G = min(SM count, work items)
+programs (one per SM at most; each fits an SM alone), each looping over items pid, pid + G, ...; the interpreter
+runs programs one after another, so there G = 1. A barrier that never completes gives up after mt.GRID_SPIN_LIMIT
+polls instead of hanging, and sets the table's sticky flag barrier[1]. The csrc launch stays separate: it is another
+engine, and its one pass over the grads is the reduction.
+
+Cross-program sums are deterministic (partials + the last arriving program sums them in order; mt.arrive), and do
+not depend on G. No host syncs: RMS, step and the lr live on the device, and group['lr'] (timm writes the last
+param's relative lr there) becomes a 0-d device view.
 """
 from __future__ import annotations
 
@@ -30,8 +46,10 @@ import torch
 from .._base import FusedOptimizer, check, check_nonneg, restore_state_dtypes, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import reduce
 
 _LOW = (torch.float16, torch.bfloat16)
+_CSRC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the C++ engine's input dtypes
 _MOMENTS = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
 # Tiles: SUB rows x TB columns per iteration, mt.ITERS iterations (TA rows). RB: rows per step of the row-mean loop,
 # PB: partials per step of sum_partials. Under the interpreter (CPU tests, whose cost is per op and program): small
@@ -41,7 +59,7 @@ if mt.interpreter_enabled():
 else:
     TB, SUB, RB, _PB = 256, max(1, mt.BLOCK // 256), 1024, 256
 TA = SUB * mt.ITERS
-ROWCOL, NORMS, APPLY, MOMENTS, CAUTIOUS_APPLY = range(5)  # the passes
+FOLD, ROWCOL, NORMS, MOMENTS, APPLY, CAUTIOUS_APPLY = range(6)  # the passes, numbered in execution order
 
 
 def factored_dims(shape, min_size):
@@ -122,9 +140,10 @@ if mt.available():
     import triton.language as tl
 
     RELATIVE, WARMUP, SCALE_PARAM, BETA1, WD = mt.flag_bits(5)
-    # the passes as compile-time globals (a kernel may read only tl.constexpr globals)
-    P_ROWCOL, P_NORMS, P_APPLY, P_MOMENTS, P_CAUTIOUS_APPLY = (tl.constexpr(x) for x in range(5))
+    # the passes as compile-time globals (a kernel may read only tl.constexpr globals), and as PASSES bits
+    P_FOLD, P_ROWCOL, P_NORMS, P_MOMENTS, P_APPLY, P_CAUTIOUS_APPLY = (tl.constexpr(x) for x in range(6))
     _chunk_ptr, _store, arrive, sum_partials = mt._chunk_ptr, mt._store, mt.arrive, mt.sum_partials
+    grid_barrier, grid_barrier_exit = mt.grid_barrier, mt.grid_barrier_exit
 
     @triton.jit
     def _lerp(s, e, w):
@@ -149,83 +168,102 @@ if mt.available():
     def _inv_root(fac, g, s3_ptr, s4_ptr, offs, vmask, ridx, fmask_r, cidx, fmask_c, rmean, keep, eps):
         """Per element 1 / sqrt(second moment estimate), and the new unfactored moment (unused when factored).
         Slot 3 is exp_avg_sq_row of a factored tensor, exp_avg_sq of an unfactored one; slot 4 exp_avg_sq_col.
-        The masks are empty for the kind the tensor is not (vmask: unfactored elements, fmask_*: factored)."""
-        r = tl.load(s3_ptr + ridx, mask=fmask_r, other=1.0).to(tl.float32)
-        c = tl.load(s4_ptr + cidx, mask=fmask_c, other=1.0).to(tl.float32)
+        The masks are empty for the kind the tensor is not (vmask: unfactored elements, fmask_*: factored).
+        Row / column moments load with .cg: other programs of the same launch may have folded them (FOLD phase);
+        the unfactored moment is this tile's own."""
+        r = tl.load(s3_ptr + ridx, mask=fmask_r, other=1.0, cache_modifier=".cg").to(tl.float32)
+        c = tl.load(s4_ptr + cidx, mask=fmask_c, other=1.0, cache_modifier=".cg").to(tl.float32)
         v = tl.load(s3_ptr + offs, mask=vmask, other=1.0).to(tl.float32)
         v = _lerp(v, g * g + eps, keep)
         f = (1.0 / tl.sqrt(r / rmean))[:, None] * (1.0 / tl.sqrt(c))[None, :]
         return tl.where(fac != 0, f, 1.0 / tl.sqrt(v)), v
 
     @triton.jit
-    def adafactor_kernel(
-        ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr, inf_ptr,
-        lr: tl.float64, eps: tl.float64, eps_scale: tl.float64, clip: tl.float64, decay_rate: tl.float64,
-        beta1: tl.float64, wd: tl.float64,
+    def _tile(
+        item, ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr,
+        lr, eps, eps_scale, clip, decay_rate, beta1, wd,
         PASS: tl.constexpr, FLAGS: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
-        LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+        LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr,
         TB: tl.constexpr, SUB: tl.constexpr, ITERS: tl.constexpr, RB: tl.constexpr, PB: tl.constexpr,
     ):
-        """One program = one tile (SUB * ITERS rows x TB columns of one plane) of one tensor.
+        """One pass over one work item: a tile of SUB * ITERS rows x TB columns of one plane of one tensor.
 
         ptrs[t]  = (p, g, exp_avg, row moment | exp_avg_sq, col moment, step, RMS, -) addresses
         meta[t]  = (numel, factored, A, B, post, planes, A-blocks, B-blocks, row partials offset, col partials
-                    offset, block counters offset, first work item)
-        work[i]  = (t, plane, A-block, B-block); factored tensors first (pass 0 runs over those only)
+                    offset, block counters offset, first work item, csrc row means offset, csrc col means offset)
+        work[i]  = (t, plane, A-block, B-block); factored tensors first (ROWCOL / FOLD run over those only)
         tsc[t]   = (sum of update^2, caution mask count, step size, -) fp32
-        part0/1[i] = pass 1 partials (update^2, p^2) of work item i; pass 3 reuses part0 for mask counts
-        rcpart   = pass 0 partial row / column sums; counters: per tensor [T], then per row / column block."""
-        pid = tl.program_id(0)
-        skip = 0
-        if HAS_INF:
-            skip = tl.load(inf_ptr) != 0  # AMP overflow: touch nothing, advance nothing
-        if skip == 0:
-            t = tl.load(work + 4 * pid).to(tl.int64)
-            plane = tl.load(work + 4 * pid + 1).to(tl.int64)
-            ab = tl.load(work + 4 * pid + 2).to(tl.int64)
-            bb = tl.load(work + 4 * pid + 3).to(tl.int64)
-            mrow = meta + 12 * t
-            n = tl.load(mrow)
-            fac = tl.load(mrow + 1)
-            A = tl.load(mrow + 2)
-            B = tl.load(mrow + 3)
-            post = tl.load(mrow + 4)
-            planes = tl.load(mrow + 5)
-            nab = tl.load(mrow + 6)
-            nbb = tl.load(mrow + 7)
-            row = ptrs + 8 * t
-            p_ptr = _chunk_ptr(row, 0, P_DT, False)
-            g_ptr = _chunk_ptr(row, 1, G_DT, False)
-            m_ptr = _chunk_ptr(row, 2, S_DT, False)
-            s3_ptr = _chunk_ptr(row, 3, S_DT, False)
-            s4_ptr = _chunk_ptr(row, 4, S_DT, False)
-            step_ptr = _chunk_ptr(row, 5, tl.float32, False)
-            rms_ptr = _chunk_ptr(row, 6, tl.float32, False)
-            # every pass reads the old step; the last pass's last program of the tensor writes the new one
-            rms = tl.cast(0.0, tl.float64)
-            if PASS >= P_APPLY:
-                rms = tl.load(rms_ptr).to(tl.float64)
-            # scalar arguments are plain Python floats under the interpreter: make them fp64 tensors everywhere
-            lr = tl.cast(lr, tl.float64)
-            clip = tl.cast(clip, tl.float64)
-            beta1 = tl.cast(beta1, tl.float64)
-            wd = tl.cast(wd, tl.float64)
-            if LR_TENSOR:
-                lr = tl.load(lr_ptr).to(tl.float64)
-            step, keep, lr_t = _step_scalars(tl.load(step_ptr).to(tl.float64), rms, lr,
-                                             tl.cast(eps_scale, tl.float64), tl.cast(decay_rate, tl.float64), FLAGS)
-            keep = keep.to(tl.float32)
-            eps32 = tl.cast(eps, tl.float32)
-            inv_scale = 1.0
-            if HAS_SCALE:
+        part0/1[i] = NORMS partials (update^2, p^2) of work item i; MOMENTS reuses part0 for mask counts
+        rcpart   = ROWCOL partial row / column sums, or in FOLD the csrc engine's row / column means;
+        counters: per tensor [T], then per row / column block (ROWCOL). Every phase's last program of a tensor (or
+        block) resets its counter, so the next phase of the same launch starts from zero.
+
+        Values another program wrote in an earlier phase of the same launch (row / column moments, tsc, RMS) load
+        with .cg (L2, not a possibly stale L1). The element-wise data (p, g, exp_avg, exp_avg_sq) a tile rewrites is
+        read back in a later phase only by the same program: every phase over all items maps item -> program alike."""
+        t = tl.load(work + 4 * item).to(tl.int64)
+        plane = tl.load(work + 4 * item + 1).to(tl.int64)
+        ab = tl.load(work + 4 * item + 2).to(tl.int64)
+        bb = tl.load(work + 4 * item + 3).to(tl.int64)
+        mrow = meta + 14 * t
+        n = tl.load(mrow)
+        fac = tl.load(mrow + 1)
+        A = tl.load(mrow + 2)
+        B = tl.load(mrow + 3)
+        post = tl.load(mrow + 4)
+        planes = tl.load(mrow + 5)
+        nab = tl.load(mrow + 6)
+        nbb = tl.load(mrow + 7)
+        row = ptrs + 8 * t
+        p_ptr = _chunk_ptr(row, 0, P_DT, False)
+        g_ptr = _chunk_ptr(row, 1, G_DT, False)
+        m_ptr = _chunk_ptr(row, 2, S_DT, False)
+        s3_ptr = _chunk_ptr(row, 3, S_DT, False)
+        s4_ptr = _chunk_ptr(row, 4, S_DT, False)
+        step_ptr = _chunk_ptr(row, 5, tl.float32, False)
+        rms_ptr = _chunk_ptr(row, 6, tl.float32, False)
+        # every pass reads the old step; the last pass's last program of the tensor writes the new one
+        rms = tl.cast(0.0, tl.float64)
+        if PASS == P_APPLY or PASS == P_MOMENTS or PASS == P_CAUTIOUS_APPLY:
+            rms = tl.load(rms_ptr, cache_modifier=".cg").to(tl.float64)  # NORMS' result
+        # scalar arguments are plain Python floats under the interpreter: make them fp64 tensors everywhere
+        lr = tl.cast(lr, tl.float64)
+        clip = tl.cast(clip, tl.float64)
+        beta1 = tl.cast(beta1, tl.float64)
+        wd = tl.cast(wd, tl.float64)
+        if LR_TENSOR:
+            lr = tl.load(lr_ptr).to(tl.float64)
+        step, keep, lr_t = _step_scalars(tl.load(step_ptr).to(tl.float64), rms, lr,
+                                         tl.cast(eps_scale, tl.float64), tl.cast(decay_rate, tl.float64), FLAGS)
+        keep = keep.to(tl.float32)
+        eps32 = tl.cast(eps, tl.float32)
+        inv_scale = 1.0
+        if HAS_SCALE:
+            if PASS != P_CAUTIOUS_APPLY:  # the moments phase already wrote the unscaled grads back
                 inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
 
-            i = plane // post
-            j = plane % post
-            base = i * (A * B * post) + j
-            cols = bb * TB + tl.arange(0, TB)
-            cmask = cols < B
-            cidx = (i * B + cols) * post + j
+        i = plane // post
+        j = plane % post
+        base = i * (A * B * post) + j
+        cols = bb * TB + tl.arange(0, TB)
+        cmask = cols < B
+        cidx = (i * B + cols) * post + j
+        if PASS == P_FOLD:
+            # exp_avg_sq_row / _col <- lerp(old, csrc's mean of g^2 + eps, 1 - beta2t): the items of A-block 0 fold
+            # the columns of their B-block, those of B-block 0 the rows of their A-block (each exactly once)
+            if bb == 0:
+                for it in range(ITERS):
+                    rows = ab * (SUB * ITERS) + it * SUB + tl.arange(0, SUB)
+                    rmask = rows < A
+                    ridx = (i * A + rows) * post + j  # csrc's [pre, A, post] row means: the row state's layout
+                    mean = tl.load(rcpart + tl.load(mrow + 12) + ridx, mask=rmask, other=0.0)
+                    r = tl.load(s3_ptr + ridx, mask=rmask, other=0.0).to(tl.float32)
+                    _store(s3_ptr, ridx, _lerp(r, mean, keep), rmask, False)
+            if ab == 0:
+                mean = tl.load(rcpart + tl.load(mrow + 13) + cidx, mask=cmask, other=0.0)
+                c = tl.load(s4_ptr + cidx, mask=cmask, other=0.0).to(tl.float32)
+                _store(s4_ptr, cidx, _lerp(c, mean, keep), cmask, False)
+        else:
             # masks of one kind only (a scalar bool in a mask trips Triton's interpreter: compare ranges instead)
             fa = tl.where(fac != 0, A, 0)
             nu = tl.where(fac != 0, 0, n)
@@ -235,17 +273,18 @@ if mt.available():
             if PASS == P_NORMS or PASS == P_APPLY or PASS == P_MOMENTS:
                 for a0 in range(0, fa, RB):
                     aa = a0 + tl.arange(0, RB)
-                    rmean += tl.load(s3_ptr + (i * A + aa) * post + j, mask=aa < A, other=0.0).to(tl.float32)
+                    rmean += tl.load(s3_ptr + (i * A + aa) * post + j, mask=aa < A, other=0.0,
+                                     cache_modifier=".cg").to(tl.float32)
             rmean = tl.where(fac != 0, tl.sum(rmean, axis=0) / A.to(tl.float32), 1.0)
 
             clip_f = tl.cast(1.0, tl.float32)
             lr_f = lr_t.to(tl.float32)
             if PASS == P_APPLY or PASS == P_MOMENTS:
-                urms = tl.sqrt(tl.load(tsc + 4 * t).to(tl.float64)) / tl.sqrt(n.to(tl.float64))
+                urms = tl.sqrt(tl.load(tsc + 4 * t, cache_modifier=".cg").to(tl.float64)) / tl.sqrt(n.to(tl.float64))
                 clip_f = tl.maximum(urms / clip, 1.0).to(tl.float32)
             mask_scale = tl.cast(0.0, tl.float32)
             if PASS == P_CAUTIOUS_APPLY:
-                mask_mean = tl.load(tsc + 4 * t + 1) / n.to(tl.float32)
+                mask_mean = tl.load(tsc + 4 * t + 1, cache_modifier=".cg") / n.to(tl.float32)
                 mask_scale = 1.0 / tl.maximum(mask_mean, 1e-3)
             neg_decay = (-(wd * lr_t)).to(tl.float32)
 
@@ -289,7 +328,9 @@ if mt.available():
                                 if PASS == P_MOMENTS:
                                     acc0 += tl.sum(tl.where(mask & (m * g > 0.0), 1.0, 0.0), axis=1)
                             if HAS_SCALE:
-                                _store(g_ptr, offs, g, mask, False)  # p.grad ends unscaled, like the generic kernel
+                                # p.grad ends unscaled, like the generic kernel: written in exactly one phase
+                                # (APPLY, or MOMENTS before CAUTIOUS_APPLY)
+                                _store(g_ptr, offs, g, mask, False)
                     if PASS == P_APPLY or PASS == P_CAUTIOUS_APPLY:
                         if FLAGS & WD:
                             p = p + neg_decay * p
@@ -322,8 +363,8 @@ if mt.available():
             else:
                 nwork = planes * nab * nbb
                 if PASS == P_NORMS or PASS == P_MOMENTS:
-                    tl.store(part0 + pid, tl.sum(acc0, axis=0))
-                    tl.store(part1 + pid, tl.sum(acc1, axis=0))
+                    tl.store(part0 + item, tl.sum(acc0, axis=0))
+                    tl.store(part1 + item, tl.sum(acc1, axis=0))
                 # the last program of the tensor finishes it (every other one has stored its partials / read step)
                 if arrive(counters + t, nwork):
                     first = tl.load(mrow + 11)
@@ -338,6 +379,42 @@ if mt.available():
                         tl.store(tsc + 4 * t + 2, lr_t.to(tl.float32))
                     tl.store(counters + t, 0)
 
+    @triton.jit
+    def adafactor_kernel(
+        ptrs, meta, work, tsc, part0, part1, rcpart, counters, barrier, lr_ptr, scale_ptr, inf_ptr, n_fact, n_work,
+        lr: tl.float64, eps: tl.float64, eps_scale: tl.float64, clip: tl.float64, decay_rate: tl.float64,
+        beta1: tl.float64, wd: tl.float64,
+        PASSES: tl.constexpr, FLAGS: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+        LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+        TB: tl.constexpr, SUB: tl.constexpr, ITERS: tl.constexpr, RB: tl.constexpr, PB: tl.constexpr,
+    ):
+        """The phases in PASSES (bits, run in the order FOLD, ROWCOL, NORMS, MOMENTS, APPLY, CAUTIOUS_APPLY), each
+        over its work items (FOLD / ROWCOL: the n_fact factored ones, else all n_work) with item = pid, pid + G, ...
+        and a grid barrier between consecutive phases. One phase with one program per item is a plain launch; several
+        phases need a persistent grid of G <= SM count programs (all resident, so the barrier cannot deadlock)."""
+        pid = tl.program_id(0)
+        G = tl.num_programs(0)
+        skip = 0
+        if HAS_INF:
+            skip = tl.load(inf_ptr) != 0  # AMP overflow: touch nothing, advance nothing
+        if skip == 0:
+            nb = 0  # barriers passed (compile-time)
+            ok = 1
+            for PASS in tl.static_range(6):  # the passes in execution order
+                if PASSES & (1 << PASS):
+                    if PASSES & ((1 << PASS) - 1):  # an earlier phase ran in this launch: wait until all of it did
+                        ok = ok & grid_barrier(barrier, (nb + 1) * G)
+                        nb += 1
+                    n_items = n_work
+                    if PASS <= P_ROWCOL:
+                        n_items = n_fact  # FOLD / ROWCOL: the factored tensors' items (they come first)
+                    for item in range(pid, n_items, G):
+                        _tile(item, ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr,
+                              lr, eps, eps_scale, clip, decay_rate, beta1, wd, PASS, FLAGS, P_DT, G_DT, S_DT,
+                              LR_TENSOR, HAS_SCALE, TB, SUB, ITERS, RB, PB)
+            if nb > 0:
+                grid_barrier_exit(barrier, (nb + 1) * G, ok)
+
 
 @dataclass
 class _Tables:
@@ -351,7 +428,12 @@ class _Tables:
     part: torch.Tensor      # [2, W]: part0, part1
     rcpart: torch.Tensor
     counters: torch.Tensor
+    barrier: torch.Tensor   # int32 [2]: the grid barrier's arrival count, and a sticky "a barrier gave up" flag
     fdummy: torch.Tensor
+    stats: torch.Tensor = None  # the csrc engine's whole fp32 output buffer (fixed address), once it has run
+    stats_view: torch.Tensor = None  # its row / column means part (meta columns 12, 13 index it)
+    flag_host: torch.Tensor = None  # pinned copy of barrier[1] after the last persistent launch (see _watch_barrier)
+    flag_event: object = None
 
 
 def _cdiv(a, b):
@@ -387,7 +469,7 @@ def _build_tables(key, ps, gs, sts, dims, device) -> _Tables:
     rows, meta, work = [None] * n_t, [None] * n_t, []
     n_fact = 0
     for unfactored, t, row, mrow, items in sorted(entries, key=lambda e: (e[0], e[1])):
-        rows[t], meta[t] = row, mrow + [len(work)]
+        rows[t], meta[t] = row, mrow + [len(work), 0, 0]  # csrc offsets: filled on its first run
         work.extend(items)
         n_fact += 0 if unfactored else len(items)
 
@@ -400,13 +482,15 @@ def _build_tables(key, ps, gs, sts, dims, device) -> _Tables:
                    part=torch.zeros(2, len(work), dtype=torch.float32, device=device),
                    rcpart=torch.zeros(max(rc_size, 1), dtype=torch.float32, device=device),
                    counters=torch.zeros(cnt_size, dtype=torch.int32, device=device),
+                   barrier=torch.zeros(2, dtype=torch.int32, device=device),
                    fdummy=torch.zeros(1, dtype=torch.float32, device=device))
 
 
-def kernel_constexprs(pass_, flags, dts, *, lr_tensor=False, has_scale=False, has_inf=False) -> dict:
-    return dict(PASS=pass_, FLAGS=flags, P_DT=mt._TL_DTYPES[dts[0]], G_DT=mt._TL_DTYPES[dts[1]],
-                S_DT=mt._TL_DTYPES[dts[2]], LR_TENSOR=lr_tensor, HAS_SCALE=has_scale, HAS_INF=has_inf,
-                TB=TB, SUB=SUB, ITERS=mt.ITERS, RB=RB, PB=_PB)
+def kernel_constexprs(passes, flags, dts, *, lr_tensor=False, has_scale=False, has_inf=False) -> dict:
+    """passes: a list of passes, run in one launch (see adafactor_kernel)."""
+    return dict(PASSES=sum(1 << int(x) for x in passes), FLAGS=flags, P_DT=mt._TL_DTYPES[dts[0]],
+                G_DT=mt._TL_DTYPES[dts[1]], S_DT=mt._TL_DTYPES[dts[2]], LR_TENSOR=lr_tensor, HAS_SCALE=has_scale,
+                HAS_INF=has_inf, TB=TB, SUB=SUB, ITERS=mt.ITERS, RB=RB, PB=_PB)
 
 
 def _flags(group) -> int:
@@ -415,30 +499,99 @@ def _flags(group) -> int:
                    (WD, group["weight_decay"] != 0))
 
 
-def _passes(group, has_factored) -> list:
-    cautious = group["caution"] and group["beta1"] is not None
-    return ([ROWCOL] if has_factored else []) + [NORMS] + ([MOMENTS, CAUTIOUS_APPLY] if cautious else [APPLY])
+def _launches(cautious, has_factored, csrc_stats) -> list:
+    """The Triton launches of one step, each a list of passes: the reduction (absent without factored tensors; the
+    csrc engine's when csrc_stats, then launch 2 folds its means in first), then the persistent rest."""
+    rest = [NORMS] + ([MOMENTS, CAUTIOUS_APPLY] if cautious else [APPLY])
+    if not has_factored:
+        return [rest]
+    return [[FOLD] + rest] if csrc_stats else [[ROWCOL], rest]
+
+
+def _persistent_grid(n_items, device) -> int:
+    """Programs of a multi-phase launch: at most one per SM, so all are resident at once and the grid barrier
+    cannot wait on a program that never gets scheduled. The interpreter runs programs one after another: 1."""
+    if mt.interpreter_enabled() or device.type != "cuda":
+        return 1
+    return max(1, min(torch.cuda.get_device_properties(device).multi_processor_count, n_items))
+
+
+def _watch_barrier(tab) -> None:
+    """A grid barrier that gave up (the programs were not all resident, e.g. under MPS or SM partitioning) sets
+    barrier[1], and that step's results are wrong. Reported without a host sync: after every persistent launch the
+    flag is copied to pinned memory, and a later step raises once that copy has landed."""
+    if torch.cuda.is_current_stream_capturing():
+        return  # CUDA graphs: no event queries while capturing
+    if tab.flag_host is None:
+        tab.flag_host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        tab.flag_event = torch.cuda.Event()
+    elif tab.flag_event.query() and int(tab.flag_host[0]) != 0:  # a host tensor: no device sync
+        raise RuntimeError("Adafactor(fused=True): a grid barrier gave up waiting for the kernel's programs (were "
+                           "they all resident? MPS / SM partitioning can prevent it), so recent steps are wrong; "
+                           "use fused=False on this setup")
+    tab.flag_host.copy_(tab.barrier[1:], non_blocking=True)
+    tab.flag_event.record()
+
+
+def _csrc_geometry(p, d):
+    # csrc's (B, R, C, S) for factoring dims (da, db = da + 1): its row means are [pre, A, post], the row state's
+    # layout, and its column means [pre, B, post], the column state's
+    da, db = d
+    s = p.shape
+    return math.prod(s[:da]), s[da], s[db], math.prod(s[db + 1:])
+
+
+def _csrc_factored_stats(tab, gs, dims, eps, grad_scale):
+    """Launch 1 on the csrc engine: the row / column means of (g / grad_scale)^2 + eps of every factored tensor of
+    the bucket, into tab.stats (allocated by the first run, whose plan also gives the offsets meta[:, 12:14])."""
+    from .. import csrc
+
+    fidx = [t for t, d in enumerate(dims) if d is not None]
+    fgs = [gs[t] for t in fidx]
+    be = "host" if fgs[0].device.type == "cpu" else "cuda"
+    geo = [_csrc_geometry(g, dims[t]) for g, t in zip(fgs, fidx)]
+    _, out_stats, _, plan = csrc._run(csrc.KIND_FACTORED, be, fgs, None, geo, eps, scale=grad_scale, out=tab.stats)
+    mt.launch_count += 1
+    if tab.stats is None:
+        assert plan.K == 1
+        size = (plan.n_entries + plan.n_stats + 1) * plan.K
+        tab.stats = out_stats.as_strided((size,), (1,), 0)  # the whole buffer: out= keeps its address from now on
+        tab.stats_view = out_stats.view(-1)
+        offs = [[0, 0] for _ in gs]
+        for k, t in enumerate(fidx):
+            offs[t] = [plan.row_out[k], plan.col_out[k]]
+        tab.meta[:, 12:14].copy_(torch.tensor(offs, dtype=torch.int64))
+    return tab.stats_view
 
 
 def aot_kernels():
-    """Every pass of the dedicated kernel, for tools/aot.py: relative step (default), and external lr with beta1,
-    weight decay and caution; fp32, bf16 (fp32 states) and fp16 with AMP arguments."""
-    sig = {"ptrs": "*i64", "meta": "*i64", "work": "*i32", "tsc": "*fp32", "part0": "*fp32", "part1": "*fp32",
-           "rcpart": "*fp32",
-           "counters": "*i32", "lr_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32"}
-    sig.update({k: "fp64" for k in ("lr", "eps", "eps_scale", "clip", "decay_rate", "beta1", "wd")})
-    sig.update({k: "constexpr" for k in kernel_constexprs(0, 0, (torch.float32,) * 3)})
-    variants = [("relative", mt.pack((RELATIVE, True), (SCALE_PARAM, True)), (ROWCOL, NORMS, APPLY)),
-                ("lr,betas,weight_decay,caution", mt.pack((BETA1, True), (WD, True)),
-                 (ROWCOL, NORMS, APPLY, MOMENTS, CAUTIOUS_APPLY))]
+    """Every launch of the dedicated kernel, for tools/aot.py: the Triton reduction (ROWCOL) and the persistent
+    launches after it or after the csrc engine (FOLD first); relative step (default), and external lr with beta1,
+    weight decay, with and without caution; fp32, bf16 (fp32 states) and fp16 with AMP arguments."""
+    types = {"ptrs": "*i64", "meta": "*i64", "work": "*i32", "counters": "*i32", "barrier": "*i32",
+             "n_fact": "i32", "n_work": "i32"}
+    types.update({k: "fp64" for k in ("lr", "eps", "eps_scale", "clip", "decay_rate", "beta1", "wd")})
+    cx_names = kernel_constexprs([], 0, (torch.float32,) * 3)
+    sig = {a: "constexpr" if a in cx_names else types.get(a, "*fp32") for a in adafactor_kernel.arg_names}
+    variants = [("relative", mt.pack((RELATIVE, True), (SCALE_PARAM, True)), (False,)),
+                ("lr,betas,weight_decay", mt.pack((BETA1, True), (WD, True)), (False, True))]
+    launches = []
+    for label, flags, cautions in variants:
+        for cautious in cautions:
+            for csrc_stats in (False, True):
+                for passes in _launches(cautious, True, csrc_stats):
+                    if (flags, passes) not in [x[1:] for x in launches]:
+                        launches.append((label + (",caution" if cautious else ""), flags, passes))
     dtypes = [((torch.float32,) * 3, False), ((torch.bfloat16, torch.bfloat16, torch.float32), False),
               ((torch.float16, torch.float16, torch.float32), True)]
-    return [dict(name=f"Adafactor[{label},pass={pass_}] {str(dts[0]).replace('torch.', '')}{' amp' if amp else ''}",
+    names = {ROWCOL: "rowcol", NORMS: "norms", APPLY: "apply", MOMENTS: "moments", CAUTIOUS_APPLY: "cautious",
+             FOLD: "fold"}
+    return [dict(name=f"Adafactor[{label},{'+'.join(names[x] for x in passes)}] "
+                      f"{str(dts[0]).replace('torch.', '')}{' amp' if amp else ''}",
                  fn=adafactor_kernel, signature=sig,
-                 constexprs=kernel_constexprs(pass_, flags, dts, has_scale=amp and pass_ != CAUTIOUS_APPLY,
-                                              has_inf=amp),
+                 constexprs=kernel_constexprs(passes, flags, dts, has_scale=amp, has_inf=amp),
                  options=mt.compile_options())
-            for label, flags, passes in variants for pass_ in passes for dts, amp in dtypes]
+            for label, flags, passes in launches for dts, amp in dtypes]
 
 
 @register
@@ -527,6 +680,7 @@ class Adafactor(FusedOptimizer):
         host_lr = 0.0 if group["relative_step"] or lr_tensor is not None else scalar(lr)  # a tensor lr: read on device
         hypers = (host_lr, group["eps"], group["eps_scale"], group["clip_threshold"], group["decay_rate"],
                   0.0 if group["beta1"] is None else group["beta1"], group["weight_decay"])
+        cautious = group["caution"] and group["beta1"] is not None
         cache = self._kernel_caches.setdefault(id(group), mt.GroupCache())
         buckets: dict = {}
         for i, (p, g, st) in enumerate(zip(params, grads, states)):
@@ -543,22 +697,30 @@ class Adafactor(FusedOptimizer):
                 tab = cache.tables[dts] = _build_tables(key, ps, gs, sts, ds, dev)
                 cache.builds += 1
             elif tab.gkey != (gkey := tuple(g.data_ptr() for g in gs)):
-                tab.ptrs[:, 1].copy_(torch.tensor(gkey, dtype=torch.int64))
+                tab.ptrs[:, 1].copy_(torch.tensor(gkey, dtype=torch.int64), non_blocking=True)  # no stream sync
                 tab.gkey = gkey
                 cache.grad_uploads += 1
             extra = {} if mt.interpreter_enabled() else mt.compile_options()
-            for pass_ in _passes(group, tab.n_factored_work > 0):
-                grid = (tab.n_factored_work if pass_ == ROWCOL else tab.work.shape[0],)
-                adafactor_kernel[grid](
-                    tab.ptrs, tab.meta, tab.work, tab.tsc, tab.part[0], tab.part[1], tab.rcpart, tab.counters,
-                    lr_tensor if lr_tensor is not None else tab.fdummy,
+            has_factored = tab.n_factored_work > 0
+            # launch 1 on the C++ engine where it is built (fp32 / bf16 / fp16 grads), else Triton's ROWCOL pass
+            csrc_stats = has_factored and dts[1] in _CSRC_DTYPES and reduce.use_csrc(dev)
+            stats = _csrc_factored_stats(tab, gs, ds, group["eps"], grad_scale) if csrc_stats else tab.rcpart
+            for passes in _launches(cautious, has_factored, csrc_stats):
+                if len(passes) == 1:  # one item per program
+                    grid = tab.n_factored_work if passes[0] in (ROWCOL, FOLD) else tab.work.shape[0]
+                else:  # persistent: phases separated by grid barriers
+                    grid = _persistent_grid(tab.work.shape[0], dev)
+                adafactor_kernel[(grid,)](
+                    tab.ptrs, tab.meta, tab.work, tab.tsc, tab.part[0], tab.part[1], stats, tab.counters,
+                    tab.barrier, lr_tensor if lr_tensor is not None else tab.fdummy,
                     grad_scale if grad_scale is not None else tab.fdummy,
-                    found_inf if found_inf is not None else tab.fdummy, *hypers,
-                    # the moments pass already wrote the unscaled grads back
-                    **kernel_constexprs(pass_, flags, dts, lr_tensor=lr_tensor is not None,
-                                        has_scale=grad_scale is not None and pass_ != CAUTIOUS_APPLY,
-                                        has_inf=found_inf is not None), **extra)
+                    found_inf if found_inf is not None else tab.fdummy, tab.n_factored_work, tab.work.shape[0],
+                    *hypers,
+                    **kernel_constexprs(passes, flags, dts, lr_tensor=lr_tensor is not None,
+                                        has_scale=grad_scale is not None, has_inf=found_inf is not None), **extra)
                 mt.launch_count += 1
+                if grid > 1 and len(passes) > 1:
+                    _watch_barrier(tab)
             if idx[-1] == len(params) - 1:
                 last_lr = tab.tsc[len(idx) - 1, 2]
         if group["relative_step"] and last_lr is not None:

@@ -205,7 +205,7 @@ if mt.available():
     import triton
     import triton.language as tl
 
-    _SPIN_LIMIT = tl.constexpr(1 << 24)  # ~seconds of polling: a barrier that never completes is reported, not hung
+    grid_barrier = mt.grid_barrier  # a kernel calls only jit functions among its module's globals
 
     @triton.jit
     def _reduce(part, phase, pid, G, a, b, counter, ok, PB: tl.constexpr):
@@ -219,14 +219,7 @@ if mt.available():
         slot = part + 2 * (phase * G + pid)
         tl.store(slot, a)
         tl.store(slot + 1, b)
-        tl.debug_barrier()
-        target = (phase + 1) * G
-        seen = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") + 1
-        spins = 0
-        while (seen < target) & (spins < _SPIN_LIMIT):
-            seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-            spins += 1
-        tl.debug_barrier()
+        done = grid_barrier(counter, (phase + 1) * G)
         base = part + 2 * phase * G
         sa = tl.zeros([PB], tl.float64)
         sb = tl.zeros([PB], tl.float64)
@@ -238,7 +231,7 @@ if mt.available():
             x = tl.load(base + 2 * i + 1, mask=m, other=0.0, cache_modifier=".cg")
             sb += x
             mb = tl.maximum(mb, x)
-        return tl.sum(sa, 0), tl.sum(sb, 0), tl.max(mb, 0), ok & (seen >= target).to(tl.int32)
+        return tl.sum(sa, 0), tl.sum(sb, 0), tl.max(mb, 0), ok & done
 
     @triton.jit
     def _pair_sweep(g, pg_in, pg_out, d_in, y_row, s_row, t, lo, hi, BLOCK: tl.constexpr):
