@@ -82,13 +82,13 @@ CASES = [
                   {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.05, "delta": 0.2, "wd_ratio": 0.3},
                   {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "caution": True}],
          group2={"lr": 0.02, "weight_decay": 0.0}, shapes=SHAPES, shapes2=SHAPES_2, driver=projection_driver,
-         complex_ok=False, launches=3),
+         complex_ok=False, launches=2),
     Case("AdamP", lambda: timm_class("adamp", "AdamP"),
          configs=[{"lr": 0.01, "weight_decay": 0.1},
                   {"lr": 0.01, "betas": (0.8, 0.99), "nesterov": True, "weight_decay": 0.2, "wd_ratio": 0.5},
                   {"lr": 0.01, "weight_decay": 0.1, "caution": True, "eps": 1e-6}],
          group2={"lr": 3e-3, "delta": 0.05, "weight_decay": 0.0}, shapes=SHAPES, shapes2=SHAPES_2,
-         driver=projection_driver, complex_ok=False, launches=3),
+         driver=projection_driver, complex_ok=False, launches=2),
     # kernel=False: the generic kernel tests step() on plain grads (no graph) and with AMP arguments, which
     # Adahessian refuses; tests/test_timm_a.py checks its fused path with this driver instead.
     # update_each > 1 is tested there too: p.hess is not in the state dict, so a reloaded run re-estimates early.

@@ -80,3 +80,17 @@ def train_mlp(make_opt, device, scaler=None, steps=6, inf_at=None, dims=(6, 16),
         else:
             opt.step()
     return model, opt, snaps
+
+
+def kernel_tables(opt):
+    """Every device table a fused optimizer has cached (one per param group and dtype combination)."""
+    return [t for cache in opt._kernel_caches.values() for t in getattr(cache, "tables", {}).values()]
+
+
+def assert_kernels_idle(opt):
+    """Between steps every cross-program counter is back to zero: per-tensor / per-block counters and, for
+    persistent launches, the grid barrier's arrivals and its sticky gave-up flag."""
+    for tab in kernel_tables(opt):
+        if getattr(tab, "barrier", None) is not None:
+            assert tab.barrier.tolist() == [0, 0]
+        assert not tab.counters.any()

@@ -10,17 +10,13 @@ import torch
 
 import fused_optim
 from conftest import DEVICE
-from helpers import train_mlp
+from helpers import assert_kernels_idle, assert_states_close, train_mlp
 from fused_optim import csrc
 from fused_optim.kernels import multi_tensor as mt
 
 FACTORED = [(20, 18, 3, 1), (2, 17, 19), (33, 40)]
 UNFACTORED = [(7,), (5, 3), (40,)]
 CAUTIOUS = {"lr": 0.005, "betas": (0.8, 0.99), "weight_decay": 0.1, "caution": True}
-
-
-def _tables(opt):
-    return [t for c in opt._kernel_caches.values() for t in c.tables.values()]
 
 
 @pytest.mark.parametrize("config", [{}, CAUTIOUS], ids=["default", "caution"])
@@ -41,14 +37,8 @@ def test_launches_and_reference(reductions, shapes, config):
         ref.step()
         assert mt.launch_count - n0 == (2 if factored else 1)
         assert csrc.launch_count - c0 == (1 if factored and reductions == "csrc" else 0)
-    for a, b in zip(pa, pb):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        for k, v in ref.state[b].items():
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                torch.testing.assert_close(fused.state[a][k], v, rtol=1e-5, atol=1e-6, msg=k)
-    for tab in _tables(fused):
-        assert tab.barrier.tolist() == [0, 0]  # reset by the last program out; no barrier gave up
-        assert not tab.counters.any()
+    assert_states_close(fused, pa, ref, pb, rtol=1e-5, atol=1e-6)
+    assert_kernels_idle(fused)
 
 
 @pytest.mark.parametrize("config", [{}, CAUTIOUS], ids=["default", "caution"])

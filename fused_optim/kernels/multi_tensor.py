@@ -487,3 +487,31 @@ def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=Fal
                      has_inf=found_inf is not None, aligned=tab.aligned, master=master, sr=sr),
         **({} if interpreter_enabled() else compile_options()),
     )
+
+
+# ---- host side of persistent launches (grid_barrier above) ------------------------------------------------------
+def persistent_grid(n_items: int, device) -> int:
+    """Programs of a multi-phase launch: at most one per SM, so all are resident at once and the grid barrier
+    cannot wait on a program that never gets scheduled. The interpreter runs programs one after another: 1."""
+    if interpreter_enabled() or torch.device(device).type != "cuda":
+        return 1
+    return max(1, min(torch.cuda.get_device_properties(device).multi_processor_count, n_items))
+
+
+def watch_barrier(tab, who: str) -> None:
+    """Call after every persistent launch on a table with ``barrier`` (int32 [2]: arrivals, sticky failure flag),
+    ``flag_host`` and ``flag_event`` (both None at first). A grid barrier that gave up (the programs were not all
+    resident, e.g. under MPS or SM partitioning) sets barrier[1], and that step's results are wrong. Reported without
+    a host sync: the flag is copied to pinned memory after the launch, and a later step raises once that copy has
+    landed. ``who`` names the optimizer in the error."""
+    if torch.cuda.is_current_stream_capturing():
+        return  # CUDA graphs: no event queries while capturing
+    if tab.flag_host is None:
+        tab.flag_host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        tab.flag_event = torch.cuda.Event()
+    elif tab.flag_event.query() and int(tab.flag_host[0]) != 0:  # a host tensor: no device sync
+        raise RuntimeError(f"{who}(fused=True): a grid barrier gave up waiting for the kernel's programs (were "
+                           "they all resident? MPS / SM partitioning can prevent it), so recent steps are wrong; "
+                           "use fused=False on this setup")
+    tab.flag_host.copy_(tab.barrier[1:], non_blocking=True)
+    tab.flag_event.record()

@@ -432,7 +432,7 @@ class _Tables:
     fdummy: torch.Tensor
     stats: torch.Tensor = None  # the csrc engine's whole fp32 output buffer (fixed address), once it has run
     stats_view: torch.Tensor = None  # its row / column means part (meta columns 12, 13 index it)
-    flag_host: torch.Tensor = None  # pinned copy of barrier[1] after the last persistent launch (see _watch_barrier)
+    flag_host: torch.Tensor = None  # pinned copy of barrier[1] after the last persistent launch (mt.watch_barrier)
     flag_event: object = None
 
 
@@ -506,31 +506,6 @@ def _launches(cautious, has_factored, csrc_stats) -> list:
     if not has_factored:
         return [rest]
     return [[FOLD] + rest] if csrc_stats else [[ROWCOL], rest]
-
-
-def _persistent_grid(n_items, device) -> int:
-    """Programs of a multi-phase launch: at most one per SM, so all are resident at once and the grid barrier
-    cannot wait on a program that never gets scheduled. The interpreter runs programs one after another: 1."""
-    if mt.interpreter_enabled() or device.type != "cuda":
-        return 1
-    return max(1, min(torch.cuda.get_device_properties(device).multi_processor_count, n_items))
-
-
-def _watch_barrier(tab) -> None:
-    """A grid barrier that gave up (the programs were not all resident, e.g. under MPS or SM partitioning) sets
-    barrier[1], and that step's results are wrong. Reported without a host sync: after every persistent launch the
-    flag is copied to pinned memory, and a later step raises once that copy has landed."""
-    if torch.cuda.is_current_stream_capturing():
-        return  # CUDA graphs: no event queries while capturing
-    if tab.flag_host is None:
-        tab.flag_host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        tab.flag_event = torch.cuda.Event()
-    elif tab.flag_event.query() and int(tab.flag_host[0]) != 0:  # a host tensor: no device sync
-        raise RuntimeError("Adafactor(fused=True): a grid barrier gave up waiting for the kernel's programs (were "
-                           "they all resident? MPS / SM partitioning can prevent it), so recent steps are wrong; "
-                           "use fused=False on this setup")
-    tab.flag_host.copy_(tab.barrier[1:], non_blocking=True)
-    tab.flag_event.record()
 
 
 def _csrc_geometry(p, d):
@@ -709,7 +684,7 @@ class Adafactor(FusedOptimizer):
                 if len(passes) == 1:  # one item per program
                     grid = tab.n_factored_work if passes[0] in (ROWCOL, FOLD) else tab.work.shape[0]
                 else:  # persistent: phases separated by grid barriers
-                    grid = _persistent_grid(tab.work.shape[0], dev)
+                    grid = mt.persistent_grid(tab.work.shape[0], dev)
                 adafactor_kernel[(grid,)](
                     tab.ptrs, tab.meta, tab.work, tab.tsc, tab.part[0], tab.part[1], stats, tab.counters,
                     tab.barrier, lr_tensor if lr_tensor is not None else tab.fdummy,
@@ -720,7 +695,7 @@ class Adafactor(FusedOptimizer):
                                         has_scale=grad_scale is not None, has_inf=found_inf is not None), **extra)
                 mt.launch_count += 1
                 if grid > 1 and len(passes) > 1:
-                    _watch_barrier(tab)
+                    mt.watch_barrier(tab, "Adafactor")
             if idx[-1] == len(params) - 1:
                 last_lr = tab.tsc[len(idx) - 1, 2]
         if group["relative_step"] and last_lr is not None:

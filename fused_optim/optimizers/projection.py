@@ -7,13 +7,21 @@ layer's unit weight) and weight decay is scaled by wd_ratio. Only tensors of 2+ 
 
 Fused path: timm decides with ``cosine_sim.max() < ...`` (a host sync per tensor). Here the decision, the norms and
 the dot products stay on the device, in one dedicated Triton kernel run as 2 launches per group and dtype
-combination, 3 with ``caution``, whatever the number of tensors:
+combination ("reduce, then apply"), with or without ``caution``, whatever the number of tensors. Its passes:
 
 * pass 0 (stats): per row, <p,g>, |g|^2, |p|^2 and <p,d> (d recomputed from the states, nothing stored); the last
   program of each tensor (atomic counter) decides the projection mode and writes per-row radial coefficients;
 * pass 1 (caution only): per row, the count of the cautious mask and <p, masked d>; the last program writes the
   mask scale and the per-row re-projection coefficients;
 * pass 2 (apply): the element-wise update, reading those per-row coefficients.
+
+  launch 1  pass 0, one program per work item
+  launch 2  pass 2, one program per work item; with caution ONE persistent launch running pass 1, a grid-wide
+            barrier (mt.grid_barrier), then pass 2: G = min(SM count, work items) programs (all resident, so the
+            barrier cannot deadlock; 1 under the interpreter), each looping over items pid, pid + G, ... Pass 2
+            loads what pass 1 wrote (rowbuf, tcoef) with .cg; each pass's last program per tensor resets its counter
+            before the barrier. A barrier that gives up (mt.GRID_SPIN_LIMIT) sets the table's sticky flag barrier[1],
+            reported without a host sync by mt.watch_barrier.
 
 The generic multi-tensor kernel has per-tensor coefficients only, so the passes use their own (tensor, row-block)
 work list and tables (cached in multi_tensor's GroupCache, rebuilt only when an address or shape changes; new grads
@@ -88,6 +96,7 @@ if mt.available():
 
     NESTEROV, CAUTION, DECAY = mt.flag_bits(3)
     K = tl.constexpr(_K)
+    grid_barrier, grid_barrier_exit = mt.grid_barrier, mt.grid_barrier_exit  # a kernel calls only its globals
 
     @triton.jit
     def _sgdp_coefs(step, lr, eps, momentum, dampening):
@@ -192,7 +201,7 @@ if mt.available():
             cnt += tl.sum(tl.load(rowbuf + rr * K + 6, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64), axis=0)
             spm += tl.sum(tl.load(rowbuf + rr * K + 7, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64), axis=0)
         s = 1.0 / tl.maximum(cnt / tl.maximum(n, 1).to(tl.float64), 1e-3)
-        mode = tl.load(tcoef + 2 * t)
+        mode = tl.load(tcoef + 2 * t, cache_modifier=".cg")
         ln = tl.sqrt(spp) + eps
         for r0 in range(0, R, FB):
             rr = row0 + r0 + tl.arange(0, FB)
@@ -204,36 +213,137 @@ if mt.available():
         tl.store(tcoef + 2 * t + 1, s.to(tl.float32))
 
     @triton.jit
+    def _item(
+        item, ptrs, info, work, sptrs, counters, rowbuf, tcoef, scale_ptr, lr, eps, delta, wd_ratio, wd, h1, h2,
+        DIRECTION: tl.constexpr, COEFS: tl.constexpr, FLAGS: tl.constexpr, PASS: tl.constexpr, NS: tl.constexpr,
+        HAS_STEP: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+        HAS_SCALE: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, FB: tl.constexpr,
+    ):
+        """One pass over work item `item` = one block of RB rows of one tensor (1-D tensors: rows of BC elements),
+        looping over the row in BC-wide tiles. info[t] = (numel, rows, row length, first row in rowbuf, projectable).
+
+        The per-row / per-tensor coefficients (rowbuf, tcoef) pass 2 reads may have been written by another program
+        of the same launch in pass 1 (persistent launch): every such load uses .cg (L2, never a stale L1). Pass 1
+        writes no element-wise data, so the element loads need no care."""
+        t = tl.load(work + 2 * item).to(tl.int64)
+        blk = tl.load(work + 2 * item + 1).to(tl.int64)
+        n = tl.load(info + 5 * t)
+        R = tl.load(info + 5 * t + 1)
+        C = tl.load(info + 5 * t + 2)
+        row0 = tl.load(info + 5 * t + 3)
+        proj = tl.load(info + 5 * t + 4)
+        row = ptrs + t * (2 + NS)
+        p_ptr = tl.load(row).to(tl.pointer_type(P_DT))
+        g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DT))
+        s0_ptr = tl.load(row + 2).to(tl.pointer_type(S_DT))
+        s1_ptr = s0_ptr
+        if NS > 1:
+            s1_ptr = tl.load(row + 3).to(tl.pointer_type(S_DT))
+        step = tl.cast(0.0, tl.float64)
+        if HAS_STEP:  # every pass reads the old step; the apply pass's last program writes the new one
+            step = tl.load(tl.load(sptrs + t).to(tl.pointer_type(tl.float32))).to(tl.float64)
+        step_new, neg_step, bc2_sqrt = COEFS(step, lr, eps, h1, h2)
+        bc2_sqrt = tl.cast(bc2_sqrt, tl.float32)
+        inv_scale = 1.0
+        if HAS_SCALE:
+            inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
+
+        rows = blk * RB + tl.arange(0, RB)
+        rmask = rows < R
+        cols0 = tl.arange(0, BC)
+        acc0 = tl.zeros([RB], tl.float32)
+        acc1 = tl.zeros([RB], tl.float32)
+        acc2 = tl.zeros([RB], tl.float32)
+        acc3 = tl.zeros([RB], tl.float32)
+        a = tl.zeros([RB], tl.float32)
+        c = tl.zeros([RB], tl.float32)
+        b = tl.zeros([RB], tl.float32)
+        if PASS > 0:
+            a = tl.load(rowbuf + (row0 + rows) * K + 4, mask=rmask, other=0.0, cache_modifier=".cg")
+            if FLAGS & CAUTION:
+                c = tl.load(rowbuf + (row0 + rows) * K + 5, mask=rmask, other=0.0, cache_modifier=".cg")
+        s = 1.0
+        decay = 1.0
+        if PASS == 2:
+            mode = tl.load(tcoef + 2 * t, cache_modifier=".cg")
+            if FLAGS & CAUTION:  # written by pass 1, maybe by another program of this launch
+                b = tl.load(rowbuf + (row0 + rows) * K + 8, mask=rmask, other=0.0, cache_modifier=".cg")
+                s = tl.load(tcoef + 2 * t + 1, cache_modifier=".cg")
+            if FLAGS & DECAY:
+                decay = (1.0 - lr * wd * tl.where(mode != 0.0, wd_ratio, 1.0)).to(tl.float32)
+        for c0 in range(0, C, BC):
+            cols = c0 + cols0
+            offs = rows[:, None] * C + cols[None, :]
+            mask = rmask[:, None] & (cols < C)[None, :] & (offs < n)
+            p, g, d, s0, s1 = _tile(p_ptr, g_ptr, s0_ptr, s1_ptr, offs, mask, inv_scale, bc2_sqrt, eps, h1, h2,
+                                    DIRECTION, FLAGS, NS, HAS_SCALE)
+            if PASS == 0:
+                acc0 += tl.sum(p * g, axis=1)
+                acc1 += tl.sum(g * g, axis=1)
+                acc2 += tl.sum(p * p, axis=1)
+                acc3 += tl.sum(p * d, axis=1)
+            else:
+                d = d - a[:, None] * p
+                keep = mask
+                if FLAGS & CAUTION:
+                    keep = mask & (d * (g - c[:, None] * p) > 0.0)
+                if PASS == 1:
+                    acc0 += tl.sum(keep.to(tl.float32), axis=1)
+                    acc1 += tl.sum(tl.where(keep, p * d, 0.0), axis=1)
+                else:
+                    if FLAGS & CAUTION:
+                        d = tl.where(keep, d * s, 0.0) - b[:, None] * p
+                    p = p * decay + neg_step.to(tl.float32) * d
+                    _put(p_ptr, offs, p, mask, P_DT)
+                    _put(s0_ptr, offs, s0, mask, S_DT)
+                    if NS > 1:
+                        _put(s1_ptr, offs, s1, mask, S_DT)
+                    if HAS_SCALE:
+                        _put(g_ptr, offs, g, mask, G_DT)  # p.grad ends unscaled, like the generic kernel
+
+        if PASS == 0:
+            tl.store(rowbuf + (row0 + rows) * K + 0, acc0, mask=rmask)
+            tl.store(rowbuf + (row0 + rows) * K + 1, acc1, mask=rmask)
+            tl.store(rowbuf + (row0 + rows) * K + 2, acc2, mask=rmask)
+            tl.store(rowbuf + (row0 + rows) * K + 3, acc3, mask=rmask)
+        if PASS == 1:
+            tl.store(rowbuf + (row0 + rows) * K + 6, acc0, mask=rmask)
+            tl.store(rowbuf + (row0 + rows) * K + 7, acc1, mask=rmask)
+        if PASS < 2 or HAS_STEP:
+            # the last program of tensor t finishes it (every other program has stored its rows / read step) and
+            # resets the counter, before the grid barrier lets the next pass of a persistent launch use it
+            nprog = tl.maximum(tl.cdiv(R, RB), 1)
+            tl.debug_barrier()  # all threads' row stores precede the (release) atomic below
+            done = tl.atomic_add(counters + t, 1, sem="acq_rel", scope="gpu")
+            if done == nprog - 1:
+                if PASS == 0:
+                    _finish_stats(rowbuf, tcoef, t, n, R, C, row0, proj, eps, delta, FB)
+                if PASS == 1:
+                    _finish_caution(rowbuf, tcoef, t, n, R, row0, eps, FB)
+                if PASS == 2:
+                    tl.store(tl.load(sptrs + t).to(tl.pointer_type(tl.float32)), tl.cast(step_new, tl.float32))
+                tl.store(counters + t, 0)
+
+    @triton.jit
     def projection_kernel(
-        ptrs, info, work, sptrs, counters, rowbuf, tcoef, scale_ptr, inf_ptr,
+        ptrs, info, work, sptrs, counters, rowbuf, tcoef, barrier, scale_ptr, inf_ptr, n_items,
         lr: tl.float64, eps: tl.float64, delta: tl.float64, wd_ratio: tl.float64, wd: tl.float64,
         h1: tl.float64, h2: tl.float64,
-        DIRECTION: tl.constexpr, COEFS: tl.constexpr, FLAGS: tl.constexpr, PASS: tl.constexpr,
+        DIRECTION: tl.constexpr, COEFS: tl.constexpr, FLAGS: tl.constexpr, PASSES: tl.constexpr,
         NS: tl.constexpr, HAS_STEP: tl.constexpr,
         P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, FB: tl.constexpr,
     ):
-        """One program = one block of RB rows of one tensor (1-D tensors: rows of BC elements), looping over the
-        row in BC-wide tiles. info[t] = (numel, rows, row length, first row in rowbuf, projectable)."""
+        """The passes in PASSES (bits, run in order 0, 1, 2), each over the n_items work items with item = pid,
+        pid + G, ... and a grid barrier between consecutive passes. One pass with one program per item is a plain
+        launch; several need a persistent grid of G <= SM count programs (all resident: the barrier cannot
+        deadlock)."""
         pid = tl.program_id(0)
+        G = tl.num_programs(0)
         skip = 0
         if HAS_INF:
             skip = tl.load(inf_ptr) != 0  # AMP overflow: touch nothing, advance nothing
         if skip == 0:
-            t = tl.load(work + 2 * pid).to(tl.int64)
-            blk = tl.load(work + 2 * pid + 1).to(tl.int64)
-            n = tl.load(info + 5 * t)
-            R = tl.load(info + 5 * t + 1)
-            C = tl.load(info + 5 * t + 2)
-            row0 = tl.load(info + 5 * t + 3)
-            proj = tl.load(info + 5 * t + 4)
-            row = ptrs + t * (2 + NS)
-            p_ptr = tl.load(row).to(tl.pointer_type(P_DT))
-            g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DT))
-            s0_ptr = tl.load(row + 2).to(tl.pointer_type(S_DT))
-            s1_ptr = s0_ptr
-            if NS > 1:
-                s1_ptr = tl.load(row + 3).to(tl.pointer_type(S_DT))
             lr = tl.cast(lr, tl.float64)  # plain Python floats under the interpreter
             eps = tl.cast(eps, tl.float64)
             delta = tl.cast(delta, tl.float64)
@@ -241,89 +351,19 @@ if mt.available():
             wd = tl.cast(wd, tl.float64)
             h1 = tl.cast(h1, tl.float64)
             h2 = tl.cast(h2, tl.float64)
-            step = tl.cast(0.0, tl.float64)
-            if HAS_STEP:  # every pass reads the old step; the apply pass's last program writes the new one
-                step = tl.load(tl.load(sptrs + t).to(tl.pointer_type(tl.float32))).to(tl.float64)
-            step_new, neg_step, bc2_sqrt = COEFS(step, lr, eps, h1, h2)
-            bc2_sqrt = tl.cast(bc2_sqrt, tl.float32)
-            inv_scale = 1.0
-            if HAS_SCALE:
-                inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
-
-            rows = blk * RB + tl.arange(0, RB)
-            rmask = rows < R
-            cols0 = tl.arange(0, BC)
-            acc0 = tl.zeros([RB], tl.float32)
-            acc1 = tl.zeros([RB], tl.float32)
-            acc2 = tl.zeros([RB], tl.float32)
-            acc3 = tl.zeros([RB], tl.float32)
-            a = tl.zeros([RB], tl.float32)
-            c = tl.zeros([RB], tl.float32)
-            b = tl.zeros([RB], tl.float32)
-            if PASS > 0:
-                a = tl.load(rowbuf + (row0 + rows) * K + 4, mask=rmask, other=0.0)
-                if FLAGS & CAUTION:
-                    c = tl.load(rowbuf + (row0 + rows) * K + 5, mask=rmask, other=0.0)
-            s = 1.0
-            decay = 1.0
-            if PASS == 2:
-                mode = tl.load(tcoef + 2 * t)
-                if FLAGS & CAUTION:
-                    b = tl.load(rowbuf + (row0 + rows) * K + 8, mask=rmask, other=0.0)
-                    s = tl.load(tcoef + 2 * t + 1)
-                if FLAGS & DECAY:
-                    decay = (1.0 - lr * wd * tl.where(mode != 0.0, wd_ratio, 1.0)).to(tl.float32)
-            for c0 in range(0, C, BC):
-                cols = c0 + cols0
-                offs = rows[:, None] * C + cols[None, :]
-                mask = rmask[:, None] & (cols < C)[None, :] & (offs < n)
-                p, g, d, s0, s1 = _tile(p_ptr, g_ptr, s0_ptr, s1_ptr, offs, mask, inv_scale, bc2_sqrt, eps, h1, h2,
-                                        DIRECTION, FLAGS, NS, HAS_SCALE)
-                if PASS == 0:
-                    acc0 += tl.sum(p * g, axis=1)
-                    acc1 += tl.sum(g * g, axis=1)
-                    acc2 += tl.sum(p * p, axis=1)
-                    acc3 += tl.sum(p * d, axis=1)
-                else:
-                    d = d - a[:, None] * p
-                    keep = mask
-                    if FLAGS & CAUTION:
-                        keep = mask & (d * (g - c[:, None] * p) > 0.0)
-                    if PASS == 1:
-                        acc0 += tl.sum(keep.to(tl.float32), axis=1)
-                        acc1 += tl.sum(tl.where(keep, p * d, 0.0), axis=1)
-                    else:
-                        if FLAGS & CAUTION:
-                            d = tl.where(keep, d * s, 0.0) - b[:, None] * p
-                        p = p * decay + neg_step.to(tl.float32) * d
-                        _put(p_ptr, offs, p, mask, P_DT)
-                        _put(s0_ptr, offs, s0, mask, S_DT)
-                        if NS > 1:
-                            _put(s1_ptr, offs, s1, mask, S_DT)
-                        if HAS_SCALE:
-                            _put(g_ptr, offs, g, mask, G_DT)  # p.grad ends unscaled, like the generic kernel
-
-            if PASS == 0:
-                tl.store(rowbuf + (row0 + rows) * K + 0, acc0, mask=rmask)
-                tl.store(rowbuf + (row0 + rows) * K + 1, acc1, mask=rmask)
-                tl.store(rowbuf + (row0 + rows) * K + 2, acc2, mask=rmask)
-                tl.store(rowbuf + (row0 + rows) * K + 3, acc3, mask=rmask)
-            if PASS == 1:
-                tl.store(rowbuf + (row0 + rows) * K + 6, acc0, mask=rmask)
-                tl.store(rowbuf + (row0 + rows) * K + 7, acc1, mask=rmask)
-            if PASS < 2 or HAS_STEP:
-                # the last program of tensor t finishes it (every other program has stored its rows / read step)
-                nprog = tl.maximum(tl.cdiv(R, RB), 1)
-                tl.debug_barrier()  # all threads' row stores precede the (release) atomic below
-                done = tl.atomic_add(counters + t, 1)
-                if done == nprog - 1:
-                    if PASS == 0:
-                        _finish_stats(rowbuf, tcoef, t, n, R, C, row0, proj, eps, delta, FB)
-                    if PASS == 1:
-                        _finish_caution(rowbuf, tcoef, t, n, R, row0, eps, FB)
-                    if PASS == 2:
-                        tl.store(tl.load(sptrs + t).to(tl.pointer_type(tl.float32)), tl.cast(step_new, tl.float32))
-                    tl.store(counters + t, 0)
+            nb = 0  # barriers passed (compile-time)
+            ok = 1
+            for PASS in tl.static_range(3):
+                if PASSES & (1 << PASS):
+                    if PASSES & ((1 << PASS) - 1):  # an earlier pass ran in this launch: wait until all of it did
+                        ok = ok & grid_barrier(barrier, (nb + 1) * G)
+                        nb += 1
+                    for item in range(pid, n_items, G):
+                        _item(item, ptrs, info, work, sptrs, counters, rowbuf, tcoef, scale_ptr,
+                              lr, eps, delta, wd_ratio, wd, h1, h2, DIRECTION, COEFS, FLAGS, PASS, NS, HAS_STEP,
+                              P_DT, G_DT, S_DT, HAS_SCALE, RB, BC, FB)
+            if nb > 0:
+                grid_barrier_exit(barrier, (nb + 1) * G, ok)
 
 
 @dataclass
@@ -337,9 +377,12 @@ class _Tables:
     counters: torch.Tensor
     rowbuf: torch.Tensor
     tcoef: torch.Tensor     # per tensor: mode (NONE/CHANNEL/LAYER), caution mask scale
+    barrier: torch.Tensor   # int32 [2]: the grid barrier's arrival count, and a sticky "a barrier gave up" flag
     fdummy: torch.Tensor
     rb: int
     bc: int
+    flag_host: torch.Tensor = None  # pinned copy of barrier[1] after the last persistent launch (mt.watch_barrier)
+    flag_event: object = None
 
 
 def _tile_shape(shapes) -> tuple[int, int]:
@@ -371,6 +414,7 @@ def _build_tables(key, params, grads, states, steps, device) -> _Tables:
                    counters=torch.zeros(len(params), dtype=torch.int32, device=device),
                    rowbuf=torch.zeros(max(row_base, 1) * _K, dtype=torch.float32, device=device),
                    tcoef=torch.zeros(2 * len(params), dtype=torch.float32, device=device),
+                   barrier=torch.zeros(2, dtype=torch.int32, device=device),
                    fdummy=torch.zeros(1, dtype=torch.float32, device=device), rb=rb, bc=bc)
 
 
@@ -385,17 +429,26 @@ class _Spec:
     has_step: bool
 
 
-def kernel_constexprs(spec: _Spec, pass_: int, dts, *, rb: int, bc: int, has_scale: bool, has_inf: bool) -> dict:
-    return dict(DIRECTION=spec.direction, COEFS=spec.coefs, FLAGS=spec.flags, PASS=pass_, NS=len(spec.state_keys),
+def _launches(cautious: bool) -> list:
+    """The passes of each launch of one step: stats, then apply (caution: the caution stats and the apply in one
+    persistent launch)."""
+    return [[0], [1, 2]] if cautious else [[0], [2]]
+
+
+def kernel_constexprs(spec: _Spec, passes, dts, *, rb: int, bc: int, has_scale: bool, has_inf: bool) -> dict:
+    """passes: the passes one launch runs, in order (see projection_kernel)."""
+    return dict(DIRECTION=spec.direction, COEFS=spec.coefs, FLAGS=spec.flags, PASSES=sum(1 << p for p in passes),
+                NS=len(spec.state_keys),
                 HAS_STEP=spec.has_step, P_DT=mt._TL_DTYPES[dts[0]], G_DT=mt._TL_DTYPES[dts[1]],
                 S_DT=mt._TL_DTYPES[dts[2]], HAS_SCALE=has_scale, HAS_INF=has_inf, RB=rb, BC=bc, FB=256)
 
 
-def _apply(spec: _Spec, cache: mt.GroupCache, params, grads, states, steps, grad_scale, found_inf) -> None:
+def _apply(spec: _Spec, cache: mt.GroupCache, params, grads, states, steps, grad_scale, found_inf,
+           who: str = "SGDP/AdamP") -> None:
     buckets: dict = {}
     for i, p in enumerate(params):
         buckets.setdefault((p.dtype, grads[i].dtype, states[i][0].dtype), []).append(i)
-    passes = (0, 1, 2) if spec.flags & int(CAUTION.value) else (0, 2)
+    launches = _launches(bool(spec.flags & int(CAUTION.value)))
     for dts, idx in buckets.items():
         ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
         sts, scs = [states[i] for i in idx], [steps[i] for i in idx] if steps else []
@@ -410,15 +463,20 @@ def _apply(spec: _Spec, cache: mt.GroupCache, params, grads, states, steps, grad
             tab.gkey = gkey
             cache.grad_uploads += 1
         extra = {} if mt.interpreter_enabled() else mt.compile_options()
-        for pass_ in passes:
-            projection_kernel[(tab.work.shape[0],)](
-                tab.ptrs, tab.info, tab.work, tab.sptrs, tab.counters, tab.rowbuf, tab.tcoef,
+        n_items = tab.work.shape[0]
+        for passes in launches:
+            # one pass: one program per item; several: persistent, passes separated by grid barriers
+            grid = n_items if len(passes) == 1 else mt.persistent_grid(n_items, ps[0].device)
+            projection_kernel[(grid,)](
+                tab.ptrs, tab.info, tab.work, tab.sptrs, tab.counters, tab.rowbuf, tab.tcoef, tab.barrier,
                 grad_scale if grad_scale is not None else tab.fdummy,
-                found_inf if found_inf is not None else tab.fdummy,
+                found_inf if found_inf is not None else tab.fdummy, n_items,
                 *(float(h) for h in spec.hypers),
-                **kernel_constexprs(spec, pass_, dts, rb=tab.rb, bc=tab.bc, has_scale=grad_scale is not None,
+                **kernel_constexprs(spec, passes, dts, rb=tab.rb, bc=tab.bc, has_scale=grad_scale is not None,
                                     has_inf=found_inf is not None), **extra)
             mt.launch_count += 1
+            if grid > 1 and len(passes) > 1:
+                mt.watch_barrier(tab, who)
 
 
 # ---- the optimizers -------------------------------------------------------------------------------------------
@@ -456,7 +514,7 @@ class _Projected(FusedOptimizer):
             raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
         cache = self._kernel_caches.setdefault(id(group), mt.GroupCache())
         _apply(spec, cache, params, grads, [[st[k] for k in spec.state_keys] for st in states],
-               [st["step"] for st in states] if spec.has_step else None, grad_scale, found_inf)
+               [st["step"] for st in states] if spec.has_step else None, grad_scale, found_inf, type(self).__name__)
 
 
 @register
@@ -557,12 +615,13 @@ class AdamP(_Projected):
 
 
 def aot_kernels() -> list:
-    """The dedicated kernel's specializations for fused_optim.tools.aot: every pass of both optimizers, options
-    off and all on, fp32 (and bf16 / fp16 with AMP for all options on)."""
+    """The dedicated kernel's specializations for fused_optim.tools.aot: every launch of both optimizers (pass 0;
+    pass 2, or with caution the persistent pass 1+2), options off and all on, fp32 (and bf16 / fp16 with AMP for
+    all options on)."""
     if not mt.available():
         return []
     ptr = {"ptrs": "*i64", "info": "*i64", "work": "*i32", "sptrs": "*i64", "counters": "*i32", "rowbuf": "*fp32",
-           "tcoef": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32"}
+           "tcoef": "*fp32", "barrier": "*i32", "scale_ptr": "*fp32", "inf_ptr": "*fp32", "n_items": "i32"}
     sig = {a: ptr.get(a, "fp64" if a in ("lr", "eps", "delta", "wd_ratio", "wd", "h1", "h2") else "constexpr")
            for a in projection_kernel.arg_names}
     rb, bc = _tile_shape([(512, 4608)])
@@ -576,10 +635,11 @@ def aot_kernels() -> list:
             variants = [((torch.float32,) * 3, False)] + ([((torch.bfloat16,) * 3, True),
                                                            ((torch.float16,) * 3, True)] if options else [])
             for dts, amp in variants:
-                for pass_ in ((0, 1, 2) if group["caution"] else (0, 2)):
+                for passes in _launches(group["caution"]):
                     label = ",".join(f"{k}={v}" for k, v in options.items()) or "default"
-                    out.append(dict(name=f"{cls.__name__}[{label}] pass {pass_} {str(dts[0])[6:]}{' amp' * amp}",
+                    out.append(dict(name=f"{cls.__name__}[{label}] pass {'+'.join(map(str, passes))} "
+                                         f"{str(dts[0])[6:]}{' amp' * amp}",
                                     fn=projection_kernel, signature=sig, options=mt.compile_options(),
-                                    constexprs=kernel_constexprs(spec, pass_, dts, rb=rb, bc=bc, has_scale=amp,
+                                    constexprs=kernel_constexprs(spec, passes, dts, rb=rb, bc=bc, has_scale=amp,
                                                                  has_inf=amp)))
     return out
