@@ -52,3 +52,15 @@ def test_from_json_config():
     assert type(opt) is fused_optim.AdamW and opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["lr"] == 0.002
     with pytest.raises(ValueError, match="exactly one"):
         fused_optim.from_config(_model(), {"lr": 0.1})
+
+
+def test_config_options_beyond_the_anchor_reach_the_optimizer():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    opt = fused_optim.from_config(model, {"optimizer": "adamw", "lr": 1e-3, "max_grad_norm": 0.5,
+                                          "master_weights": True})
+    assert (opt.max_grad_norm, opt.master_weights) == (0.5, True)
+    model(torch.randn(2, 4)).pow(2).sum().mul(100).backward()
+    opt.step()
+    assert opt.last_grad_norm > 0.5  # measured before clipping
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        fused_optim.create_optimizer(model, "sgd", lr=0.1, max_grad_norm=-1)
