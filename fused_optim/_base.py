@@ -200,19 +200,17 @@ class FusedOptimizer(Optimizer):
     def _grads_of(self, group):
         """The group's params that have a grad, checked (nothing is changed before every group passes)."""
         name = type(self).__name__
-        params, grads = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            g = p.grad
-            if g.is_sparse and self.dense_only:
-                raise RuntimeError(f"{name} does not support sparse gradients")
-            if self.sparse_only and not g.is_sparse:
-                raise RuntimeError(f"{name} supports only sparse gradients (e.g. nn.Embedding(sparse=True))")
-            if g.device != p.device:
-                raise RuntimeError(f"{name}: grad on {g.device} for a param on {p.device}")
-            params.append(p)
-            grads.append(g)
+        params = [p for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        # whole-list checks (map over C methods): per-tensor Python work is the host cost of a step
+        if self.dense_only and any(g.is_sparse for g in grads):
+            raise RuntimeError(f"{name} does not support sparse gradients")
+        if self.sparse_only and not all(g.is_sparse for g in grads):
+            raise RuntimeError(f"{name} supports only sparse gradients (e.g. nn.Embedding(sparse=True))")
+        get_device = torch.Tensor.get_device
+        if list(map(get_device, grads)) != list(map(get_device, params)):
+            p, g = next((p, g) for p, g in zip(params, grads) if g.device != p.device)
+            raise RuntimeError(f"{name}: grad on {g.device} for a param on {p.device}")
         return params, grads
 
     # step() runs eagerly: under torch.compile, dynamo does not trace into it (the kernels are launched as they
@@ -350,20 +348,26 @@ class FusedOptimizer(Optimizer):
         dev = params[0].device
         scalars_on_device(states, skeys, dev)
         self._prepare(group, params, grads, states)
-        # FSDP2 / DTensor params: an element-wise update of the local shard is the update of the whole tensor
-        params, grads = [local(p) for p in params], [local(g) for g in grads]
-        flat = [as_real(t).view(-1) if t.is_contiguous() else None for t in params]
-        if any(f is None for f in flat) or any(not g.is_contiguous() for g in grads):
+        # The kernels need only each tensor's address, size and dtype: no per-tensor views in the common case (at
+        # thousands of tensors, per-tensor Python work is the step's cost on the host).
+        # FSDP2 / DTensor params: an element-wise update of the local shard is the update of the whole tensor;
+        # complex params: their real views.
+        if any(map(is_dtensor, params)):
+            params, grads = [local(p) for p in params], [local(g) for g in grads]
+            states = [{k: local(v) for k, v in st.items()} for st in states]
+        if not (all(map(torch.Tensor.is_contiguous, params)) and all(map(torch.Tensor.is_contiguous, grads))):
             raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
+        element_states = [[st[k] for k in keys] for st in states]
+        if any(map(torch.Tensor.is_complex, params)):
+            params, grads = [as_real(p) for p in params], [as_real(g) for g in grads]
+            element_states = [[as_real(s) for s in sts] for sts in element_states]
         lr = group.get("lr")
         # a table hit is verified against every address, so a recycled id() can never reuse a stale table
         cache = self._kernel_caches.setdefault((id(group), variant), mt.GroupCache())
-        mt.apply(rule, cache, flat, [as_real(g).view(-1) for g in grads],
-                 [[as_real(local(st[k])).view(-1) for k in keys] for st in states],
-                 [[st[k] for k in skeys] for st in states],
+        mt.apply(rule, cache, params, grads, element_states, [[st[k] for k in skeys] for st in states],
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None,
                  grad_scale=grad_scale, found_inf=found_inf,
-                 masters=[local(st["master_param"]).view(-1) if "master_param" in st else None for st in states],
+                 masters=[st.get("master_param") for st in states] if self.master_weights else None,
                  stochastic_rounding=self.stochastic_rounding,
                  # host RNG (torch.manual_seed makes it reproducible); no device sync
                  seed=int(torch.randint(0, 2**31 - 1, ())) if self.stochastic_rounding else 0)
@@ -391,10 +395,11 @@ def local(t):
 def scalars_on_device(states, keys, device) -> None:
     """Make per-tensor scalar states float32 0-d tensors on `device`, in place: kernels read them from device memory
     (torch keeps them on CPU by default, timm as Python numbers)."""
+    index = device.index if device.type == "cuda" else -1  # what Tensor.get_device() returns there
     for st in states:
         for k in keys:
             v = st[k]
-            if not isinstance(v, torch.Tensor) or v.device != device or v.dtype != torch.float32:
+            if not isinstance(v, torch.Tensor) or v.get_device() != index or v.dtype != torch.float32:
                 st[k] = torch.as_tensor(v, dtype=torch.float32).to(device)
 
 

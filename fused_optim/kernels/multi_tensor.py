@@ -28,6 +28,7 @@ bit set (maximize, amsgrad, ...), so each specialisation carries only its own co
 """
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass, field
 
@@ -417,31 +418,40 @@ def apply(rule: Rule, cache: GroupCache, params, grads, states, scalars, *, lr_t
     """Update one param group in one launch per (param, grad, state) dtype combination.
 
     ``states[i]`` lists tensor i's element-wise states (same count for all tensors), ``scalars[i]`` its 0-d float32
-    per-tensor scalar states. All tensors must be contiguous (views of real dtype). ``masters[i]``: an fp32 master
+    per-tensor scalar states. All tensors must be contiguous, of real dtype (any shape: only their addresses and
+    sizes are used). ``masters[i]``: an fp32 master
     copy of a bf16/fp16 param (the math updates it, the param gets its rounding), or None. ``stochastic_rounding``:
     bf16 params are stored with stochastic rounding, random bits drawn from ``seed`` (vary it every step).
     """
     global launch_count
     buckets: dict = {}
     masters = masters or [None] * len(params)
-    for i, p in enumerate(params):
-        sdt = states[i][0].dtype if states[i] else p.dtype
-        buckets.setdefault((p.dtype, grads[i].dtype, sdt, masters[i] is not None), []).append(i)
+    dtype = operator.attrgetter("dtype")
+    pdt, gdt = set(map(dtype, params)), set(map(dtype, grads))
+    sdt = {st[0].dtype for st in states} if states[0] else pdt
+    if len(pdt) == len(gdt) == len(sdt) == 1 and all(m is None for m in masters):  # usual: no loop
+        buckets[(*pdt, *gdt, *sdt, False)] = range(len(params))
+    else:
+        for i, (p, g, st, m) in enumerate(zip(params, grads, states, masters)):
+            buckets.setdefault((p.dtype, g.dtype, st[0].dtype if st else p.dtype, m is not None), []).append(i)
     for (*dts, master), idx in buckets.items():
         dts = tuple(dts)
-        ps = [params[i] for i in idx]
-        gs = [grads[i] for i in idx]
-        # the master copy rides in the table as one more element-wise slot, after the states
-        sts = [states[i] + ([masters[i]] if master else []) for i in idx]
-        scs = [scalars[i] for i in idx]
+        if len(idx) == len(params):  # one bucket (the usual case): no copies
+            ps, gs, sts, scs = params, grads, states, scalars
+        else:
+            ps, gs, sts, scs = ([x[i] for i in idx] for x in (params, grads, states, scalars))
+        if master:  # the master copy rides in the table as one more element-wise slot, after the states
+            sts = [st + [masters[i]] for st, i in zip(sts, idx)]
         # The key covers every address and size the tables hold: any change (a loaded state, a replaced param)
         # rebuilds. Grads are often re-allocated each step (zero_grad(set_to_none=True)): a new grad address only
         # re-uploads the grad column.
-        key = tuple(p.data_ptr() for p in ps) + tuple(s.data_ptr() for st in sts for s in st) + tuple(
-            s.data_ptr() for sc in scs for s in sc) + tuple(p.numel() for p in ps)
-        gkey = tuple(g.data_ptr() for g in gs)
+        ptr = torch.Tensor.data_ptr  # map() over the C methods: per-tensor host cost matters at 1000s of tensors
+        key = (*map(ptr, ps), *(ptr(s) for st in sts for s in st), *(ptr(s) for sc in scs for s in sc),
+               *map(torch.Tensor.numel, ps))
+        gkey = tuple(map(ptr, gs))
         tab = cache.tables.get((dts, master))
-        if tab is None or tab.key != key or tab.aligned != _all_aligned(ps, gs, sts):
+        # alignment is a property of the addresses: it can change only with them
+        if tab is None or tab.key != key or (tab.gkey != gkey and tab.aligned and not all(map(_aligned, gs))):
             tab = _build_tables(key, ps, gs, sts, scs, ps[0].device)
             tab.gkey = gkey
             cache.tables[(dts, master)] = tab
