@@ -253,25 +253,27 @@ class FusedOptimizer(Optimizer):
         dtype; the fused norm stays fp32, so the two agree to that rounding.)"""
         if self.max_grad_norm is None:
             return grad_scale, False
-        pairs = [(p, g) for _, params, grads in work for p, g in zip(params, grads)]
-        if not pairs:
+        params = [p for _, ps, _ in work for p in ps]
+        grads = [g for _, _, gs in work for g in gs]
+        if not grads:
             return grad_scale, False
-        if any(is_dtensor(g) for _, g in pairs):
+        if any(map(is_dtensor, grads)):
             raise NotImplementedError(f"{type(self).__name__}: max_grad_norm needs the norm over all ranks' shards; "
                                       f"with DTensor params use torch.nn.utils.clip_grad_norm_ before step()")
-        devices = {g.device for _, g in pairs}
-        if len(devices) > 1:
-            raise ValueError(f"{type(self).__name__}: max_grad_norm needs all grads on one device, got {devices}")
-        if all(self._kernel_path(group, params) for group, params, _ in work if params):
-            flat = [as_real(g).reshape(-1) for _, g in pairs]
-            out = reduce.clip_scale(self._kernel_caches.setdefault("clip", {}), flat, self.max_grad_norm, grad_scale)
+        if len(set(map(torch.Tensor.get_device, grads))) > 1:  # -1 on CPU, the index on CUDA
+            raise ValueError(f"{type(self).__name__}: max_grad_norm needs all grads on one device, got "
+                             f"{sorted({str(g.device) for g in grads})}")
+        if all(self._kernel_path(group, ps) for group, ps, _ in work if ps):
+            if any(map(torch.Tensor.is_complex, grads)):
+                grads = [as_real(g) for g in grads]
+            out = reduce.clip_scale(self._kernel_caches.setdefault("clip", {}), grads, self.max_grad_norm, grad_scale)
             self.last_grad_norm = out[0]
             return out[1:], False
         if found_inf is not None and found_inf.item() != 0:
             return None, True
         if grad_scale is not None:
-            torch._foreach_div_([g for _, g in pairs], grad_scale.to(pairs[0][1].device))
-        self.last_grad_norm = torch.nn.utils.clip_grad_norm_([p for p, _ in pairs], self.max_grad_norm)
+            torch._foreach_div_(grads, grad_scale.to(grads[0].device))
+        self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         return None, False
 
     def _kernel_path(self, group, params) -> bool:

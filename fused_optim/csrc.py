@@ -51,6 +51,7 @@ launches made through this module (tests assert one per call).
 from __future__ import annotations
 
 import math
+import operator
 from collections import OrderedDict
 from typing import NamedTuple, Sequence
 
@@ -59,6 +60,7 @@ import torch
 ABI_VERSION = 2
 KIND_SUMSQ, KIND_DOT, KIND_DOT_ROWS, KIND_FACTORED = 0, 1, 2, 3
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_dtype = operator.attrgetter("dtype")
 _CACHE_SIZE = 64
 
 _modules: dict = {}
@@ -121,10 +123,10 @@ class _Plan:
 
 def _backend(tensors: Sequence[torch.Tensor], backend: str | None) -> str:
     dev = tensors[0].device
-    if any(t.device != dev for t in tensors):
+    if len(set(map(torch.Tensor.get_device, tensors))) > 1:  # -1 on CPU, the index on CUDA
         raise ValueError("fused_optim.csrc: all tensors must be on one device")
     if backend is None:
-        if any(t.dtype not in _DTYPE_CODES for t in tensors):
+        if not set(map(_dtype, tensors)) <= _DTYPE_CODES.keys():
             return "torch"
         if dev.type == "cpu":
             return "host" if host_available() else "torch"
@@ -150,14 +152,16 @@ def _run(kind: int, backend: str, a: list, b: list | None, dims: list, eps: floa
     mod = _load("_fused_optim_host" if backend == "host" else "_fused_optim_cuda")
     dev = a[0].device
     stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-    descs = tuple(
-        (x.data_ptr(), (y.data_ptr() if y is not None else 0), _DTYPE_CODES[x.dtype],
-         (_DTYPE_CODES[y.dtype] if y is not None else 0), x.numel(), *d)
-        for x, y, d in zip(a, b if b is not None else [None] * len(a), dims))
-    key = (kind, str(dev), stream, descs)
+    # the cache key: every address, dtype and size a plan holds (whole-list maps: a step may cover 1000s of tensors)
+    ptr, b_ = torch.Tensor.data_ptr, (b if b is not None else ())
+    key = (kind, str(dev), stream, tuple(map(ptr, a)), tuple(map(ptr, b_)), tuple(map(_dtype, a)),
+           tuple(map(_dtype, b_)), tuple(map(torch.Tensor.numel, a)), tuple(dims))
     plan = _plans.get(key)
     if plan is None:
-        meta, n_entries, n_items, ws_extra, n_stats, n_counters, K, row_out, col_out = mod.plan(kind, list(descs))
+        descs = [(x.data_ptr(), (y.data_ptr() if y is not None else 0), _DTYPE_CODES[x.dtype],
+                  (_DTYPE_CODES[y.dtype] if y is not None else 0), x.numel(), *d)
+                 for x, y, d in zip(a, b if b is not None else [None] * len(a), dims)]
+        meta, n_entries, n_items, ws_extra, n_stats, n_counters, K, row_out, col_out = mod.plan(kind, descs)
         plan = _Plan()
         # pageable -> device without non_blocking would sync the stream; the runtime stages the bytes at once
         plan.meta = torch.frombuffer(bytearray(meta), dtype=torch.int64).to(dev, non_blocking=True)
@@ -197,7 +201,9 @@ def _run(kind: int, backend: str, a: list, b: list | None, dims: list, eps: floa
 
 
 def _contig(ts: Sequence[torch.Tensor]) -> list:
-    return [t.detach().contiguous() for t in ts]
+    # only addresses are taken: no autograd views needed; copies only where a tensor is not contiguous
+    ts = list(ts)
+    return ts if all(map(torch.Tensor.is_contiguous, ts)) else [t.contiguous() for t in ts]
 
 
 # --------------------------------------------------------------------------------------------- public functions
