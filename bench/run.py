@@ -209,7 +209,7 @@ def main(argv=None):
             gbs = nbytes / ms / 1e6
             row = {"workload": wname, "dtype": dtype_name, "optimizer": name, "impl": impl,
                    "tensors": len(shapes), "numel": numel, "ms": round(ms, 4),
-                   "first_step_ms": round(firsts[impl], 2), "bytes": nbytes, "GBs": round(gbs, 1),
+                   "first_step_ms": round(firsts[impl], 2), "bytes": nbytes, "GBs": float(f"{gbs:.4g}"),
                    "pct_copy_bw": round(100 * gbs / bw, 1)}
             rows.append(row)
             _log(f"{wname:6s} {dtype_name:9s} {name:11s} {impl:15s} {ms:10.3f} ms {gbs:8.1f} GB/s "
