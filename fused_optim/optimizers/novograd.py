@@ -158,16 +158,21 @@ class _LayerwiseMoments(FusedOptimizer):
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         rule, keys, skeys = self._kernel_rule(group)
         scalars_on_device(states, [k for k in skeys if k != _NORM], params[0].device)
-        if any(not t.is_contiguous() for t in params + grads):
+        if not (all(map(torch.Tensor.is_contiguous, params)) and all(map(torch.Tensor.is_contiguous, grads))):
             raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
-        flat_g = [as_real(g).view(-1) for g in grads]
-        norms = reduce.sumsq(self._kernel_caches.setdefault((id(group), "sumsq"), {}), flat_g, grad_scale,
-                             found_inf).unbind()  # 0-d views at fixed addresses: the apply's tables stay valid
+        element_states = [[st[k] for k in keys] for st in states]
+        if any(map(torch.Tensor.is_complex, params)):  # their real views (the kernels take addresses and sizes)
+            params, grads = [as_real(p) for p in params], [as_real(g) for g in grads]
+            element_states = [[as_real(s) for s in sts] for sts in element_states]
+        cache = self._kernel_caches.setdefault((id(group), "sumsq"), {})
+        # 0-d views of a buffer at a fixed address (the apply's tables stay valid), made once per buffer
+        buf = reduce.sumsq(cache, grads, grad_scale, found_inf)
+        if cache.get("views", (None,))[0] != buf.data_ptr():
+            cache["views"] = (buf.data_ptr(), buf.unbind())
+        norms = cache["views"][1]
         lr = group["lr"]
-        mt.apply(rule, self._kernel_caches.setdefault((id(group), None), mt.GroupCache()),
-                 [as_real(p).view(-1) for p in params], flat_g,
-                 [[as_real(st[k]).view(-1) for k in keys] for st in states],
-                 [[norm if k == _NORM else st[k] for k in skeys] for st, norm in zip(states, norms)],
+        mt.apply(rule, self._kernel_caches.setdefault((id(group), None), mt.GroupCache()), params, grads,
+                 element_states, [[norm if k == _NORM else st[k] for k in skeys] for st, norm in zip(states, norms)],
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None, grad_scale=grad_scale, found_inf=found_inf)
 
 
