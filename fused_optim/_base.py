@@ -276,10 +276,14 @@ class FusedOptimizer(Optimizer):
         self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         return None, False
 
+    def _low_precision_options(self, params) -> bool:
+        """master_weights / stochastic_rounding apply to some param of this list."""
+        return (self.master_weights or self.stochastic_rounding) and any(p.dtype in LOW_PRECISION for p in params)
+
     def _kernel_path(self, group, params) -> bool:
         """Whether this group's step runs the fused kernels."""
-        low = (self.master_weights or self.stochastic_rounding) and any(p.dtype in LOW_PRECISION for p in params)
-        return self._use_kernel(group, params) and (self.precision_in_kernel or not low)
+        return self._use_kernel(group, params) and (
+            self.precision_in_kernel or not self._low_precision_options(params))
 
     def _state_of(self, p, group) -> dict:
         st = self.state[p]
@@ -298,7 +302,7 @@ class FusedOptimizer(Optimizer):
         if self._kernel_path(group, params):
             self._kernel_step(group, params, grads, states, grad_scale, found_inf)
             return
-        low = (self.master_weights or self.stochastic_rounding) and any(p.dtype in LOW_PRECISION for p in params)
+        low = self._low_precision_options(params)
         if found_inf is not None and found_inf.item() != 0:
             return  # AMP overflow: skip, advance nothing (like torch's fused optimizers)
         if grad_scale is not None:
@@ -345,31 +349,35 @@ class FusedOptimizer(Optimizer):
             elif wp is not p:
                 p.copy_(wp)
 
+    def _kernel_tensors(self, params, grads, states, keys):
+        """(params, grads, element-wise states [[st[k] for k in keys]]) as the kernels take them: only addresses,
+        sizes and dtypes are read, so no per-tensor views in the common case (at thousands of tensors, per-tensor
+        Python work is the step's host cost). FSDP2 / DTensor: the local shards (an element-wise update of the shard
+        is the update of the whole tensor); complex: the real views. Raises unless contiguous."""
+        element_states = [[st[k] for k in keys] for st in states]
+        if any(map(is_dtensor, params)):
+            params, grads = [local(p) for p in params], [local(g) for g in grads]
+            element_states = [[local(s) for s in sts] for sts in element_states]
+        if not (all(map(torch.Tensor.is_contiguous, params)) and all(map(torch.Tensor.is_contiguous, grads))):
+            raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
+        if any(map(torch.Tensor.is_complex, params)):
+            params, grads = [as_real(p) for p in params], [as_real(g) for g in grads]
+            element_states = [[as_real(s) for s in sts] for sts in element_states]
+        return params, grads, element_states
+
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         rule, keys, skeys = self._kernel_rule(group, variant)
         dev = params[0].device
         scalars_on_device(states, skeys, dev)
         self._prepare(group, params, grads, states)
-        # The kernels need only each tensor's address, size and dtype: no per-tensor views in the common case (at
-        # thousands of tensors, per-tensor Python work is the step's cost on the host).
-        # FSDP2 / DTensor params: an element-wise update of the local shard is the update of the whole tensor;
-        # complex params: their real views.
-        if any(map(is_dtensor, params)):
-            params, grads = [local(p) for p in params], [local(g) for g in grads]
-            states = [{k: local(v) for k, v in st.items()} for st in states]
-        if not (all(map(torch.Tensor.is_contiguous, params)) and all(map(torch.Tensor.is_contiguous, grads))):
-            raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
-        element_states = [[st[k] for k in keys] for st in states]
-        if any(map(torch.Tensor.is_complex, params)):
-            params, grads = [as_real(p) for p in params], [as_real(g) for g in grads]
-            element_states = [[as_real(s) for s in sts] for sts in element_states]
+        params, grads, element_states = self._kernel_tensors(params, grads, states, keys)
         lr = group.get("lr")
         # a table hit is verified against every address, so a recycled id() can never reuse a stale table
         cache = self._kernel_caches.setdefault((id(group), variant), mt.GroupCache())
         mt.apply(rule, cache, params, grads, element_states, [[st[k] for k in skeys] for st in states],
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None,
                  grad_scale=grad_scale, found_inf=found_inf,
-                 masters=[st.get("master_param") for st in states] if self.master_weights else None,
+                 masters=[local(st.get("master_param")) for st in states] if self.master_weights else None,
                  stochastic_rounding=self.stochastic_rounding,
                  # host RNG (torch.manual_seed makes it reproducible); no device sync
                  seed=int(torch.randint(0, 2**31 - 1, ())) if self.stochastic_rounding else 0)

@@ -130,22 +130,27 @@ def test_checkpoint_mid_history(direction, search):
 
 
 def test_complex_missing_and_sparse_grads_like_torch():
-    """Complex params count as real pairs; a param without a grad contributes zeros, a sparse grad its dense form."""
+    check_complex_missing_and_sparse_grads()
+
+
+def check_complex_missing_and_sparse_grads(device="cpu", fused=None, rtol=1e-12, atol=0.0):
+    """Complex params count as real pairs; a param without a grad contributes zeros, a sparse grad its dense form.
+    (test_lbfgs_fused.py runs it on the fused path.)"""
     def make():
         torch.manual_seed(4)
-        z = torch.randn(3, dtype=torch.complex128).requires_grad_()
-        unused = torch.randn(2, dtype=torch.float64).requires_grad_()
-        emb = torch.nn.Embedding(5, 2, sparse=True, dtype=torch.float64)
+        z = torch.randn(3, dtype=torch.complex128).to(device).requires_grad_()
+        unused = torch.randn(2, dtype=torch.float64).to(device).requires_grad_()
+        emb = torch.nn.Embedding(5, 2, sparse=True, dtype=torch.float64).to(device)
         return [z, unused, emb.weight], emb
 
     (pa, ea), (pb, eb) = make(), make()
-    target = torch.tensor([1 + 2j, -1j, 0.5], dtype=torch.complex128)
-    idx = torch.tensor([0, 3, 3])
+    target = torch.tensor([1 + 2j, -1j, 0.5], dtype=torch.complex128, device=device)
+    idx = torch.tensor([0, 3, 3], device=device)
 
     def loss_fn(ps, emb):
         return ((ps[0] - target).abs() ** 2).sum() + ((emb(idx) - 1) ** 2).sum()
 
-    ours = fused_optim.LBFGS(pa, line_search_fn="strong_wolfe")
+    ours = fused_optim.LBFGS(pa, line_search_fn="strong_wolfe", fused=fused)
     theirs = torch.optim.LBFGS(pb, line_search_fn="strong_wolfe")
     for _ in range(3):
         ca, cb = [0], [0]
@@ -153,7 +158,7 @@ def test_complex_missing_and_sparse_grads_like_torch():
         theirs.step(_closure(theirs, pb, lambda ps: loss_fn(ps, eb), cb))
         assert ca == cb
         for p, q in zip(pa, pb):
-            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=0)
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=rtol, atol=atol)
 
 
 def test_already_optimal_returns_after_one_evaluation():

@@ -243,29 +243,7 @@ def test_switching_paths_mid_run(torch_ops):
 
 
 def test_complex_missing_and_sparse_grads(torch_ops):
-    def make():
-        torch.manual_seed(4)
-        z = torch.randn(3, dtype=torch.complex128).to(DEVICE).requires_grad_()
-        unused = torch.randn(2, dtype=torch.float64).to(DEVICE).requires_grad_()
-        emb = torch.nn.Embedding(5, 2, sparse=True, dtype=torch.float64).to(DEVICE)
-        return [z, unused, emb.weight], emb
-
-    (pa, ea), (pb, eb) = make(), make()
-    target = torch.tensor([1 + 2j, -1j, 0.5], dtype=torch.complex128, device=DEVICE)
-    idx = torch.tensor([0, 3, 3], device=DEVICE)
-
-    def loss_fn(ps, emb):
-        return ((ps[0] - target).abs() ** 2).sum() + ((emb(idx) - 1) ** 2).sum()
-
-    ours = fused_optim.LBFGS(pa, line_search_fn="strong_wolfe", fused=True)
-    theirs = torch.optim.LBFGS(pb, line_search_fn="strong_wolfe")
-    for _ in range(3):
-        ca, cb = [0], [0]
-        ours.step(_closure(ours, pa, lambda ps: loss_fn(ps, ea), ca))
-        theirs.step(_closure(theirs, pb, lambda ps: loss_fn(ps, eb), cb))
-        assert ca == cb
-        for p, q in zip(pa, pb):
-            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-14)
+    test_lbfgs.check_complex_missing_and_sparse_grads(DEVICE, fused=True, rtol=1e-10, atol=1e-14)
 
 
 def test_already_optimal_and_tensor_lr(torch_ops):

@@ -456,14 +456,23 @@ def apply(rule: Rule, cache: GroupCache, params, grads, states, scalars, *, lr_t
             tab.gkey = gkey
             cache.tables[(dts, master)] = tab
             cache.builds += 1
-        elif tab.gkey != gkey:
-            tab.ptrs[:, 1].copy_(torch.tensor(gkey, dtype=torch.int64), non_blocking=True)  # no stream sync
-            tab.gkey = gkey
+        elif upload_grad_column(tab, gkey):
             cache.grad_uploads += 1
         sr = stochastic_rounding and dts[0] == torch.bfloat16
         _launch(rule, tab, dts, len(sts[0]) - master, len(scs[0]), lr_tensor, grad_scale, found_inf, master, sr,
                 seed)
         launch_count += 1
+
+
+def upload_grad_column(tab, gkey: tuple) -> bool:
+    """Point a cached table's grad column (``ptrs[:, 1]``) at the grads with addresses ``gkey``, if they moved
+    (zero_grad(set_to_none=True) makes new grads every step); True when it uploaded. Non-blocking: a pageable
+    host -> device copy without it would sync the stream (the runtime stages the bytes at once)."""
+    if tab.gkey == gkey:
+        return False
+    tab.ptrs[:, 1].copy_(torch.tensor(gkey, dtype=torch.int64), non_blocking=True)
+    tab.gkey = gkey
+    return True
 
 
 def constexprs(rule: Rule, dts, ns: int, nt: int, *, lr_tensor: bool, has_scale: bool, has_inf: bool,

@@ -17,6 +17,7 @@ the same pass, with no host sync and no extra pass over the grads.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -90,7 +91,6 @@ class _TritonTables:
     first: torch.Tensor    # int32 [T]: index of each tensor's first work item (its partials start there)
     dst: torch.Tensor      # int32 [T]: where each tensor's sum goes in the output buffer
     partials: torch.Tensor  # fp32 [W]
-    gkey: tuple = ()
 
 
 def use_csrc(device: torch.device) -> bool:
@@ -140,21 +140,22 @@ def sumsq(cache: dict, grads, grad_scale=None, found_inf=None) -> torch.Tensor:
 
 
 def _triton_tables(cache, dt, idx, gs) -> _TritonTables:
-    gkey = tuple(g.data_ptr() for g in gs)
+    gkey = tuple(map(torch.Tensor.data_ptr, gs))
     st = cache.get(("triton", dt))
-    if st is None or st.tab.aligned != mt._all_aligned(gs, gs, []):
+    # as in mt.apply: alignment is a property of the addresses, so it is rechecked only when the grads move
+    if st is None or (st.tab.gkey != gkey and st.tab.aligned and not all(map(mt._aligned, gs))):
         empty = [[] for _ in gs]
         key = tuple(g.numel() for g in gs)
         tab = mt._build_tables(key, gs, gs, empty, empty, gs[0].device)  # ptrs column 1 holds the grads
         chunks = [max(1, -(-n // (mt.BLOCK * mt.ITERS))) for n in key]
-        starts = [sum(chunks[:i]) for i in range(len(chunks))]
+        starts = [0, *itertools.accumulate(chunks[:-1])]
         dev = gs[0].device
         st = cache[("triton", dt)] = _TritonTables(
             tab, torch.tensor(starts, dtype=torch.int32).to(dev), torch.tensor(idx, dtype=torch.int32).to(dev),
-            torch.zeros(sum(chunks), dtype=torch.float32, device=dev), gkey)
-    elif st.gkey != gkey:  # new grad tensors (zero_grad(set_to_none=True)): re-upload their addresses only
-        st.tab.ptrs[:, 1].copy_(torch.tensor(gkey, dtype=torch.int64), non_blocking=True)  # no stream sync
-        st.gkey = gkey
+            torch.zeros(sum(chunks), dtype=torch.float32, device=dev))
+        tab.gkey = gkey
+    else:
+        mt.upload_grad_column(st.tab, gkey)  # new grad tensors: re-upload their addresses only
     return st
 
 

@@ -671,9 +671,7 @@ class Adafactor(FusedOptimizer):
             if tab is None or tab.key != key:
                 tab = cache.tables[dts] = _build_tables(key, ps, gs, sts, ds, dev)
                 cache.builds += 1
-            elif tab.gkey != (gkey := tuple(g.data_ptr() for g in gs)):
-                tab.ptrs[:, 1].copy_(torch.tensor(gkey, dtype=torch.int64), non_blocking=True)  # no stream sync
-                tab.gkey = gkey
+            elif mt.upload_grad_column(tab, tuple(map(torch.Tensor.data_ptr, gs))):
                 cache.grad_uploads += 1
             extra = {} if mt.interpreter_enabled() else mt.compile_options()
             has_factored = tab.n_factored_work > 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._base import (FusedOptimizer, as_real, check, check_betas, check_nonneg, new_step, restore_state_dtypes,
+from .._base import (FusedOptimizer, check, check_betas, check_nonneg, new_step, restore_state_dtypes,
                      scalar, scalars_on_device)
 from .._registry import register
 from ..kernels import multi_tensor as mt
@@ -158,12 +158,7 @@ class _LayerwiseMoments(FusedOptimizer):
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         rule, keys, skeys = self._kernel_rule(group)
         scalars_on_device(states, [k for k in skeys if k != _NORM], params[0].device)
-        if not (all(map(torch.Tensor.is_contiguous, params)) and all(map(torch.Tensor.is_contiguous, grads))):
-            raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
-        element_states = [[st[k] for k in keys] for st in states]
-        if any(map(torch.Tensor.is_complex, params)):  # their real views (the kernels take addresses and sizes)
-            params, grads = [as_real(p) for p in params], [as_real(g) for g in grads]
-            element_states = [[as_real(s) for s in sts] for sts in element_states]
+        params, grads, element_states = self._kernel_tensors(params, grads, states, keys)
         cache = self._kernel_caches.setdefault((id(group), "sumsq"), {})
         # 0-d views of a buffer at a fixed address (the apply's tables stay valid), made once per buffer
         buf = reduce.sumsq(cache, grads, grad_scale, found_inf)
