@@ -36,6 +36,7 @@ std::string cuda_launch(int kind, const Args& a, int device, uint64_t stream) {
     case KIND_DOT: err = launch_one<SpecDot>(a, s); break;
     case KIND_DOT_ROWS: err = launch_one<SpecDotRows>(a, s); break;
     case KIND_FACTORED: err = launch_one<SpecFactored>(a, s); break;
+    case KIND_PROJ: err = launch_one<SpecProj>(a, s); break;
     default: return "unknown kind";
   }
   return err == cudaSuccess ? std::string() : std::string("kernel launch: ") + cudaGetErrorString(err);

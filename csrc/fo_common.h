@@ -2,6 +2,8 @@
 // (device build). Nothing here includes torch: the modules take raw addresses, so one build serves every torch.
 #pragma once
 
+#include <math.h>
+
 #include <cstdint>
 #include <cstring>
 

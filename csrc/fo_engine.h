@@ -17,6 +17,8 @@
 // the entry totals into the global one.
 // Nothing depends on which block runs first, so results are deterministic, and host == device bit for bit
 // (the host runs the blocks in order through the same code, see Exec in fo_common.h).
+// A block takes its entry ticket only after its row / column band work, so the entry's last block sees every
+// statistic of the entry final: kinds with a HOOK (the projection) finish the entry there (finish_projection).
 #pragma once
 
 #include "fo_common.h"
@@ -35,7 +37,7 @@ constexpr int FLAT_V = 4, FLAT_IT = 8;  // flat kinds: tiles of 8 x 1024 element
 
 // Metadata: int64 words. item_start[E + 1], then E records of META_W words.
 enum Meta : int {
-  M_PA, M_PB, M_DTYPES, M_FLAGS, M_NUMEL, M_B, M_R, M_C, M_LOG2TC, M_LOG2V, M_IT, M_NRT, M_NCT,
+  M_PA, M_PB, M_PC, M_PD, M_PSTEP, M_DTYPES, M_FLAGS, M_NUMEL, M_B, M_R, M_C, M_LOG2TC, M_LOG2V, M_IT, M_NRT, M_NCT,
   M_ROW_OUT, M_COL_OUT, M_WS_ROW, M_WS_COL, M_CNT_ROW, M_CNT_COL, META_W
 };
 enum Flags : int { F_ROWS = 1, F_COLS = 2 };
@@ -52,12 +54,22 @@ struct Args {
   float* out_g;      // [K] sum over all entries
   const float* scale_a;  // nullable: list A's elements are multiplied by 1 / *scale_a (AMP's loss scale) first
   float eps;
+  // KIND_PROJ only: the direction (Ctx's k0..k3, dir, nesterov; beta2 for Adam's bias correction), the decision's
+  // delta and eps, and where it goes: per row [a, c] (indexed like the row statistics) and per entry the mode.
+  float k[4];
+  int dir, nesterov;
+  double beta2, delta, eps64;
+  float* coef_rows;
+  float* mode_t;
 };
 
 struct Tile {
   const void* pa;
   const void* pb;
-  int da, db, log2tc, log2v;
+  const void* pc;
+  const void* pd;
+  const float* pstep;  // KIND_PROJ, Adam: the tensor's step count before this step (nullable)
+  int da, db, dc, log2tc, log2v;
   bool rows, cols;
   int64_t e, item0, n_it, b, rt, ct;
   int64_t numel, B, R, C, IT, nrt, nct, row_out, col_out, ws_row, ws_col, cnt_row, cnt_col;
@@ -77,8 +89,12 @@ FO_HD FO_INLINE Tile make_tile(const Args& a, int64_t item) {
   t.n_it = starts[lo + 1] - starts[lo];
   t.pa = reinterpret_cast<const void*>(static_cast<uintptr_t>(m[M_PA]));
   t.pb = reinterpret_cast<const void*>(static_cast<uintptr_t>(m[M_PB]));
+  t.pc = reinterpret_cast<const void*>(static_cast<uintptr_t>(m[M_PC]));
+  t.pd = reinterpret_cast<const void*>(static_cast<uintptr_t>(m[M_PD]));
+  t.pstep = reinterpret_cast<const float*>(static_cast<uintptr_t>(m[M_PSTEP]));
   t.da = int(m[M_DTYPES] & 0xff);
   t.db = int((m[M_DTYPES] >> 8) & 0xff);
+  t.dc = int((m[M_DTYPES] >> 16) & 0xff);
   t.rows = (m[M_FLAGS] & F_ROWS) != 0;
   t.cols = (m[M_FLAGS] & F_COLS) != 0;
   t.numel = m[M_NUMEL];
@@ -103,6 +119,17 @@ FO_HD FO_INLINE Tile make_tile(const Args& a, int64_t item) {
   return t;
 }
 
+// Per-tile constants of the element op (the projection's direction; eps for the others).
+template <class Op>
+FO_HD FO_INLINE Ctx make_ctx(const Args& a, const Tile& t) {
+  Ctx x{a.eps, a.k[0], a.k[1], a.k[2], a.k[3], 1.f, a.dir, a.nesterov};
+  if (Op::N_IN >= 4 && a.dir == DIR_ADAM && t.pstep) {  // Triton's _adam_scalars, in fp64 like there
+    const double step = double(load_ro<float>(t.pstep, 0)) + 1.0;  // the step this update makes
+    x.bc2_sqrt = float(sqrt(1.0 - exp2(step * log2(a.beta2))));
+  }
+  return x;
+}
+
 template <int K>
 struct Regs {
   float tot[K];
@@ -111,7 +138,10 @@ struct Regs {
 
 template <class Sp>
 struct Shared {
-  float v[Sp::ROWS ? S_MAX : 1][Sp::K][NT];  // per-thread row terms of up to S_MAX tile rows
+  union {
+    float v[Sp::ROWS ? S_MAX : 1][Sp::K][NT];  // per-thread row terms of up to S_MAX tile rows
+    double h[Sp::Op::HOOK ? 5 : 1][NT];        // the hook's reductions (after the last use of v)
+  };
   float red[Sp::K][NT];
   Tile tile;  // in shared memory, not per-thread registers: ~20 int64 fields would crowd out the load loop
   int flag;
@@ -127,6 +157,59 @@ FO_HD FO_INLINE void block_tree(Ex& ex, Sh& sh) {
     });
     ex.sync();
   }
+}
+
+// KIND_PROJ, run by the entry's last block once every row statistic [p.g, g.g, p.p, p.d] is final: timm's
+// decision for one tensor (the Triton twin is projection.py's _finish_stats; fp64 like there). Channel view when
+// every row's |cos(p, g)| < delta / sqrt(row length), else layer view when the whole tensor's |cos| <
+// delta / sqrt(numel), else none. Writes per row a = <p,d> / (|p|+eps)^2 and c = <p,g> / (|p|+eps)^2 (the row's
+// in the channel view, the tensor's in the layer view, 0 for none) and the entry's mode (0 none, 1 channel,
+// 2 layer): what the apply kernel needs to remove the radial parts of d (and, with caution, of g).
+template <class Sp, class Ex>
+FO_HD FO_INLINE void finish_projection(Ex& ex, Shared<Sp>& sh, const Args& a, const Tile& tl) {
+  using Rg = Regs<Sp::K>;
+  constexpr int K = Sp::K;
+  const double eps = a.eps64;
+  ex.each([&](int tid, Rg&) {
+    double mx = 0.0, s[4] = {0.0, 0.0, 0.0, 0.0};  // max |cos| over rows; sums of the four statistics
+    for (int64_t r = tid; r < tl.R; r += NT) {
+      const float* st = a.out_stats + (tl.row_out + r) * K;
+      double v[4];
+      for (int k = 0; k < 4; ++k) {
+        v[k] = double(load_l2(st + k));
+        s[k] += v[k];
+      }
+      mx = fmax(mx, fabs(v[0]) / (fmax(sqrt(v[1]), eps) * fmax(sqrt(v[2]), eps)));
+    }
+    sh.h[0][tid] = mx;
+    for (int k = 0; k < 4; ++k) sh.h[k + 1][tid] = s[k];
+  });
+  ex.sync();
+  for (int off = NT / 2; off > 0; off >>= 1) {
+    ex.each([&](int tid, Rg&) {
+      if (tid >= off) return;
+      sh.h[0][tid] = fmax(sh.h[0][tid], sh.h[0][tid + off]);
+      for (int k = 1; k < 5; ++k) sh.h[k][tid] += sh.h[k][tid + off];
+    });
+    ex.sync();
+  }
+  ex.each([&](int tid, Rg&) {
+    const double spg = sh.h[1][0], sgg = sh.h[2][0], spp = sh.h[3][0], spd = sh.h[4][0];
+    const double layer_cos = fabs(spg) / (fmax(sqrt(sgg), eps) * fmax(sqrt(spp), eps));
+    const bool channel = sh.h[0][0] < a.delta / sqrt(double(tl.C));
+    const bool layer = !channel && layer_cos < a.delta / sqrt(double(tl.numel > 1 ? tl.numel : 1));
+    const double ln = sqrt(spp) + eps;  // timm's unit weight is p / (|p| + eps)
+    for (int64_t r = tid; r < tl.R; r += NT) {
+      const float* st = a.out_stats + (tl.row_out + r) * K;
+      const double rn = sqrt(double(load_l2(st + 2))) + eps;
+      const double av = channel ? double(load_l2(st + 3)) / (rn * rn) : layer ? spd / (ln * ln) : 0.0;
+      const double cv = channel ? double(load_l2(st + 0)) / (rn * rn) : layer ? spg / (ln * ln) : 0.0;
+      a.coef_rows[(tl.row_out + r) * 2 + 0] = float(av);
+      a.coef_rows[(tl.row_out + r) * 2 + 1] = float(cv);
+    }
+    if (tid == 0) a.mode_t[tl.e] = channel ? 1.f : layer ? 2.f : 0.f;
+  });
+  ex.sync();
 }
 
 #if defined(__CUDACC__)
@@ -150,6 +233,7 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
   const bool b_ok = tl.b < tl.B;  // false only for the one empty tile of an entry with B == 0
   // x * (1 / scale), the unscaling the Triton kernels and the references' callers do (rounded the same way)
   const float inv_a = a.scale_a ? 1.f / load_ro<float>(a.scale_a, 0) : 1.f;
+  const Ctx cx = make_ctx<Op>(a, tl);
 
   ex.each([&](int, Rg& rg) {
     for (int k = 0; k < K; ++k) rg.tot[k] = rg.col[k] = 0.f;
@@ -160,7 +244,8 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
   for (int64_t s = 0; s < tl.IT; s += S) {
     const int ns = int(tl.IT - s < S ? tl.IT - s : S);
     dispatch_dtype(tl.da, [&](auto ta) {
-      dispatch_dtype(Op::TWO_INPUTS ? tl.db : int(F32), [&](auto tb) {
+      dispatch_dtype(Op::N_IN >= 2 ? tl.db : int(F32), [&](auto tb) {
+      dispatch_dtype(Op::N_IN >= 4 ? tl.dc : int(F32), [&](auto tc) {  // lists C and D share a dtype
         ex.each([&](int tid, Rg& rg) {
           const int tx = tid & (TC - 1);
           const int64_t ty = tid >> tl.log2tc;
@@ -174,7 +259,7 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
           float rl[K];
           for (int k = 0; k < K; ++k) rl[k] = 0.f;
           for (int q0 = 0; q0 < nq; q0 += LOADS_IN_FLIGHT) {
-            float xa[LOADS_IN_FLIGHT], xb[LOADS_IN_FLIGHT];
+            float xa[LOADS_IN_FLIGHT], xb[LOADS_IN_FLIGHT], xc[LOADS_IN_FLIGHT], xd[LOADS_IN_FLIGHT];
             bool ok[LOADS_IN_FLIGHT];
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -184,7 +269,9 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
               const int64_t i = ibase + j * rstride + cv;
               ok[u] = q < nq && b_ok && j < jlim && cv < clim && i < tl.numel;  // i < numel: flat kinds' tail
               xa[u] = ok[u] ? load(ta, tl.pa, i) * inv_a : 0.f;
-              xb[u] = Op::TWO_INPUTS && ok[u] ? load(tb, tl.pb, i) : 0.f;
+              xb[u] = Op::N_IN >= 2 && ok[u] ? load(tb, tl.pb, i) : 0.f;
+              xc[u] = Op::N_IN >= 4 && ok[u] ? load(tc, tl.pc, i) : 0.f;
+              xd[u] = Op::N_IN >= 4 && ok[u] ? load(tc, tl.pd, i) : 0.f;
             }
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -192,7 +279,7 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
             for (int u = 0; u < LOADS_IN_FLIGHT; ++u) {
               if (ok[u]) {
                 float x[K];
-                Op::value(xa[u], xb[u], a.eps, x);
+                Op::value(cx, xa[u], xb[u], xc[u], xd[u], x);
                 for (int k = 0; k < K; ++k) {
                   rg.tot[k] += x[k];
                   if (Sp::COLS) rg.col[k] += x[k];  // column kinds have V == 1: one column per thread
@@ -211,6 +298,7 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
             }
           }
         });
+      });
       });
     });
     if constexpr (Sp::ROWS) {
@@ -273,7 +361,7 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
   // Tile total -> ws_items. Then tickets (atomic counters, reset by whoever draws the last one):
   //   bit 1: last tile of this row band (b, rt)    -> sums the band's row partials over its nct column tiles
   //   bit 2: last tile of this column band (b, ct) -> sums the band's column partials over its nrt row tiles
-  //   bit 4: last tile of the entry                -> sums the entry total over its tiles
+  // and then, after the band work, the entry's ticket: its last tile sums the entry total over its tiles.
   // Bands spread the second stage over many blocks (an LM head's rows would otherwise be summed by one block).
   ex.each([&](int tid, Rg& rg) {
     for (int k = 0; k < K; ++k) sh.red[k][tid] = rg.tot[k];
@@ -296,7 +384,6 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
     int f = 0;
     if (split_rows && atomic_inc(row_cnt) == tl.nct - 1) f |= 1;
     if (split_cols && atomic_inc(col_cnt) == tl.nrt - 1) f |= 2;
-    if (atomic_inc(&a.counters[tl.e]) == tl.n_it - 1) f |= 4;
     fence();
     sh.flag = f;
   });
@@ -332,7 +419,15 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
         }
       });
   }
-  if (!(flags & 4)) return;
+  ex.sync();  // this block's band sums are written before it takes its entry ticket
+  ex.each([&](int tid, Rg&) {
+    if (tid != 0) return;
+    fence();
+    sh.flag = atomic_inc(&a.counters[tl.e]) == tl.n_it - 1;
+    fence();
+  });
+  ex.sync();
+  if (!sh.flag) return;
 
   ex.each([&](int tid, Rg&) {
     if (tid == 0) a.counters[tl.e] = 0;  // ready for the next launch
@@ -349,6 +444,7 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
       for (int k = 0; k < K; ++k) a.out_t[tl.e * K + k] = sh.red[k][0];
   });
   ex.sync();
+  if constexpr (Op::HOOK) finish_projection(ex, sh, a, tl);
 
   // The last entry to finish sums the entry totals.
   ex.each([&](int tid, Rg&) {

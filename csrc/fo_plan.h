@@ -11,11 +11,11 @@
 
 namespace fo {
 
-// One input tensor (list A and, for the dot kinds, list B), contiguous, viewed as [B, R, C, S]:
-// row statistics reduce over C (-> [B, R, S]), column statistics over R (-> [B, C, S]).
+// One input tensor (list A; B for the dot kinds; B, C, D and a step count for the projection), contiguous,
+// viewed as [B, R, C, S]: row statistics reduce over C (-> [B, R, S]), column statistics over R (-> [B, C, S]).
 struct Desc {
-  int64_t pa = 0, pb = 0;
-  int da = F32, db = F32;
+  int64_t pa = 0, pb = 0, pc = 0, pd = 0, pstep = 0;
+  int da = F32, db = F32, dc = F32;
   int64_t numel = 0, B = 1, R = 1, C = 1, S = 1;
 };
 
@@ -31,7 +31,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline Plan make_plan(int kind, const std::vector<Desc>& ds) {
   if (kind < 0 || kind >= N_KINDS) throw std::invalid_argument("fused_optim csrc: unknown kind " + std::to_string(kind));
   const bool flat = kind == KIND_SUMSQ || kind == KIND_DOT;
-  const bool two = kind == KIND_DOT || kind == KIND_DOT_ROWS;
+  const int n_in = kind_inputs(kind);
   Plan p;
   p.K = kind_k(kind);
   std::vector<int64_t> recs, starts{0};
@@ -62,8 +62,11 @@ inline Plan make_plan(int kind, const std::vector<Desc>& ds) {
     const int64_t nrt = std::max<int64_t>(1, ceil_div(R, TW * IT));
     const int64_t nct = std::max<int64_t>(1, ceil_div(C, TC * V));
     rec[M_PA] = d.pa;
-    rec[M_PB] = two ? d.pb : 0;
-    rec[M_DTYPES] = d.da | (two ? d.db << 8 : 0);
+    rec[M_PB] = n_in >= 2 ? d.pb : 0;
+    rec[M_PC] = n_in >= 4 ? d.pc : 0;
+    rec[M_PD] = n_in >= 4 ? d.pd : 0;
+    rec[M_PSTEP] = n_in >= 4 ? d.pstep : 0;
+    rec[M_DTYPES] = d.da | (n_in >= 2 ? d.db << 8 : 0) | (n_in >= 4 ? d.dc << 16 : 0);
     rec[M_FLAGS] = flags;
     rec[M_NUMEL] = d.numel;
     rec[M_B] = B;
@@ -101,13 +104,17 @@ inline Plan make_plan(int kind, const std::vector<Desc>& ds) {
     auto bad = [&](const std::string& what) {
       return std::invalid_argument("fused_optim csrc: tensor " + std::to_string(i) + ": " + what);
     };
-    if (d.da < F32 || d.da > F16 || (two && (d.db < F32 || d.db > F16))) throw bad("unsupported dtype code");
+    auto bad_code = [](int c) { return c < F32 || c > F16; };
+    if (bad_code(d.da) || (n_in >= 2 && bad_code(d.db)) || (n_in >= 4 && bad_code(d.dc)))
+      throw bad("unsupported dtype code");
     if (d.numel < 0 || d.B < 0 || d.R < 0 || d.C < 0 || d.S < 0) throw bad("negative size");
-    if (d.numel > 0 && (d.pa == 0 || (two && d.pb == 0))) throw bad("null address");
+    if (d.numel > 0 && (d.pa == 0 || (n_in >= 2 && d.pb == 0) || (n_in >= 4 && (d.pc == 0 || d.pd == 0))))
+      throw bad("null address");
+    if (kind == KIND_PROJ && (d.B != 1 || d.numel == 0)) throw bad("the projection takes non-empty [R, C] views");
     if (!flat && d.B * d.R * d.C * d.S != d.numel) throw bad("B*R*C*S != numel");
     if (kind != KIND_FACTORED && !flat && d.S != 1) throw bad("S must be 1");
     int64_t row_out = -1, col_out = -1;
-    if (kind == KIND_DOT_ROWS) {
+    if (kind == KIND_DOT_ROWS || kind == KIND_PROJ) {
       row_out = p.n_stats;
       p.n_stats += d.B * d.R;
       add_entry(d, F_ROWS, d.B, d.R, d.C, row_out, -1);

@@ -21,6 +21,7 @@ void host_launch(int kind, const Args& a, int, uint64_t) {
     case KIND_DOT: host_run<SpecDot>(a); break;
     case KIND_DOT_ROWS: host_run<SpecDotRows>(a); break;
     case KIND_FACTORED: host_run<SpecFactored>(a); break;
+    case KIND_PROJ: host_run<SpecProj>(a); break;
   }
 }
 

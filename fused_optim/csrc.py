@@ -36,6 +36,11 @@ Python API (every result is float32, on the inputs' device, freshly allocated by
     AdamP; a 1-D tensor has one-element rows, a 0-d tensor one row). ``per_row`` is ``[sum(row_counts), 3]``, the
     rows of all tensors in order; ``per_row.split(row_counts)`` gives one view per tensor.
 
+``projection_stats(grads, params, states, steps=None, *, adam, ...) -> ProjStats``
+    SGDP / AdamP: per row of each >= 2-D tensor [p.g, g.g, p.p, p.d] with d this step's direction (recomputed from
+    the states, not stored), then the projection decision per tensor and its per-row coefficients (see the
+    function). The fused SGDP / AdamP step's first launch.
+
 ``factored_stats(tensors, eps=0.0, dims=None) -> (row_means: list, col_means: list)``
     Adafactor's factored second-moment statistics, for tensors of >= 2 dims: with ``u = g.float() ** 2 + eps`` and
     ``(dc, dr) = dims[i]`` (two adjacent dims, ``dr == dc + 1``; default ``(ndim - 2, ndim - 1)``),
@@ -57,8 +62,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-ABI_VERSION = 2
-KIND_SUMSQ, KIND_DOT, KIND_DOT_ROWS, KIND_FACTORED = 0, 1, 2, 3
+ABI_VERSION = 3
+KIND_SUMSQ, KIND_DOT, KIND_DOT_ROWS, KIND_FACTORED, KIND_PROJ = 0, 1, 2, 3, 4
+DIR_SGD, DIR_ADAM = 0, 1
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _dtype = operator.attrgetter("dtype")
 _CACHE_SIZE = 64
@@ -144,23 +150,34 @@ def _backend(tensors: Sequence[torch.Tensor], backend: str | None) -> str:
     return backend
 
 
-def _run(kind: int, backend: str, a: list, b: list | None, dims: list, eps: float = 0.0, scale=None, out=None):
+def _run(kind: int, backend: str, a: list, b: list | None, dims: list, eps: float = 0.0, scale=None, out=None,
+         cd: tuple | None = None, steps: list | None = None, proj: tuple | None = None, plan_key=None):
     """One launch over all tensors. dims[i] = (B, R, C, S). Returns (out_t [E, K], out_stats [N, K], out_g [K], plan).
     scale: an fp32 1-element device tensor; list A is multiplied by 1 / scale first. out: the fp32 buffer to write
-    (else a fresh one), of (E + N + 1) * K elements: a caller that needs stable result addresses passes its own."""
+    (else a fresh one), of (E + N + 1) * K elements: a caller that needs stable result addresses passes its own.
+    KIND_PROJ: cd = (list C, list D), steps = fp32 step tensors or None, proj = the launch's ProjTuple (fo_bind.h).
+    plan_key: a hashable that stands for everything but list A's addresses (a caller's table key), so a steady-state
+    call does not rebuild the whole key."""
     global launch_count
     mod = _load("_fused_optim_host" if backend == "host" else "_fused_optim_cuda")
     dev = a[0].device
     stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
     # the cache key: every address, dtype and size a plan holds (whole-list maps: a step may cover 1000s of tensors)
     ptr, b_ = torch.Tensor.data_ptr, (b if b is not None else ())
-    key = (kind, str(dev), stream, tuple(map(ptr, a)), tuple(map(ptr, b_)), tuple(map(_dtype, a)),
-           tuple(map(_dtype, b_)), tuple(map(torch.Tensor.numel, a)), tuple(dims))
+    c_, d_, st_ = (cd if cd is not None else ((), ())) + (steps or (),)
+    if plan_key is not None:
+        key = (kind, str(dev), stream, plan_key, tuple(map(ptr, a)))
+    else:
+        key = (kind, str(dev), stream, tuple(map(ptr, a)), tuple(map(ptr, b_)), tuple(map(_dtype, a)),
+               tuple(map(_dtype, b_)), tuple(map(torch.Tensor.numel, a)), tuple(dims), tuple(map(ptr, c_)),
+               tuple(map(ptr, d_)), tuple(map(_dtype, c_)), tuple(map(ptr, st_)))
     plan = _plans.get(key)
     if plan is None:
-        descs = [(x.data_ptr(), (y.data_ptr() if y is not None else 0), _DTYPE_CODES[x.dtype],
-                  (_DTYPE_CODES[y.dtype] if y is not None else 0), x.numel(), *d)
-                 for x, y, d in zip(a, b if b is not None else [None] * len(a), dims)]
+        none = [None] * len(a)
+        descs = [(x.data_ptr(), *(t.data_ptr() if t is not None else 0 for t in (y, z, w, st)),
+                  *(_DTYPE_CODES[t.dtype] if t is not None else 0 for t in (x, y, z)), x.numel(), *d)
+                 for x, y, z, w, st, d in zip(a, b if b is not None else none, c_ or none, d_ or none,
+                                              st_ or none, dims)]
         meta, n_entries, n_items, ws_extra, n_stats, n_counters, K, row_out, col_out = mod.plan(kind, descs)
         plan = _Plan()
         # pageable -> device without non_blocking would sync the stream; the runtime stages the bytes at once
@@ -176,19 +193,23 @@ def _run(kind: int, backend: str, a: list, b: list | None, dims: list, eps: floa
     else:
         _plans.move_to_end(key)
     K = plan.K
-    size = (plan.n_entries + plan.n_stats + 1) * K
+    sizes = (plan.n_entries * K, plan.n_stats * K, K)
     if out is None:
-        out = torch.empty(size, dtype=torch.float32, device=dev)
-    elif out.numel() != size or out.dtype != torch.float32 or out.device != dev or not out.is_contiguous():
-        raise ValueError(f"fused_optim.csrc: out must be a contiguous float32 tensor of {size} elements on {dev}")
+        out = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
+    # out: one buffer, or its three parts (entry totals, row / column statistics, global) as separate tensors
+    parts = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    if any(t.dtype != torch.float32 or t.device != dev or not t.is_contiguous() for t in parts) or (
+            [t.numel() for t in parts] != ([sum(sizes)] if len(parts) == 1 else list(sizes))):
+        raise ValueError(f"fused_optim.csrc: out must be contiguous float32 on {dev}: one tensor of {sum(sizes)} "
+                         f"elements or three of {sizes}")
     if scale is not None and (scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != dev):
         raise ValueError(f"fused_optim.csrc: scale must be a 1-element float32 tensor on {dev}")
-    out_t = out[: plan.n_entries * K]
-    out_stats = out[plan.n_entries * K: (plan.n_entries + plan.n_stats) * K]
-    out_g = out[(plan.n_entries + plan.n_stats) * K:]
+    out_t, out_stats, out_g = parts if len(parts) == 3 else out.split(sizes)
     args = (kind, plan.meta.data_ptr(), plan.n_entries, plan.n_items, plan.ws_items.data_ptr(),
             plan.ws_extra.data_ptr(), plan.counters.data_ptr(), out_t.data_ptr(), out_stats.data_ptr(),
             out_g.data_ptr(), scale.data_ptr() if scale is not None else 0, float(eps))
+    if proj is not None:
+        args += (proj,)
     if dev.type == "cuda":
         with torch.cuda.device(dev):
             mod.launch(*args, device=dev.index if dev.index is not None else torch.cuda.current_device(),
@@ -288,6 +309,68 @@ def dot_per_tensor_and_row(a_list, b_list, *, backend: str | None = None) -> Dot
         return DotRows(per_t, per_r, counts)
     out_t, out_stats, _, _ = _run(KIND_DOT_ROWS, be, a, b, [(1, *_rows(x), 1) for x in a])
     return DotRows(out_t, out_stats, counts)
+
+
+class ProjStats(NamedTuple):
+    per_tensor: torch.Tensor  # [T, 4]: p.g, g.g, p.p, p.d
+    per_row: torch.Tensor  # [sum(row_counts), 4]
+    coef: torch.Tensor  # [sum(row_counts), 2]: a, c of each row
+    mode: torch.Tensor  # [T]: 0 none, 1 channel, 2 layer
+    row_counts: list
+
+
+def projection_stats(grads, params, states, steps=None, *, adam: bool, nesterov: bool = False, momentum=0.0,
+                     dampening=0.0, betas=(0.9, 0.999), eps: float = 1e-8, delta: float = 0.1, scale=None,
+                     out=None, coef=None, mode=None, backend: str | None = None) -> ProjStats:
+    """SGDP / AdamP's projection statistics and decision for tensors of >= 2 dims (rows: ``x.view(x.shape[0], -1)``),
+    one launch. states[i]: (momentum_buffer,) for SGD, (exp_avg, exp_avg_sq) for Adam, before this step; steps[i]
+    (Adam): the fp32 step count before this step. d is this step's new direction (not stored): momentum / nesterov
+    for SGD, Adam's bias-corrected m / (sqrt(v) + eps) for Adam. Per row: [p.g, g.g, p.p, p.d] of the unscaled grad
+    (``scale``: AMP's loss scale); then per tensor the mode (timm's: channel if every row's |cos(p, g)| <
+    delta / sqrt(row length), else layer if the tensor's |cos| < delta / sqrt(numel), else none) and per row
+    a = <p,d> / (|p| + eps)^2, c = <p,g> / (|p| + eps)^2 of the chosen view (0 for none). Needs the built module
+    (no torch fallback: fused_optim.optimizers.projection holds the reference). ``out`` (a 3-tuple, see _run),
+    ``coef`` [N, 2] and ``mode`` [T] pin the results' addresses."""
+    gs, ps = _pairs(grads, params)
+    sts = [_contig(st) for st in states]
+    if len(sts) != len(gs) or any(len(st) != (2 if adam else 1) or any(x.shape != g.shape for x in st)
+                                  for st, g in zip(sts, gs)):
+        raise ValueError("fused_optim.csrc.projection_stats: one (exp_avg, exp_avg_sq) (Adam) or (momentum_buffer,) "
+                         "(SGD) per tensor, of its shape")
+    if any(g.dim() < 2 or g.numel() == 0 for g in gs) or any(st[0].dtype != st[-1].dtype for st in sts):
+        raise ValueError("fused_optim.csrc.projection_stats: non-empty tensors of >= 2 dims; states of one dtype")
+    if adam and (steps is None or len(steps) != len(gs)):
+        raise ValueError("fused_optim.csrc.projection_stats: Adam needs one step tensor per param")
+    counts = [g.shape[0] for g in gs]
+    if not gs:
+        return ProjStats(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, 2), torch.zeros(0), counts)
+    be = _backend(gs + ps + [x for st in sts for x in st], backend)
+    if be == "torch":
+        raise RuntimeError(f"fused_optim.csrc.projection_stats needs the built module ({load_errors()})")
+    dev, n_rows = gs[0].device, sum(counts)
+    coef = torch.zeros(n_rows, 2, device=dev) if coef is None else coef
+    mode = torch.zeros(len(gs), device=dev) if mode is None else mode
+    if coef.numel() != 2 * n_rows or mode.numel() != len(gs) or not (coef.is_contiguous() and mode.is_contiguous()):
+        raise ValueError(f"fused_optim.csrc.projection_stats: coef must hold {n_rows} x 2, mode {len(gs)} floats")
+    proj = projection_args(adam, nesterov, momentum, dampening, betas, delta, eps, coef, mode)
+    out_t, out_stats, _, _ = _run(KIND_PROJ, be, gs, ps, projection_dims(gs), eps, scale=scale, out=out,
+                                  cd=([st[0] for st in sts], [st[-1] for st in sts]),
+                                  steps=list(steps) if adam else None, proj=proj)
+    return ProjStats(out_t, out_stats, coef.view(-1, 2), mode.view(-1), counts)
+
+
+def projection_dims(tensors) -> list:
+    """KIND_PROJ's geometry: each tensor as one [rows, row length] matrix."""
+    return [(1, t.shape[0], t.numel() // t.shape[0], 1) for t in tensors]
+
+
+def projection_args(adam, nesterov, momentum, dampening, betas, delta, eps, coef, mode) -> tuple:
+    """KIND_PROJ's launch parameters (fo_bind.h's ProjTuple). Ctx's k0..k3 (csrc/fo_functors.h: ProjOp) are computed
+    in fp64, as the Triton kernel does before its fp32 cast."""
+    b1, b2 = betas
+    k = (1 - b1, b2, 1 - b2, b1) if adam else (momentum, 1 - dampening, 0.0, 0.0)
+    return (DIR_ADAM if adam else DIR_SGD, int(nesterov), *map(float, k), float(b2), float(delta), float(eps),
+            coef.data_ptr(), mode.data_ptr())
 
 
 def _factor_dims(t, d):

@@ -155,19 +155,25 @@ def test_geometry_is_covered():
         m = torch.frombuffer(bytearray(meta), dtype=torch.int64)
         return m[n_entries + 1:].view(n_entries, ws), n_items, n_entries
 
-    d_rows = [(1, 1, 0, 0, t.numel(), 1, (t.shape[0] if t.dim() else 1),
-               t.numel() // max(t.shape[0], 1) if t.dim() else 1, 1) for t in ts]
+    def desc(numel, B, R, C, S, inputs=1):  # plan()'s tuple: addresses a..d and step, dtype codes, geometry
+        return (1, int(inputs > 1), int(inputs > 2), int(inputs > 2), 0, 0, 0, 0, numel, B, R, C, S)
+
+    d_rows = [desc(t.numel(), 1, (t.shape[0] if t.dim() else 1), t.numel() // max(t.shape[0], 1) if t.dim() else 1,
+                   1, 2) for t in ts]
     rec, n_items, n_entries = records(host.KIND_DOT_ROWS, d_rows)
     assert n_items > n_entries and (rec[:, host.M_NCT] > 1).any()
+    d_proj = [desc(t.numel(), 1, t.shape[0], t.numel() // t.shape[0], 1, 4) for t in ts if t.dim() >= 2 and t.numel()]
+    rec, n_items, n_entries = records(host.KIND_PROJ, d_proj)  # the projection's hook needs split rows final
+    assert n_items > n_entries and (rec[:, host.M_NCT] > 1).any()
     f = [t for t in ts if t.dim() >= 2]
-    d_fac = [(1, 0, 0, 0, t.numel(), t.shape[:-2].numel(), t.shape[-2], t.shape[-1], 1) for t in f]
+    d_fac = [desc(t.numel(), t.shape[:-2].numel(), t.shape[-2], t.shape[-1], 1) for t in f]
     rec, _, _ = records(host.KIND_FACTORED, d_fac)
     batched = rec[:, host.M_B] > 1  # split rows / columns of a batch use per-(matrix, band) tickets
     assert (batched & (rec[:, host.M_NRT] > 1)).any() and (batched & (rec[:, host.M_NCT] > 1)).any()
-    d_conv = [(1, 0, 0, 0, t.numel(), 1, t.shape[0], t.shape[1], t.shape[2:].numel()) for t in f if t.dim() >= 3]
+    d_conv = [desc(t.numel(), 1, t.shape[0], t.shape[1], t.shape[2:].numel()) for t in f if t.dim() >= 3]
     rec, _, _ = records(host.KIND_FACTORED, d_conv)  # dims (0, 1): two column-only entries per tensor
     assert len(rec) == 2 * len(d_conv) and (rec[:, host.M_NRT] > 1).any()
-    rec, n_items, _ = records(host.KIND_SUMSQ, [(1, 0, 0, 0, t.numel(), 1, 1, 1, 1) for t in ts])
+    rec, n_items, _ = records(host.KIND_SUMSQ, [desc(t.numel(), 1, 1, 1, 1) for t in ts])
     assert n_items > len(ts)
 
 
@@ -211,6 +217,13 @@ def test_inputs_checked():
     with pytest.raises(ValueError, match="adjacent"):
         csrc.factored_stats([torch.ones(3, 4, 5)], dims=[(0, 2)])
     assert csrc.sumsq_per_tensor([]).shape == (0,)
+    with pytest.raises(ValueError, match=">= 2 dims"):
+        csrc.projection_stats([torch.ones(3)], [torch.ones(3)], [[torch.ones(3)]], adam=False)
+    with pytest.raises(ValueError, match="step tensor"):
+        csrc.projection_stats([torch.ones(3, 2)], [torch.ones(3, 2)], [[torch.ones(3, 2)] * 2], adam=True)
+    with pytest.raises(ValueError, match="one .exp_avg"):
+        csrc.projection_stats([torch.ones(3, 2)], [torch.ones(3, 2)], [[torch.ones(3, 2)]], [torch.zeros(1)],
+                              adam=True)
     nc = _rand((6, 8)).t()  # non-contiguous: copied first
     _close(csrc.sumsq_per_tensor([nc]), nc.double().square().sum().view(1))
     _close(csrc.factored_stats([nc])[0][0], nc.double().square().mean(1))
@@ -233,8 +246,106 @@ def test_cuda_matches_host_bitwise():
         (csrc.dot_per_tensor_and_row(ts, ts)[:2], csrc.dot_per_tensor_and_row(dev, dev)[:2]),
         (csrc.factored_stats(f, 1e-3, dims), csrc.factored_stats(devf, 1e-3, dims)),
     ]
+    pj = [t for t in f if t.numel()]
+    pp = [_rand(t.shape, t.dtype, seed=70 + i) for i, t in enumerate(pj)]
+    for adam in (False, True):
+        st = [[t, t.abs()] if adam else [t] for t in pj]
+        steps = [torch.tensor([3.0]) for _ in pj] if adam else None
+        kw = dict(adam=adam, nesterov=True, momentum=0.9, betas=(0.9, 0.99), eps=1e-8, delta=0.1)
+        on = lambda ts: [t.cuda() for t in ts]  # noqa: E731
+        pairs.append((csrc.projection_stats(pj, pp, st, steps, **kw)[:4],
+                      csrc.projection_stats(on(pj), on(pp), [on(x) for x in st], steps and on(steps), **kw)[:4]))
     torch.cuda.synchronize()
     for host_r, dev_r in pairs:
         for h, d in zip(_leaves(host_r), _leaves(dev_r), strict=True):
             assert d.is_cuda
             assert torch.equal(h.nan_to_num(), d.cpu().nan_to_num()), "device result differs from the host build"
+
+
+# ---- SGDP / AdamP projection statistics (KIND_PROJ) ------------------------------------------------------------
+PROJ_SHAPES = [s for s in SHAPES if len(s) >= 2 and math.prod(s) > 0]
+
+
+def _orthogonal_grads(p, g, how):
+    """g made orthogonal to p row by row ("channel") or only as a whole ("layer": row 0 is p_0 scaled, the other
+    rows random): each view's projection branch is taken (fp64, before any cast)."""
+    rows_p, rows_g = p.reshape(p.shape[0], -1), g.reshape(g.shape[0], -1).clone()
+    if how == "channel" and rows_p.shape[1] > 1:
+        rows_g -= rows_p * ((rows_p * rows_g).sum(1, keepdim=True) / (rows_p * rows_p).sum(1, keepdim=True))
+    if how == "layer" and rows_p.shape[0] > 1:
+        rows_g[0] = -rows_p[0] * (rows_p[1:] * rows_g[1:]).sum() / rows_p[0].square().sum()
+    return rows_g.reshape(g.shape)
+
+
+def _projection_reference(p, g, st, step, *, adam, nesterov, momentum, dampening, betas, eps, delta):
+    """Per-row [p.g, g.g, p.p, p.d], the mode and the per-row (a, c) of projection.py's math, in fp64 except the
+    direction d, computed in fp32 like every implementation (the reference optimizers too): fp64 would differ from
+    all of them where d cancels (momentum against grad)."""
+    f = [x.float() for x in (g, *st)]
+    if adam:
+        b1, b2 = betas
+        m = f[1] + (1 - b1) * (f[0] - f[1])
+        v = f[2] * b2 + (1 - b2) * f[0] * f[0]
+        num = b1 * m + (1 - b1) * f[0] if nesterov else m
+        d = num / (v.sqrt() / math.sqrt(1 - b2 ** (step + 1)) + eps)
+    else:
+        buf = f[1] * momentum + (1 - dampening) * f[0]
+        d = f[0] + momentum * buf if nesterov else buf
+    p, g, d = p.double(), g.double(), d.double()
+    R = p.shape[0]
+    pr, gr, dr = p.reshape(R, -1), g.reshape(R, -1), d.reshape(R, -1)
+    stats = torch.stack([(pr * gr).sum(1), (gr * gr).sum(1), (pr * pr).sum(1), (pr * dr).sum(1)], 1)
+    cos = stats[:, 0].abs() / (stats[:, 1].sqrt().clamp_min(eps) * stats[:, 2].sqrt().clamp_min(eps))
+    tot = stats.sum(0)
+    layer_cos = tot[0].abs() / (tot[1].sqrt().clamp_min(eps) * tot[2].sqrt().clamp_min(eps))
+    if cos.max() < delta / math.sqrt(pr.shape[1]):
+        mode, den = 1, (stats[:, 2].sqrt() + eps) ** 2
+        coef = torch.stack([stats[:, 3] / den, stats[:, 0] / den], 1)
+    elif layer_cos < delta / math.sqrt(p.numel()):
+        mode, den = 2, (tot[2].sqrt() + eps) ** 2
+        coef = torch.stack([tot[3] / den, tot[0] / den]).expand(R, 2)
+    else:
+        mode, coef = 0, torch.zeros(R, 2, dtype=torch.float64)
+    # rounding bounds: a dot's error scales with |x||y| (it may cancel to ~0), per row and for the whole tensor
+    pn, gn, dn = pr.norm(dim=1), gr.norm(dim=1), dr.norm(dim=1)
+    return stats, mode, coef, (pn * gn, pn * dn), (p.norm() * g.norm(), p.norm() * d.norm())
+
+
+@pytest.mark.parametrize("adam", [False, True], ids=["sgd", "adam"])
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.bfloat16, torch.float16, torch.bfloat16)], ids=str)
+def test_projection_stats(adam, nesterov, dtypes):
+    """Every projected shape, the three branches (channel-orthogonal grads, layer-orthogonal grads, random), AMP
+    scale, Adam steps 1 and 6: the rows' statistics, the decision and the coefficients vs fp64."""
+    p_dt, g_dt, s_dt = dtypes
+    hyper = dict(adam=adam, nesterov=nesterov, momentum=0.9, dampening=0.1, betas=(0.8, 0.95), eps=1e-8, delta=0.1)
+    ps, gs, sts, steps = [], [], [], []
+    for i, shape in enumerate(PROJ_SHAPES):
+        p = _rand(shape, seed=300 + i)
+        g = _orthogonal_grads(p, _rand(shape, seed=400 + i), ("channel", "layer", "random")[i % 3])
+        ps.append(p.to(p_dt))
+        gs.append(g.to(g_dt))
+        sts.append([_rand(shape, seed=500 + i).to(s_dt)]
+                   + ([_rand(shape, seed=600 + i).abs().to(s_dt)] if adam else []))
+        steps.append(torch.tensor([5.0 * (i % 2)]))
+    scale = torch.tensor([1024.0])
+    n0 = csrc.launch_count
+    res = csrc.projection_stats([g * 1024 for g in gs], ps, sts, steps if adam else None, scale=scale, **hyper)
+    assert csrc.launch_count == n0 + 1
+    modes = []
+    for i, (p, g, st, stat, cf) in enumerate(zip(ps, gs, sts, res.per_row.split(res.row_counts),
+                                                 res.coef.split(res.row_counts))):
+        ref, mode, coef, (pg_b, pd_b), (tpg_b, tpd_b) = _projection_reference(p, g, st, float(steps[i]), **hyper)
+        what = f"{tuple(p.shape)}"
+        _close(stat[:, 1:3], ref[:, 1:3], what=f"norms {what}")
+        assert ((stat[:, 0].double() - ref[:, 0]).abs() <= 1e-5 * pg_b + 1e-30).all(), f"p.g {what}"
+        assert ((stat[:, 3].double() - ref[:, 3]).abs() <= 1e-5 * pd_b + 1e-30).all(), f"p.d {what}"
+        tot = res.per_tensor[i].double()
+        assert (tot[0] - ref[:, 0].sum()).abs() <= 1e-5 * tpg_b and (tot[3] - ref[:, 3].sum()).abs() <= 1e-5 * tpd_b
+        assert int(res.mode[i]) == mode, f"mode {what}"
+        modes.append(mode)
+        den = (p.double().reshape(p.shape[0], -1).norm(dim=1) if mode == 1 else p.double().norm()) ** 2
+        bound = torch.stack([pd_b if mode == 1 else tpd_b.expand_as(pd_b),
+                             pg_b if mode == 1 else tpg_b.expand_as(pg_b)], 1) / den.reshape(-1, 1)
+        assert ((cf.double() - coef).abs() <= 2e-5 * bound + 1e-30).all(), f"coef {what}"
+    assert set(modes) == {0, 1, 2}, modes  # every branch was taken

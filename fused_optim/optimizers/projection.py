@@ -6,22 +6,25 @@ else for the whole layer (|cos| < delta / sqrt(numel)), the direction d becomes 
 layer's unit weight) and weight decay is scaled by wd_ratio. Only tensors of 2+ dims are candidates.
 
 Fused path: timm decides with ``cosine_sim.max() < ...`` (a host sync per tensor). Here the decision, the norms and
-the dot products stay on the device, in one dedicated Triton kernel run as 2 launches per group and dtype
-combination ("reduce, then apply"), with or without ``caution``, whatever the number of tensors. Its passes:
+the dot products stay on the device: 2 launches per group and dtype combination ("reduce, then apply"), with or
+without ``caution``, whatever the number of tensors. The dedicated Triton kernel's passes:
 
 * pass 0 (stats): per row, <p,g>, |g|^2, |p|^2 and <p,d> (d recomputed from the states, nothing stored); the last
-  program of each tensor (atomic counter) decides the projection mode and writes per-row radial coefficients;
+  program of each tensor (atomic counter) decides the projection mode and writes per-row radial coefficients.
+  Where the C++ engine is built (fused_optim.csrc.projection_stats, KIND_PROJ: the same statistics and decision,
+  into the same buffers), it runs instead of this pass;
 * pass 1 (caution only): per row, the count of the cautious mask and <p, masked d>; the last program writes the
   mask scale and the per-row re-projection coefficients;
 * pass 2 (apply): the element-wise update, reading those per-row coefficients.
 
-  launch 1  pass 0, one program per work item
+  launch 1  the C++ engine's projection statistics, or pass 0 (one program per work item); none when the bucket
+            has no tensor of 2+ dims
   launch 2  pass 2, one program per work item; with caution ONE persistent launch running pass 1, a grid-wide
             barrier (mt.grid_barrier), then pass 2: G = min(SM count, work items) programs (all resident, so the
             barrier cannot deadlock; 1 under the interpreter), each looping over items pid, pid + G, ... Pass 2
-            loads what pass 1 wrote (rowbuf, tcoef) with .cg; each pass's last program per tensor resets its counter
-            before the barrier. A barrier that gives up (mt.GRID_SPIN_LIMIT) sets the table's sticky flag barrier[1],
-            reported without a host sync by mt.watch_barrier.
+            loads what pass 1 wrote (rowcaut, tscale) with .cg; each pass's last program per tensor resets its
+            counter before the barrier. A barrier that gives up (mt.GRID_SPIN_LIMIT) sets the table's sticky flag
+            barrier[1], reported without a host sync by mt.watch_barrier.
 
 The generic multi-tensor kernel has per-tensor coefficients only, so the passes use their own (tensor, row-block)
 work list and tables (cached in multi_tensor's GroupCache, rebuilt only when an address or shape changes; new grads
@@ -41,9 +44,11 @@ from torch.optim.optimizer import required
 from .._base import FusedOptimizer, check, check_betas, check_nonneg, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import reduce
+
+_ENGINE_DTYPES = {torch.float32, torch.bfloat16, torch.float16}  # what the C++ engine reads
 
 NONE, CHANNEL, LAYER = 0, 1, 2  # projection modes (as stored in the kernel's per-tensor table)
-_K = 9  # per-row slots: <p,g>, |g|^2, |p|^2, <p,d>, a, c, mask count, <p, masked d>, b (see the passes above)
 
 
 # ---- reference math -----------------------------------------------------------------------------------------
@@ -95,7 +100,6 @@ if mt.available():
     from .adam import _adam_scalars, adam_moments
 
     NESTEROV, CAUTION, DECAY = mt.flag_bits(3)
-    K = tl.constexpr(_K)
     grid_barrier, grid_barrier_exit = mt.grid_barrier, mt.grid_barrier_exit  # a kernel calls only its globals
 
     @triton.jit
@@ -151,7 +155,7 @@ if mt.available():
             tl.store(ptr + offs, val.to(DT), mask=mask)
 
     @triton.jit
-    def _finish_stats(rowbuf, tcoef, t, n, R, C, row0, proj, eps, delta, FB: tl.constexpr):
+    def _finish_stats(rowstat, rowcoef, rowcaut, tmode, tscale, t, n, R, C, row0, proj, eps, delta, FB: tl.constexpr):
         """Last program of tensor t in pass 0: decide the mode, write per-row a = <p,d>/(|p|+eps)^2 and
         c = <p,g>/(|p|+eps)^2 (channel: the row's, layer: the tensor's, none: 0). Rows written by other programs
         of this launch are read through L2 (.cg), never a possibly stale L1."""
@@ -160,10 +164,10 @@ if mt.available():
         for r0 in range(0, R, FB):
             rr = row0 + r0 + tl.arange(0, FB)
             m = rr < row0 + R
-            pg = tl.load(rowbuf + rr * K + 0, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
-            gg = tl.load(rowbuf + rr * K + 1, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
-            pp = tl.load(rowbuf + rr * K + 2, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
-            pd = tl.load(rowbuf + rr * K + 3, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
+            pg = tl.load(rowstat + rr * 4 + 0, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
+            gg = tl.load(rowstat + rr * 4 + 1, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
+            pp = tl.load(rowstat + rr * 4 + 2, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
+            pd = tl.load(rowstat + rr * 4 + 3, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
             cos = tl.abs(pg) / (tl.maximum(tl.sqrt(gg), eps) * tl.maximum(tl.sqrt(pp), eps))
             maxcos = tl.maximum(maxcos, tl.max(cos, axis=0))
             spg += tl.sum(pg, axis=0)
@@ -178,18 +182,18 @@ if mt.available():
         for r0 in range(0, R, FB):
             rr = row0 + r0 + tl.arange(0, FB)
             m = rr < row0 + R
-            rn = tl.sqrt(tl.load(rowbuf + rr * K + 2, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)) + eps
-            pg = tl.load(rowbuf + rr * K + 0, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
-            pd = tl.load(rowbuf + rr * K + 3, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
+            rn = tl.sqrt(tl.load(rowstat + rr * 4 + 2, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)) + eps
+            pg = tl.load(rowstat + rr * 4 + 0, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
+            pd = tl.load(rowstat + rr * 4 + 3, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
             a = tl.where(channel, pd / (rn * rn), tl.where(layer, spd / (ln * ln), 0.0))
             c = tl.where(channel, pg / (rn * rn), tl.where(layer, spg / (ln * ln), 0.0))
-            tl.store(rowbuf + rr * K + 4, a.to(tl.float32), mask=m)
-            tl.store(rowbuf + rr * K + 5, c.to(tl.float32), mask=m)
+            tl.store(rowcoef + rr * 2 + 0, a.to(tl.float32), mask=m)
+            tl.store(rowcoef + rr * 2 + 1, c.to(tl.float32), mask=m)
         mode = tl.where(channel, 1.0, tl.where(layer, 2.0, 0.0))
-        tl.store(tcoef + 2 * t, mode.to(tl.float32))
+        tl.store(tmode + t, mode.to(tl.float32))
 
     @triton.jit
-    def _finish_caution(rowbuf, tcoef, t, n, R, row0, eps, FB: tl.constexpr):
+    def _finish_caution(rowstat, rowcoef, rowcaut, tmode, tscale, t, n, R, row0, eps, FB: tl.constexpr):
         """Last program of tensor t in pass 1: mask scale s = 1 / max(kept fraction, 1e-3) and per-row
         b = s <p, masked d'> / (|p|+eps)^2 (the second projection; 0 when not projected)."""
         zero = tl.cast(0.0, tl.float64)
@@ -197,34 +201,36 @@ if mt.available():
         for r0 in range(0, R, FB):
             rr = row0 + r0 + tl.arange(0, FB)
             m = rr < row0 + R
-            spp += tl.sum(tl.load(rowbuf + rr * K + 2, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64), axis=0)
-            cnt += tl.sum(tl.load(rowbuf + rr * K + 6, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64), axis=0)
-            spm += tl.sum(tl.load(rowbuf + rr * K + 7, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64), axis=0)
+            spp += tl.sum(tl.load(rowstat + rr * 4 + 2, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64), axis=0)
+            cnt += tl.sum(tl.load(rowcaut + rr * 3 + 0, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64), axis=0)
+            spm += tl.sum(tl.load(rowcaut + rr * 3 + 1, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64), axis=0)
         s = 1.0 / tl.maximum(cnt / tl.maximum(n, 1).to(tl.float64), 1e-3)
-        mode = tl.load(tcoef + 2 * t, cache_modifier=".cg")
+        mode = tl.load(tmode + t, cache_modifier=".cg")
         ln = tl.sqrt(spp) + eps
         for r0 in range(0, R, FB):
             rr = row0 + r0 + tl.arange(0, FB)
             m = rr < row0 + R
-            rn = tl.sqrt(tl.load(rowbuf + rr * K + 2, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)) + eps
-            pm = tl.load(rowbuf + rr * K + 7, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
+            rn = tl.sqrt(tl.load(rowstat + rr * 4 + 2, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)) + eps
+            pm = tl.load(rowcaut + rr * 3 + 1, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
             b = tl.where(mode == 1.0, s * pm / (rn * rn), tl.where(mode == 2.0, s * spm / (ln * ln), 0.0))
-            tl.store(rowbuf + rr * K + 8, b.to(tl.float32), mask=m)
-        tl.store(tcoef + 2 * t + 1, s.to(tl.float32))
+            tl.store(rowcaut + rr * 3 + 2, b.to(tl.float32), mask=m)
+        tl.store(tscale + t, s.to(tl.float32))
 
     @triton.jit
     def _item(
-        item, ptrs, info, work, sptrs, counters, rowbuf, tcoef, scale_ptr, lr, eps, delta, wd_ratio, wd, h1, h2,
+        item, ptrs, info, work, sptrs, counters, rowstat, rowcoef, rowcaut, tmode, tscale, scale_ptr, lr, eps, delta,
+        wd_ratio, wd, h1, h2,
         DIRECTION: tl.constexpr, COEFS: tl.constexpr, FLAGS: tl.constexpr, PASS: tl.constexpr, NS: tl.constexpr,
         HAS_STEP: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
         HAS_SCALE: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, FB: tl.constexpr,
     ):
         """One pass over work item `item` = one block of RB rows of one tensor (1-D tensors: rows of BC elements),
-        looping over the row in BC-wide tiles. info[t] = (numel, rows, row length, first row in rowbuf, projectable).
+        looping over the row in BC-wide tiles. info[t] = (numel, rows, row length, first row in the row buffers,
+        projectable).
 
-        The per-row / per-tensor coefficients (rowbuf, tcoef) pass 2 reads may have been written by another program
-        of the same launch in pass 1 (persistent launch): every such load uses .cg (L2, never a stale L1). Pass 1
-        writes no element-wise data, so the element loads need no care."""
+        The per-row / per-tensor coefficients (rowcaut, tscale) pass 2 reads may have been written by another
+        program of the same launch in pass 1 (persistent launch): every such load uses .cg (L2, never a stale L1).
+        Pass 1 writes no element-wise data, so the element loads need no care."""
         t = tl.load(work + 2 * item).to(tl.int64)
         blk = tl.load(work + 2 * item + 1).to(tl.int64)
         n = tl.load(info + 5 * t)
@@ -259,16 +265,16 @@ if mt.available():
         c = tl.zeros([RB], tl.float32)
         b = tl.zeros([RB], tl.float32)
         if PASS > 0:
-            a = tl.load(rowbuf + (row0 + rows) * K + 4, mask=rmask, other=0.0, cache_modifier=".cg")
+            a = tl.load(rowcoef + (row0 + rows) * 2 + 0, mask=rmask, other=0.0, cache_modifier=".cg")
             if FLAGS & CAUTION:
-                c = tl.load(rowbuf + (row0 + rows) * K + 5, mask=rmask, other=0.0, cache_modifier=".cg")
+                c = tl.load(rowcoef + (row0 + rows) * 2 + 1, mask=rmask, other=0.0, cache_modifier=".cg")
         s = 1.0
         decay = 1.0
         if PASS == 2:
-            mode = tl.load(tcoef + 2 * t, cache_modifier=".cg")
+            mode = tl.load(tmode + t, cache_modifier=".cg")
             if FLAGS & CAUTION:  # written by pass 1, maybe by another program of this launch
-                b = tl.load(rowbuf + (row0 + rows) * K + 8, mask=rmask, other=0.0, cache_modifier=".cg")
-                s = tl.load(tcoef + 2 * t + 1, cache_modifier=".cg")
+                b = tl.load(rowcaut + (row0 + rows) * 3 + 2, mask=rmask, other=0.0, cache_modifier=".cg")
+                s = tl.load(tscale + t, cache_modifier=".cg")
             if FLAGS & DECAY:
                 decay = (1.0 - lr * wd * tl.where(mode != 0.0, wd_ratio, 1.0)).to(tl.float32)
         for c0 in range(0, C, BC):
@@ -302,13 +308,13 @@ if mt.available():
                         _put(g_ptr, offs, g, mask, G_DT)  # p.grad ends unscaled, like the generic kernel
 
         if PASS == 0:
-            tl.store(rowbuf + (row0 + rows) * K + 0, acc0, mask=rmask)
-            tl.store(rowbuf + (row0 + rows) * K + 1, acc1, mask=rmask)
-            tl.store(rowbuf + (row0 + rows) * K + 2, acc2, mask=rmask)
-            tl.store(rowbuf + (row0 + rows) * K + 3, acc3, mask=rmask)
+            tl.store(rowstat + (row0 + rows) * 4 + 0, acc0, mask=rmask)
+            tl.store(rowstat + (row0 + rows) * 4 + 1, acc1, mask=rmask)
+            tl.store(rowstat + (row0 + rows) * 4 + 2, acc2, mask=rmask)
+            tl.store(rowstat + (row0 + rows) * 4 + 3, acc3, mask=rmask)
         if PASS == 1:
-            tl.store(rowbuf + (row0 + rows) * K + 6, acc0, mask=rmask)
-            tl.store(rowbuf + (row0 + rows) * K + 7, acc1, mask=rmask)
+            tl.store(rowcaut + (row0 + rows) * 3 + 0, acc0, mask=rmask)
+            tl.store(rowcaut + (row0 + rows) * 3 + 1, acc1, mask=rmask)
         if PASS < 2 or HAS_STEP:
             # the last program of tensor t finishes it (every other program has stored its rows / read step) and
             # resets the counter, before the grid barrier lets the next pass of a persistent launch use it
@@ -317,16 +323,17 @@ if mt.available():
             done = tl.atomic_add(counters + t, 1, sem="acq_rel", scope="gpu")
             if done == nprog - 1:
                 if PASS == 0:
-                    _finish_stats(rowbuf, tcoef, t, n, R, C, row0, proj, eps, delta, FB)
+                    _finish_stats(rowstat, rowcoef, rowcaut, tmode, tscale, t, n, R, C, row0, proj, eps, delta, FB)
                 if PASS == 1:
-                    _finish_caution(rowbuf, tcoef, t, n, R, row0, eps, FB)
+                    _finish_caution(rowstat, rowcoef, rowcaut, tmode, tscale, t, n, R, row0, eps, FB)
                 if PASS == 2:
                     tl.store(tl.load(sptrs + t).to(tl.pointer_type(tl.float32)), tl.cast(step_new, tl.float32))
                 tl.store(counters + t, 0)
 
     @triton.jit
     def projection_kernel(
-        ptrs, info, work, sptrs, counters, rowbuf, tcoef, barrier, scale_ptr, inf_ptr, n_items,
+        ptrs, info, work, sptrs, counters, rowstat, rowcoef, rowcaut, tmode, tscale, barrier, scale_ptr, inf_ptr,
+        n_items,
         lr: tl.float64, eps: tl.float64, delta: tl.float64, wd_ratio: tl.float64, wd: tl.float64,
         h1: tl.float64, h2: tl.float64,
         DIRECTION: tl.constexpr, COEFS: tl.constexpr, FLAGS: tl.constexpr, PASSES: tl.constexpr,
@@ -359,9 +366,9 @@ if mt.available():
                         ok = ok & grid_barrier(barrier, (nb + 1) * G)
                         nb += 1
                     for item in range(pid, n_items, G):
-                        _item(item, ptrs, info, work, sptrs, counters, rowbuf, tcoef, scale_ptr,
-                              lr, eps, delta, wd_ratio, wd, h1, h2, DIRECTION, COEFS, FLAGS, PASS, NS, HAS_STEP,
-                              P_DT, G_DT, S_DT, HAS_SCALE, RB, BC, FB)
+                        _item(item, ptrs, info, work, sptrs, counters, rowstat, rowcoef, rowcaut, tmode, tscale,
+                              scale_ptr, lr, eps, delta, wd_ratio, wd, h1, h2, DIRECTION, COEFS, FLAGS, PASS, NS,
+                              HAS_STEP, P_DT, G_DT, S_DT, HAS_SCALE, RB, BC, FB)
             if nb > 0:
                 grid_barrier_exit(barrier, (nb + 1) * G, ok)
 
@@ -375,14 +382,23 @@ class _Tables:
     work: torch.Tensor
     sptrs: torch.Tensor
     counters: torch.Tensor
-    rowbuf: torch.Tensor
-    tcoef: torch.Tensor     # per tensor: mode (NONE/CHANNEL/LAYER), caution mask scale
+    rowstat: torch.Tensor   # [rows, 4] <p,g>, |g|^2, |p|^2, <p,d>   (pass 0 or the C++ engine)
+    rowcoef: torch.Tensor   # [rows, 2] a, c: the radial coefficients of d and g (pass 0's last program / the engine)
+    rowcaut: torch.Tensor   # [rows, 3] caution: mask count, <p, masked d>, b (pass 1)
+    tmode: torch.Tensor     # [T] NONE / CHANNEL / LAYER (pass 0's last program / the engine)
+    tscale: torch.Tensor    # [T] caution mask scale (pass 1)
+    n_proj: int             # tensors 0 .. n_proj-1 are the projectable ones (their rows come first)
+    tstat: torch.Tensor     # the engine's per-tensor totals [n_proj, 4] and global sums [4] (unused here)
+    gstat: torch.Tensor
     barrier: torch.Tensor   # int32 [2]: the grid barrier's arrival count, and a sticky "a barrier gave up" flag
     fdummy: torch.Tensor
     rb: int
     bc: int
     flag_host: torch.Tensor = None  # pinned copy of barrier[1] after the last persistent launch (mt.watch_barrier)
     flag_event: object = None
+    order: tuple = ()  # the group's param index of each tensor t (projectable first)
+    engine: dict = None  # the C++ engine launch's cached inputs (_engine_stats)
+    dts: tuple = ()      # the bucket's (param, grad, state) dtypes
 
 
 def _tile_shape(shapes) -> tuple[int, int]:
@@ -392,12 +408,19 @@ def _tile_shape(shapes) -> tuple[int, int]:
     return max(mt.BLOCK // bc, 1), bc
 
 
+def _projectable(p) -> bool:
+    return p.dim() > 1 and p.numel() > 0
+
+
 def _build_tables(key, params, grads, states, steps, device) -> _Tables:
+    """params: projectable ones first (then the rows of tensor t < n_proj are the C++ engine's rows)."""
     rb, bc = _tile_shape([tuple(p.shape) for p in params])
+    n_proj = sum(map(_projectable, params))
+    assert all(map(_projectable, params[:n_proj]))
     rows, info, work, row_base = [], [], [], 0
     for i, (p, g, st) in enumerate(zip(params, grads, states)):
         n = p.numel()
-        proj = p.dim() > 1 and n > 0
+        proj = _projectable(p)
         # projected tensors: one row per output channel; the others only need whole-tensor sums: rows of BC
         r, c = (p.shape[0], n // p.shape[0]) if proj else (max(-(-n // bc), 1), bc)
         rows.append([p.data_ptr(), g.data_ptr(), *[s.data_ptr() for s in st]])
@@ -412,8 +435,11 @@ def _build_tables(key, params, grads, states, steps, device) -> _Tables:
                    info=dev(info, torch.int64), work=dev(work, torch.int32),
                    sptrs=dev([s.data_ptr() for s in steps] if steps else [0] * len(params), torch.int64),
                    counters=torch.zeros(len(params), dtype=torch.int32, device=device),
-                   rowbuf=torch.zeros(max(row_base, 1) * _K, dtype=torch.float32, device=device),
-                   tcoef=torch.zeros(2 * len(params), dtype=torch.float32, device=device),
+                   rowstat=torch.zeros(max(row_base, 1), 4, device=device),
+                   rowcoef=torch.zeros(max(row_base, 1), 2, device=device),
+                   rowcaut=torch.zeros(max(row_base, 1), 3, device=device),
+                   tmode=torch.zeros(len(params), device=device), tscale=torch.zeros(len(params), device=device),
+                   n_proj=n_proj, tstat=torch.zeros(n_proj * 4, device=device), gstat=torch.zeros(4, device=device),
                    barrier=torch.zeros(2, dtype=torch.int32, device=device),
                    fdummy=torch.zeros(1, dtype=torch.float32, device=device), rb=rb, bc=bc)
 
@@ -429,10 +455,32 @@ class _Spec:
     has_step: bool
 
 
-def _launches(cautious: bool) -> list:
-    """The passes of each launch of one step: stats, then apply (caution: the caution stats and the apply in one
-    persistent launch)."""
-    return [[0], [1, 2]] if cautious else [[0], [2]]
+def _launches(cautious: bool, stats: bool) -> list:
+    """The passes of each Triton launch of one step: pass 0 (stats) unless the C++ engine made them (or nothing is
+    projectable), then the apply (caution: the caution stats and the apply in one persistent launch)."""
+    return ([[0]] if stats else []) + [[1, 2] if cautious else [2]]
+
+
+def _engine_stats(spec: _Spec, tab: _Tables, ps, gs, sts, steps, grad_scale) -> None:
+    """Launch 1 on the C++ engine (instead of pass 0): the projectable tensors' row statistics, their projection
+    decision and per-row coefficients, into the tables' buffers (pass 0's layout). Calls csrc._run directly with
+    what the tables cache: fused_optim.csrc.projection_stats is the same launch behind per-call input checks."""
+    from .. import csrc
+
+    n = tab.n_proj
+    if tab.engine is None:  # everything but the grads and the hyper-parameters: fixed with the tables' key
+        rows = sum(p.shape[0] for p in ps[:n])
+        tab.engine = dict(backend="host" if ps[0].device.type == "cpu" else "cuda", dims=csrc.projection_dims(ps[:n]),
+                          b=ps[:n], cd=([st[0] for st in sts[:n]], [st[-1] for st in sts[:n]]),
+                          steps=list(steps[:n]) if spec.has_step else None,
+                          out=(tab.tstat, tab.rowstat[:rows].view(-1), tab.gstat))
+    lr, eps, delta, wd_ratio, wd, h1, h2 = spec.hypers
+    e = tab.engine
+    proj = csrc.projection_args(spec.has_step, bool(spec.flags & int(NESTEROV.value)), h1, h2, (h1, h2), delta, eps,
+                                tab.rowcoef, tab.tmode)
+    csrc._run(csrc.KIND_PROJ, e["backend"], gs[:n], e["b"], e["dims"], eps, scale=grad_scale, out=e["out"],
+              cd=e["cd"], steps=e["steps"], proj=proj, plan_key=(tab.key, tab.dts))
+    mt.launch_count += 1
 
 
 def kernel_constexprs(spec: _Spec, passes, dts, *, rb: int, bc: int, has_scale: bool, has_inf: bool) -> dict:
@@ -448,8 +496,11 @@ def _apply(spec: _Spec, cache: mt.GroupCache, params, grads, states, steps, grad
     buckets: dict = {}
     for i, p in enumerate(params):
         buckets.setdefault((p.dtype, grads[i].dtype, states[i][0].dtype), []).append(i)
-    launches = _launches(bool(spec.flags & int(CAUTION.value)))
+    cautious = bool(spec.flags & int(CAUTION.value))
     for dts, idx in buckets.items():
+        first = [i for i in idx if params[i].dim() > 1 and params[i].numel()]
+        if 0 < len(first) < len(idx):  # projectable first: their rows are the engine's rows
+            idx = first + [i for i in idx if not (params[i].dim() > 1 and params[i].numel())]
         ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
         sts, scs = [states[i] for i in idx], [steps[i] for i in idx] if steps else []
         key = (tuple(p.data_ptr() for p in ps) + tuple(s.data_ptr() for st in sts for s in st)
@@ -457,16 +508,22 @@ def _apply(spec: _Spec, cache: mt.GroupCache, params, grads, states, steps, grad
         tab = cache.tables.get(dts)
         if tab is None or tab.key != key:
             tab = cache.tables[dts] = _build_tables(key, ps, gs, sts, scs, ps[0].device)
+            tab.order, tab.dts = tuple(idx), dts
             cache.builds += 1
         elif mt.upload_grad_column(tab, tuple(map(torch.Tensor.data_ptr, gs))):
             cache.grad_uploads += 1
         extra = {} if mt.interpreter_enabled() else mt.compile_options()
         n_items = tab.work.shape[0]
-        for passes in launches:
+        # launch 1 on the C++ engine where it is built (fp32 / bf16 / fp16 tensors), else Triton's pass 0
+        engine = tab.n_proj > 0 and set(dts) <= _ENGINE_DTYPES and reduce.use_csrc(ps[0].device)
+        if engine:
+            _engine_stats(spec, tab, ps, gs, sts, scs, grad_scale)
+        for passes in _launches(cautious, tab.n_proj > 0 and not engine):
             # one pass: one program per item; several: persistent, passes separated by grid barriers
             grid = n_items if len(passes) == 1 else mt.persistent_grid(n_items, ps[0].device)
             projection_kernel[(grid,)](
-                tab.ptrs, tab.info, tab.work, tab.sptrs, tab.counters, tab.rowbuf, tab.tcoef, tab.barrier,
+                tab.ptrs, tab.info, tab.work, tab.sptrs, tab.counters, tab.rowstat, tab.rowcoef, tab.rowcaut,
+                tab.tmode, tab.tscale, tab.barrier,
                 grad_scale if grad_scale is not None else tab.fdummy,
                 found_inf if found_inf is not None else tab.fdummy, n_items,
                 *(float(h) for h in spec.hypers),
@@ -618,8 +675,9 @@ def aot_kernels() -> list:
     all options on)."""
     if not mt.available():
         return []
-    ptr = {"ptrs": "*i64", "info": "*i64", "work": "*i32", "sptrs": "*i64", "counters": "*i32", "rowbuf": "*fp32",
-           "tcoef": "*fp32", "barrier": "*i32", "scale_ptr": "*fp32", "inf_ptr": "*fp32", "n_items": "i32"}
+    ptr = {"ptrs": "*i64", "info": "*i64", "work": "*i32", "sptrs": "*i64", "counters": "*i32", "rowstat": "*fp32",
+           "rowcoef": "*fp32", "rowcaut": "*fp32", "tmode": "*fp32", "tscale": "*fp32", "barrier": "*i32",
+           "scale_ptr": "*fp32", "inf_ptr": "*fp32", "n_items": "i32"}
     sig = {a: ptr.get(a, "fp64" if a in ("lr", "eps", "delta", "wd_ratio", "wd", "h1", "h2") else "constexpr")
            for a in projection_kernel.arg_names}
     rb, bc = _tile_shape([(512, 4608)])
@@ -633,7 +691,7 @@ def aot_kernels() -> list:
             variants = [((torch.float32,) * 3, False)] + ([((torch.bfloat16,) * 3, True),
                                                            ((torch.float16,) * 3, True)] if options else [])
             for dts, amp in variants:
-                for passes in _launches(group["caution"]):
+                for passes in _launches(group["caution"], True):
                     label = ",".join(f"{k}={v}" for k, v in options.items()) or "default"
                     out.append(dict(name=f"{cls.__name__}[{label}] pass {'+'.join(map(str, passes))} "
                                          f"{str(dts[0])[6:]}{' amp' * amp}",
