@@ -92,5 +92,5 @@ def assert_kernels_idle(opt):
     persistent launches, the grid barrier's arrivals and its sticky gave-up flag."""
     for tab in kernel_tables(opt):
         if getattr(tab, "barrier", None) is not None:
-            assert tab.barrier.tolist() == [0, 0]
+            assert tab.barrier.words.tolist() == [0, 0]
         assert not tab.counters.any()

@@ -517,20 +517,28 @@ def persistent_grid(n_items: int, device) -> int:
     return max(1, min(torch.cuda.get_device_properties(device).multi_processor_count, n_items))
 
 
-def watch_barrier(tab, who: str) -> None:
-    """Call after every persistent launch on a table with ``barrier`` (int32 [2]: arrivals, sticky failure flag),
-    ``flag_host`` and ``flag_event`` (both None at first). A grid barrier that gave up (the programs were not all
-    resident, e.g. under MPS or SM partitioning) sets barrier[1], and that step's results are wrong. Reported without
-    a host sync: the flag is copied to pinned memory after the launch, and a later step raises once that copy has
-    landed. ``who`` names the optimizer in the error."""
-    if torch.cuda.is_current_stream_capturing():
-        return  # CUDA graphs: no event queries while capturing
-    if tab.flag_host is None:
-        tab.flag_host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        tab.flag_event = torch.cuda.Event()
-    elif tab.flag_event.query() and int(tab.flag_host[0]) != 0:  # a host tensor: no device sync
-        raise RuntimeError(f"{who}(fused=True): a grid barrier gave up waiting for the kernel's programs (were "
-                           "they all resident? MPS / SM partitioning can prevent it), so recent steps are wrong; "
-                           "use fused=False on this setup")
-    tab.flag_host.copy_(tab.barrier[1:], non_blocking=True)
-    tab.flag_event.record()
+class GridBarrier:
+    """The host side of a table's persistent launches: ``words`` (int32 [2] on the device: the grid barrier's arrival
+    count, and a sticky "a barrier gave up" flag) and the lazy report of that flag."""
+
+    def __init__(self, device):
+        self.words = torch.zeros(2, dtype=torch.int32, device=device)
+        self._flag_host = None  # pinned copy of words[1] after the last persistent launch
+        self._event = None
+
+    def watch(self, who: str) -> None:
+        """Call after every persistent launch. A grid barrier that gave up (the programs were not all resident, e.g.
+        under MPS or SM partitioning) sets words[1], and that step's results are wrong. Reported without a host
+        sync: the flag is copied to pinned memory after the launch, and a later step raises once that copy has
+        landed. ``who`` names the optimizer in the error."""
+        if torch.cuda.is_current_stream_capturing():
+            return  # CUDA graphs: no event queries while capturing
+        if self._flag_host is None:
+            self._flag_host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+            self._event = torch.cuda.Event()
+        elif self._event.query() and int(self._flag_host[0]) != 0:  # a host tensor: no device sync
+            raise RuntimeError(f"{who}(fused=True): a grid barrier gave up waiting for the kernel's programs (were "
+                               "they all resident? MPS / SM partitioning can prevent it), so recent steps are wrong; "
+                               "use fused=False on this setup")
+        self._flag_host.copy_(self.words[1:], non_blocking=True)
+        self._event.record()

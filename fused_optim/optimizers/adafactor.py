@@ -29,8 +29,8 @@ moment, the apply needs the update RMS), so they are phases separated by a grid-
 A barrier only works if every program of the grid is resident at once, hence G = min(SM count, work items)
 programs (one per SM at most; each fits an SM alone), each looping over items pid, pid + G, ...; the interpreter
 runs programs one after another, so there G = 1. A barrier that never completes gives up after mt.GRID_SPIN_LIMIT
-polls instead of hanging, and sets the table's sticky flag barrier[1]. The csrc launch stays separate: it is another
-engine, and its one pass over the grads is the reduction.
+polls instead of hanging, and sets a sticky flag (mt.GridBarrier reports it at a later step). The csrc launch stays
+separate: it is another engine, and its one pass over the grads is the reduction.
 
 Cross-program sums are deterministic (partials + the last arriving program sums them in order; mt.arrive), and do
 not depend on G. No host syncs: RMS, step and the lr live on the device, and group['lr'] (timm writes the last
@@ -428,12 +428,10 @@ class _Tables:
     part: torch.Tensor      # [2, W]: part0, part1
     rcpart: torch.Tensor
     counters: torch.Tensor
-    barrier: torch.Tensor   # int32 [2]: the grid barrier's arrival count, and a sticky "a barrier gave up" flag
+    barrier: mt.GridBarrier  # the persistent launch's grid barrier and its failure report
     fdummy: torch.Tensor
     stats: torch.Tensor = None  # the csrc engine's whole fp32 output buffer (fixed address), once it has run
     stats_view: torch.Tensor = None  # its row / column means part (meta columns 12, 13 index it)
-    flag_host: torch.Tensor = None  # pinned copy of barrier[1] after the last persistent launch (mt.watch_barrier)
-    flag_event: object = None
 
 
 def _cdiv(a, b):
@@ -482,7 +480,7 @@ def _build_tables(key, ps, gs, sts, dims, device) -> _Tables:
                    part=torch.zeros(2, len(work), dtype=torch.float32, device=device),
                    rcpart=torch.zeros(max(rc_size, 1), dtype=torch.float32, device=device),
                    counters=torch.zeros(cnt_size, dtype=torch.int32, device=device),
-                   barrier=torch.zeros(2, dtype=torch.int32, device=device),
+                   barrier=mt.GridBarrier(device),
                    fdummy=torch.zeros(1, dtype=torch.float32, device=device))
 
 
@@ -685,7 +683,7 @@ class Adafactor(FusedOptimizer):
                     grid = mt.persistent_grid(tab.work.shape[0], dev)
                 adafactor_kernel[(grid,)](
                     tab.ptrs, tab.meta, tab.work, tab.tsc, tab.part[0], tab.part[1], stats, tab.counters,
-                    tab.barrier, lr_tensor if lr_tensor is not None else tab.fdummy,
+                    tab.barrier.words, lr_tensor if lr_tensor is not None else tab.fdummy,
                     grad_scale if grad_scale is not None else tab.fdummy,
                     found_inf if found_inf is not None else tab.fdummy, tab.n_factored_work, tab.work.shape[0],
                     *hypers,
@@ -693,7 +691,7 @@ class Adafactor(FusedOptimizer):
                                         has_scale=grad_scale is not None, has_inf=found_inf is not None), **extra)
                 mt.launch_count += 1
                 if grid > 1 and len(passes) > 1:
-                    mt.watch_barrier(tab, "Adafactor")
+                    tab.barrier.watch("Adafactor")
             if idx[-1] == len(params) - 1:
                 last_lr = tab.tsc[len(idx) - 1, 2]
         if group["relative_step"] and last_lr is not None:

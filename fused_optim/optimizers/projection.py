@@ -23,8 +23,8 @@ without ``caution``, whatever the number of tensors. The dedicated Triton kernel
             barrier (mt.grid_barrier), then pass 2: G = min(SM count, work items) programs (all resident, so the
             barrier cannot deadlock; 1 under the interpreter), each looping over items pid, pid + G, ... Pass 2
             loads what pass 1 wrote (rowcaut, tscale) with .cg; each pass's last program per tensor resets its
-            counter before the barrier. A barrier that gives up (mt.GRID_SPIN_LIMIT) sets the table's sticky flag
-            barrier[1], reported without a host sync by mt.watch_barrier.
+            counter before the barrier. A barrier that gives up (mt.GRID_SPIN_LIMIT) sets the table's sticky flag,
+            reported without a host sync by mt.GridBarrier.watch.
 
 The generic multi-tensor kernel has per-tensor coefficients only, so the passes use their own (tensor, row-block)
 work list and tables (cached in multi_tensor's GroupCache, rebuilt only when an address or shape changes; new grads
@@ -390,12 +390,10 @@ class _Tables:
     n_proj: int             # tensors 0 .. n_proj-1 are the projectable ones (their rows come first)
     tstat: torch.Tensor     # the engine's per-tensor totals [n_proj, 4] and global sums [4] (unused here)
     gstat: torch.Tensor
-    barrier: torch.Tensor   # int32 [2]: the grid barrier's arrival count, and a sticky "a barrier gave up" flag
+    barrier: mt.GridBarrier  # the persistent launch's grid barrier and its failure report
     fdummy: torch.Tensor
     rb: int
     bc: int
-    flag_host: torch.Tensor = None  # pinned copy of barrier[1] after the last persistent launch (mt.watch_barrier)
-    flag_event: object = None
     order: tuple = ()  # the group's param index of each tensor t (projectable first)
     engine: dict = None  # the C++ engine launch's cached inputs (_engine_stats)
     dts: tuple = ()      # the bucket's (param, grad, state) dtypes
@@ -440,7 +438,7 @@ def _build_tables(key, params, grads, states, steps, device) -> _Tables:
                    rowcaut=torch.zeros(max(row_base, 1), 3, device=device),
                    tmode=torch.zeros(len(params), device=device), tscale=torch.zeros(len(params), device=device),
                    n_proj=n_proj, tstat=torch.zeros(n_proj * 4, device=device), gstat=torch.zeros(4, device=device),
-                   barrier=torch.zeros(2, dtype=torch.int32, device=device),
+                   barrier=mt.GridBarrier(device),
                    fdummy=torch.zeros(1, dtype=torch.float32, device=device), rb=rb, bc=bc)
 
 
@@ -523,7 +521,7 @@ def _apply(spec: _Spec, cache: mt.GroupCache, params, grads, states, steps, grad
             grid = n_items if len(passes) == 1 else mt.persistent_grid(n_items, ps[0].device)
             projection_kernel[(grid,)](
                 tab.ptrs, tab.info, tab.work, tab.sptrs, tab.counters, tab.rowstat, tab.rowcoef, tab.rowcaut,
-                tab.tmode, tab.tscale, tab.barrier,
+                tab.tmode, tab.tscale, tab.barrier.words,
                 grad_scale if grad_scale is not None else tab.fdummy,
                 found_inf if found_inf is not None else tab.fdummy, n_items,
                 *(float(h) for h in spec.hypers),
@@ -531,7 +529,7 @@ def _apply(spec: _Spec, cache: mt.GroupCache, params, grads, states, steps, grad
                                     has_inf=found_inf is not None), **extra)
             mt.launch_count += 1
             if grid > 1 and len(passes) > 1:
-                mt.watch_barrier(tab, who)
+                tab.barrier.watch(who)
 
 
 # ---- the optimizers -------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._base import FusedOptimizer, check, check_nonneg, scalar, zeros_like
+from .._base import FusedOptimizer, check_nonneg, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 
