@@ -77,6 +77,13 @@ FO_HD FO_INLINE void dispatch_dtype(int code, Fn&& fn) {
   }
 }
 
+// dispatch_dtype for an input the op reads; f32 alone (one instantiation) for one it does not.
+template <bool READ, class Fn>
+FO_HD FO_INLINE void dispatch_input(int code, Fn&& fn) {
+  if constexpr (READ) dispatch_dtype(code, static_cast<Fn&&>(fn));
+  else fn(f32_tag{});
+}
+
 // Cross-block primitives. On the host, blocks run one after another, so plain operations are exact equivalents.
 FO_HD FO_INLINE int atomic_inc(int* p) {
 #if defined(__CUDA_ARCH__)

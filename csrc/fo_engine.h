@@ -244,8 +244,8 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
   for (int64_t s = 0; s < tl.IT; s += S) {
     const int ns = int(tl.IT - s < S ? tl.IT - s : S);
     dispatch_dtype(tl.da, [&](auto ta) {
-      dispatch_dtype(Op::N_IN >= 2 ? tl.db : int(F32), [&](auto tb) {
-      dispatch_dtype(Op::N_IN >= 4 ? tl.dc : int(F32), [&](auto tc) {  // lists C and D share a dtype
+      dispatch_input<Op::N_IN >= 2>(tl.db, [&](auto tb) {
+      dispatch_input<Op::N_IN >= 4>(tl.dc, [&](auto tc) {  // lists C and D share a dtype
         ex.each([&](int tid, Rg& rg) {
           const int tx = tid & (TC - 1);
           const int64_t ty = tid >> tl.log2tc;

@@ -155,7 +155,7 @@ if mt.available():
             tl.store(ptr + offs, val.to(DT), mask=mask)
 
     @triton.jit
-    def _finish_stats(rowstat, rowcoef, rowcaut, tmode, tscale, t, n, R, C, row0, proj, eps, delta, FB: tl.constexpr):
+    def _finish_stats(rowstat, rowcoef, tmode, t, n, R, C, row0, proj, eps, delta, FB: tl.constexpr):
         """Last program of tensor t in pass 0: decide the mode, write per-row a = <p,d>/(|p|+eps)^2 and
         c = <p,g>/(|p|+eps)^2 (channel: the row's, layer: the tensor's, none: 0). Rows written by other programs
         of this launch are read through L2 (.cg), never a possibly stale L1."""
@@ -193,7 +193,7 @@ if mt.available():
         tl.store(tmode + t, mode.to(tl.float32))
 
     @triton.jit
-    def _finish_caution(rowstat, rowcoef, rowcaut, tmode, tscale, t, n, R, row0, eps, FB: tl.constexpr):
+    def _finish_caution(rowstat, rowcaut, tmode, tscale, t, n, R, row0, eps, FB: tl.constexpr):
         """Last program of tensor t in pass 1: mask scale s = 1 / max(kept fraction, 1e-3) and per-row
         b = s <p, masked d'> / (|p|+eps)^2 (the second projection; 0 when not projected)."""
         zero = tl.cast(0.0, tl.float64)
@@ -323,9 +323,9 @@ if mt.available():
             done = tl.atomic_add(counters + t, 1, sem="acq_rel", scope="gpu")
             if done == nprog - 1:
                 if PASS == 0:
-                    _finish_stats(rowstat, rowcoef, rowcaut, tmode, tscale, t, n, R, C, row0, proj, eps, delta, FB)
+                    _finish_stats(rowstat, rowcoef, tmode, t, n, R, C, row0, proj, eps, delta, FB)
                 if PASS == 1:
-                    _finish_caution(rowstat, rowcoef, rowcaut, tmode, tscale, t, n, R, row0, eps, FB)
+                    _finish_caution(rowstat, rowcaut, tmode, tscale, t, n, R, row0, eps, FB)
                 if PASS == 2:
                     tl.store(tl.load(sptrs + t).to(tl.pointer_type(tl.float32)), tl.cast(step_new, tl.float32))
                 tl.store(counters + t, 0)
