@@ -639,11 +639,15 @@ class Adafactor(FusedOptimizer):
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         dev = params[0].device
         scalars_on_device(states, self.scalar_keys, dev)
-        for g, st in zip(grads, states):
-            sdt = torch.float32 if g.dtype in _LOW else g.dtype
+        index = dev.index if dev.type == "cuda" else -1  # Tensor.get_device() on dev (cheaper than .device)
+        buckets: dict = {}
+        for i, (p, g, st) in enumerate(zip(params, grads, states)):
+            sdt = torch.float32 if g.dtype in _LOW else g.dtype  # the moments' dtype: fp32 for bf16 / fp16 grads
             for k in _MOMENTS:
-                if k in st and (st[k].dtype != sdt or st[k].device != dev or not st[k].is_contiguous()):
-                    st[k] = st[k].to(device=dev, dtype=sdt).contiguous()
+                v = st.get(k)
+                if v is not None and (v.dtype != sdt or v.get_device() != index or not v.is_contiguous()):
+                    st[k] = v.to(device=dev, dtype=sdt).contiguous()
+            buckets.setdefault((p.dtype, g.dtype, sdt), []).append(i)
         if any(not t.is_contiguous() for t in params + grads):
             raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
         dims = [factored_dims(p.shape, group["min_dim_size_to_factor"]) for p in params]
@@ -655,16 +659,13 @@ class Adafactor(FusedOptimizer):
                   0.0 if group["beta1"] is None else group["beta1"], group["weight_decay"])
         cautious = group["caution"] and group["beta1"] is not None
         cache = self._kernel_caches.setdefault(id(group), mt.GroupCache())
-        buckets: dict = {}
-        for i, (p, g, st) in enumerate(zip(params, grads, states)):
-            sdt = next(st[k].dtype for k in _MOMENTS if k in st)
-            buckets.setdefault((p.dtype, g.dtype, sdt), []).append(i)
         last_lr = None
         for dts, idx in buckets.items():
             ps, gs, sts, ds = ([x[i] for i in idx] for x in (params, grads, states, dims))
             # every address and size the tables hold: a replaced param or state rebuilds them
-            key = (tuple(p.data_ptr() for p in ps) + tuple(tuple(p.shape) for p in ps) + tuple(ds)
-                   + tuple(v.data_ptr() for st in sts for k, v in st.items() if isinstance(v, torch.Tensor)))
+            ptr = torch.Tensor.data_ptr
+            key = (tuple(map(ptr, ps)), tuple(map(torch.Tensor.size, ps)), tuple(ds),
+                   tuple(v.data_ptr() for st in sts for v in st.values() if isinstance(v, torch.Tensor)))
             tab = cache.tables.get(dts)
             if tab is None or tab.key != key:
                 tab = cache.tables[dts] = _build_tables(key, ps, gs, sts, ds, dev)

@@ -34,6 +34,7 @@ path is possible future work.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -501,8 +502,9 @@ def _apply(spec: _Spec, cache: mt.GroupCache, params, grads, states, steps, grad
             idx = first + [i for i in idx if not (params[i].dim() > 1 and params[i].numel())]
         ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
         sts, scs = [states[i] for i in idx], [steps[i] for i in idx] if steps else []
-        key = (tuple(p.data_ptr() for p in ps) + tuple(s.data_ptr() for st in sts for s in st)
-               + tuple(s.data_ptr() for s in scs) + tuple(tuple(p.shape) for p in ps))
+        ptr = torch.Tensor.data_ptr  # every address and shape the tables hold
+        key = (tuple(map(ptr, ps)), tuple(map(ptr, itertools.chain.from_iterable(sts))), tuple(map(ptr, scs)),
+               tuple(map(torch.Tensor.size, ps)))
         tab = cache.tables.get(dts)
         if tab is None or tab.key != key:
             tab = cache.tables[dts] = _build_tables(key, ps, gs, sts, scs, ps[0].device)
