@@ -90,3 +90,31 @@ def test_torch_compile_row(tmp_path, monkeypatch):
     _check_timed(row)
     assert row["first_step_ms"] > 10 * row["ms"]  # compilation is in the priming steps, not in the step time
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo did capture the step
+
+
+def test_host_overhead_stubs_every_launch_and_restores_them(tmp_path):
+    """bench/host_overhead.py: one row per optimizer and size; the launches made are the stubs' (Triton kernels
+    and the C++ engine alike), and the launch entry points are back afterwards."""
+    spec = importlib.util.spec_from_file_location(
+        "host_overhead", os.path.join(os.path.dirname(__file__), "..", "bench", "host_overhead.py"))
+    ho = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ho)
+    from fused_optim import csrc
+    from fused_optim.kernels import multi_tensor as mt
+    from fused_optim.optimizers import adafactor, projection
+
+    before = (mt.multi_tensor_apply_kernel, projection.projection_kernel, adafactor.adafactor_kernel)
+    engine_launches, stubbed = csrc.launch_count, ho._count.calls
+    out = tmp_path / "ho.md"
+    names = ["Adam", "AdamP", "NovoGrad", "Adafactor"]
+    assert ho.main(["--tensors", "3", "--only", ",".join(names), "--reps", "2", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "tensors" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == names
+    assert all(float(r.split(" | ")[2]) > 0 for r in rows)
+    # Adam 1, AdamP 2 (engine + apply), NovoGrad 2 (engine + apply), Adafactor 2 (engine + persistent apply):
+    # 7 per step, 2 set-up steps + 2 timed reps per row
+    assert ho._count.calls - stubbed == 7 * 4
+    assert csrc.launch_count - engine_launches == 3 * 4
+    after = (mt.multi_tensor_apply_kernel, projection.projection_kernel, adafactor.adafactor_kernel)
+    assert all(a is b for a, b in zip(before, after))
+    assert not any(isinstance(m, ho._NoEngineLaunch) for m in csrc._modules.values())

@@ -28,6 +28,7 @@ bit set (maximize, amsgrad, ...), so each specialisation carries only its own co
 """
 from __future__ import annotations
 
+import itertools
 import operator
 import os
 from dataclasses import dataclass, field
@@ -446,8 +447,8 @@ def apply(rule: Rule, cache: GroupCache, params, grads, states, scalars, *, lr_t
         # rebuilds. Grads are often re-allocated each step (zero_grad(set_to_none=True)): a new grad address only
         # re-uploads the grad column.
         ptr = torch.Tensor.data_ptr  # map() over the C methods: per-tensor host cost matters at 1000s of tensors
-        key = (*map(ptr, ps), *(ptr(s) for st in sts for s in st), *(ptr(s) for sc in scs for s in sc),
-               *map(torch.Tensor.numel, ps))
+        flat = itertools.chain.from_iterable
+        key = (*map(ptr, ps), *map(ptr, flat(sts)), *map(ptr, flat(scs)), *map(torch.Tensor.numel, ps))
         gkey = tuple(map(ptr, gs))
         tab = cache.tables.get((dts, master))
         # alignment is a property of the addresses: it can change only with them

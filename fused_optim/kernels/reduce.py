@@ -18,12 +18,15 @@ the same pass, with no host sync and no extra pass over the grads.
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 from dataclasses import dataclass
 
 import torch
 
 from . import multi_tensor as mt
+
+_dtype = operator.attrgetter("dtype")
 
 BACKEND = os.environ.get("FUSED_OPTIM_REDUCTIONS", "auto")
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm + 1e-6), at most 1
@@ -109,7 +112,7 @@ def sumsq(cache: dict, grads, grad_scale=None, found_inf=None) -> torch.Tensor:
     """fp32 [T] device buffer: sum((g / grad_scale)^2) of every grad (contiguous, real dtype). The buffer is cached
     in ``cache`` per list of sizes and dtypes, so its address is the same every step."""
     dev = grads[0].device
-    key = (tuple(g.numel() for g in grads), tuple(g.dtype for g in grads), str(dev))
+    key = (tuple(map(torch.Tensor.numel, grads)), tuple(map(_dtype, grads)), str(dev))
     out = cache.get(("out", key))
     if out is None:
         cache.clear()  # a new layout: drop the old buffers and tables
@@ -120,7 +123,12 @@ def sumsq(cache: dict, grads, grad_scale=None, found_inf=None) -> torch.Tensor:
         buf = cache.get(("csrc", key))
         if buf is None:
             buf = cache[("csrc", key)] = torch.zeros(len(grads) + 1, dtype=torch.float32, device=dev)
-        csrc.sumsq(grads, scale=grad_scale, out=buf)
+        if set(key[1]) <= csrc._DTYPE_CODES.keys() and all(map(torch.Tensor.is_contiguous, grads)):
+            # straight to the launch (what csrc.sumsq checks holds here), its plan keyed by this cache's key
+            csrc._run(csrc.KIND_SUMSQ, "host" if dev.type == "cpu" else "cuda", grads, None,
+                      [(1, 1, 1, 1)] * len(grads), scale=grad_scale, out=buf, plan_key=key)
+        else:
+            csrc.sumsq(grads, scale=grad_scale, out=buf)
         mt.launch_count += 1
         return buf[:-1]
     buckets: dict = {}

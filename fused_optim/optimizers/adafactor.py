@@ -432,6 +432,7 @@ class _Tables:
     fdummy: torch.Tensor
     stats: torch.Tensor = None  # the csrc engine's whole fp32 output buffer (fixed address), once it has run
     stats_view: torch.Tensor = None  # its row / column means part (meta columns 12, 13 index it)
+    csrc_geo: tuple = None  # (factored tensor indices, their csrc geometry)
 
 
 def _cdiv(a, b):
@@ -519,11 +520,14 @@ def _csrc_factored_stats(tab, gs, dims, eps, grad_scale):
     the bucket, into tab.stats (allocated by the first run, whose plan also gives the offsets meta[:, 12:14])."""
     from .. import csrc
 
-    fidx = [t for t, d in enumerate(dims) if d is not None]
+    if tab.csrc_geo is None:  # fixed with the tables' key (shapes, factored dims)
+        fidx = [t for t, d in enumerate(dims) if d is not None]
+        tab.csrc_geo = fidx, [_csrc_geometry(gs[t], dims[t]) for t in fidx]
+    fidx, geo = tab.csrc_geo
     fgs = [gs[t] for t in fidx]
     be = "host" if fgs[0].device.type == "cpu" else "cuda"
-    geo = [_csrc_geometry(g, dims[t]) for g, t in zip(fgs, fidx)]
-    _, out_stats, _, plan = csrc._run(csrc.KIND_FACTORED, be, fgs, None, geo, eps, scale=grad_scale, out=tab.stats)
+    _, out_stats, _, plan = csrc._run(csrc.KIND_FACTORED, be, fgs, None, geo, eps, scale=grad_scale, out=tab.stats,
+                                      plan_key=(tab.key, fgs[0].dtype))  # a bucket: one grad dtype
     mt.launch_count += 1
     if tab.stats is None:
         assert plan.K == 1
