@@ -19,6 +19,7 @@ import torch
 from .._base import FusedOptimizer, check, check_betas, check_nonneg, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from .adam import timm_moments_
 
 if mt.available():
     import triton
@@ -181,16 +182,8 @@ class Adahessian(FusedOptimizer):
         beta1, beta2 = group["betas"]
         lr, k = scalar(group["lr"]), group["hessian_power"]
         hess = [st["hess"] for st in states]
-        m = [st["exp_avg"] for st in states]
-        v = [st["exp_hessian_diag_sq"] for st in states]
         torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        for st in states:
-            st["step"] += 1
-        torch._foreach_mul_(m, beta1)
-        torch._foreach_add_(m, grads, alpha=1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, hess, hess, value=1 - beta2)
-        steps = [float(st["step"]) for st in states]
+        m, v, steps = timm_moments_(states, grads, hess, beta1, beta2, "exp_hessian_diag_sq")
         denom = torch._foreach_div(v, [1 - beta2 ** s for s in steps])
         torch._foreach_pow_(denom, k / 2)
         torch._foreach_add_(denom, group["eps"])

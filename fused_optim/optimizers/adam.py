@@ -74,6 +74,21 @@ def adam_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2):
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
 
 
+def timm_moments_(states, grads, second, beta1, beta2, second_key="exp_avg_sq"):
+    """timm's Adam-style start (AdamP, Adahessian), in its op order: each state's Python-int step += 1, exp_avg =
+    exp_avg * beta1 + (1 - beta1) * grad, state[second_key] = its * beta2 + (1 - beta2) * second^2 (second: the grads,
+    or Adahessian's Hessian estimate). Returns (exp_avg list, second-moment list, new step numbers as floats)."""
+    m = [st["exp_avg"] for st in states]
+    v = [st[second_key] for st in states]
+    for st in states:
+        st["step"] += 1
+    torch._foreach_mul_(m, beta1)
+    torch._foreach_add_(m, grads, alpha=1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, second, second, value=1 - beta2)
+    return m, v, [float(st["step"]) for st in states]
+
+
 def begin_step(params, grads, states, *, lr, weight_decay, maximize, decoupled):
     """The start every Adam-family reference shares: advance the step counters, then the grads with maximize and
     weight decay applied. Returns (grads, exp_avg list, exp_avg_sq list, new step numbers as floats)."""

@@ -46,6 +46,7 @@ from .._base import FusedOptimizer, check, check_betas, check_nonneg, scalar, sc
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import reduce
+from .adam import timm_moments_
 
 _ENGINE_DTYPES = {torch.float32, torch.bfloat16, torch.float16}  # what the C++ engine reads
 
@@ -636,15 +637,7 @@ class AdamP(_Projected):
     def _reference(self, group, params, grads, states):
         beta1, beta2 = group["betas"]
         lr, eps = scalar(group["lr"]), group["eps"]
-        m = [st["exp_avg"] for st in states]
-        v = [st["exp_avg_sq"] for st in states]
-        for st in states:
-            st["step"] += 1
-        torch._foreach_mul_(m, beta1)
-        torch._foreach_add_(m, grads, alpha=1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-        steps = [float(st["step"]) for st in states]
+        m, v, steps = timm_moments_(states, grads, grads, beta1, beta2)
         denom = torch._foreach_sqrt(v)
         torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** s) for s in steps])
         torch._foreach_add_(denom, eps)
