@@ -17,9 +17,9 @@ namespace py = pybind11;
 
 using DescTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int, int64_t, int64_t, int64_t,
                              int64_t, int64_t>;
-// The projection's direction and decision parameters (Args' KIND_PROJ fields): dir, nesterov, k0..k3, beta2,
-// delta, eps, coef_rows address, mode_t address.
-using ProjTuple = std::tuple<int, int, double, double, double, double, double, double, double, uint64_t, uint64_t>;
+// The projection's direction and decision parameters (Args' KIND_PROJ fields; eps is the launch's own): dir,
+// nesterov, k0..k3, beta2, delta, coef_rows address, mode_t address.
+using ProjTuple = std::tuple<int, int, double, double, double, double, double, double, uint64_t, uint64_t>;
 
 // plan(kind, [(addr_a, addr_b, addr_c, addr_d, addr_step, dtype_a, dtype_b, dtype_cd, numel, B, R, C, S), ...])
 //   -> (meta: bytes of int64, n_entries, n_items, ws_extra_floats, n_stats, n_counters, K, row_out, col_out)
@@ -55,9 +55,10 @@ inline Args make_args(uint64_t meta, int64_t n_entries, int64_t n_items, uint64_
   a.out_g = ptr<float>(out_g);
   a.scale_a = scale_a ? ptr<const float>(scale_a) : nullptr;
   a.eps = float(eps);
+  a.eps64 = eps;  // the projection's decision is taken in fp64, as in the Triton kernel
   double k[4];
   uint64_t coef_rows, mode_t;
-  std::tie(a.dir, a.nesterov, k[0], k[1], k[2], k[3], a.beta2, a.delta, a.eps64, coef_rows, mode_t) = proj;
+  std::tie(a.dir, a.nesterov, k[0], k[1], k[2], k[3], a.beta2, a.delta, coef_rows, mode_t) = proj;
   for (int i = 0; i < 4; ++i) a.k[i] = float(k[i]);  // rounded like the Triton kernel's .to(tl.float32)
   a.coef_rows = ptr<float>(coef_rows);
   a.mode_t = ptr<float>(mode_t);
@@ -79,7 +80,7 @@ void bind_module(py::module_& m, Launcher launcher) {
                  const ProjTuple& proj, int device, uint64_t stream) {
         check_kind(kind);
         if (n_entries <= 0 || n_items <= 0) return;
-        if (kind == KIND_PROJ && (std::get<9>(proj) == 0 || std::get<10>(proj) == 0))
+        if (kind == KIND_PROJ && (std::get<8>(proj) == 0 || std::get<9>(proj) == 0))
           throw std::invalid_argument("fused_optim csrc: the projection needs its coef_rows and mode_t outputs");
         const Args a = make_args(meta, n_entries, n_items, ws_items, ws_extra, counters, out_t, out_stats, out_g,
                                  scale_a, eps, proj);
@@ -88,7 +89,7 @@ void bind_module(py::module_& m, Launcher launcher) {
       },
       py::arg("kind"), py::arg("meta"), py::arg("n_entries"), py::arg("n_items"), py::arg("ws_items"),
       py::arg("ws_extra"), py::arg("counters"), py::arg("out_t"), py::arg("out_stats"), py::arg("out_g"),
-      py::arg("scale_a"), py::arg("eps"), py::arg("proj") = ProjTuple{0, 0, 0., 0., 0., 0., 0., 0., 0., 0, 0},
+      py::arg("scale_a"), py::arg("eps"), py::arg("proj") = ProjTuple{0, 0, 0., 0., 0., 0., 0., 0., 0, 0},
       py::arg("device") = 0, py::arg("stream") = 0);
   m.attr("KIND_SUMSQ") = int(KIND_SUMSQ);
   m.attr("KIND_DOT") = int(KIND_DOT);

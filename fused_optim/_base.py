@@ -349,6 +349,11 @@ class FusedOptimizer(Optimizer):
             elif wp is not p:
                 p.copy_(wp)
 
+    def _require_contiguous(self, params, grads) -> None:
+        """The kernels read params and grads by address and size: both must be contiguous."""
+        if not (all(map(torch.Tensor.is_contiguous, params)) and all(map(torch.Tensor.is_contiguous, grads))):
+            raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
+
     def _kernel_tensors(self, params, grads, states, keys):
         """(params, grads, element-wise states [[st[k] for k in keys]]) as the kernels take them: only addresses,
         sizes and dtypes are read, so no per-tensor views in the common case (at thousands of tensors, per-tensor
@@ -358,8 +363,7 @@ class FusedOptimizer(Optimizer):
         if any(map(is_dtensor, params)):
             params, grads = [local(p) for p in params], [local(g) for g in grads]
             element_states = [[local(s) for s in sts] for sts in element_states]
-        if not (all(map(torch.Tensor.is_contiguous, params)) and all(map(torch.Tensor.is_contiguous, grads))):
-            raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
+        self._require_contiguous(params, grads)
         if any(map(torch.Tensor.is_complex, params)):
             params, grads = [as_real(p) for p in params], [as_real(g) for g in grads]
             element_states = [[as_real(s) for s in sts] for sts in element_states]
@@ -402,10 +406,15 @@ def local(t):
     return t.to_local() if is_dtensor(t) else t
 
 
+def device_index(device: torch.device) -> int:
+    """What Tensor.get_device() returns for a tensor on `device` (-1 on CPU): comparing it is cheaper than .device."""
+    return device.index if device.type == "cuda" else -1
+
+
 def scalars_on_device(states, keys, device) -> None:
     """Make per-tensor scalar states float32 0-d tensors on `device`, in place: kernels read them from device memory
     (torch keeps them on CPU by default, timm as Python numbers)."""
-    index = device.index if device.type == "cuda" else -1  # what Tensor.get_device() returns there
+    index = device_index(device)
     for st in states:
         for k in keys:
             v = st[k]

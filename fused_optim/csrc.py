@@ -352,11 +352,16 @@ def projection_stats(grads, params, states, steps=None, *, adam: bool, nesterov:
     mode = torch.zeros(len(gs), device=dev) if mode is None else mode
     if coef.numel() != 2 * n_rows or mode.numel() != len(gs) or not (coef.is_contiguous() and mode.is_contiguous()):
         raise ValueError(f"fused_optim.csrc.projection_stats: coef must hold {n_rows} x 2, mode {len(gs)} floats")
-    proj = projection_args(adam, nesterov, momentum, dampening, betas, delta, eps, coef, mode)
+    proj = projection_args(adam, nesterov, momentum, dampening, betas, delta, coef, mode)
     out_t, out_stats, _, _ = _run(KIND_PROJ, be, gs, ps, projection_dims(gs), eps, scale=scale, out=out,
                                   cd=([st[0] for st in sts], [st[-1] for st in sts]),
                                   steps=list(steps) if adam else None, proj=proj)
     return ProjStats(out_t, out_stats, coef.view(-1, 2), mode.view(-1), counts)
+
+
+def engine_backend(device: torch.device) -> str:
+    """The built module that serves tensors on `device` (callers have checked reduce.use_csrc)."""
+    return "host" if device.type == "cpu" else "cuda"
 
 
 def projection_dims(tensors) -> list:
@@ -364,13 +369,13 @@ def projection_dims(tensors) -> list:
     return [(1, t.shape[0], t.numel() // t.shape[0], 1) for t in tensors]
 
 
-def projection_args(adam, nesterov, momentum, dampening, betas, delta, eps, coef, mode) -> tuple:
-    """KIND_PROJ's launch parameters (fo_bind.h's ProjTuple). Ctx's k0..k3 (csrc/fo_functors.h: ProjOp) are computed
-    in fp64, as the Triton kernel does before its fp32 cast."""
+def projection_args(adam, nesterov, momentum, dampening, betas, delta, coef, mode) -> tuple:
+    """KIND_PROJ's launch parameters (fo_bind.h's ProjTuple; eps is the launch's own). Ctx's k0..k3
+    (csrc/fo_functors.h: ProjOp) are computed in fp64, as the Triton kernel does before its fp32 cast."""
     b1, b2 = betas
     k = (1 - b1, b2, 1 - b2, b1) if adam else (momentum, 1 - dampening, 0.0, 0.0)
-    return (DIR_ADAM if adam else DIR_SGD, int(nesterov), *map(float, k), float(b2), float(delta), float(eps),
-            coef.data_ptr(), mode.data_ptr())
+    return (DIR_ADAM if adam else DIR_SGD, int(nesterov), *map(float, k), float(b2), float(delta), coef.data_ptr(),
+            mode.data_ptr())
 
 
 def _factor_dims(t, d):

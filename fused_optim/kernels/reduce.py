@@ -125,7 +125,7 @@ def sumsq(cache: dict, grads, grad_scale=None, found_inf=None) -> torch.Tensor:
             buf = cache[("csrc", key)] = torch.zeros(len(grads) + 1, dtype=torch.float32, device=dev)
         if set(key[1]) <= csrc._DTYPE_CODES.keys() and all(map(torch.Tensor.is_contiguous, grads)):
             # straight to the launch (what csrc.sumsq checks holds here), its plan keyed by this cache's key
-            csrc._run(csrc.KIND_SUMSQ, "host" if dev.type == "cpu" else "cuda", grads, None,
+            csrc._run(csrc.KIND_SUMSQ, csrc.engine_backend(dev), grads, None,
                       [(1, 1, 1, 1)] * len(grads), scale=grad_scale, out=buf, plan_key=key)
         else:
             csrc.sumsq(grads, scale=grad_scale, out=buf)

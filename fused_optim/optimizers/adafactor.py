@@ -43,7 +43,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .._base import FusedOptimizer, check, check_nonneg, restore_state_dtypes, scalar, scalars_on_device
+from .._base import (FusedOptimizer, check, check_nonneg, device_index, restore_state_dtypes, scalar,
+                     scalars_on_device)
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import reduce
@@ -525,8 +526,8 @@ def _csrc_factored_stats(tab, gs, dims, eps, grad_scale):
         tab.csrc_geo = fidx, [_csrc_geometry(gs[t], dims[t]) for t in fidx]
     fidx, geo = tab.csrc_geo
     fgs = [gs[t] for t in fidx]
-    be = "host" if fgs[0].device.type == "cpu" else "cuda"
-    _, out_stats, _, plan = csrc._run(csrc.KIND_FACTORED, be, fgs, None, geo, eps, scale=grad_scale, out=tab.stats,
+    _, out_stats, _, plan = csrc._run(csrc.KIND_FACTORED, csrc.engine_backend(fgs[0].device), fgs, None, geo, eps,
+                                      scale=grad_scale, out=tab.stats,
                                       plan_key=(tab.key, fgs[0].dtype))  # a bucket: one grad dtype
     mt.launch_count += 1
     if tab.stats is None:
@@ -643,7 +644,7 @@ class Adafactor(FusedOptimizer):
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         dev = params[0].device
         scalars_on_device(states, self.scalar_keys, dev)
-        index = dev.index if dev.type == "cuda" else -1  # Tensor.get_device() on dev (cheaper than .device)
+        index = device_index(dev)
         buckets: dict = {}
         for i, (p, g, st) in enumerate(zip(params, grads, states)):
             sdt = torch.float32 if g.dtype in _LOW else g.dtype  # the moments' dtype: fp32 for bf16 / fp16 grads
@@ -652,8 +653,7 @@ class Adafactor(FusedOptimizer):
                 if v is not None and (v.dtype != sdt or v.get_device() != index or not v.is_contiguous()):
                     st[k] = v.to(device=dev, dtype=sdt).contiguous()
             buckets.setdefault((p.dtype, g.dtype, sdt), []).append(i)
-        if any(not t.is_contiguous() for t in params + grads):
-            raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
+        self._require_contiguous(params, grads)
         dims = [factored_dims(p.shape, group["min_dim_size_to_factor"]) for p in params]
         flags = _flags(group)
         lr = group["lr"]

@@ -470,13 +470,13 @@ def _engine_stats(spec: _Spec, tab: _Tables, ps, gs, sts, steps, grad_scale) -> 
     n = tab.n_proj
     if tab.engine is None:  # everything but the grads and the hyper-parameters: fixed with the tables' key
         rows = sum(p.shape[0] for p in ps[:n])
-        tab.engine = dict(backend="host" if ps[0].device.type == "cpu" else "cuda", dims=csrc.projection_dims(ps[:n]),
+        tab.engine = dict(backend=csrc.engine_backend(ps[0].device), dims=csrc.projection_dims(ps[:n]),
                           b=ps[:n], cd=([st[0] for st in sts[:n]], [st[-1] for st in sts[:n]]),
                           steps=list(steps[:n]) if spec.has_step else None,
                           out=(tab.tstat, tab.rowstat[:rows].view(-1), tab.gstat))
     lr, eps, delta, wd_ratio, wd, h1, h2 = spec.hypers
     e = tab.engine
-    proj = csrc.projection_args(spec.has_step, bool(spec.flags & int(NESTEROV.value)), h1, h2, (h1, h2), delta, eps,
+    proj = csrc.projection_args(spec.has_step, bool(spec.flags & int(NESTEROV.value)), h1, h2, (h1, h2), delta,
                                 tab.rowcoef, tab.tmode)
     csrc._run(csrc.KIND_PROJ, e["backend"], gs[:n], e["b"], e["dims"], eps, scale=grad_scale, out=e["out"],
               cd=e["cd"], steps=e["steps"], proj=proj, plan_key=(tab.key, tab.dts))
@@ -498,9 +498,9 @@ def _apply(spec: _Spec, cache: mt.GroupCache, params, grads, states, steps, grad
         buckets.setdefault((p.dtype, grads[i].dtype, states[i][0].dtype), []).append(i)
     cautious = bool(spec.flags & int(CAUTION.value))
     for dts, idx in buckets.items():
-        first = [i for i in idx if params[i].dim() > 1 and params[i].numel()]
-        if 0 < len(first) < len(idx):  # projectable first: their rows are the engine's rows
-            idx = first + [i for i in idx if not (params[i].dim() > 1 and params[i].numel())]
+        flags = [_projectable(params[i]) for i in idx]
+        if 0 < sum(flags) < len(idx):  # projectable first: their rows are the engine's rows
+            idx = [i for i, f in zip(idx, flags) if f] + [i for i, f in zip(idx, flags) if not f]
         ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
         sts, scs = [states[i] for i in idx], [steps[i] for i in idx] if steps else []
         ptr = torch.Tensor.data_ptr  # every address and shape the tables hold
@@ -566,8 +566,7 @@ class _Projected(FusedOptimizer):
         spec = self._spec(group)
         if spec.has_step:
             scalars_on_device(states, ("step",), params[0].device)
-        if not all(t.is_contiguous() for t in params) or not all(g.is_contiguous() for g in grads):
-            raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
+        self._require_contiguous(params, grads)
         cache = self._kernel_caches.setdefault(id(group), mt.GroupCache())
         _apply(spec, cache, params, grads, [[st[k] for k in spec.state_keys] for st in states],
                [st["step"] for st in states] if spec.has_step else None, grad_scale, found_inf, type(self).__name__)
