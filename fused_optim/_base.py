@@ -16,6 +16,8 @@ import torch
 from torch.optim import Optimizer
 
 from .kernels import multi_tensor as mt
+from .kernels import runtime
+from .kernels.tables import TableCache
 from .kernels import reduce
 
 _OUR_KEYS = ("fused",)
@@ -181,10 +183,10 @@ class FusedOptimizer(Optimizer):
         name = type(self).__name__
         if not self._has_kernel():
             raise RuntimeError(f"{name}: fused=True is not available for this optimizer")
-        if not mt.available():
-            raise RuntimeError(f"{name}: fused=True needs triton, which is not installed")
+        if not runtime.available():
+            raise RuntimeError(f"{name}: fused=True needs triton: {runtime.unavailable_reason()}")
         for p in group["params"]:
-            if not (p.is_cuda or (p.device.type == "cpu" and mt.interpreter_enabled())):
+            if not (p.is_cuda or (p.device.type == "cpu" and runtime.interpreter_enabled())):
                 raise RuntimeError(
                     f"{name}: fused=True needs CUDA params (or TRITON_INTERPRET=1 to run the kernels on CPU), "
                     f"got a param on {p.device}")
@@ -195,7 +197,7 @@ class FusedOptimizer(Optimizer):
             return False
         if fused:
             return True
-        return self._has_kernel() and mt.available() and all(p.is_cuda for p in params)
+        return self._has_kernel() and runtime.available() and all(p.is_cuda for p in params)
 
     def _grads_of(self, group):
         """The group's params that have a grad, checked (nothing is changed before every group passes)."""
@@ -377,7 +379,7 @@ class FusedOptimizer(Optimizer):
         params, grads, element_states = self._kernel_tensors(params, grads, states, keys)
         lr = group.get("lr")
         # a table hit is verified against every address, so a recycled id() can never reuse a stale table
-        cache = self._kernel_caches.setdefault((id(group), variant), mt.GroupCache())
+        cache = self._kernel_caches.setdefault((id(group), variant), TableCache())
         mt.apply(rule, cache, params, grads, element_states, [[st[k] for k in skeys] for st in states],
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None,
                  grad_scale=grad_scale, found_inf=found_inf,

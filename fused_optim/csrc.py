@@ -50,8 +50,8 @@ Python API (every result is float32, on the inputs' device, freshly allocated by
 Inputs: tensors of one device; fp32, bf16 or fp16 (other dtypes take the torch path); non-contiguous tensors are
 copied first. Plans (tiling, device metadata, workspace) are cached by the inputs' addresses and shapes, so a
 steady-state call uploads nothing and allocates only its output. CUDA graphs: make the first call for a given set
-of tensors before capture (it uploads the metadata); later calls are capturable. ``launch_count`` counts kernel
-launches made through this module (tests assert one per call).
+of tensors before capture (it uploads the metadata); later calls are capturable. Every launch goes through
+``kernels/runtime.py``'s ``dispatch`` (counted there: ``engine_launch_count``).
 """
 from __future__ import annotations
 
@@ -62,16 +62,17 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from .kernels import runtime
+
 ABI_VERSION = 3
 KIND_SUMSQ, KIND_DOT, KIND_DOT_ROWS, KIND_FACTORED, KIND_PROJ = 0, 1, 2, 3, 4
 DIR_SGD, DIR_ADAM = 0, 1
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _dtype = operator.attrgetter("dtype")
 _CACHE_SIZE = 64
 
 _modules: dict = {}
 _errors: dict = {}
-launch_count = 0
 
 
 def _load(name: str):
@@ -132,7 +133,7 @@ def _backend(tensors: Sequence[torch.Tensor], backend: str | None) -> str:
     if len(set(map(torch.Tensor.get_device, tensors))) > 1:  # -1 on CPU, the index on CUDA
         raise ValueError("fused_optim.csrc: all tensors must be on one device")
     if backend is None:
-        if not set(map(_dtype, tensors)) <= _DTYPE_CODES.keys():
+        if not set(map(_dtype, tensors)) <= DTYPE_CODES.keys():
             return "torch"
         if dev.type == "cpu":
             return "host" if host_available() else "torch"
@@ -143,14 +144,14 @@ def _backend(tensors: Sequence[torch.Tensor], backend: str | None) -> str:
         raise RuntimeError(f"fused_optim.csrc: host backend needs CPU tensors and the built module ({load_errors()})")
     if backend == "cuda" and (dev.type != "cuda" or not cuda_available()):
         raise RuntimeError(f"fused_optim.csrc: cuda backend needs CUDA tensors and the built module ({load_errors()})")
-    if backend in ("host", "cuda") and any(t.dtype not in _DTYPE_CODES for t in tensors):
+    if backend in ("host", "cuda") and any(t.dtype not in DTYPE_CODES for t in tensors):
         raise TypeError("fused_optim.csrc: the C++ engine takes float32, bfloat16 and float16 tensors")
     if backend not in ("host", "cuda", "torch"):
         raise ValueError(f"fused_optim.csrc: unknown backend {backend!r}")
     return backend
 
 
-def _run(kind: int, backend: str, a: list, b: list | None, dims: list, eps: float = 0.0, scale=None, out=None,
+def launch(kind: int, backend: str, a: list, b: list | None, dims: list, eps: float = 0.0, scale=None, out=None,
          cd: tuple | None = None, steps: list | None = None, proj: tuple | None = None, plan_key=None):
     """One launch over all tensors. dims[i] = (B, R, C, S). Returns (out_t [E, K], out_stats [N, K], out_g [K], plan).
     scale: an fp32 1-element device tensor; list A is multiplied by 1 / scale first. out: the fp32 buffer to write
@@ -158,7 +159,6 @@ def _run(kind: int, backend: str, a: list, b: list | None, dims: list, eps: floa
     KIND_PROJ: cd = (list C, list D), steps = fp32 step tensors or None, proj = the launch's ProjTuple (fo_bind.h).
     plan_key: a hashable that stands for everything but list A's addresses (a caller's table key), so a steady-state
     call does not rebuild the whole key."""
-    global launch_count
     mod = _load("_fused_optim_host" if backend == "host" else "_fused_optim_cuda")
     dev = a[0].device
     stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
@@ -175,7 +175,7 @@ def _run(kind: int, backend: str, a: list, b: list | None, dims: list, eps: floa
     if plan is None:
         none = [None] * len(a)
         descs = [(x.data_ptr(), *(t.data_ptr() if t is not None else 0 for t in (y, z, w, st)),
-                  *(_DTYPE_CODES[t.dtype] if t is not None else 0 for t in (x, y, z)), x.numel(), *d)
+                  *(DTYPE_CODES[t.dtype] if t is not None else 0 for t in (x, y, z)), x.numel(), *d)
                  for x, y, z, w, st, d in zip(a, b if b is not None else none, c_ or none, d_ or none,
                                               st_ or none, dims)]
         meta, n_entries, n_items, ws_extra, n_stats, n_counters, K, row_out, col_out = mod.plan(kind, descs)
@@ -212,11 +212,10 @@ def _run(kind: int, backend: str, a: list, b: list | None, dims: list, eps: floa
         args += (proj,)
     if dev.type == "cuda":
         with torch.cuda.device(dev):
-            mod.launch(*args, device=dev.index if dev.index is not None else torch.cuda.current_device(),
-                       stream=stream)
+            runtime.dispatch(mod.launch, args, dict(device=dev.index if dev.index is not None
+                                                    else torch.cuda.current_device(), stream=stream), engine=True)
     else:
-        mod.launch(*args)
-    launch_count += 1
+        runtime.dispatch(mod.launch, args, {}, engine=True)
     # a/b must stay alive until here (contiguous() copies); the caller holds them.
     return out_t.view(-1, K), out_stats.view(-1, K), out_g, plan
 
@@ -245,7 +244,7 @@ def sumsq(tensors: Sequence[torch.Tensor], *, scale: torch.Tensor | None = None,
             out.copy_(res)
             res = out
         return res[:-1], res[-1]
-    out_t, _, out_g, _ = _run(KIND_SUMSQ, be, ts, None, [(1, 1, 1, 1)] * len(ts), scale=scale, out=out)
+    out_t, _, out_g, _ = launch(KIND_SUMSQ, be, ts, None, [(1, 1, 1, 1)] * len(ts), scale=scale, out=out)
     return out_t.view(-1), out_g.view(())
 
 
@@ -287,7 +286,7 @@ def dot_per_tensor(a_list, b_list, *, backend: str | None = None) -> torch.Tenso
     be = _backend(a + b, backend)
     if be == "torch":
         return torch.stack([_dot3(x, y) for x, y in zip(a, b)])
-    return _run(KIND_DOT, be, a, b, [(1, 1, 1, 1)] * len(a))[0]
+    return launch(KIND_DOT, be, a, b, [(1, 1, 1, 1)] * len(a))[0]
 
 
 def _rows(t):
@@ -307,7 +306,7 @@ def dot_per_tensor_and_row(a_list, b_list, *, backend: str | None = None) -> Dot
         per_r = torch.cat([_dot3(x.reshape(r, c), y.reshape(r, c), 1) for x, y, (r, c) in
                            zip(a, b, map(_rows, a))])
         return DotRows(per_t, per_r, counts)
-    out_t, out_stats, _, _ = _run(KIND_DOT_ROWS, be, a, b, [(1, *_rows(x), 1) for x in a])
+    out_t, out_stats, _, _ = launch(KIND_DOT_ROWS, be, a, b, [(1, *_rows(x), 1) for x in a])
     return DotRows(out_t, out_stats, counts)
 
 
@@ -353,7 +352,7 @@ def projection_stats(grads, params, states, steps=None, *, adam: bool, nesterov:
     if coef.numel() != 2 * n_rows or mode.numel() != len(gs) or not (coef.is_contiguous() and mode.is_contiguous()):
         raise ValueError(f"fused_optim.csrc.projection_stats: coef must hold {n_rows} x 2, mode {len(gs)} floats")
     proj = projection_args(adam, nesterov, momentum, dampening, betas, delta, coef, mode)
-    out_t, out_stats, _, _ = _run(KIND_PROJ, be, gs, ps, projection_dims(gs), eps, scale=scale, out=out,
+    out_t, out_stats, _, _ = launch(KIND_PROJ, be, gs, ps, projection_dims(gs), eps, scale=scale, out=out,
                                   cd=([st[0] for st in sts], [st[-1] for st in sts]),
                                   steps=list(steps) if adam else None, proj=proj)
     return ProjStats(out_t, out_stats, coef.view(-1, 2), mode.view(-1), counts)
@@ -403,7 +402,7 @@ def factored_stats(tensors, eps: float = 0.0, dims=None, *, backend: str | None 
         us = [_acc(t).square().add(eps) for t in ts]
         return ([u.mean(dr).float() for u, (_, dr, _) in zip(us, geo)],
                 [u.mean(dc).float() for u, (dc, _, _) in zip(us, geo)])
-    _, out_stats, _, plan = _run(KIND_FACTORED, be, ts, None, [g[2] for g in geo], eps)
+    _, out_stats, _, plan = launch(KIND_FACTORED, be, ts, None, [g[2] for g in geo], eps)
     flat = out_stats.view(-1)
     rows, cols = [], []
     for i, (t, (dc, dr, (B, R, C, S))) in enumerate(zip(ts, geo)):

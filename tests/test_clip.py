@@ -12,6 +12,7 @@ from cases import ALL, clone_params, make_params, param_groups
 from conftest import DEVICE
 from helpers import assert_states_close, assert_unchanged, snapshot
 from fused_optim.kernels import multi_tensor as mt
+from fused_optim.kernels import runtime
 
 DENSE = sorted({c.name: c for c in ALL if c.dense_grads and c.driver is None}.values(), key=lambda c: c.name)
 STEPS = 20
@@ -63,13 +64,13 @@ def test_reference_equals_clip_grad_norm_then_step(case):
 @pytest.mark.parametrize("case", [c for c in DENSE if c.kernel], ids=lambda c: c.name)
 def test_fused_equals_clip_grad_norm_then_step(case, reductions):
     config = case.configs[-1]
-    n0 = mt.launch_count
+    n0 = runtime.launch_count
     ours, pa, plain, pb, norms = _run_pair(case, config, True, max_norm=2.0)
     assert min(norms) < 2.0 < max(norms)
     assert_states_close(ours, pa, plain, pb, rtol=1e-5, atol=1e-6)
     # clipping adds one reduction launch (per grad dtype on the Triton path; one dtype here) and one scale launch
     groups = len(ours.param_groups)
-    assert mt.launch_count - n0 <= STEPS * (groups * case.launches + 2) + groups
+    assert runtime.launch_count - n0 <= STEPS * (groups * case.launches + 2) + groups
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])

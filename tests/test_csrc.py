@@ -14,6 +14,8 @@ import shutil
 import pytest
 import torch
 
+from fused_optim.kernels import runtime
+
 from fused_optim import csrc
 
 # Odd sizes around the tile geometry: flat tiles of 8192, 256 lanes, wide rows (C > 256 / > 2048), tall
@@ -57,10 +59,10 @@ def _tensors(dtypes=(torch.float32,), seed=0):
                                     (torch.float32, torch.bfloat16, torch.float16)], ids=str)
 def test_sumsq_and_norms(dtypes):
     ts = _tensors(dtypes)
-    n0 = csrc.launch_count
+    n0 = runtime.engine_launch_count
     per = csrc.sumsq_per_tensor(ts)
     norms, total = csrc.norms(ts)
-    assert csrc.launch_count == n0 + 2  # one launch per call, whatever the count and the dtypes
+    assert runtime.engine_launch_count == n0 + 2  # one launch per call, whatever the count and the dtypes
     ref = torch.stack([t.double().square().sum() for t in ts])
     assert per.dtype == torch.float32 and per.shape == (len(ts),)
     _close(per, ref, what="sumsq")
@@ -91,10 +93,10 @@ def test_sumsq_unscales_and_writes_into_out(backend):
 def test_dot_per_tensor_and_row(dtypes):
     a = _tensors(dtypes, seed=1)
     b = _tensors(tuple(reversed(dtypes)), seed=100)
-    n0 = csrc.launch_count
+    n0 = runtime.engine_launch_count
     flat = csrc.dot_per_tensor(a, b)
     res = csrc.dot_per_tensor_and_row(a, b)
-    assert csrc.launch_count == n0 + 2
+    assert runtime.engine_launch_count == n0 + 2
     rows = [(x.shape[0] if x.dim() else 1) for x in a]
     assert res.row_counts == rows and res.per_row.shape == (sum(rows), 3)
     for i, (x, y, pr) in enumerate(zip(a, b, res.per_row.split(rows))):
@@ -116,9 +118,9 @@ def test_factored_stats(eps, dtypes):
     ts = [t for t in _tensors(dtypes, seed=7) if t.dim() >= 2]
     # Trailing dims (timm's default) and conv-style leading dims (0, 1) in one call.
     dims = [None if i % 2 == 0 or t.dim() < 3 else (0, 1) for i, t in enumerate(ts)]
-    n0 = csrc.launch_count
+    n0 = runtime.engine_launch_count
     rows, cols = csrc.factored_stats(ts, eps, dims)
-    assert csrc.launch_count == n0 + 1
+    assert runtime.engine_launch_count == n0 + 1
     for i, (t, d) in enumerate(zip(ts, dims)):
         dc, dr = (t.dim() - 2, t.dim() - 1) if d is None else d
         u = t.double().square() + eps
@@ -134,10 +136,10 @@ def test_update_rms_via_sumsq():
 
 def test_many_tensors_one_launch():
     ts = [_rand((i % 37 + 1, i % 5 + 1), seed=i) for i in range(700)] + [_rand((70000,), seed=1)]
-    n0 = csrc.launch_count
+    n0 = runtime.engine_launch_count
     per = csrc.sumsq_per_tensor(ts)
     rows, cols = csrc.factored_stats(ts[:-1])
-    assert csrc.launch_count == n0 + 2
+    assert runtime.engine_launch_count == n0 + 2
     _close(per, torch.stack([t.double().square().sum() for t in ts]))
     for t, r, c in zip(ts, rows, cols):
         _close(r, t.double().square().mean(1))
@@ -329,9 +331,9 @@ def test_projection_stats(adam, nesterov, dtypes):
                    + ([_rand(shape, seed=600 + i).abs().to(s_dt)] if adam else []))
         steps.append(torch.tensor([5.0 * (i % 2)]))
     scale = torch.tensor([1024.0])
-    n0 = csrc.launch_count
+    n0 = runtime.engine_launch_count
     res = csrc.projection_stats([g * 1024 for g in gs], ps, sts, steps if adam else None, scale=scale, **hyper)
-    assert csrc.launch_count == n0 + 1
+    assert runtime.engine_launch_count == n0 + 1
     modes = []
     for i, (p, g, st, stat, cf) in enumerate(zip(ps, gs, sts, res.per_row.split(res.row_counts),
                                                  res.coef.split(res.row_counts))):

@@ -6,6 +6,7 @@ from cases import MATRIX, MATRIX_IDS, clone_params, make_params, param_groups, r
 from conftest import DEVICE
 from helpers import assert_states_close, assert_unchanged, snapshot
 from fused_optim.kernels import multi_tensor as mt
+from fused_optim.kernels import runtime
 
 KERNEL_MATRIX = [(c, cfg) for c, cfg in MATRIX if c.kernel]
 KERNEL_IDS = [i for (c, _), i in zip(MATRIX, MATRIX_IDS) if c.kernel]
@@ -26,11 +27,11 @@ def _pair(case, config, dtype=torch.float32, ref_dtype=None, device=DEVICE):
 @pytest.mark.parametrize("case,config", KERNEL_MATRIX, ids=KERNEL_IDS)
 def test_kernel_matches_reference_fp32(case, config):
     fused, pa, ref, pb = _pair(case, config)
-    n0 = mt.launch_count
+    n0 = runtime.launch_count
     run(case, [fused, ref], [pa, pb])
     assert_states_close(fused, pa, ref, pb, rtol=1e-5, atol=1e-6)
     # case.launches per param group per step, independent of the tensor count (SGD's first momentum step may add one)
-    assert mt.launch_count - n0 <= len(fused.param_groups) * (case.steps * case.launches + 1)
+    assert runtime.launch_count - n0 <= len(fused.param_groups) * (case.steps * case.launches + 1)
 
 
 # low precision changes only the loads and stores, not the option code: the first and last (most options)
@@ -69,7 +70,7 @@ def test_steady_state_uploads_nothing(case, config):
     fused, pa, _, _ = _pair(case, config)
     run(case, [fused], [pa], steps=2)
     builds = sum(c.builds for c in fused._kernel_caches.values())
-    n0 = mt.launch_count
+    n0 = runtime.launch_count
     # keep grads at the same addresses: copy into them
     grads = [p.grad for p in pa]
     for _ in range(3):
@@ -77,7 +78,7 @@ def test_steady_state_uploads_nothing(case, config):
             g.copy_(torch.randn_like(g))
         fused.step()
     assert sum(c.builds for c in fused._kernel_caches.values()) == builds
-    assert mt.launch_count - n0 == 3 * len(fused.param_groups)
+    assert runtime.launch_count - n0 == 3 * len(fused.param_groups)
 
 
 @pytest.mark.parametrize("case,config", DENSE_MATRIX, ids=DENSE_IDS)

@@ -14,6 +14,7 @@ from conftest import DEVICE
 from fused_optim import csrc
 from helpers import assert_kernels_idle, assert_states_close, kernel_tables, train_mlp
 from fused_optim.kernels import multi_tensor as mt
+from fused_optim.kernels import runtime
 from fused_optim.optimizers.projection import CHANNEL, LAYER
 
 # 1-D, 2-D, 4-D, odd sizes; several row blocks and column tiles per tensor under the test block size
@@ -55,12 +56,12 @@ def test_two_launches_and_reference(name, caution, reductions):
             g = _grad(a, (step + i) % 3, gen)
             a.grad = g.to(a.dtype).to(DEVICE)
             b.grad = a.grad.clone()
-        n0, c0 = mt.launch_count, csrc.launch_count
+        n0, c0 = runtime.launch_count, runtime.engine_launch_count
         fused.step()
         ref.step()
-        assert mt.launch_count - n0 == 2 * len(fused.param_groups)  # 2 per group, whatever the tensor count
+        assert runtime.launch_count - n0 == 2 * len(fused.param_groups)  # 2 per group, whatever the tensor count
         # launch 1 on the C++ engine (its host build here) or as the Triton kernel's pass 0
-        assert csrc.launch_count - c0 == (len(fused.param_groups) if reductions == "csrc" else 0)
+        assert runtime.engine_launch_count - c0 == (len(fused.param_groups) if reductions == "csrc" else 0)
         for a, b in zip(pa + qa, pb + qb):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step}")
         for tab in kernel_tables(fused):
@@ -72,11 +73,11 @@ def test_two_launches_and_reference(name, caution, reductions):
 
 def test_persistent_grid_is_one_program_under_the_interpreter():
     if DEVICE == "cpu":
-        assert mt.persistent_grid(100, torch.device("cpu")) == 1
+        assert runtime.persistent_grid(100, torch.device("cpu")) == 1
     else:
         sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
-        assert mt.persistent_grid(10 ** 6, torch.device(DEVICE)) == sms
-        assert mt.persistent_grid(3, torch.device(DEVICE)) == 3
+        assert runtime.persistent_grid(10 ** 6, torch.device(DEVICE)) == sms
+        assert runtime.persistent_grid(3, torch.device(DEVICE)) == 3
 
 
 @pytest.mark.parametrize("name", ["SGDP", "AdamP"])

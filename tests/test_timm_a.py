@@ -12,6 +12,7 @@ import cases_timm_a as ct  # noqa: E402,I001
 from conftest import DEVICE
 from helpers import assert_states_close, assert_unchanged, kernel_tables, snapshot
 from fused_optim.kernels import multi_tensor as mt
+from fused_optim.kernels import runtime
 from fused_optim.optimizers.projection import CHANNEL, LAYER, NONE, projection_mode
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -64,10 +65,10 @@ def test_launches_per_group_step_independent_of_tensor_count(caution, launches, 
     for p in ps:
         p.grad = torch.randn_like(p)
     opt.step()
-    n0 = mt.launch_count
+    n0 = runtime.launch_count
     for _ in range(2):
         opt.step()
-    assert mt.launch_count - n0 == 2 * launches
+    assert runtime.launch_count - n0 == 2 * launches
 
 
 def test_projection_steady_state_uploads_nothing():
@@ -124,10 +125,10 @@ def _adahessian_pair(config, dtype=torch.float32, fused=True):
                          ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
 def test_adahessian_fused_matches_reference(config):
     fused, pa, ref, pb = _adahessian_pair(config)
-    n0 = mt.launch_count
+    n0 = runtime.launch_count
     run(AH, [fused, ref], [pa, pb])
     assert_states_close(fused, pa, ref, pb, rtol=1e-5, atol=1e-6)
-    assert mt.launch_count - n0 == len(fused.param_groups) * AH.steps
+    assert runtime.launch_count - n0 == len(fused.param_groups) * AH.steps
     for p, q in zip(pa, pb):
         torch.testing.assert_close(p.hess, q.hess, rtol=1e-5, atol=1e-6)
 

@@ -6,9 +6,10 @@ import torch
 from .._base import FusedOptimizer, check, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime
 from .adagrad import effective_grads, grad_flags
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
@@ -67,5 +68,6 @@ class Adadelta(FusedOptimizer):
         rho = group["rho"]
         # 1 - rho is formed on the host like torch's (the kernel may see rho already rounded to fp32)
         rule = mt.Rule(_adadelta_update, count_step, grad_flags(group),
-                       (scalar(group["lr"]), rho, 1 - rho, group["eps"], group["weight_decay"]))
+                       dict(lr=scalar(group["lr"]), rho=rho, one_minus_rho=1 - rho, eps=group["eps"],
+                            wd=group["weight_decay"]))
         return rule, ("square_avg", "acc_delta"), ("step",)

@@ -25,14 +25,14 @@ independent of the tensor count.
   launch 2  persistent: [FOLD after csrc,] NORMS, APPLY (or NORMS, MOMENTS, CAUTIOUS_APPLY)
 
 The passes of launch 2 depend on each other through whole-tensor sums (the update RMS needs every new row/col
-moment, the apply needs the update RMS), so they are phases separated by a grid-wide barrier (mt.grid_barrier).
+moment, the apply needs the update RMS), so they are phases separated by a grid-wide barrier (sync.grid_barrier).
 A barrier only works if every program of the grid is resident at once, hence G = min(SM count, work items)
 programs (one per SM at most; each fits an SM alone), each looping over items pid, pid + G, ...; the interpreter
-runs programs one after another, so there G = 1. A barrier that never completes gives up after mt.GRID_SPIN_LIMIT
-polls instead of hanging, and sets a sticky flag (mt.GridBarrier reports it at a later step). The csrc launch stays
+runs programs one after another, so there G = 1. A barrier that never completes gives up after sync.GRID_SPIN_LIMIT
+polls instead of hanging, and sets a sticky flag (sync.GridBarrier reports it at a later step). The csrc launch stays
 separate: it is another engine, and its one pass over the grads is the reduction.
 
-Cross-program sums are deterministic (partials + the last arriving program sums them in order; mt.arrive), and do
+Cross-program sums are deterministic (partials + the last arriving program sums them in order; sync.arrive), and do
 not depend on G. No host syncs: RMS, step and the lr live on the device, and group['lr'] (timm writes the last
 param's relative lr there) becomes a 0-d device view.
 """
@@ -47,19 +47,21 @@ from .._base import (FusedOptimizer, check, check_nonneg, device_index, restore_
                      scalars_on_device)
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime, access, sync
+from ..kernels.tables import Tables, TableCache
 from ..kernels import reduce
 
 _LOW = (torch.float16, torch.bfloat16)
 _CSRC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the C++ engine's input dtypes
 _MOMENTS = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
-# Tiles: SUB rows x TB columns per iteration, mt.ITERS iterations (TA rows). RB: rows per step of the row-mean loop,
+# Tiles: SUB rows x TB columns per iteration, runtime.ITERS iterations (TA rows). RB: rows per step of the row-mean loop,
 # PB: partials per step of sum_partials. Under the interpreter (CPU tests, whose cost is per op and program): small
 # enough that the test shapes span several row and column blocks and every loop runs more than once.
-if mt.interpreter_enabled():
+if runtime.interpreter_enabled():
     TB, SUB, RB, _PB = 32, 16, 32, 4
 else:
-    TB, SUB, RB, _PB = 256, max(1, mt.BLOCK // 256), 1024, 256
-TA = SUB * mt.ITERS
+    TB, SUB, RB, _PB = 256, max(1, runtime.BLOCK // 256), 1024, 256
+TA = SUB * runtime.ITERS
 FOLD, ROWCOL, NORMS, MOMENTS, APPLY, CAUTIOUS_APPLY = range(6)  # the passes, numbered in execution order
 
 
@@ -136,15 +138,15 @@ def adafactor_reference(group, params, grads, states):
             p.copy_(w)
 
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
     RELATIVE, WARMUP, SCALE_PARAM, BETA1, WD = mt.flag_bits(5)
     # the passes as compile-time globals (a kernel may read only tl.constexpr globals), and as PASSES bits
     P_FOLD, P_ROWCOL, P_NORMS, P_MOMENTS, P_APPLY, P_CAUTIOUS_APPLY = (tl.constexpr(x) for x in range(6))
-    _chunk_ptr, _store, arrive, sum_partials = mt._chunk_ptr, mt._store, mt.arrive, mt.sum_partials
-    grid_barrier, grid_barrier_exit = mt.grid_barrier, mt.grid_barrier_exit
+    _chunk_ptr, _store, arrive, sum_partials = access.chunk_ptr, access.store, sync.arrive, sync.sum_partials
+    grid_barrier, grid_barrier_exit = sync.grid_barrier, sync.grid_barrier_exit
 
     @triton.jit
     def _lerp(s, e, w):
@@ -418,10 +420,7 @@ if mt.available():
 
 
 @dataclass
-class _Tables:
-    key: tuple
-    gkey: tuple
-    ptrs: torch.Tensor
+class _Tables(Tables):
     meta: torch.Tensor
     work: torch.Tensor
     n_factored_work: int
@@ -429,7 +428,7 @@ class _Tables:
     part: torch.Tensor      # [2, W]: part0, part1
     rcpart: torch.Tensor
     counters: torch.Tensor
-    barrier: mt.GridBarrier  # the persistent launch's grid barrier and its failure report
+    barrier: sync.GridBarrier  # the persistent launch's grid barrier and its failure report
     fdummy: torch.Tensor
     stats: torch.Tensor = None  # the csrc engine's whole fp32 output buffer (fixed address), once it has run
     stats_view: torch.Tensor = None  # its row / column means part (meta columns 12, 13 index it)
@@ -476,21 +475,21 @@ def _build_tables(key, ps, gs, sts, dims, device) -> _Tables:
     def dev(x, dtype):
         return torch.tensor(x, dtype=dtype).to(device)
 
-    return _Tables(key=key, gkey=tuple(g.data_ptr() for g in gs), ptrs=dev(rows, torch.int64),
+    return _Tables(key=key, gkey=tuple(g.data_ptr() for g in gs), ptrs=dev(rows, torch.int64), aligned=False, grad_col=1,
                    meta=dev(meta, torch.int64), work=dev(work, torch.int32), n_factored_work=n_fact,
                    tsc=torch.zeros(n_t, 4, dtype=torch.float32, device=device),
                    part=torch.zeros(2, len(work), dtype=torch.float32, device=device),
                    rcpart=torch.zeros(max(rc_size, 1), dtype=torch.float32, device=device),
                    counters=torch.zeros(cnt_size, dtype=torch.int32, device=device),
-                   barrier=mt.GridBarrier(device),
+                   barrier=sync.GridBarrier(device),
                    fdummy=torch.zeros(1, dtype=torch.float32, device=device))
 
 
 def kernel_constexprs(passes, flags, dts, *, lr_tensor=False, has_scale=False, has_inf=False) -> dict:
     """passes: a list of passes, run in one launch (see adafactor_kernel)."""
-    return dict(PASSES=sum(1 << int(x) for x in passes), FLAGS=flags, P_DT=mt._TL_DTYPES[dts[0]],
-                G_DT=mt._TL_DTYPES[dts[1]], S_DT=mt._TL_DTYPES[dts[2]], LR_TENSOR=lr_tensor, HAS_SCALE=has_scale,
-                HAS_INF=has_inf, TB=TB, SUB=SUB, ITERS=mt.ITERS, RB=RB, PB=_PB)
+    return dict(PASSES=sum(1 << int(x) for x in passes), FLAGS=flags, P_DT=runtime.tl_dtype(dts[0]),
+                G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]), LR_TENSOR=lr_tensor, HAS_SCALE=has_scale,
+                HAS_INF=has_inf, TB=TB, SUB=SUB, ITERS=runtime.ITERS, RB=RB, PB=_PB)
 
 
 def _flags(group) -> int:
@@ -526,10 +525,9 @@ def _csrc_factored_stats(tab, gs, dims, eps, grad_scale):
         tab.csrc_geo = fidx, [_csrc_geometry(gs[t], dims[t]) for t in fidx]
     fidx, geo = tab.csrc_geo
     fgs = [gs[t] for t in fidx]
-    _, out_stats, _, plan = csrc._run(csrc.KIND_FACTORED, csrc.engine_backend(fgs[0].device), fgs, None, geo, eps,
+    _, out_stats, _, plan = csrc.launch(csrc.KIND_FACTORED, csrc.engine_backend(fgs[0].device), fgs, None, geo, eps,
                                       scale=grad_scale, out=tab.stats,
                                       plan_key=(tab.key, fgs[0].dtype))  # a bucket: one grad dtype
-    mt.launch_count += 1
     if tab.stats is None:
         assert plan.K == 1
         size = (plan.n_entries + plan.n_stats + 1) * plan.K
@@ -568,7 +566,7 @@ def aot_kernels():
                       f"{str(dts[0]).replace('torch.', '')}{' amp' if amp else ''}",
                  fn=adafactor_kernel, signature=sig,
                  constexprs=kernel_constexprs(passes, flags, dts, has_scale=amp, has_inf=amp),
-                 options=mt.compile_options())
+                 options=runtime.compile_options())
             for label, flags, passes in launches for dts, amp in dtypes]
 
 
@@ -662,7 +660,7 @@ class Adafactor(FusedOptimizer):
         hypers = (host_lr, group["eps"], group["eps_scale"], group["clip_threshold"], group["decay_rate"],
                   0.0 if group["beta1"] is None else group["beta1"], group["weight_decay"])
         cautious = group["caution"] and group["beta1"] is not None
-        cache = self._kernel_caches.setdefault(id(group), mt.GroupCache())
+        cache = self._kernel_caches.setdefault(id(group), TableCache())
         last_lr = None
         for dts, idx in buckets.items():
             ps, gs, sts, ds = ([x[i] for i in idx] for x in (params, grads, states, dims))
@@ -670,32 +668,24 @@ class Adafactor(FusedOptimizer):
             ptr = torch.Tensor.data_ptr
             key = (tuple(map(ptr, ps)), tuple(map(torch.Tensor.size, ps)), tuple(ds),
                    tuple(v.data_ptr() for st in sts for v in st.values() if isinstance(v, torch.Tensor)))
-            tab = cache.tables.get(dts)
-            if tab is None or tab.key != key:
-                tab = cache.tables[dts] = _build_tables(key, ps, gs, sts, ds, dev)
-                cache.builds += 1
-            elif mt.upload_grad_column(tab, tuple(map(torch.Tensor.data_ptr, gs))):
-                cache.grad_uploads += 1
-            extra = {} if mt.interpreter_enabled() else mt.compile_options()
+            tab = cache.lookup(dts, key, gs, lambda: _build_tables(key, ps, gs, sts, ds, dev))
             has_factored = tab.n_factored_work > 0
             # launch 1 on the C++ engine where it is built (fp32 / bf16 / fp16 grads), else Triton's ROWCOL pass
             csrc_stats = has_factored and dts[1] in _CSRC_DTYPES and reduce.use_csrc(dev)
             stats = _csrc_factored_stats(tab, gs, ds, group["eps"], grad_scale) if csrc_stats else tab.rcpart
-            for passes in _launches(cautious, has_factored, csrc_stats):
-                if len(passes) == 1:  # one item per program
-                    grid = tab.n_factored_work if passes[0] in (ROWCOL, FOLD) else tab.work.shape[0]
-                else:  # persistent: phases separated by grid barriers
-                    grid = mt.persistent_grid(tab.work.shape[0], dev)
-                adafactor_kernel[(grid,)](
-                    tab.ptrs, tab.meta, tab.work, tab.tsc, tab.part[0], tab.part[1], stats, tab.counters,
+            args = (tab.ptrs, tab.meta, tab.work, tab.tsc, tab.part[0], tab.part[1], stats, tab.counters,
                     tab.barrier.words, lr_tensor if lr_tensor is not None else tab.fdummy,
                     grad_scale if grad_scale is not None else tab.fdummy,
                     found_inf if found_inf is not None else tab.fdummy, tab.n_factored_work, tab.work.shape[0],
-                    *hypers,
-                    **kernel_constexprs(passes, flags, dts, lr_tensor=lr_tensor is not None,
-                                        has_scale=grad_scale is not None, has_inf=found_inf is not None), **extra)
-                mt.launch_count += 1
-                if grid > 1 and len(passes) > 1:
+                    *hypers)
+            for passes in _launches(cautious, has_factored, csrc_stats):
+                runtime.launch_phases(
+                    adafactor_kernel, passes, *args, device=dev,
+                    grid_of=lambda x: tab.n_factored_work if x in (ROWCOL, FOLD) else tab.work.shape[0],
+                    constexprs_of=lambda run: kernel_constexprs(run, flags, dts, lr_tensor=lr_tensor is not None,
+                                                                has_scale=grad_scale is not None,
+                                                                has_inf=found_inf is not None))
+                if len(passes) > 1:
                     tab.barrier.watch("Adafactor")
             if idx[-1] == len(params) - 1:
                 last_lr = tab.tsc[len(idx) - 1, 2]

@@ -10,8 +10,9 @@ import torch
 from .._base import FusedOptimizer, check_nonneg, new_step, scalar
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
@@ -134,5 +135,5 @@ class Adagrad(FusedOptimizer):
 
     def _kernel_rule(self, group, variant=None):
         rule = mt.Rule(_adagrad_update, _adagrad_scalars, grad_flags(group),
-                       (scalar(group["lr"]), group["lr_decay"], group["eps"], group["weight_decay"]))
+                       dict(lr=scalar(group["lr"]), lr_decay=group["lr_decay"], eps=group["eps"], wd=group["weight_decay"]))
         return rule, ("sum",), ("step",)

@@ -19,9 +19,10 @@ import torch
 from .._base import FusedOptimizer, check, check_betas, check_nonneg, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime
 from .adam import timm_moments_
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
@@ -192,8 +193,8 @@ class Adahessian(FusedOptimizer):
     def _kernel_rule(self, group, variant=None):
         beta1, beta2 = group["betas"]
         rule = mt.Rule(_adahessian_update, _adam_scalars, mt.pack((POWER_ONE, group["hessian_power"] == 1.0)),
-                       (scalar(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
-                        group["hessian_power"]))
+                       dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"],
+                            power=group["hessian_power"]))
         return rule, ("exp_avg", "exp_hessian_diag_sq", "hess"), ("step",)
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):

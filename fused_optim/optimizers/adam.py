@@ -6,8 +6,9 @@ import torch
 from .._base import FusedOptimizer, check_betas, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
@@ -158,7 +159,7 @@ class Adam(AdamFamily):
                         (DECOUPLED, group["decoupled_weight_decay"]))
         keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
         rule = mt.Rule(_adam_update, _adam_scalars, flags,
-                       (scalar(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"]))
+                       dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"]))
         return rule, keys, ("step",)
 
 

@@ -6,9 +6,10 @@ import torch
 from .._base import new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime
 from .adam import AdamFamily, decayed_grads
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
@@ -57,5 +58,5 @@ class Adamax(AdamFamily):
         beta1, beta2 = (scalar(b) for b in group["betas"])
         flags = mt.pack((MAXIMIZE, group["maximize"]), (WD, group["weight_decay"] != 0))
         rule = mt.Rule(_adamax_update, _adam_scalars, flags,
-                       (scalar(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"]))
+                       dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"]))
         return rule, ("exp_avg", "exp_inf"), ("step",)

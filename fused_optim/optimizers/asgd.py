@@ -9,9 +9,10 @@ import torch
 from .._base import FusedOptimizer, check, check_nonneg, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime
 from .adam import decayed_grads
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
@@ -95,5 +96,6 @@ class ASGD(FusedOptimizer):
     def _kernel_rule(self, group, variant=None):
         flags = mt.pack((MAXIMIZE, group["maximize"]), (WD, group["weight_decay"] != 0))
         rule = mt.Rule(_asgd_update, _asgd_scalars, flags,
-                       (scalar(group["lr"]), group["lambd"], group["alpha"], group["t0"], group["weight_decay"]))
+                       dict(lr=scalar(group["lr"]), lambd=group["lambd"], alpha=group["alpha"], t0=group["t0"],
+                            wd=group["weight_decay"]))
         return rule, ("ax",), self.scalar_keys

@@ -45,6 +45,7 @@ import torch
 from .._base import FusedOptimizer, check, check_nonneg
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime, sync
 
 try:
     import numpy as np
@@ -196,16 +197,16 @@ def two_loop(flat_grad, old_dirs, old_stps, ro, H_diag, al):
 
 
 # ---- fused path: the direction kernel ------------------------------------------------------------------------------
-_BLOCK = mt.BLOCK if mt.interpreter_enabled() else 1024  # elements per program and loop trip
+_BLOCK = runtime.BLOCK if runtime.interpreter_enabled() else 1024  # elements per program and loop trip
 _NUM_WARPS = 4
-_PB = 1 if mt.interpreter_enabled() else 256  # partials per trip (>= the SM count: one trip)
+_PB = 1 if runtime.interpreter_enabled() else 256  # partials per trip (>= the SM count: one trip)
 _MIN_CHUNK = 8 * 1024  # elements per program at least: a barrier costs more than streaming a small chunk
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
-    grid_barrier = mt.grid_barrier  # a kernel calls only jit functions among its module's globals
+    grid_barrier = sync.grid_barrier  # a kernel calls only jit functions among its module's globals
 
     @triton.jit
     def _reduce(part, phase, pid, G, a, b, counter, ok, PB: tl.constexpr):
@@ -376,7 +377,7 @@ if mt.available():
 
 
 def _direction_constexprs(dtype) -> dict:
-    return dict(DT=mt._TL_DTYPES[dtype], BLOCK=_BLOCK, PB=_PB)
+    return dict(DT=runtime.tl_dtype(dtype), BLOCK=_BLOCK, PB=_PB)
 
 
 def aot_kernels():
@@ -389,7 +390,7 @@ def aot_kernels():
         sig = {a: "constexpr" if a in cx else types.get(a, ptr) for a in _lbfgs_direction_kernel.arg_names}
         entries.append(dict(name=f"LBFGS[direction] {str(dt).replace('torch.', '')}", fn=_lbfgs_direction_kernel,
                             signature=sig, constexprs=cx, options={"num_warps": _NUM_WARPS,
-                                                                   "enable_fp_fusion": mt.FP_FUSION}))
+                                                                   "enable_fp_fusion": runtime.FP_FUSION}))
     return entries
 
 
@@ -399,7 +400,7 @@ DIRECTION = "triton"
 
 
 def _grid_size(n: int, device) -> int:
-    if mt.interpreter_enabled() or device.type != "cuda":
+    if runtime.interpreter_enabled() or device.type != "cuda":
         return 1  # the interpreter runs programs one after another: a grid barrier needs a single program
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(sms, -(-n // _MIN_CHUNK)))
@@ -464,11 +465,11 @@ class _DeviceHistory:
             self.hp[0].copy_(t)
         else:
             self.hp[0].fill_(float(t))
-        _lbfgs_direction_kernel[(self.G,)](
+        runtime.launch(
+            _lbfgs_direction_kernel, self.G,
             g, self.pg[c], self.pg[o], self.d[c], self.d[o], self.Y, self.S, self.rho, self.hd[c], self.hd[o],
             self.al[o], self.meta[c], self.meta[o], self.hp, self.out, self.part, self.counter, self.n, self.H, self.G,
-            **_direction_constexprs(self.dtype),
-            **({} if mt.interpreter_enabled() else {"num_warps": _NUM_WARPS, "enable_fp_fusion": mt.FP_FUSION}))
+            num_warps=_NUM_WARPS, cooperative=self.G > 1, **_direction_constexprs(self.dtype))
 
     def _direction_torch(self, g: torch.Tensor, t) -> None:
         """The kernel's contract in plain torch ops, also without a sync: the curvature test is never branched on;
@@ -654,7 +655,7 @@ class LBFGS(FusedOptimizer):
     # ---- the step -----------------------------------------------------------------------------------------------
     @classmethod
     def _has_kernel(cls) -> bool:
-        return mt.available()
+        return runtime.available()
 
     def _use_kernel(self, group, params) -> bool:
         if group.get("fused") is None and _flat_dtype(params) not in (torch.float32, torch.float64):

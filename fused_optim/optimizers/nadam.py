@@ -9,9 +9,10 @@ import torch
 from .._base import new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime
 from .adam import AdamFamily, adam_moments_, begin_step
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
@@ -89,6 +90,6 @@ class NAdam(AdamFamily):
         wd = group["weight_decay"] != 0
         flags = mt.pack((MAXIMIZE, group["maximize"]), (WD, wd), (DECOUPLED, wd and group["decoupled_weight_decay"]))
         rule = mt.Rule(_nadam_update, _nadam_scalars, flags,
-                       (scalar(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
-                        group["momentum_decay"]))
+                       dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"],
+                            momentum_decay=group["momentum_decay"]))
         return rule, ("exp_avg", "exp_avg_sq"), self.scalar_keys

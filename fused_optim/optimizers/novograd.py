@@ -17,12 +17,14 @@ from .._base import (FusedOptimizer, check, check_betas, check_nonneg, new_step,
                      scalar, scalars_on_device)
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime
+from ..kernels.tables import TableCache
 from ..kernels import reduce
 
 _LOW = (torch.float16, torch.bfloat16)
 _NORM = "||g||^2"  # the scalar slot fed from the reduction pass, not a state
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
@@ -150,8 +152,8 @@ class _LayerwiseMoments(FusedOptimizer):
                         (CORRECTED, wd and decoupled and corrected), (GRAD_AVG, group["grad_averaging"]),
                         (FIRST_IF_ZERO, self.first_if_zero))
         rule = mt.Rule(_novograd_update, _novograd_scalars, flags,
-                       (scalar(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
-                        group.get("max_lr_snapshot", 1.0)))
+                       dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"],
+                            max_lr=group.get("max_lr_snapshot", 1.0)))
         skeys = self._slots if group["amsgrad"] else self._slots[:3]
         return rule, ("exp_avg",), skeys
 
@@ -166,7 +168,7 @@ class _LayerwiseMoments(FusedOptimizer):
             cache["views"] = (buf.data_ptr(), buf.unbind())
         norms = cache["views"][1]
         lr = group["lr"]
-        mt.apply(rule, self._kernel_caches.setdefault((id(group), None), mt.GroupCache()), params, grads,
+        mt.apply(rule, self._kernel_caches.setdefault((id(group), None), TableCache()), params, grads,
                  element_states, [[norm if k == _NORM else st[k] for k in skeys] for st, norm in zip(states, norms)],
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None, grad_scale=grad_scale, found_inf=found_inf)
 

@@ -20,11 +20,11 @@ without ``caution``, whatever the number of tensors. The dedicated Triton kernel
   launch 1  the C++ engine's projection statistics, or pass 0 (one program per work item); none when the bucket
             has no tensor of 2+ dims
   launch 2  pass 2, one program per work item; with caution ONE persistent launch running pass 1, a grid-wide
-            barrier (mt.grid_barrier), then pass 2: G = min(SM count, work items) programs (all resident, so the
+            barrier (sync.grid_barrier), then pass 2: G = min(SM count, work items) programs (all resident, so the
             barrier cannot deadlock; 1 under the interpreter), each looping over items pid, pid + G, ... Pass 2
             loads what pass 1 wrote (rowcaut, tscale) with .cg; each pass's last program per tensor resets its
-            counter before the barrier. A barrier that gives up (mt.GRID_SPIN_LIMIT) sets the table's sticky flag,
-            reported without a host sync by mt.GridBarrier.watch.
+            counter before the barrier. A barrier that gives up (sync.GRID_SPIN_LIMIT) sets the table's sticky flag,
+            reported without a host sync by sync.GridBarrier.watch.
 
 The generic multi-tensor kernel has per-tensor coefficients only, so the passes use their own (tensor, row-block)
 work list and tables (cached in multi_tensor's GroupCache, rebuilt only when an address or shape changes; new grads
@@ -45,6 +45,8 @@ from torch.optim.optimizer import required
 from .._base import FusedOptimizer, check, check_betas, check_nonneg, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime, access, sync
+from ..kernels.tables import Tables, TableCache
 from ..kernels import reduce
 from .adam import timm_moments_
 
@@ -95,14 +97,14 @@ def project(p, g, perturb, *, delta, wd_ratio, eps, caution):
 
 
 # ---- Triton kernel --------------------------------------------------------------------------------------------
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
     from .adam import _adam_scalars, adam_moments
 
     NESTEROV, CAUTION, DECAY = mt.flag_bits(3)
-    grid_barrier, grid_barrier_exit = mt.grid_barrier, mt.grid_barrier_exit  # a kernel calls only its globals
+    grid_barrier, grid_barrier_exit = sync.grid_barrier, sync.grid_barrier_exit  # a kernel calls only its globals
 
     @triton.jit
     def _sgdp_coefs(step, lr, eps, momentum, dampening):
@@ -152,7 +154,7 @@ if mt.available():
     @triton.jit
     def _put(ptr, offs, val, mask, DT: tl.constexpr):
         if DT == tl.bfloat16:
-            tl.store(ptr + offs, mt._cast_for(ptr, val), mask=mask)  # round to nearest even, as on the GPU
+            tl.store(ptr + offs, access.cast_for(ptr, val), mask=mask)  # round to nearest even, as on the GPU
         else:
             tl.store(ptr + offs, val.to(DT), mask=mask)
 
@@ -376,10 +378,7 @@ if mt.available():
 
 
 @dataclass
-class _Tables:
-    key: tuple
-    gkey: tuple
-    ptrs: torch.Tensor
+class _Tables(Tables):
     info: torch.Tensor
     work: torch.Tensor
     sptrs: torch.Tensor
@@ -392,7 +391,7 @@ class _Tables:
     n_proj: int             # tensors 0 .. n_proj-1 are the projectable ones (their rows come first)
     tstat: torch.Tensor     # the engine's per-tensor totals [n_proj, 4] and global sums [4] (unused here)
     gstat: torch.Tensor
-    barrier: mt.GridBarrier  # the persistent launch's grid barrier and its failure report
+    barrier: sync.GridBarrier  # the persistent launch's grid barrier and its failure report
     fdummy: torch.Tensor
     rb: int
     bc: int
@@ -402,10 +401,10 @@ class _Tables:
 
 
 def _tile_shape(shapes) -> tuple[int, int]:
-    """(RB, BC): BC covers the longest projected row (capped, longer rows loop), RB rows fill mt.BLOCK lanes."""
+    """(RB, BC): BC covers the longest projected row (capped, longer rows loop), RB rows fill runtime.BLOCK lanes."""
     longest = max((math.prod(s) // s[0] for s in shapes if len(s) > 1 and math.prod(s) > 0), default=1)
-    bc = min(triton.next_power_of_2(longest), max(mt.BLOCK // 8, 16))
-    return max(mt.BLOCK // bc, 1), bc
+    bc = min(triton.next_power_of_2(longest), max(runtime.BLOCK // 8, 16))
+    return max(runtime.BLOCK // bc, 1), bc
 
 
 def _projectable(p) -> bool:
@@ -431,7 +430,8 @@ def _build_tables(key, params, grads, states, steps, device) -> _Tables:
     def dev(x, dtype):
         return torch.tensor(x, dtype=dtype).to(device)
 
-    return _Tables(key=key, gkey=tuple(g.data_ptr() for g in grads), ptrs=dev(rows, torch.int64),
+    return _Tables(key=key, gkey=tuple(g.data_ptr() for g in grads), ptrs=dev(rows, torch.int64), aligned=False,
+                   grad_col=1,
                    info=dev(info, torch.int64), work=dev(work, torch.int32),
                    sptrs=dev([s.data_ptr() for s in steps] if steps else [0] * len(params), torch.int64),
                    counters=torch.zeros(len(params), dtype=torch.int32, device=device),
@@ -440,7 +440,7 @@ def _build_tables(key, params, grads, states, steps, device) -> _Tables:
                    rowcaut=torch.zeros(max(row_base, 1), 3, device=device),
                    tmode=torch.zeros(len(params), device=device), tscale=torch.zeros(len(params), device=device),
                    n_proj=n_proj, tstat=torch.zeros(n_proj * 4, device=device), gstat=torch.zeros(4, device=device),
-                   barrier=mt.GridBarrier(device),
+                   barrier=sync.GridBarrier(device),
                    fdummy=torch.zeros(1, dtype=torch.float32, device=device), rb=rb, bc=bc)
 
 
@@ -463,7 +463,7 @@ def _launches(cautious: bool, stats: bool) -> list:
 
 def _engine_stats(spec: _Spec, tab: _Tables, ps, gs, sts, steps, grad_scale) -> None:
     """Launch 1 on the C++ engine (instead of pass 0): the projectable tensors' row statistics, their projection
-    decision and per-row coefficients, into the tables' buffers (pass 0's layout). Calls csrc._run directly with
+    decision and per-row coefficients, into the tables' buffers (pass 0's layout). Calls csrc.launch directly with
     what the tables cache: fused_optim.csrc.projection_stats is the same launch behind per-call input checks."""
     from .. import csrc
 
@@ -478,20 +478,19 @@ def _engine_stats(spec: _Spec, tab: _Tables, ps, gs, sts, steps, grad_scale) -> 
     e = tab.engine
     proj = csrc.projection_args(spec.has_step, bool(spec.flags & int(NESTEROV.value)), h1, h2, (h1, h2), delta,
                                 tab.rowcoef, tab.tmode)
-    csrc._run(csrc.KIND_PROJ, e["backend"], gs[:n], e["b"], e["dims"], eps, scale=grad_scale, out=e["out"],
+    csrc.launch(csrc.KIND_PROJ, e["backend"], gs[:n], e["b"], e["dims"], eps, scale=grad_scale, out=e["out"],
               cd=e["cd"], steps=e["steps"], proj=proj, plan_key=(tab.key, tab.dts))
-    mt.launch_count += 1
 
 
 def kernel_constexprs(spec: _Spec, passes, dts, *, rb: int, bc: int, has_scale: bool, has_inf: bool) -> dict:
     """passes: the passes one launch runs, in order (see projection_kernel)."""
     return dict(DIRECTION=spec.direction, COEFS=spec.coefs, FLAGS=spec.flags, PASSES=sum(1 << p for p in passes),
                 NS=len(spec.state_keys),
-                HAS_STEP=spec.has_step, P_DT=mt._TL_DTYPES[dts[0]], G_DT=mt._TL_DTYPES[dts[1]],
-                S_DT=mt._TL_DTYPES[dts[2]], HAS_SCALE=has_scale, HAS_INF=has_inf, RB=rb, BC=bc, FB=256)
+                HAS_STEP=spec.has_step, P_DT=runtime.tl_dtype(dts[0]), G_DT=runtime.tl_dtype(dts[1]),
+                S_DT=runtime.tl_dtype(dts[2]), HAS_SCALE=has_scale, HAS_INF=has_inf, RB=rb, BC=bc, FB=256)
 
 
-def _apply(spec: _Spec, cache: mt.GroupCache, params, grads, states, steps, grad_scale, found_inf,
+def _apply(spec: _Spec, cache: TableCache, params, grads, states, steps, grad_scale, found_inf,
            who: str = "SGDP/AdamP") -> None:
     buckets: dict = {}
     for i, p in enumerate(params):
@@ -506,32 +505,23 @@ def _apply(spec: _Spec, cache: mt.GroupCache, params, grads, states, steps, grad
         ptr = torch.Tensor.data_ptr  # every address and shape the tables hold
         key = (tuple(map(ptr, ps)), tuple(map(ptr, itertools.chain.from_iterable(sts))), tuple(map(ptr, scs)),
                tuple(map(torch.Tensor.size, ps)))
-        tab = cache.tables.get(dts)
-        if tab is None or tab.key != key:
-            tab = cache.tables[dts] = _build_tables(key, ps, gs, sts, scs, ps[0].device)
-            tab.order, tab.dts = tuple(idx), dts
-            cache.builds += 1
-        elif mt.upload_grad_column(tab, tuple(map(torch.Tensor.data_ptr, gs))):
-            cache.grad_uploads += 1
-        extra = {} if mt.interpreter_enabled() else mt.compile_options()
+        tab = cache.lookup(dts, key, gs, lambda: _build_tables(key, ps, gs, sts, scs, ps[0].device))
+        tab.order, tab.dts = tuple(idx), dts
         n_items = tab.work.shape[0]
         # launch 1 on the C++ engine where it is built (fp32 / bf16 / fp16 tensors), else Triton's pass 0
         engine = tab.n_proj > 0 and set(dts) <= _ENGINE_DTYPES and reduce.use_csrc(ps[0].device)
         if engine:
             _engine_stats(spec, tab, ps, gs, sts, scs, grad_scale)
+        args = (tab.ptrs, tab.info, tab.work, tab.sptrs, tab.counters, tab.rowstat, tab.rowcoef, tab.rowcaut,
+                tab.tmode, tab.tscale, tab.barrier.words, grad_scale if grad_scale is not None else tab.fdummy,
+                found_inf if found_inf is not None else tab.fdummy, n_items, *(float(h) for h in spec.hypers))
         for passes in _launches(cautious, tab.n_proj > 0 and not engine):
-            # one pass: one program per item; several: persistent, passes separated by grid barriers
-            grid = n_items if len(passes) == 1 else mt.persistent_grid(n_items, ps[0].device)
-            projection_kernel[(grid,)](
-                tab.ptrs, tab.info, tab.work, tab.sptrs, tab.counters, tab.rowstat, tab.rowcoef, tab.rowcaut,
-                tab.tmode, tab.tscale, tab.barrier.words,
-                grad_scale if grad_scale is not None else tab.fdummy,
-                found_inf if found_inf is not None else tab.fdummy, n_items,
-                *(float(h) for h in spec.hypers),
-                **kernel_constexprs(spec, passes, dts, rb=tab.rb, bc=tab.bc, has_scale=grad_scale is not None,
-                                    has_inf=found_inf is not None), **extra)
-            mt.launch_count += 1
-            if grid > 1 and len(passes) > 1:
+            runtime.launch_phases(
+                projection_kernel, passes, *args, grid_of=lambda _: n_items, device=ps[0].device,
+                constexprs_of=lambda run: kernel_constexprs(spec, run, dts, rb=tab.rb, bc=tab.bc,
+                                                            has_scale=grad_scale is not None,
+                                                            has_inf=found_inf is not None))
+            if len(passes) > 1:
                 tab.barrier.watch(who)
 
 
@@ -567,7 +557,7 @@ class _Projected(FusedOptimizer):
         if spec.has_step:
             scalars_on_device(states, ("step",), params[0].device)
         self._require_contiguous(params, grads)
-        cache = self._kernel_caches.setdefault(id(group), mt.GroupCache())
+        cache = self._kernel_caches.setdefault(id(group), TableCache())
         _apply(spec, cache, params, grads, [[st[k] for k in spec.state_keys] for st in states],
                [st["step"] for st in states] if spec.has_step else None, grad_scale, found_inf, type(self).__name__)
 
@@ -665,7 +655,7 @@ def aot_kernels() -> list:
     """The dedicated kernel's specializations for fused_optim.tools.aot: every launch of both optimizers (pass 0;
     pass 2, or with caution the persistent pass 1+2), options off and all on, fp32 (and bf16 / fp16 with AMP for
     all options on)."""
-    if not mt.available():
+    if not runtime.available():
         return []
     ptr = {"ptrs": "*i64", "info": "*i64", "work": "*i32", "sptrs": "*i64", "counters": "*i32", "rowstat": "*fp32",
            "rowcoef": "*fp32", "rowcaut": "*fp32", "tmode": "*fp32", "tscale": "*fp32", "barrier": "*i32",
@@ -687,7 +677,7 @@ def aot_kernels() -> list:
                     label = ",".join(f"{k}={v}" for k, v in options.items()) or "default"
                     out.append(dict(name=f"{cls.__name__}[{label}] pass {'+'.join(map(str, passes))} "
                                          f"{str(dts[0])[6:]}{' amp' * amp}",
-                                    fn=projection_kernel, signature=sig, options=mt.compile_options(),
+                                    fn=projection_kernel, signature=sig, options=runtime.compile_options(),
                                     constexprs=kernel_constexprs(spec, passes, dts, rb=rb, bc=bc, has_scale=amp,
                                                                  has_inf=amp)))
     return out

@@ -7,9 +7,10 @@ import torch
 from .._base import scalar
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime
 from .adam import AdamFamily, adam_moments_, begin_step
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
@@ -78,5 +79,5 @@ class RAdam(AdamFamily):
         wd = group["weight_decay"] != 0
         flags = mt.pack((MAXIMIZE, group["maximize"]), (WD, wd), (DECOUPLED, wd and group["decoupled_weight_decay"]))
         rule = mt.Rule(_radam_update, _radam_scalars, flags,
-                       (scalar(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"]))
+                       dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"]))
         return rule, ("exp_avg", "exp_avg_sq"), ("step",)

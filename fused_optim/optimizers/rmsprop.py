@@ -6,9 +6,10 @@ import torch
 from .._base import FusedOptimizer, check, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime
 from .adagrad import effective_grads, grad_flags
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
@@ -97,5 +98,6 @@ class RMSprop(FusedOptimizer):
         # 1 - alpha is formed on the host like torch's: from alpha rounded to fp32 it would be off by ~1e-6
         flags = grad_flags(group) | mt.pack((CENTERED, group["centered"]), (MOMENTUM, group["momentum"] > 0))
         rule = mt.Rule(_rmsprop_update, count_step, flags,
-                       (scalar(group["lr"]), alpha, 1 - alpha, group["eps"], group["weight_decay"], group["momentum"]))
+                       dict(lr=scalar(group["lr"]), alpha=alpha, one_minus_alpha=1 - alpha, eps=group["eps"],
+                            wd=group["weight_decay"], momentum=group["momentum"]))
         return rule, _state_keys(group), ("step",)

@@ -8,9 +8,10 @@ import torch
 from .._base import FusedOptimizer, check, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime
 from .adagrad import effective_grads, grad_flags
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
@@ -84,5 +85,6 @@ class Rprop(FusedOptimizer):
     def _kernel_rule(self, group, variant=None):
         etaminus, etaplus = _pair(group, "etas")
         lo, hi = _pair(group, "step_sizes")
-        rule = mt.Rule(_rprop_update, count_step, grad_flags(group), (scalar(group["lr"]), etaminus, etaplus, lo, hi))
+        rule = mt.Rule(_rprop_update, count_step, grad_flags(group),
+                       dict(lr=scalar(group["lr"]), etaminus=etaminus, etaplus=etaplus, size_min=lo, size_max=hi))
         return rule, ("prev", "step_size"), ("step",)

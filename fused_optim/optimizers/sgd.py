@@ -6,8 +6,9 @@ import torch
 from .._base import FusedOptimizer, check_nonneg, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
@@ -90,5 +91,6 @@ class SGD(FusedOptimizer):
         flags = mt.pack((MAXIMIZE, group["maximize"]), (NESTEROV, group["nesterov"]), (MOMENTUM, momentum != 0),
                         (WD, scalar(group["weight_decay"]) != 0), (FIRST, momentum != 0 and first))
         rule = mt.Rule(_sgd_update, flags=flags,
-                       hypers=(scalar(group["lr"]), momentum, group["dampening"], scalar(group["weight_decay"])))
+                       hypers=dict(lr=scalar(group["lr"]), momentum=momentum, dampening=group["dampening"],
+                                   wd=scalar(group["weight_decay"])))
         return rule, (("momentum_buffer",) if momentum != 0 else ()), ()

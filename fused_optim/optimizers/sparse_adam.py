@@ -19,8 +19,9 @@ import torch
 from .._base import FusedOptimizer, check, check_betas, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
+from ..kernels import runtime, access
 
-if mt.available():
+if runtime.available():
     import triton
     import triton.language as tl
 
@@ -48,10 +49,10 @@ if mt.available():
         t = tl.load(work + 2 * pid)
         chunk = tl.load(work + 2 * pid + 1)
         row = table + t * 8
-        p_ptr = mt._chunk_ptr(row, 0, P_DT, False)
-        m_ptr = mt._chunk_ptr(row, 1, P_DT, False)
-        v_ptr = mt._chunk_ptr(row, 2, P_DT, False)
-        g_ptr = mt._chunk_ptr(row, 3, G_DT, False)
+        p_ptr = access.chunk_ptr(row, 0, P_DT, False)
+        m_ptr = access.chunk_ptr(row, 1, P_DT, False)
+        v_ptr = access.chunk_ptr(row, 2, P_DT, False)
+        g_ptr = access.chunk_ptr(row, 3, G_DT, False)
         idx_ptr = tl.load(row + 4).to(tl.pointer_type(tl.int64))
         n = tl.load(row + 5)
         cols = tl.load(row + 6)
@@ -72,23 +73,23 @@ if mt.available():
             mask = e < n
             r = e // cols
             offs = tl.load(idx_ptr + r, mask=mask, other=0) * cols + (e - r * cols)  # into p, m, v
-            p = mt._load(p_ptr, offs, mask, False)
-            m = mt._load(m_ptr, offs, mask, False)
-            v = mt._load(v_ptr, offs, mask, False)
-            g = mt._load(g_ptr, e, mask, False)
+            p = access.load(p_ptr, offs, mask, False)
+            m = access.load(m_ptr, offs, mask, False)
+            v = access.load(v_ptr, offs, mask, False)
+            g = access.load(g_ptr, e, mask, False)
             if HAS_SCALE:
                 g = g * inv_scale
-                mt._store(g_ptr, e, g, mask, False)  # the grad holds the unscaled values afterwards
+                access.store(g_ptr, e, g, mask, False)  # the grad holds the unscaled values afterwards
             p, m, v, _, _ = UPDATE(p, g, m, v, zero, zero, step_size, 0.0, 0.0, 0.0, lr, h1, h2, h3,
                                    0.0, 0.0, 0.0, 0.0, FLAGS)
-            mt._store(p_ptr, offs, p, mask, False)
-            mt._store(m_ptr, offs, m, mask, False)
-            mt._store(v_ptr, offs, v, mask, False)
+            access.store(p_ptr, offs, p, mask, False)
+            access.store(m_ptr, offs, m, mask, False)
+            access.store(v_ptr, offs, v, mask, False)
 
 
 def _constexprs(rule, dts, has_scale: bool) -> dict:
-    return dict(UPDATE=rule.update, FLAGS=rule.flags, P_DT=mt._TL_DTYPES[dts[0]], G_DT=mt._TL_DTYPES[dts[1]],
-                HAS_SCALE=has_scale, BLOCK=mt.BLOCK, ITERS=mt.ITERS)
+    return dict(UPDATE=rule.update, FLAGS=rule.flags, P_DT=runtime.tl_dtype(dts[0]), G_DT=runtime.tl_dtype(dts[1]),
+                HAS_SCALE=has_scale, BLOCK=runtime.BLOCK, ITERS=runtime.ITERS)
 
 
 def aot_kernels():
@@ -98,13 +99,14 @@ def aot_kernels():
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         for maximize in (False, True):
             for amp in (False, True):
-                rule = mt.Rule(_sparse_adam_update, flags=mt.pack((MAXIMIZE, maximize)))
+                rule = mt.Rule(_sparse_adam_update, flags=mt.pack((MAXIMIZE, maximize)),
+                               hypers=dict(lr=0.0, beta1=0.0, beta2=0.0, eps=0.0))  # compile-time only
                 cx = _constexprs(rule, (dt, dt), amp)
                 sig = {"hypers": "*fp64", "table": "*i64", "work": "*i64", "scale_ptr": "*fp32" if amp else "*i64",
                        **{k: "constexpr" for k in cx}}
                 name = f"SparseAdam[rows,maximize={maximize}] {str(dt).replace('torch.', '')}{' amp' if amp else ''}"
                 entries.append(dict(name=name, fn=_sparse_rows_kernel, signature=sig, constexprs=cx,
-                                    options=mt.compile_options()))
+                                    options=runtime.compile_options()))
     return entries
 
 
@@ -184,7 +186,7 @@ class SparseAdam(FusedOptimizer):
     def _kernel_rule(self, group, variant=None):
         beta1, beta2 = group["betas"]
         rule = mt.Rule(_sparse_adam_update, flags=mt.pack((MAXIMIZE, group["maximize"])),
-                       hypers=(scalar(group["lr"]), beta1, beta2, group["eps"]))
+                       hypers=dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"]))
         return rule, ("exp_avg", "exp_avg_sq"), ()
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
@@ -212,7 +214,7 @@ class SparseAdam(FusedOptimizer):
 
     @staticmethod
     def _launch(rule, dts, items, grad_scale):
-        chunk = mt.BLOCK * mt.ITERS
+        chunk = runtime.BLOCK * runtime.ITERS
         table, work = [], []
         for t, (p, st, vals, rows, step_size) in enumerate(items):
             cols = vals[0].numel() if vals.dim() > 1 else 1
@@ -220,11 +222,8 @@ class SparseAdam(FusedOptimizer):
                       rows.data_ptr(), vals.numel(), cols, _f64_bits(step_size)]
             work += [x for c in range(-(-vals.numel() // chunk)) for x in (t, c)]
         dev = items[0][0].device
-        hypers = [_f64_bits(float(h)) for h in rule.hypers]
+        hypers = [_f64_bits(h) for h in rule.hypers.values()]
         buf = torch.tensor(hypers + table + work, dtype=torch.int64).to(dev)  # one upload per launch
         n_h, n_t = len(hypers), len(hypers) + len(table)
-        _sparse_rows_kernel[(len(work) // 2,)](
-            buf[:n_h].view(torch.float64), buf[n_h:n_t], buf[n_t:], grad_scale if grad_scale is not None else buf,
-            **_constexprs(rule, dts, grad_scale is not None),
-            **({} if mt.interpreter_enabled() else mt.compile_options()))
-        mt.launch_count += 1
+        runtime.launch(_sparse_rows_kernel, len(work) // 2, buf[:n_h].view(torch.float64), buf[n_h:n_t], buf[n_t:],
+                       grad_scale if grad_scale is not None else buf, **_constexprs(rule, dts, grad_scale is not None))

@@ -38,6 +38,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fused_optim  # noqa: E402
 from fused_optim.kernels import multi_tensor as mt  # noqa: E402
+from ..kernels import runtime
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _SKIP_BOOLS = {"foreach", "capturable", "differentiable", "fused"}
@@ -129,7 +130,7 @@ def inventory() -> list[Entry]:
                 entries.append(Entry(f"{cls.__name__}[{label}] {dname}{'' if aligned else ' unaligned'}"
                                      f"{' ' + str(amp).replace('True', 'amp') if amp else ''}{' master' if master else ''}{' sr' if sr else ''}",
                                      mt.multi_tensor_apply_kernel, sig, cx,
-                                     mt.compile_options(), vector_check=aligned))
+                                     runtime.compile_options(), vector_check=aligned))
     from fused_optim.kernels import reduce  # shared by NovoGrad and every optimizer's max_grad_norm
 
     modules = {sys.modules[c.__module__] for c in fused_optim.REGISTRY.values()} | {reduce}
