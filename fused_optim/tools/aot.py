@@ -16,10 +16,12 @@ defined in the package is reachable from the inventory.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import multiprocessing
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -37,8 +39,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fused_optim  # noqa: E402
-from fused_optim.kernels import multi_tensor as mt  # noqa: E402
-from ..kernels import runtime
+from fused_optim.kernels import multi_tensor as mt, runtime  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _SKIP_BOOLS = {"foreach", "capturable", "differentiable", "fused"}
@@ -131,9 +132,10 @@ def inventory() -> list[Entry]:
                                      f"{' ' + str(amp).replace('True', 'amp') if amp else ''}{' master' if master else ''}{' sr' if sr else ''}",
                                      mt.multi_tensor_apply_kernel, sig, cx,
                                      runtime.compile_options(), vector_check=aligned))
-    from fused_optim.kernels import reduce  # shared by NovoGrad and every optimizer's max_grad_norm
-
-    modules = {sys.modules[c.__module__] for c in fused_optim.REGISTRY.values()} | {reduce}
+    # every kernel family module (kernels/*.py) and every optimizer module may list dedicated kernels
+    kernel_modules = {importlib.import_module(f"fused_optim.kernels.{m.name}")
+                      for m in pkgutil.iter_modules(fused_optim.kernels.__path__)}
+    modules = {sys.modules[c.__module__] for c in fused_optim.REGISTRY.values()} | kernel_modules
     for mod in sorted(modules, key=lambda m: m.__name__):
         if hasattr(mod, "aot_kernels"):
             entries.extend(Entry(**e) if isinstance(e, dict) else e for e in mod.aot_kernels())
