@@ -101,7 +101,7 @@ def persistent_grid(n_items: int, device) -> int:
     return max(1, min(torch.cuda.get_device_properties(device).multi_processor_count, n_items))
 
 
-_refused: set = set()  # devices whose driver refused a cooperative launch: later steps go straight to the fallback
+refused_devices: set = set()  # devices that refused a cooperative launch: later steps go straight to the fallback
 
 
 def launch_phases(kernel, phases: list, *args, grid_of, device, constexprs_of, num_warps: int = NUM_WARPS) -> None:
@@ -113,11 +113,11 @@ def launch_phases(kernel, phases: list, *args, grid_of, device, constexprs_of, n
     if len(phases) > 1:
         grid = persistent_grid(max(grid_of(p) for p in phases), device)
         key = str(device)
-        if key not in _refused:
+        if key not in refused_devices:
             try:
                 launch(kernel, grid, *args, num_warps=num_warps, cooperative=grid > 1, **constexprs_of(phases))
                 return
             except CooperativeLaunchRefused:
-                _refused.add(key)
+                refused_devices.add(key)
     for phase in phases:
         launch(kernel, grid_of(phase), *args, num_warps=num_warps, **constexprs_of([phase]))
