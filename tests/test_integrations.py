@@ -143,3 +143,66 @@ def test_launcher_runs_a_script_with_the_names_registered(timm_factory, tmp_path
     assert out.read_text() == "True"
     with pytest.raises(SystemExit, match="usage"):
         integrations.main([])
+
+
+# ---- Hugging Face transformers.Trainer ----------------------------------------------------------------------------
+
+def test_hf_trainer_with_our_optimizer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # the Trainer's requirement
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)  # built from the config: nothing downloaded
+    rows = torch.arange(16).repeat(16, 1) * 3 % 64 + torch.arange(16)[:, None]  # 16 learnable sequences
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=12, per_device_train_batch_size=8,
+        learning_rate=1e-2, weight_decay=0.1, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=(
+        fused_optim.AdamW, {"lr": args.learning_rate, "fused": False}))
+    trainer.train()
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    assert type(opt) is fused_optim.AdamW
+    named = dict(model.named_parameters())  # tied lm_head.weight appears once, as transformer.wte.weight
+    decay = set(trainer.get_decay_parameter_names(model)) & set(named)
+    by_wd = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert by_wd == {0.1: {id(named[n]) for n in decay}, 0.0: {id(p) for n, p in named.items() if n not in decay}}
+    some = named["transformer.h.0.mlp.c_fc.weight"]
+    assert opt.state[some].keys() == {"step", "exp_avg", "exp_avg_sq"} and opt.state[some]["step"].item() == 12
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 12 and losses[-1] < 0.8 * losses[0]
+
+
+# ---- Lightning ----------------------------------------------------------------------------------------------------
+
+def test_lightning_configure_optimizers_returns_ours():
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Tiny(pl.LightningModule):
+        def __init__(self, fused):
+            super().__init__()
+            self.net, self.fused, self.losses = _mlp(), fused, []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.losses.append(loss.item())
+            return loss
+
+        def configure_optimizers(self):
+            return fused_optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.05, fused=self.fused)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data()), batch_size=32)
+    runs = {}
+    for fused in (False, True):  # True: the Triton kernels (interpreted on CPU), called with Lightning's closure
+        module = Tiny(fused)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, loader)
+        opt = trainer.optimizers[0]
+        assert type(opt) is fused_optim.AdamW
+        assert all(opt.state[p]["step"].item() == 6 for p in module.parameters())
+        runs[fused] = module.losses
+    assert len(runs[False]) == 6 and runs[False][-1] < 0.8 * runs[False][0]
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5)
