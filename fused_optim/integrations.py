@@ -38,9 +38,10 @@ def register_timm(prefix: str = TIMM_PREFIX, registry=None) -> list[str]:
 
     Every timm entry whose class fused_optim re-implements gets a twin named ``prefix + timm's name``, with the
     same flags and defaults and our class: ``fosgd`` is SGD with Nesterov momentum as timm's ``sgd``,
-    ``fomomentum``, ``foadamw``, ``foradamw``, ``foadamp``, ``foadafactor``, ``fonovograd`` (timm's novograd is
-    NvNovoGrad), ... Our classes that timm does not register get ``prefix + our registry name`` if they take
-    weight_decay, which timm's factory always passes (``foasgd``); Rprop, LBFGS and SparseAdam do not.
+    ``fomomentum``, ``foadamw``, ``foradamw``, ``foadamp``, ``focadamp`` (cautious), ``foadafactor``,
+    ``fonovograd`` (timm's novograd is NvNovoGrad), ... Our classes that timm does not register get
+    ``prefix + our registry name`` if they take weight_decay, which timm's factory always passes (``foasgd``);
+    Rprop, LBFGS and SparseAdam do not, and our paper NovoGrad would clash with timm's ``novograd``.
     Calling it again is harmless; a name already taken by another optimizer raises ValueError.
     """
     if not prefix or "_" in prefix:

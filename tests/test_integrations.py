@@ -119,7 +119,8 @@ def test_timm_twins_match_timms_entries(timm_factory):
         for p, q in zip(model.parameters(), anchor_model.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{ours}: {m}")
         checked.append(theirs)
-    assert {"sgd", "momentum", "adamw", "adamp", "sgdp", "adafactor", "novograd", "novogradw", "rmsprop"} <= set(checked)
+    assert {"sgd", "momentum", "adamw", "radamw", "adamp", "cadamp", "sgdp", "adafactor", "novograd", "novogradw",
+            "rmsprop"} <= set(checked)
 
 
 def test_timm_fused_kernels(timm_factory):
