@@ -18,6 +18,13 @@ from anchors import timm_module
 from fused_optim import integrations
 
 
+def _installed(module: str):
+    """The module, or a skip if its package is not installed; a package that is installed but fails to import fails."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        pytest.skip(f"{module.split('.')[0]} is not installed")
+    return importlib.import_module(module)
+
+
 def _mlp():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
@@ -44,7 +51,7 @@ def _train(model, opt, steps):
 
 @pytest.fixture(scope="module")
 def timm_factory():
-    if importlib.util.find_spec("timm") is None:
+    if "timm" not in sys.modules and importlib.util.find_spec("timm") is None:  # stand-ins have no spec
         pytest.skip("timm is not installed")
     timm_module("adamp")  # bare timm / timm.optim packages unless timm is imported already
     if "timm.models" not in sys.modules:
@@ -149,8 +156,8 @@ def test_launcher_runs_a_script_with_the_names_registered(timm_factory, tmp_path
 # ---- Hugging Face transformers.Trainer ----------------------------------------------------------------------------
 
 def test_hf_trainer_with_our_optimizer(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")  # the Trainer's requirement
+    transformers = _installed("transformers")
+    _installed("accelerate")  # the Trainer's requirement
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
                                      bos_token_id=0, eos_token_id=0)
@@ -178,7 +185,7 @@ def test_hf_trainer_with_our_optimizer(tmp_path):
 # ---- Lightning ----------------------------------------------------------------------------------------------------
 
 def test_lightning_configure_optimizers_returns_ours():
-    pl = pytest.importorskip("lightning.pytorch")
+    pl = _installed("lightning.pytorch")
 
     class Tiny(pl.LightningModule):
         def __init__(self, fused):
