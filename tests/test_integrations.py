@@ -36,7 +36,7 @@ def _data():
 
 
 def _train(model, opt, steps):
-    x, y = _data()
+    x, y = (t.to(next(model.parameters()).device) for t in _data())
     losses = []
     for _ in range(steps):
         opt.zero_grad()
@@ -130,10 +130,10 @@ def test_timm_twins_match_timms_entries(timm_factory):
             "rmsprop"} <= set(checked)
 
 
-def test_timm_fused_kernels(timm_factory):
+def test_timm_fused_kernels(timm_factory, device):
     runs = {}
     for fused in (False, True):
-        model = _mlp()
+        model = _mlp().to(device)
         opt = timm_factory.create_optimizer_v2(model, "foadamw", lr=1e-2, weight_decay=0.05, fused=fused)
         runs[fused] = (_train(model, opt, 3), [p.detach().clone() for p in model.parameters()])
     assert runs[True][0][-1] < runs[True][0][0]
@@ -184,7 +184,7 @@ def test_hf_trainer_with_our_optimizer(tmp_path):
 
 # ---- Lightning ----------------------------------------------------------------------------------------------------
 
-def test_lightning_configure_optimizers_returns_ours():
+def test_lightning_configure_optimizers_returns_ours(device):
     pl = _installed("lightning.pytorch")
 
     class Tiny(pl.LightningModule):
@@ -205,7 +205,7 @@ def test_lightning_configure_optimizers_returns_ours():
     runs = {}
     for fused in (False, True):  # True: the Triton kernels (interpreted on CPU), called with Lightning's closure
         module = Tiny(fused)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
+        trainer = pl.Trainer(accelerator=device, devices=1, max_steps=6, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False)
         trainer.fit(module, loader)
         opt = trainer.optimizers[0]
