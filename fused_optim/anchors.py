@@ -31,9 +31,9 @@ CLOSURE = {"LBFGS"}            # step(closure)
 CREATE_GRAPH = {"Adahessian"}  # loss.backward(create_graph=True): the step differentiates the grads
 SPARSE_GRADS = {"SparseAdam"}  # only sparse grads, e.g. from nn.Embedding(sparse=True)
 
-# options that keep a step short on small problems (LBFGS's default 100-entry history and 20 iterations per step
-# take minutes under Triton's interpreter)
-SMALL_OPTIONS = {"LBFGS": {"history_size": 4, "max_iter": 5}}
+# options for short runs on small problems: an lr where the anchor has no default (SGDP), and a short LBFGS step
+# (its default 100-entry history and 20 iterations per step take minutes under Triton's interpreter)
+SHORT_RUN_OPTIONS = {"SGDP": {"lr": 0.1}, "LBFGS": {"history_size": 4, "max_iter": 5}}
 
 
 def timm_module(name: str):
@@ -91,9 +91,10 @@ def hyperparameters(opt, cls) -> dict:
     return {k: v for k, v in opt.defaults.items() if k in accepted and k != "fused"}
 
 
-def take_step(opt, loss_fn):
+def take_step(opt, loss_fn, run=None):
     """One step of ``opt`` on ``loss_fn()`` (a fresh scalar loss), driven the way its algorithm needs: through a
-    closure (LBFGS) or with the grads' graph kept (Adahessian). Returns the loss (the first closure call's)."""
+    closure (LBFGS) or with the grads' graph kept (Adahessian). ``run(step)`` calls ``step()``, the optimizer step
+    itself (closure calls included for LBFGS), e.g. to time it. Returns the loss (the first closure call's)."""
     name = type(opt).__name__
     first = []
 
@@ -106,9 +107,10 @@ def take_step(opt, loss_fn):
         first.append(loss.detach())
         return loss
 
+    run = run or (lambda step: step())
     if name in CLOSURE:
-        opt.step(closure)
+        run(lambda: opt.step(closure))
     else:
         closure()
-        opt.step()
+        run(opt.step)
     return first[0]

@@ -32,7 +32,7 @@ TINY = 1e-12
 SHAPES = [(7,), (5, 3), (33, 17), (4, 3, 3, 3)]  # Adafactor factors (33, 17); SGDP/AdamP project the 2+-D ones
 QUICK_SHAPES = [(7,), (18, 17)]
 STEPS, QUICK_STEPS = 5, 3
-OPTIONS = {"SGD": {"momentum": 0.9}, "SGDP": {"lr": 0.1, "momentum": 0.9}}  # momentum paths; SGDP requires lr
+OPTIONS = {"SGD": {"momentum": 0.9}, "SGDP": {"momentum": 0.9}}  # the momentum paths
 
 
 def launch_count() -> int:
@@ -78,7 +78,7 @@ def run(name: str, fused: bool, device, shapes, steps: int):
     start, loss_fn = problem(name, shapes, steps)
     params = [torch.nn.Parameter(p.to(device=device, dtype=torch.float32)) for p in start]
     cls = fused_optim.REGISTRY[name.lower()]
-    opt = cls(params, fused=fused, **OPTIONS.get(name, {}), **anchors.SMALL_OPTIONS.get(name, {}))
+    opt = cls(params, fused=fused, **OPTIONS.get(name, {}), **anchors.SHORT_RUN_OPTIONS.get(name, {}))
     launches = 0
     for i in range(steps):
         before = launch_count()
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
             err, rtol = max_rel_error(got, want), RTOL_OF.get(name, RTOL)
             ok = err <= rtol  # False for NaN too
             line = (f"max rel error {err:8.1e}  launches/step {launches or '-':>3}  {'PASS' if ok else 'FAIL'}"
-                    + (f" (bound {rtol:g})" if rtol != RTOL else ""))
+                    + (f" (bound {rtol:.0e})" if rtol != RTOL else ""))
         except Exception as exc:  # noqa: BLE001 - one optimizer's failure is its line, the others still run
             ok, line = False, f"FAIL: {type(exc).__name__}: {exc}"
         print(f"{name:<11} {line}", flush=True)
