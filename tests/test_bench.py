@@ -49,6 +49,26 @@ def test_rows_default_dtypes_and_progress_fallback(tmp_path, monkeypatch, capsys
     assert "## Targets" in (tmp_path / "r.md").read_text()
 
 
+def test_only_takes_factory_names_in_any_case(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "workloads", lambda device, which: {"mini": [(64,), (8, 8)]})
+    rows = _bench(tmp_path, "--only", "adamw,Momentum,adamp", "--dtype", "float32", "--no-compile")
+    assert {r["optimizer"] for r in rows} == {"AdamW", "SGD", "AdamP"}
+    assert {r["impl"] for r in rows if r["optimizer"] == "AdamP"} == {"ours-reference", "timm"}  # timm's anchor
+    md = (tmp_path / "r.md").read_text()
+    assert "| mini | float32 | AdamW | ours-reference |" in md and "issue" not in md.lower()
+
+
+@pytest.mark.parametrize("only,message", [
+    ("adamw,nosuch", "Unknown optimizer 'nosuch'; valid names: adadelta"),
+    ("lbfgs", "not benchmarked: LBFGS"),
+])
+def test_only_refuses_what_it_cannot_run(tmp_path, capsys, only, message):
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--device", "cpu", "--only", only, "--out", str(tmp_path / "r")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_targets_say_met_or_missed_by_how_much():
     rows = [{"workload": "large", "dtype": "float32", "optimizer": "Adam", "impl": "ours-fused", "ms": 1.0,
              "pct_copy_bw": 81.0},
