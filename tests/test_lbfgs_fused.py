@@ -25,8 +25,11 @@ import torch
 
 import fused_optim
 from conftest import DEVICE
-from fused_optim.kernels import multi_tensor as mt
+from fused_optim.kernels import lbfgs as KL
+from fused_optim.kernels import runtime
 from fused_optim.optimizers import lbfgs as L
+from fused_optim.optimizers import lbfgs_history as LH
+from fused_optim.optimizers import lbfgs_search as LS
 import test_lbfgs
 from test_lbfgs import SEARCHES, _closure, _types
 
@@ -124,6 +127,27 @@ def test_trajectory_matches_torch_kernel(problem, kw, steps):
     _run(problem, kw, steps)
 
 
+def test_refused_cooperative_launch_falls_back(monkeypatch):
+    """A device that refuses the direction kernel's cooperative launch (the interpreter refuses any grid of 2
+    programs; on CUDA the refusal is simulated) gets the torch-op direction: torch's trajectory, and after the one
+    refusal no step tries the kernel again on that device."""
+    monkeypatch.setattr(KL, "grid_size", lambda n, device: 2)
+    monkeypatch.setattr(runtime, "refused_devices", set())
+    tries, launch = [], runtime.launch
+
+    def refusing_launch(kernel, grid, *args, cooperative=False, **kw):
+        tries.append((grid, cooperative))
+        if cooperative and not runtime.interpreter_enabled():
+            raise runtime.CooperativeLaunchRefused("simulated")
+        return launch(kernel, grid, *args, cooperative=cooperative, **kw)
+
+    monkeypatch.setattr(runtime, "launch", refusing_launch)
+    ours, a, _, _, _ = _run("rosen5", {"lr": 0.2, "history_size": 3, "max_iter": 6}, 3)
+    assert tries == [(2, True)]
+    assert runtime.refused_devices == {str(a[0].device)}
+    assert ours.state[a[0]]["n_iter"] > 3  # directions after the first iteration were computed
+
+
 @pytest.mark.parametrize("problem,search", [("rosen40", "fixed"), ("logreg", "strong_wolfe"), ("mlp", "strong_wolfe")])
 def test_trajectory_f32(torch_ops, problem, search):
     """float32: the line search's host arithmetic is float32 like torch's 0-d tensors (numpy scalars), so closure
@@ -192,7 +216,7 @@ def test_host_syncs_per_iteration(monkeypatch, direction, search):
 def test_checkpoint_both_ways(torch_ops, direction, search):
     kw = {**SEARCHES[search], "history_size": 5, "max_iter": 9}
     ours, a, theirs, b, loss_fn = _run("mlp", kw, 3)  # ~26 pairs through 6 ring rows: the ring has wrapped
-    assert ours._dev.head != 0
+    assert ours.device_history.head != 0
     sd_ours, sd_theirs = ours.state_dict(), theirs.state_dict()
     assert sorted(sd_ours["state"][0]) == sorted(sd_theirs["state"][0])
     for k, v in sd_theirs["state"][0].items():
@@ -274,26 +298,24 @@ def test_kernel_matches_torch_ops(dtype, case, n):
     g = pg - 0.5 * d if case == "rejected" else pg + 0.5 * d + rnd(n) * 0.01  # y.s < 0 / > 0
     devs = []
     for impl in ("triton", "torch"):
-        dev = L._DeviceHistory(n, H, dtype, torch.device(DEVICE))
+        dev = LH.DeviceHistory(n, H, dtype, torch.device(DEVICE))
         for i in range(count):
             r = (head + i) % (H + 1)
             dev.S[r], dev.Y[r] = S[r], Y[r]
             dev.rho[r] = 1 / Y[r].dot(S[r])
         dev.head, dev.count = head, count
-        dev.meta[0] = torch.tensor([head, count])
+        dev.meta_head[0], dev.meta_count[0] = head, count
         dev.hd[0] = 0.7
         dev.d[0], dev.pg[0] = d, pg
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(L, "DIRECTION", impl)
-            dev.launch(g, 0.5)
+        dev.direction(g, 0.5, kernel=impl == "triton")
         devs.append(dev)
     k, t = devs
     rtol = 1e-12 if dtype == torch.float64 else 1e-5 if n < 1000 else 1e-4
     close = lambda x, y: torch.testing.assert_close(x, y, rtol=rtol, atol=rtol)
-    assert k.out[0].item() == t.out[0].item() == (0.0 if case == "rejected" else 1.0)
+    assert k.kept.item() == t.kept.item() == (0.0 if case == "rejected" else 1.0)
     assert torch.equal(k.meta[1], t.meta[1])
     count = int(t.meta[1, 1])
-    close(k.out[:3], t.out[:3])
+    close(k.out, t.out)
     close(k.d[1], t.d[1])
     close(k.pg[1], t.pg[1])
     close(k.hd[1], t.hd[1])
@@ -302,7 +324,7 @@ def test_kernel_matches_torch_ops(dtype, case, n):
     close(k.S, t.S)
     if case != "rejected":
         close(k.rho, t.rho)
-    assert k.out[3].item() == 0  # no barrier failure
+    assert k.barrier.words[1].item() == 0  # no barrier failure
 
 
 # ---- the host stand-ins for torch's 0-d tensors ------------------------------------------------------------------
@@ -310,12 +332,12 @@ def test_kernel_matches_torch_ops(dtype, case, n):
 def test_line_search_host_arithmetic_is_torchs(monkeypatch, dtype):
     """strong_wolfe / cubic_minimizer on the host stand-ins (numpy scalars) take exactly the steps they take on
     torch's 0-d tensors: same rounding, same promotions, same branches."""
-    hs = L._host_scalar(dtype)
+    hs = LS.host_scalar(dtype)
     gen = torch.Generator().manual_seed(3)
     # torch's CPU sqrt (vectorized) is sometimes 1 ulp off; on the GPU, where the fused path runs, torch's sqrt is
     # IEEE (correctly rounded), as numpy's is: compare against that
-    sqrt = L._sqrt
-    monkeypatch.setattr(L, "_sqrt", lambda x: torch.tensor(math.sqrt(x.item()), dtype=x.dtype)
+    sqrt = LS.host_sqrt
+    monkeypatch.setattr(LS, "host_sqrt", lambda x: torch.tensor(math.sqrt(x.item()), dtype=x.dtype)
                         if isinstance(x, torch.Tensor) else sqrt(x))
     for trial in range(60):
         c = torch.randn(4, generator=gen, dtype=torch.float64)
@@ -335,13 +357,13 @@ def test_line_search_host_arithmetic_is_torchs(monkeypatch, dtype):
             gtd0, d_max = wrap(torch.tensor(-d0, dtype=dtype)), wrap(torch.tensor(d0, dtype=dtype))
             t_init = wrap(t0) if isinstance(t0, torch.Tensor) else t0
             with np.errstate(all="ignore"):  # numpy warns where torch silently overflows to inf
-                runs.append(L.strong_wolfe(evaluate_with(wrap), t_init, d_max, 0.0, 0.0, gtd0, max_ls=25))
+                runs.append(LS.strong_wolfe(evaluate_with(wrap), t_init, d_max, 0.0, 0.0, gtd0, max_ls=25))
         (f1, g1, t1, n1), (f2, g2, t2, n2) = runs
         assert (f1, g1, float(t1), n1) == (f2, g2, float(t2), n2), trial
     for _ in range(500):
         x = torch.randn(6, generator=gen, dtype=torch.float64).mul(10).to(dtype)
-        ta = L.cubic_minimizer(float(x[0]), float(x[1]), x[2], float(x[0]) + 1, float(x[4]), x[5])
-        tb = L.cubic_minimizer(float(x[0]), float(x[1]), hs(x[2].item()), float(x[0]) + 1, float(x[4]),
+        ta = LS.cubic_minimizer(float(x[0]), float(x[1]), x[2], float(x[0]) + 1, float(x[4]), x[5])
+        tb = LS.cubic_minimizer(float(x[0]), float(x[1]), hs(x[2].item()), float(x[0]) + 1, float(x[4]),
                                hs(x[5].item()))
         assert float(ta) == float(tb)
         assert isinstance(ta, torch.Tensor) == isinstance(tb, np.generic)
@@ -356,6 +378,6 @@ def test_dispatch_and_errors(monkeypatch):
     half = [torch.nn.Parameter(torch.randn(3, dtype=torch.float16))]
     with pytest.raises(RuntimeError, match="float32 and float64"):
         fused_optim.LBFGS(half, fused=True).step(lambda: half[0].float().sum())
-    monkeypatch.setattr(mt, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(runtime, "interpreter_enabled", lambda: False)
     with pytest.raises(RuntimeError, match="fused=True needs CUDA"):
         fused_optim.LBFGS(p, fused=True)
