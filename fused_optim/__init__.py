@@ -1,19 +1,31 @@
 """fused_optim: drop-in fused GPU optimizers for PyTorch (torch.optim and timm.optim signatures).
 
-Every optimizer module under ``fused_optim/optimizers`` registers its classes in the one registry
-(``fused_optim.REGISTRY``, name -> class); they are exported here under their anchor's class name.
+Every public optimizer is imported here by name from the module that defines it; each registers itself in the
+one registry (``fused_optim.REGISTRY``, lowercase name -> class) that the factory reads.
 """
-import importlib
-import pkgutil
-
 from ._base import FusedOptimizer
 from ._registry import REGISTRY
-from . import optimizers as _optimizers
 from .factory import create_optimizer, from_config, optimizer_names
+from .optimizers.adadelta import Adadelta
+from .optimizers.adafactor import Adafactor
+from .optimizers.adagrad import Adagrad
+from .optimizers.adahessian import Adahessian
+from .optimizers.adam import Adam, AdamW
+from .optimizers.adamax import Adamax
+from .optimizers.asgd import ASGD
+from .optimizers.lbfgs import LBFGS
+from .optimizers.nadam import NAdam
+from .optimizers.novograd import NovoGrad, NvNovoGrad
+from .optimizers.projection import SGDP, AdamP
+from .optimizers.radam import RAdam
+from .optimizers.rmsprop import RMSprop
+from .optimizers.rprop import Rprop
+from .optimizers.sgd import SGD
+from .optimizers.sparse_adam import SparseAdam
 
-for _m in pkgutil.iter_modules(_optimizers.__path__):
-    importlib.import_module(f"{__name__}.optimizers.{_m.name}")
-globals().update({cls.__name__: cls for cls in REGISTRY.values()})
-
-__all__ = ["FusedOptimizer", "REGISTRY", "create_optimizer", "from_config", "optimizer_names", *sorted(cls.__name__ for cls in REGISTRY.values())]
+__all__ = [
+    "FusedOptimizer", "REGISTRY", "create_optimizer", "from_config", "optimizer_names",
+    "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adahessian", "Adam", "AdamP", "AdamW", "Adamax", "LBFGS", "NAdam",
+    "NovoGrad", "NvNovoGrad", "RAdam", "RMSprop", "Rprop", "SGD", "SGDP", "SparseAdam",
+]
 __version__ = "0.1.0"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import operator
+from itertools import repeat
 from typing import Callable
 
 import torch
@@ -126,6 +128,7 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"{type(self).__name__}: differentiable=True is not supported by fused_optim")
         super().__init__(params, defaults)
         self._kernel_caches: dict = {}
+        self._state_lists: dict = {}
         for group in self.param_groups:
             if group["fused"]:
                 self._require_kernel(group)
@@ -166,6 +169,7 @@ class FusedOptimizer(Optimizer):
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
         self.__dict__.setdefault("_kernel_caches", {})
+        self.__dict__["_state_lists"] = {}
 
     def _check_params(self, group):
         devices = {p.device for p in group["params"]}
@@ -202,12 +206,15 @@ class FusedOptimizer(Optimizer):
     def _grads_of(self, group):
         """The group's params that have a grad, checked (nothing is changed before every group passes)."""
         name = type(self).__name__
-        params = [p for p in group["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
-        # whole-list checks (map over C methods): per-tensor Python work is the host cost of a step
-        if self.dense_only and any(g.is_sparse for g in grads):
+        params = group["params"]
+        grads = list(map(_GRAD, params))
+        if not all(map(operator.is_not, grads, repeat(None))):  # whole-list checks: per-tensor Python is host cost
+            params = [p for p, g in zip(params, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
+        sparse = list(map(_IS_SPARSE, grads))
+        if self.dense_only and any(sparse):
             raise RuntimeError(f"{name} does not support sparse gradients")
-        if self.sparse_only and not all(g.is_sparse for g in grads):
+        if self.sparse_only and not all(sparse):
             raise RuntimeError(f"{name} supports only sparse gradients (e.g. nn.Embedding(sparse=True))")
         get_device = torch.Tensor.get_device
         if list(map(get_device, grads)) != list(map(get_device, params)):
@@ -231,7 +238,7 @@ class FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(group, *self._grads_of(group)) for group in self.param_groups]  # validate everything first
-        if not self.elementwise and any(is_dtensor(p) for _, params, _ in work for p in params):
+        if not self.elementwise and any(any_dtensor(params) for _, params, _ in work):
             raise NotImplementedError(
                 f"{type(self).__name__} reduces over whole tensors (norms / projections / factored moments), "
                 f"which FSDP2 shards across ranks: not supported on DTensor params; use DDP, or an element-wise "
@@ -259,7 +266,7 @@ class FusedOptimizer(Optimizer):
         grads = [g for _, _, gs in work for g in gs]
         if not grads:
             return grad_scale, False
-        if any(map(is_dtensor, grads)):
+        if any_dtensor(grads):
             raise NotImplementedError(f"{type(self).__name__}: max_grad_norm needs the norm over all ranks' shards; "
                                       f"with DTensor params use torch.nn.utils.clip_grad_norm_ before step()")
         if len(set(map(torch.Tensor.get_device, grads))) > 1:  # -1 on CPU, the index on CUDA
@@ -299,8 +306,23 @@ class FusedOptimizer(Optimizer):
                 st["master_param"] = p.detach().float().clone()
         return st
 
+    def _states_of(self, group, params) -> list:
+        """The state dicts of ``params`` (made on first use). Cached per group while ``self.state`` is the same dict
+        with the same number of entries and the params are the same objects: the lookup hashes every param, the
+        largest per-tensor host cost of a step (load_state_dict replaces self.state; replacing a state tensor in
+        place, ``state[p][k] = t``, is seen by the tables' address keys)."""
+        ids = tuple(map(id, params))
+        cached = self._state_lists.get(id(group))
+        if cached is not None and cached[0] is self.state and cached[1] == len(self.state) and cached[2] == ids:
+            return cached[3]
+        states = list(map(self.state.__getitem__, params))
+        if not all(states):  # new params: their state is made on first use
+            states = [self._state_of(p, group) for p in params]
+        self._state_lists[id(group)] = (self.state, len(self.state), ids, states)
+        return states
+
     def _step_group(self, group, params, grads, grad_scale, found_inf):
-        states = [self._state_of(p, group) for p in params]
+        states = self._states_of(group, params)
         if self._kernel_path(group, params):
             self._kernel_step(group, params, grads, states, grad_scale, found_inf)
             return
@@ -357,30 +379,30 @@ class FusedOptimizer(Optimizer):
             raise RuntimeError(f"{type(self).__name__}: fused=True needs contiguous params and grads")
 
     def _kernel_tensors(self, params, grads, states, keys):
-        """(params, grads, element-wise states [[st[k] for k in keys]]) as the kernels take them: only addresses,
+        """(params, grads, one column [st[k] of every param] per state key) as the kernels take them: only addresses,
         sizes and dtypes are read, so no per-tensor views in the common case (at thousands of tensors, per-tensor
         Python work is the step's host cost). FSDP2 / DTensor: the local shards (an element-wise update of the shard
         is the update of the whole tensor); complex: the real views. Raises unless contiguous."""
-        element_states = [[st[k] for k in keys] for st in states]
-        if any(map(is_dtensor, params)):
+        columns = [list(map(operator.itemgetter(k), states)) for k in keys]
+        if any_dtensor(params):
             params, grads = [local(p) for p in params], [local(g) for g in grads]
-            element_states = [[local(s) for s in sts] for sts in element_states]
+            columns = [[local(s) for s in col] for col in columns]
         self._require_contiguous(params, grads)
         if any(map(torch.Tensor.is_complex, params)):
             params, grads = [as_real(p) for p in params], [as_real(g) for g in grads]
-            element_states = [[as_real(s) for s in sts] for sts in element_states]
-        return params, grads, element_states
+            columns = [[as_real(s) for s in col] for col in columns]
+        return params, grads, columns
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         rule, keys, skeys = self._kernel_rule(group, variant)
         dev = params[0].device
         scalars_on_device(states, skeys, dev)
         self._prepare(group, params, grads, states)
-        params, grads, element_states = self._kernel_tensors(params, grads, states, keys)
+        params, grads, columns = self._kernel_tensors(params, grads, states, keys)
         lr = group.get("lr")
         # a table hit is verified against every address, so a recycled id() can never reuse a stale table
         cache = self._kernel_caches.setdefault((id(group), variant), TableCache())
-        mt.apply(rule, cache, params, grads, element_states, [[st[k] for k in skeys] for st in states],
+        mt.apply(rule, cache, params, grads, columns, [list(map(operator.itemgetter(k), states)) for k in skeys],
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None,
                  grad_scale=grad_scale, found_inf=found_inf,
                  masters=[local(st.get("master_param")) for st in states] if self.master_weights else None,
@@ -403,6 +425,11 @@ def is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor"
 
 
+def any_dtensor(tensors) -> bool:
+    """Whether any of the tensors is a DTensor (FSDP2): one look at the set of their types."""
+    return any(cls.__name__ == "DTensor" for cls in set(map(type, tensors)))
+
+
 def local(t):
     """The local shard of a DTensor (FSDP2), else the tensor itself."""
     return t.to_local() if is_dtensor(t) else t
@@ -415,13 +442,22 @@ def device_index(device: torch.device) -> int:
 
 def scalars_on_device(states, keys, device) -> None:
     """Make per-tensor scalar states float32 0-d tensors on `device`, in place: kernels read them from device memory
-    (torch keeps them on CPU by default, timm as Python numbers)."""
+    (torch keeps them on CPU by default, timm as Python numbers). The steady state is one whole-list check."""
     index = device_index(device)
-    for st in states:
-        for k in keys:
-            v = st[k]
+    for k in keys:
+        col = list(map(operator.itemgetter(k), states))
+        if set(map(type, col)) <= _TENSOR_TYPES and set(map(torch.Tensor.get_device, col)) == {index} and set(
+                map(_DTYPE, col)) == {torch.float32}:
+            continue
+        for st, v in zip(states, col):
             if not isinstance(v, torch.Tensor) or v.get_device() != index or v.dtype != torch.float32:
                 st[k] = torch.as_tensor(v, dtype=torch.float32).to(device)
+
+
+_TENSOR_TYPES = {torch.Tensor}
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_DTYPE = operator.attrgetter("dtype")
 
 
 def zeros_like(p: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,9 @@ states; ``counters`` int32 [T]. See Note [last program writes scalars] in kernel
 from __future__ import annotations
 
 import inspect
-import itertools
 import re
+from functools import lru_cache
+from itertools import chain, repeat
 from dataclasses import dataclass
 
 import torch
@@ -212,11 +213,16 @@ def pack(*bits_and_conditions) -> int:
 _PLACEHOLDER = re.compile(r"h\d+$")
 
 
+@lru_cache(maxsize=None)
+def _slot_names(fn, first: int) -> tuple:
+    return tuple(inspect.signature(fn.fn).parameters)[first:first + N_HYPER]
+
+
 def _check_hypers(fn, first: int, names: tuple) -> None:
     """The slots ``lr, h1..h7`` of ``fn`` start at argument ``first``: each slot ``fn`` names must get that name."""
     if fn is None:
         return
-    slots = list(inspect.signature(fn.fn).parameters)[first:first + N_HYPER]
+    slots = _slot_names(fn, first)
     for i, slot in enumerate(slots):
         given = names[i] if i < len(names) else None
         if not _PLACEHOLDER.match(slot) and slot != given:
@@ -257,53 +263,51 @@ class _Tables(Tables):
     fdummy: torch.Tensor = None  # an fp32 stand-in for absent lr / grad_scale / found_inf
 
 
-def _build_tables(key, params, grads, states, scalars, device) -> _Tables:
+def _build_tables(key, params, grads, columns, scalars, device) -> _Tables:
     chunk = BLOCK * ITERS
-    rows, work = [], []
-    for i, (p, g, st) in enumerate(zip(params, grads, states)):
-        rows.append([p.data_ptr(), g.data_ptr(), *map(ptr, st)])
-        work.extend((i, c) for c in range(max(1, -(-p.numel() // chunk))))
-    srows = [list(map(ptr, sc)) for sc in scalars]
+    rows = [list(r) for r in zip(map(ptr, params), map(ptr, grads), *(map(ptr, c) for c in columns))]
+    work = [(i, c) for i, n in enumerate(map(numel, params)) for c in range(max(1, -(-n // chunk)))]
+    srows = [list(r) for r in zip(*(map(ptr, c) for c in scalars))]
     return _Tables(
         key=key, gkey=tuple(map(ptr, grads)), ptrs=to_device(rows, torch.int64, device), grad_col=1,
-        aligned=all_aligned(params, grads, itertools.chain.from_iterable(states)),
+        aligned=all_aligned(params, grads, *columns),
         numels=to_device(list(map(numel, params)), torch.int64, device),
         work=to_device(work, torch.int32, device),
-        sptrs=to_device(srows, torch.int64, device) if srows and srows[0] else torch.zeros(1, dtype=torch.int64,
-                                                                                           device=device),
+        sptrs=to_device(srows, torch.int64, device) if scalars else torch.zeros(1, dtype=torch.int64, device=device),
         counters=torch.zeros(max(len(params), 1), dtype=torch.int32, device=device),
         hp=torch.zeros(N_HYPER, dtype=torch.float64, device=device),
         fdummy=torch.zeros(1, dtype=torch.float32, device=device))
 
 
-def apply(rule: Rule, cache: TableCache, params, grads, states, scalars, *, lr_tensor=None,
+def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_tensor=None,
           grad_scale=None, found_inf=None, masters=None, stochastic_rounding=False, seed=0) -> None:
     """Update one param group in one launch per (param, grad, state) dtype combination.
 
-    ``states[i]`` lists tensor i's element-wise states (same count for all tensors), ``scalars[i]`` its 0-d float32
-    per-tensor scalar states. Tensors are read by address and size only: each tensor and its states must be dense
-    in one storage order (the caller checks). ``masters[i]``: an fp32 master copy of a bf16/fp16 param (the math
-    updates it, the param gets its rounding), or None. ``stochastic_rounding``: bf16 params are stored with
+    ``columns``: one list per element-wise state (``columns[k][i]``: state k of tensor i); ``scalars``: one list per
+    per-tensor 0-d float32 scalar state. Tensors are read by address and size only: each tensor and its states must
+    be dense in one storage order (the caller checks). ``masters[i]``: an fp32 master copy of a bf16/fp16 param (the
+    math updates it, the param gets its rounding), or None. ``stochastic_rounding``: bf16 params are stored with
     stochastic rounding, random bits drawn from ``seed`` (vary it every step).
     """
-    masters = masters or [None] * len(params)
-    keys = list(zip(map(dtype_of, params), map(dtype_of, grads),
-                    map(dtype_of, [st[0] for st in states]) if states[0] else map(dtype_of, params),
-                    [m is not None for m in masters]))
-    for (*dts, master), idx in buckets(keys).items():
+    has_master = masters is not None and any(m is not None for m in masters)
+    # every address and size the tables hold but the grads': any change (a loaded state, a replaced param's .data)
+    # rebuilds; dtypes are fixed with the addresses, so the dtype buckets are reused while the key holds
+    key = (*map(ptr, params), *map(ptr, chain.from_iterable((*columns, *scalars))), *map(numel, params),
+           *(map(ptr, filter(None, masters)) if has_master else ()))
+    plan = cache.plan
+    if plan is None or plan[0] != key:
+        keys = list(zip(map(dtype_of, params), map(dtype_of, grads), map(dtype_of, columns[0] if columns else params),
+                        [m is not None for m in masters] if has_master else repeat(False)))
+        plan = cache.plan = (key, buckets(keys))
+    for (*dts, master), idx in plan[1].items():
         dts = tuple(dts)
-        ps, gs, sts, scs = pick(idx, params, grads, states, scalars)
+        ps, gs, *cols = pick(idx, params, grads, *columns, *scalars)
+        cols, scs = cols[:len(columns)], cols[len(columns):]
         if master:  # the master copy rides in the table as one more element-wise slot, after the states
-            sts = [st + [masters[i]] for st, i in zip(sts, idx)]
-        # every address and size the tables hold but the grads': any change (a loaded state, a replaced param's
-        # .data) rebuilds
-        flat = itertools.chain.from_iterable
-        key = (*map(ptr, ps), *map(ptr, flat(sts)), *map(ptr, flat(scs)), *map(numel, ps))
-        tab = cache.lookup((dts, master), key, gs,
-                           lambda: _build_tables(key, ps, gs, sts, scs, ps[0].device))
+            cols = [*cols, [masters[i] for i in idx]]
+        tab = cache.lookup((dts, master), key, gs, lambda: _build_tables(key, ps, gs, cols, scs, ps[0].device))
         sr = stochastic_rounding and dts[0] == torch.bfloat16
-        _launch(rule, tab, dts, len(sts[0]) - master, len(scs[0]), lr_tensor, grad_scale, found_inf, master, sr,
-                seed)
+        _launch(rule, tab, dts, len(cols) - master, len(scs), lr_tensor, grad_scale, found_inf, master, sr, seed)
 
 
 def constexprs(rule: Rule, dts, ns: int, nt: int, *, lr_tensor: bool, has_scale: bool, has_inf: bool,

@@ -47,6 +47,7 @@ class TableCache:
 
     def __init__(self):
         self.tables: dict = {}
+        self.plan = None       # a launcher's per-group plan (e.g. its dtype buckets) for the key it was made for
         self.builds = 0        # tables (re)built: tests check that a steady state builds nothing
         self.grad_uploads = 0  # only the grad column re-uploaded
 
@@ -93,6 +94,6 @@ def buckets(keys: list) -> dict:
 
 def pick(idx, *lists):
     """Each list restricted to the indices ``idx`` (the lists themselves when idx covers them all)."""
-    if isinstance(idx, range) and len(idx) == len(lists[0]):
+    if isinstance(idx, range) and (not lists or len(idx) == len(lists[0])):
         return lists
     return tuple([x[i] for i in idx] for x in lists)

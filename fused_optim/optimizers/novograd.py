@@ -11,6 +11,8 @@ multi-tensor apply, whose per-tensor scalar slots carry (step, exp_avg_sq, ||g||
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .._base import (FusedOptimizer, check, check_betas, check_nonneg, new_step, restore_state_dtypes,
@@ -160,7 +162,7 @@ class _LayerwiseMoments(FusedOptimizer):
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         rule, keys, skeys = self._kernel_rule(group)
         scalars_on_device(states, [k for k in skeys if k != _NORM], params[0].device)
-        params, grads, element_states = self._kernel_tensors(params, grads, states, keys)
+        params, grads, columns = self._kernel_tensors(params, grads, states, keys)
         cache = self._kernel_caches.setdefault((id(group), "sumsq"), {})
         # 0-d views of a buffer at a fixed address (the apply's tables stay valid), made once per buffer
         buf = reduce.sumsq(cache, grads, grad_scale, found_inf)
@@ -168,8 +170,8 @@ class _LayerwiseMoments(FusedOptimizer):
             cache["views"] = (buf.data_ptr(), buf.unbind())
         norms = cache["views"][1]
         lr = group["lr"]
-        mt.apply(rule, self._kernel_caches.setdefault((id(group), None), TableCache()), params, grads,
-                 element_states, [[norm if k == _NORM else st[k] for k in skeys] for st, norm in zip(states, norms)],
+        scalars = [norms if k == _NORM else list(map(operator.itemgetter(k), states)) for k in skeys]
+        mt.apply(rule, self._kernel_caches.setdefault((id(group), None), TableCache()), params, grads, columns, scalars,
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None, grad_scale=grad_scale, found_inf=found_inf)
 
 

@@ -1,6 +1,9 @@
 """SGD with momentum, dampening, Nesterov, weight decay and maximize (anchor: torch.optim.SGD)."""
 from __future__ import annotations
 
+import operator
+from itertools import repeat
+
 import torch
 
 from .._base import FusedOptimizer, check_nonneg, scalar, zeros_like
@@ -77,10 +80,11 @@ class SGD(FusedOptimizer):
         # A param's first momentum step copies the grad into a new buffer: those params go in a launch of their own
         # (only on the step where they first get a grad). The buffer starts at zero, so if AMP skips that step the
         # next one is an ordinary momentum step (identical to torch unless dampening != 0).
+        if all(map(operator.contains, states, repeat("momentum_buffer"))):  # the steady state: one launch
+            return super()._kernel_step(group, params, grads, states, grad_scale, found_inf, variant=False)
         fresh = [i for i, st in enumerate(states) if "momentum_buffer" not in st]
-        for st, p in zip(states, params):
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = zeros_like(p)
+        for i in fresh:
+            states[i]["momentum_buffer"] = zeros_like(params[i])
         for subset, first in ((fresh, True), (sorted(set(range(len(params))) - set(fresh)), False)):
             if subset:
                 super()._kernel_step(group, [params[i] for i in subset], [grads[i] for i in subset],
