@@ -4,22 +4,19 @@ Only the rows present in the coalesced gradient are read or written: moments and
 bit-identical. As in torch, ``step`` is a plain Python int per param, advanced whenever the param has a grad (even an
 empty one), so the bias corrections are computed on the host and reach the kernel as one per-tensor step size.
 
-Fused path: the coalesced rows of every param of a group (per dtype combination) are described by one small table
-(uploaded each step: sparse indices are new every step anyway) and updated by ONE launch of ``_sparse_rows_kernel``,
-which gathers p / exp_avg / exp_avg_sq at those rows, applies the element rule ``_sparse_adam_update`` (the
-multi-tensor UPDATE convention of kernels/multi_tensor.py) and scatters them back.
+Fused path: ONE launch of kernels/sparse_rows.py per dtype combination updates the coalesced rows of every param of
+a group with the element rule ``_sparse_adam_update`` below.
 """
 from __future__ import annotations
 
 import math
-import struct
 
 import torch
 
 from .._base import FusedOptimizer, check, check_betas, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
-from ..kernels import runtime, access
+from ..kernels import runtime, sparse_rows
 
 if runtime.available():
     import triton
@@ -38,55 +35,6 @@ if runtime.available():
         p = p - step_size * (m / (tl.sqrt(v) + eps.to(tl.float32)))
         return p, m, v, s2, s3
 
-    @triton.jit
-    def _sparse_rows_kernel(hypers, table, work, scale_ptr, UPDATE: tl.constexpr, FLAGS: tl.constexpr,
-                            P_DT: tl.constexpr, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
-                            ITERS: tl.constexpr):
-        # One program = one chunk of one tensor's coalesced values (present rows x row length). A tensor's table
-        # row (int64): p, exp_avg, exp_avg_sq, values, row numbers (addresses), numel of values, row length, and
-        # the step size as float64 bits.
-        pid = tl.program_id(0)
-        t = tl.load(work + 2 * pid)
-        chunk = tl.load(work + 2 * pid + 1)
-        row = table + t * 8
-        p_ptr = access.chunk_ptr(row, 0, P_DT, False)
-        m_ptr = access.chunk_ptr(row, 1, P_DT, False)
-        v_ptr = access.chunk_ptr(row, 2, P_DT, False)
-        g_ptr = access.chunk_ptr(row, 3, G_DT, False)
-        idx_ptr = tl.load(row + 4).to(tl.pointer_type(tl.int64))
-        n = tl.load(row + 5)
-        cols = tl.load(row + 6)
-        step_size = tl.load(row + 7).to(tl.float64, bitcast=True).to(tl.float32)
-        # fp64 hyper-parameters (lr, beta1, beta2, eps) come from memory: the interpreter would round float
-        # arguments to fp32 first
-        lr = tl.load(hypers)
-        h1 = tl.load(hypers + 1)
-        h2 = tl.load(hypers + 2)
-        h3 = tl.load(hypers + 3)
-        inv_scale = 1.0
-        if HAS_SCALE:
-            inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
-        zero = tl.zeros([BLOCK], dtype=tl.float32)
-        lanes = tl.arange(0, BLOCK)
-        for i in range(ITERS):
-            e = chunk * (BLOCK * ITERS) + i * BLOCK + lanes  # index into the coalesced values
-            mask = e < n
-            r = e // cols
-            offs = tl.load(idx_ptr + r, mask=mask, other=0) * cols + (e - r * cols)  # into p, m, v
-            p = access.load(p_ptr, offs, mask, False)
-            m = access.load(m_ptr, offs, mask, False)
-            v = access.load(v_ptr, offs, mask, False)
-            g = access.load(g_ptr, e, mask, False)
-            if HAS_SCALE:
-                g = g * inv_scale
-                access.store(g_ptr, e, g, mask, False)  # the grad holds the unscaled values afterwards
-            p, m, v, _, _ = UPDATE(p, g, m, v, zero, zero, step_size, 0.0, 0.0, 0.0, lr, h1, h2, h3,
-                                   0.0, 0.0, 0.0, 0.0, FLAGS)
-            access.store(p_ptr, offs, p, mask, False)
-            access.store(m_ptr, offs, m, mask, False)
-            access.store(v_ptr, offs, v, mask, False)
-
-
 def _constexprs(rule, dts, has_scale: bool) -> dict:
     return dict(UPDATE=rule.update, FLAGS=rule.flags, P_DT=runtime.tl_dtype(dts[0]), G_DT=runtime.tl_dtype(dts[1]),
                 HAS_SCALE=has_scale, BLOCK=runtime.BLOCK, ITERS=runtime.ITERS)
@@ -101,11 +49,11 @@ def aot_kernels():
             for amp in (False, True):
                 rule = mt.Rule(_sparse_adam_update, flags=mt.pack((MAXIMIZE, maximize)),
                                hypers=dict(lr=0.0, beta1=0.0, beta2=0.0, eps=0.0))  # compile-time only
-                cx = _constexprs(rule, (dt, dt), amp)
+                cx = sparse_rows.constexprs(rule, (dt, dt), amp)
                 sig = {"hypers": "*fp64", "table": "*i64", "work": "*i64", "scale_ptr": "*fp32" if amp else "*i64",
                        **{k: "constexpr" for k in cx}}
                 name = f"SparseAdam[rows,maximize={maximize}] {str(dt).replace('torch.', '')}{' amp' if amp else ''}"
-                entries.append(dict(name=name, fn=_sparse_rows_kernel, signature=sig, constexprs=cx,
+                entries.append(dict(name=name, fn=sparse_rows.sparse_rows_kernel, signature=sig, constexprs=cx,
                                     options=runtime.compile_options()))
     return entries
 
@@ -123,10 +71,6 @@ def _linear_rows(grad: torch.Tensor) -> torch.Tensor:
     for d in range(1, idx.shape[0]):
         rows = rows * grad.shape[d] + idx[d]
     return rows.contiguous()
-
-
-def _f64_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
 @register
@@ -207,23 +151,7 @@ class SparseAdam(FusedOptimizer):
                 continue
             vals = vals.contiguous()
             rows = _linear_rows(g)
-            item = (p, st, vals, rows, _step_size(lr, beta1, beta2, st["step"]))
+            item = (p, st["exp_avg"], st["exp_avg_sq"], vals, rows, _step_size(lr, beta1, beta2, st["step"]))
             buckets.setdefault((p.dtype, vals.dtype), []).append(item)
         for dts, items in buckets.items():
-            self._launch(rule, dts, items, grad_scale)
-
-    @staticmethod
-    def _launch(rule, dts, items, grad_scale):
-        chunk = runtime.BLOCK * runtime.ITERS
-        table, work = [], []
-        for t, (p, st, vals, rows, step_size) in enumerate(items):
-            cols = vals[0].numel() if vals.dim() > 1 else 1
-            table += [p.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr(), vals.data_ptr(),
-                      rows.data_ptr(), vals.numel(), cols, _f64_bits(step_size)]
-            work += [x for c in range(-(-vals.numel() // chunk)) for x in (t, c)]
-        dev = items[0][0].device
-        hypers = [_f64_bits(h) for h in rule.hypers.values()]
-        buf = torch.tensor(hypers + table + work, dtype=torch.int64).to(dev)  # one upload per launch
-        n_h, n_t = len(hypers), len(hypers) + len(table)
-        runtime.launch(_sparse_rows_kernel, len(work) // 2, buf[:n_h].view(torch.float64), buf[n_h:n_t], buf[n_t:],
-                       grad_scale if grad_scale is not None else buf, **_constexprs(rule, dts, grad_scale is not None))
+            sparse_rows.launch_rows(rule, dts, items, grad_scale)
