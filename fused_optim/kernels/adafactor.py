@@ -1,0 +1,231 @@
+"""Adafactor's kernel family, host side: the step spec, the tables, the launcher and the AOT entries. The jit code is
+adafactor_passes.py (one function per pass) and adafactor_tiles.py (table layout, shared helpers); how they fit:
+"Note [adafactor passes]" in kernels/README.md."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .._base import device_index
+from . import multi_tensor as mt, reduce, runtime, sync
+from .adafactor_passes import APPLY, CAUTIOUS_APPLY, FOLD, MOMENTS, NORMS, ROWCOL
+from .adafactor_tiles import META, M_CSRC_COL, M_CSRC_ROW, PTRS, T_LR, T_WIDTH, TA, TB, X_GRAD
+from .tables import Tables, TableCache, buckets, dtype_of, pick, ptr, to_device
+
+if runtime.available():
+    from .adafactor_passes import adafactor_kernel
+    from .adafactor_tiles import BETA1, RELATIVE, SCALE_PARAM, WARMUP, WD
+
+LOW = (torch.float16, torch.bfloat16)
+CSRC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the C++ engine's grad dtypes
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
+HYPERS = ("lr", "eps", "eps_scale", "clip", "decay_rate", "beta1", "wd")  # the kernel's fp64 arguments, in order
+PLAIN, CAUTIOUS = (NORMS, APPLY), (NORMS, MOMENTS, CAUTIOUS_APPLY)  # the passes after the factored statistics
+PASS_NAMES = ("fold", "rowcol", "norms", "moments", "apply", "cautious")
+
+
+@dataclass
+class Spec:
+    """One group's step as the optimizer states it: the passes after the statistics (PLAIN or CAUTIOUS), FLAGS
+    (options(...)), the hyper-parameters by name (HYPERS; lr is read from lr_tensor when given) and how a param
+    factors (factored(shape) -> (A dim, B dim) or None; factored_key: what else that depends on)."""
+    passes: tuple
+    flags: int
+    hypers: dict
+    lr_tensor: torch.Tensor | None
+    factored: Callable
+    factored_key: object
+
+
+def options(relative=False, warmup=False, scale_parameter=False, beta1=False, weight_decay=False) -> int:
+    """The FLAGS bits of a launch."""
+    return mt.pack((RELATIVE, relative), (WARMUP, warmup), (SCALE_PARAM, scale_parameter), (BETA1, beta1),
+                   (WD, weight_decay))
+
+
+@dataclass
+class AdafactorTables(Tables):
+    meta: torch.Tensor        # int64 [T, M_WIDTH] (adafactor_tiles.META)
+    work: torch.Tensor        # int32 [items, W_WIDTH]: (tensor, plane, A-block, B-block), factored tensors first
+    n_factored_work: int
+    dims: list                # each tensor's factored dims or None
+    tsc: torch.Tensor         # fp32 [T, T_WIDTH]: sum of update^2, caution mask count, step size
+    part: torch.Tensor        # fp32 [2, items]: per-item partial sums
+    rcpart: torch.Tensor      # ROWCOL's partial row / column sums
+    counters: torch.Tensor    # int32: per tensor, then per row / column block
+    barrier: sync.GridBarrier  # the persistent launch's grid barrier and its failure report
+    fdummy: torch.Tensor
+    stats: torch.Tensor = None       # the csrc engine's whole fp32 output buffer (fixed address), once it has run
+    stats_view: torch.Tensor = None  # its row / column means (meta's csrc_row / csrc_col index it)
+    csrc_geo: tuple = None           # (factored tensor indices, their csrc geometry)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _build_tables(key, ps, gs, sts, factored, device) -> AdafactorTables:
+    dims = [factored(p.shape) for p in ps]
+    entries = []  # per tensor: (unfactored, t, address row, meta row, work items)
+    rc_size, cnt_size = 0, len(ps)
+    for t, (p, g, st, d) in enumerate(zip(ps, gs, sts, dims)):
+        m = dict(numel=p.numel(), factored=int(d is not None), row_part=0, col_part=0, counters=0, csrc_row=0,
+                 csrc_col=0)
+        if d is not None:  # viewed as [pre, A, B, post]: tiles of TA x TB of each (pre, post) plane
+            da, db = d
+            m.update(A=p.shape[da], B=p.shape[db], post=math.prod(p.shape[db + 1:]))
+            m.update(planes=math.prod(p.shape[:da]) * m["post"], nab=_cdiv(m["A"], TA), nbb=_cdiv(m["B"], TB))
+            m.update(row_part=rc_size, col_part=rc_size + m["nbb"] * m["planes"] * m["A"], counters=cnt_size)
+            rc_size += (m["nbb"] * m["A"] + m["nab"] * m["B"]) * m["planes"]
+            cnt_size += m["planes"] * (m["nab"] + m["nbb"])
+            row, col = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+        else:  # rows of TB elements, one plane
+            m.update(A=max(1, _cdiv(p.numel(), TB)), B=TB, post=1, planes=1, nbb=1)
+            m["nab"] = _cdiv(m["A"], TA)
+            row, col = st["exp_avg_sq"], p
+        m["items"] = m["planes"] * m["nab"] * m["nbb"]
+        addr = dict(param=p, grad=g, exp_avg=st.get("exp_avg", p), row=row, col=col, step=st["step"], rms=st["RMS"])
+        items = [(t, pl, a, b) for pl in range(m["planes"]) for a in range(m["nab"]) for b in range(m["nbb"])]
+        entries.append((d is None, t, [addr[k].data_ptr() for k in PTRS], m, items))
+    rows, meta, work, n_fact = [None] * len(ps), [None] * len(ps), [], 0
+    for unfactored, t, row, m, items in sorted(entries, key=lambda e: e[:2]):
+        m["first"] = len(work)
+        rows[t], meta[t] = row, [m[k] for k in META]
+        work.extend(items)
+        n_fact += 0 if unfactored else len(items)
+    zeros = torch.zeros
+    return AdafactorTables(key=key, gkey=tuple(map(ptr, gs)), ptrs=to_device(rows, torch.int64, device),
+                           aligned=False, grad_col=int(X_GRAD), meta=to_device(meta, torch.int64, device),
+                           work=to_device(work, torch.int32, device), n_factored_work=n_fact, dims=dims,
+                           tsc=zeros(len(ps), int(T_WIDTH), dtype=torch.float32, device=device),
+                           part=zeros(2, len(work), dtype=torch.float32, device=device),
+                           rcpart=zeros(max(rc_size, 1), dtype=torch.float32, device=device),
+                           counters=zeros(cnt_size, dtype=torch.int32, device=device),
+                           barrier=sync.GridBarrier(device), fdummy=zeros(1, dtype=torch.float32, device=device))
+
+
+def constexprs(passes, flags, dts, *, lr_tensor=False, has_scale=False, has_inf=False) -> dict:
+    """The compile-time arguments of a launch running ``passes`` (the launcher and the AOT inventory use this)."""
+    return dict(PASSES=sum(1 << int(x) for x in passes), FLAGS=flags, P_DT=runtime.tl_dtype(dts[0]),
+                G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]), LR_TENSOR=lr_tensor,
+                HAS_SCALE=has_scale, HAS_INF=has_inf)
+
+
+def launches(passes, has_factored: bool, csrc_stats: bool) -> list:
+    """The Triton launches of a step, each a list of passes: the statistics (none without factored tensors; on the
+    csrc engine the persistent launch folds its means in first), then the persistent rest."""
+    if not has_factored:
+        return [list(passes)]
+    return [[FOLD, *passes]] if csrc_stats else [[ROWCOL], list(passes)]
+
+
+def _moment_dtypes(states, grads, device) -> list:
+    """Each tensor's moment dtype (fp32 for fp16 / bf16 grads); its moments are made contiguous on the device in it
+    (a loaded checkpoint may hold others): the kernel reads them by address."""
+    index, sdts = device_index(device), []
+    for g, st in zip(grads, states):
+        sdt = torch.float32 if g.dtype in LOW else g.dtype
+        for k in MOMENT_KEYS:
+            v = st.get(k)
+            if v is not None and (v.dtype != sdt or v.get_device() != index or not v.is_contiguous()):
+                st[k] = v.to(device=device, dtype=sdt).contiguous()
+        sdts.append(sdt)
+    return sdts
+
+
+def step(spec: Spec, cache: TableCache, params, grads, states, grad_scale=None, found_inf=None):
+    """One param group's fused step; per (param, grad, moment) dtype bucket at most 2 launches. Returns the last
+    tensor's step size as a 0-d device view (timm leaves it in group['lr'])."""
+    dev = params[0].device
+    hypers = tuple(spec.hypers[k] for k in HYPERS)
+    keys = list(zip(map(dtype_of, params), map(dtype_of, grads), _moment_dtypes(states, grads, dev)))
+    last_lr = None
+    for dts, idx in buckets(keys).items():
+        ps, gs, sts = pick(idx, params, grads, states)
+        # every address and size the tables hold but the grads': a replaced param or state rebuilds them
+        key = (tuple(map(ptr, ps)), tuple(map(torch.Tensor.size, ps)), spec.factored_key,
+               tuple(v.data_ptr() for st in sts for v in st.values() if isinstance(v, torch.Tensor)))
+        tab = cache.lookup(dts, key, gs, lambda: _build_tables(key, ps, gs, sts, spec.factored, dev))
+        _launch(tab, spec, dts, gs, hypers, grad_scale, found_inf)
+        if idx[-1] == len(params) - 1:
+            last_lr = tab.tsc[len(idx) - 1, int(T_LR)]
+    return last_lr
+
+
+def _launch(tab, spec, dts, gs, hypers, grad_scale, found_inf) -> None:
+    has_factored = tab.n_factored_work > 0
+    # the statistics on the C++ engine where it is built (fp32 / bf16 / fp16 grads), else Triton's ROWCOL pass
+    csrc_stats = has_factored and dts[1] in CSRC_DTYPES and reduce.use_csrc(gs[0].device)
+    stats = _csrc_stats(tab, gs, spec.hypers["eps"], grad_scale) if csrc_stats else tab.rcpart
+    n_work = tab.work.shape[0]
+    args = (tab.ptrs, tab.meta, tab.work, tab.tsc, tab.part[0], tab.part[1], stats, tab.counters, tab.barrier.words,
+            spec.lr_tensor if spec.lr_tensor is not None else tab.fdummy,
+            grad_scale if grad_scale is not None else tab.fdummy, found_inf if found_inf is not None else tab.fdummy,
+            tab.n_factored_work, n_work, *hypers)
+    for phases in launches(spec.passes, has_factored, csrc_stats):
+        runtime.launch_phases(
+            adafactor_kernel, phases, *args, device=gs[0].device,
+            grid_of=lambda x: tab.n_factored_work if x in (ROWCOL, FOLD) else n_work,
+            constexprs_of=lambda run: constexprs(run, spec.flags, dts, lr_tensor=spec.lr_tensor is not None,
+                                                 has_scale=grad_scale is not None, has_inf=found_inf is not None))
+        if len(phases) > 1:
+            tab.barrier.watch("Adafactor")
+
+
+def _csrc_stats(tab, gs, eps, grad_scale):
+    """The row / column means of (g / grad_scale)^2 + eps of every factored tensor of the bucket, in one csrc engine
+    launch, into tab.stats (allocated by the first run, whose plan gives meta's csrc_row / csrc_col offsets)."""
+    from .. import csrc
+
+    if tab.csrc_geo is None:  # fixed with the tables' key (shapes, factored dims)
+        fidx = [t for t, d in enumerate(tab.dims) if d is not None]
+        # csrc's (B, R, C, S) for factoring dims (da, db = da + 1): its row means are [pre, A, post], the row
+        # state's layout, and its column means [pre, B, post], the column state's
+        tab.csrc_geo = fidx, [(math.prod(gs[t].shape[:da]), gs[t].shape[da], gs[t].shape[db],
+                               math.prod(gs[t].shape[db + 1:])) for t in fidx for da, db in [tab.dims[t]]]
+    fidx, geo = tab.csrc_geo
+    fgs = [gs[t] for t in fidx]
+    _, out_stats, _, plan = csrc.launch(csrc.KIND_FACTORED, csrc.engine_backend(fgs[0].device), fgs, None, geo, eps,
+                                        scale=grad_scale, out=tab.stats,
+                                        plan_key=(tab.key, fgs[0].dtype))  # a bucket: one grad dtype
+    if tab.stats is None:
+        assert plan.K == 1
+        size = (plan.n_entries + plan.n_stats + 1) * plan.K
+        tab.stats = out_stats.as_strided((size,), (1,), 0)  # the whole buffer: out= keeps its address from now on
+        tab.stats_view = out_stats.view(-1)
+        offs = [[0, 0] for _ in gs]
+        for k, t in enumerate(fidx):
+            offs[t] = [plan.row_out[k], plan.col_out[k]]
+        assert int(M_CSRC_COL) == int(M_CSRC_ROW) + 1
+        tab.meta[:, int(M_CSRC_ROW):int(M_CSRC_COL) + 1].copy_(torch.tensor(offs, dtype=torch.int64))
+    return tab.stats_view
+
+
+def aot_kernels():
+    """Every launch of the kernel, for tools/aot.py: the Triton statistics (ROWCOL) and the persistent launches after
+    it or after the csrc engine (FOLD first); relative step (default), and external lr with beta1, weight decay, with
+    and without caution; fp32, bf16 (fp32 states) and fp16 with AMP arguments."""
+    types = {"ptrs": "*i64", "meta": "*i64", "work": "*i32", "counters": "*i32", "barrier": "*i32",
+             "n_fact": "i32", "n_work": "i32", **{k: "fp64" for k in HYPERS}}
+    cx_names = constexprs([], 0, (torch.float32,) * 3)
+    sig = {a: "constexpr" if a in cx_names else types.get(a, "*fp32") for a in adafactor_kernel.arg_names}
+    variants = [("relative", options(relative=True, scale_parameter=True), (False,)),
+                ("lr,betas,weight_decay", options(beta1=True, weight_decay=True), (False, True))]
+    runs = []
+    for label, flags, cautions in variants:
+        for cautious in cautions:
+            for csrc_stats in (False, True):
+                for passes in launches(CAUTIOUS if cautious else PLAIN, True, csrc_stats):
+                    if (flags, passes) not in [x[1:] for x in runs]:
+                        runs.append((label + (",caution" if cautious else ""), flags, passes))
+    dtypes = [((torch.float32,) * 3, False), ((torch.bfloat16, torch.bfloat16, torch.float32), False),
+              ((torch.float16, torch.float16, torch.float32), True)]
+    return [dict(name=f"Adafactor[{label},{'+'.join(PASS_NAMES[x] for x in passes)}] "
+                      f"{str(dts[0]).replace('torch.', '')}{' amp' if amp else ''}",
+                 fn=adafactor_kernel, signature=sig,
+                 constexprs=constexprs(passes, flags, dts, has_scale=amp, has_inf=amp),
+                 options=runtime.compile_options())
+            for label, flags, passes in runs for dts, amp in dtypes]

@@ -1,0 +1,244 @@
+"""Adafactor's passes, one jit function each, and the kernel that runs them in order (sync.run_phases). The
+launcher is kernels/adafactor.py; "Note [adafactor passes]" in kernels/README.md says how they fit."""
+from __future__ import annotations
+
+from . import runtime
+from .tables import fields
+
+FOLD, ROWCOL, NORMS, MOMENTS, APPLY, CAUTIOUS_APPLY = range(6)  # the passes, numbered in execution order
+
+if runtime.available():
+    import triton
+    import triton.language as tl
+
+    from .access import chunk_ptr, store
+    from .sync import arrive, run_phases, sum_partials
+    from .adafactor_tiles import (BETA1, K_ITERS, K_PB, K_SUB, K_TB, M_COL_PART, M_COUNTERS, M_CSRC_COL, M_CSRC_ROW,
+                                  M_FIRST, M_ITEMS, M_NAB, M_NBB, M_PLANES, M_ROW_PART, T_MASK_COUNT, T_UPDATE_SQ,
+                                  T_WIDTH, X_COL, X_EXP_AVG, X_GRAD, X_PARAM, X_RMS, X_ROW, finish_step, fold_into,
+                                  fold_sums, geometry, inv_root, grad_inv_scale, lerp, locate, moment_ctx, step_scalars,
+                                  sub_tile, tile_cols, tile_rows, update_scalars, write_param)
+
+    P_FOLD, P_ROWCOL, P_NORMS, P_MOMENTS, P_APPLY, P_CAUTIOUS_APPLY = (tl.constexpr(x) for x in range(6))
+    # the compile-time settings in run_phases' args (args[3])
+    C_FLAGS, C_P_DT, C_G_DT, C_S_DT, C_LR_TENSOR, C_HAS_SCALE, _C_WIDTH = fields(
+        "flags", "p_dt", "g_dt", "s_dt", "lr_tensor", "has_scale")
+
+    @triton.jit
+    def _fold(item, tabs, hyp, S_DT: tl.constexpr):
+        """FOLD: the csrc engine's row / column means into the moments. The items of A-block 0 fold the columns of
+        their B-block, those of B-block 0 the rows of their A-block (each exactly once)."""
+        ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr = tabs
+        t, plane, ab, bb, mrow, row = locate(item, work, meta, ptrs)
+        geo = geometry(mrow, plane)
+        keep = step_scalars(row, hyp, lr_ptr, 0.0, 0, False)[1]
+        if bb == 0:
+            means = rcpart + tl.load(mrow + M_CSRC_ROW)  # [pre, A, post]: the row state's layout
+            for it in range(K_ITERS):
+                rows, rmask, ridx = tile_rows(geo, ab, it)
+                mean = tl.load(means + ridx, mask=rmask, other=0.0)
+                fold_into(chunk_ptr(row, X_ROW, S_DT, False), ridx, mean, rmask, keep)
+        if ab == 0:
+            cols, cmask, cidx = tile_cols(geo, bb)
+            mean = tl.load(rcpart + tl.load(mrow + M_CSRC_COL) + cidx, mask=cmask, other=0.0)
+            fold_into(chunk_ptr(row, X_COL, S_DT, False), cidx, mean, cmask, keep)
+
+    @triton.jit
+    def _rowcol(item, tabs, hyp, G_DT: tl.constexpr, S_DT: tl.constexpr, HAS_SCALE: tl.constexpr):
+        """ROWCOL: partial row / column sums of (g / grad_scale)^2 + eps over the tile; the last tile of each row
+        (column) block folds the block's sums into exp_avg_sq_row (_col)."""
+        ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr = tabs
+        lr, eps, eps_scale, clip, decay_rate, beta1, wd = hyp
+        t, plane, ab, bb, mrow, row = locate(item, work, meta, ptrs)
+        geo = geometry(mrow, plane)
+        A, B = geo[0], geo[1]
+        planes, nab, nbb = tl.load(mrow + M_PLANES), tl.load(mrow + M_NAB), tl.load(mrow + M_NBB)
+        g_ptr = chunk_ptr(row, X_GRAD, G_DT, False)
+        inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
+        rpart = rcpart + tl.load(mrow + M_ROW_PART) + plane * A  # [B-block, plane, A]
+        cpart = rcpart + tl.load(mrow + M_COL_PART) + plane * B  # [A-block, plane, B]
+        cols, cmask, cidx = tile_cols(geo, bb)
+        col_acc = tl.zeros([K_TB], tl.float32)
+        for it in range(K_ITERS):
+            rows, rmask, ridx, offs, mask = sub_tile(geo, ab, it, cols, cmask)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
+            u = tl.where(mask, g * g + tl.cast(eps, tl.float32), 0.0)
+            tl.store(rpart + bb * planes * A + rows, tl.sum(u, axis=1), mask=rmask)
+            col_acc += tl.sum(u, axis=0)
+        tl.store(cpart + ab * planes * B + cols, col_acc, mask=cmask)
+        keep = step_scalars(row, hyp, lr_ptr, 0.0, 0, False)[1]
+        cnt = counters + tl.load(mrow + M_COUNTERS)
+        if arrive(cnt + plane * nab + ab, nbb):  # every tile of this row block has stored its sums
+            for it in range(K_ITERS):
+                rows, rmask, ridx = tile_rows(geo, ab, it)
+                fold_sums(chunk_ptr(row, X_ROW, S_DT, False), ridx, rpart + rows, planes * A, nbb, rmask, B, keep,
+                           K_SUB)
+            tl.store(cnt + plane * nab + ab, 0)
+        if arrive(cnt + planes * nab + plane * nbb + bb, nab):  # ... of this column block
+            fold_sums(chunk_ptr(row, X_COL, S_DT, False), cidx, cpart + cols, planes * B, nab, cmask, A, keep, K_TB)
+            tl.store(cnt + planes * nab + plane * nbb + bb, 0)
+
+    @triton.jit
+    def _norms(item, tabs, hyp, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+               HAS_SCALE: tl.constexpr):
+        """NORMS: per tensor the sum of the unclipped update^2 (-> the clip factor) and RMS(p), from per-item
+        partials summed by the tensor's last program."""
+        ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr = tabs
+        lr, eps, eps_scale, clip, decay_rate, beta1, wd = hyp
+        t, plane, ab, bb, mrow, row = locate(item, work, meta, ptrs)
+        geo = geometry(mrow, plane)
+        ctx = moment_ctx(row, mrow, geo, S_DT)
+        keep = step_scalars(row, hyp, lr_ptr, 0.0, 0, False)[1]
+        p_ptr, g_ptr = chunk_ptr(row, X_PARAM, P_DT, False), chunk_ptr(row, X_GRAD, G_DT, False)
+        inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
+        cols, cmask, cidx = tile_cols(geo, bb)
+        usq = tl.zeros([K_SUB], tl.float32)  # per-row running sums: fewer registers than a [SUB, TB] tile
+        psq = tl.zeros([K_SUB], tl.float32)
+        for it in range(K_ITERS):
+            rows, rmask, ridx, offs, mask = sub_tile(geo, ab, it, cols, cmask)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            u = g * inv_root(ctx, g, offs, mask, rows, ridx, cols, cidx, keep, tl.cast(eps, tl.float32))[0]
+            usq += tl.sum(tl.where(mask, u * u, 0.0), axis=1)
+            psq += tl.sum(tl.where(mask, p * p, 0.0), axis=1)
+        tl.store(part0 + item, tl.sum(usq, axis=0))
+        tl.store(part1 + item, tl.sum(psq, axis=0))
+        nwork, first = tl.load(mrow + M_ITEMS), tl.load(mrow + M_FIRST)
+        if arrive(counters + t, nwork):  # every other program of the tensor has stored its partials
+            tl.store(tsc + T_WIDTH * t + T_UPDATE_SQ, sum_partials(part0 + first, nwork, K_PB))
+            psum = sum_partials(part1 + first, nwork, K_PB)
+            tl.store(chunk_ptr(row, X_RMS, tl.float32, False), tl.sqrt(psum) / tl.sqrt(geo[5].to(tl.float32)))
+            tl.store(counters + t, 0)
+
+    @triton.jit
+    def _new_moments(ctx, tile, g, offs, mask, rows, ridx, cols, cidx, sc, FLAGS: tl.constexpr,
+                     HAS_SCALE: tl.constexpr):
+        """A sub-tile's new moments (stored) and the update they give: lr * g / sqrt(v) / clip, or the new exp_avg
+        with betas. p.grad ends unscaled, like the generic kernel's: written in exactly one phase."""
+        m_ptr, g_ptr = tile
+        keep, eps, clip_f, lr_f, one_minus_beta1 = sc
+        f, v, vmask = inv_root(ctx, g, offs, mask, rows, ridx, cols, cidx, keep, eps)
+        store(ctx[1], offs, v, vmask, False)
+        upd = g * f / clip_f * lr_f
+        if FLAGS & BETA1:
+            m = lerp(tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32), upd, one_minus_beta1)
+            store(m_ptr, offs, m, mask, False)
+            upd = m
+        if HAS_SCALE:
+            store(g_ptr, offs, g, mask, False)
+        return upd
+
+    @triton.jit
+    def _apply(item, tabs, hyp, FLAGS: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+               LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr):
+        """APPLY: new moments, the clipped update, weight decay; the step advances."""
+        ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr = tabs
+        t, plane, ab, bb, mrow, row = locate(item, work, meta, ptrs)
+        geo = geometry(mrow, plane)
+        ctx = moment_ctx(row, mrow, geo, S_DT)
+        step, lr_t, neg_decay, sc = update_scalars(row, mrow, t, tsc, hyp, lr_ptr, FLAGS, LR_TENSOR)
+        p_ptr, g_ptr = chunk_ptr(row, X_PARAM, P_DT, False), chunk_ptr(row, X_GRAD, G_DT, False)
+        tile = (chunk_ptr(row, X_EXP_AVG, S_DT, False), g_ptr)
+        inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
+        cols, cmask, cidx = tile_cols(geo, bb)
+        for it in range(K_ITERS):
+            rows, rmask, ridx, offs, mask = sub_tile(geo, ab, it, cols, cmask)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
+            upd = _new_moments(ctx, tile, g, offs, mask, rows, ridx, cols, cidx, sc, FLAGS, HAS_SCALE)
+            write_param(p_ptr, offs, mask, upd, neg_decay, FLAGS)
+        finish_step(counters, t, mrow, row, tsc, step, lr_t)
+
+    @triton.jit
+    def _moments(item, tabs, hyp, FLAGS: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+                 LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr):
+        """MOMENTS (caution): new moments as APPLY, and per tensor the count of elements where exp_avg and the grad
+        agree in sign (the caution mask's mean, for CAUTIOUS_APPLY)."""
+        ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr = tabs
+        t, plane, ab, bb, mrow, row = locate(item, work, meta, ptrs)
+        geo = geometry(mrow, plane)
+        ctx = moment_ctx(row, mrow, geo, S_DT)
+        sc = update_scalars(row, mrow, t, tsc, hyp, lr_ptr, FLAGS, LR_TENSOR)[3]
+        g_ptr = chunk_ptr(row, X_GRAD, G_DT, False)
+        tile = (chunk_ptr(row, X_EXP_AVG, S_DT, False), g_ptr)
+        inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
+        cols, cmask, cidx = tile_cols(geo, bb)
+        count = tl.zeros([K_SUB], tl.float32)
+        for it in range(K_ITERS):
+            rows, rmask, ridx, offs, mask = sub_tile(geo, ab, it, cols, cmask)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
+            m = _new_moments(ctx, tile, g, offs, mask, rows, ridx, cols, cidx, sc, FLAGS, HAS_SCALE)
+            count += tl.sum(tl.where(mask & (m * g > 0.0), 1.0, 0.0), axis=1)
+        tl.store(part0 + item, tl.sum(count, axis=0))
+        nwork, first = tl.load(mrow + M_ITEMS), tl.load(mrow + M_FIRST)
+        if arrive(counters + t, nwork):
+            tl.store(tsc + T_WIDTH * t + T_MASK_COUNT, sum_partials(part0 + first, nwork, K_PB))
+            tl.store(counters + t, 0)
+
+    @triton.jit
+    def _cautious_apply(item, tabs, hyp, FLAGS: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr,
+                        S_DT: tl.constexpr, LR_TENSOR: tl.constexpr):
+        """CAUTIOUS_APPLY: exp_avg where it agrees in sign with the grad (MOMENTS wrote both, the grad unscaled),
+        over the mask's mean; weight decay; the step advances."""
+        ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr = tabs
+        t, plane, ab, bb, mrow, row = locate(item, work, meta, ptrs)
+        geo = geometry(mrow, plane)
+        step, lr_t, neg_decay, sc = update_scalars(row, mrow, t, tsc, hyp, lr_ptr, FLAGS, LR_TENSOR)
+        mask_mean = tl.load(tsc + T_WIDTH * t + T_MASK_COUNT, cache_modifier=".cg") / geo[5].to(tl.float32)
+        mask_scale = 1.0 / tl.maximum(mask_mean, 1e-3)
+        p_ptr, g_ptr = chunk_ptr(row, X_PARAM, P_DT, False), chunk_ptr(row, X_GRAD, G_DT, False)
+        m_ptr = chunk_ptr(row, X_EXP_AVG, S_DT, False)
+        cols, cmask, cidx = tile_cols(geo, bb)
+        for it in range(K_ITERS):
+            rows, rmask, ridx, offs, mask = sub_tile(geo, ab, it, cols, cmask)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            write_param(p_ptr, offs, mask, tl.where(m * g > 0.0, m * mask_scale, 0.0), neg_decay, FLAGS)
+        finish_step(counters, t, mrow, row, tsc, step, lr_t)
+
+    @triton.jit
+    def _item(item, PASS: tl.constexpr, args):
+        """run_phases' ITEM: one pass over one work item. args = (tables, hypers, item counts, settings); the
+        settings are read by index, never assigned: an assignment makes a tuple's constexprs run-time values."""
+        if PASS == P_FOLD:
+            _fold(item, args[0], args[1], args[3][C_S_DT])
+        elif PASS == P_ROWCOL:
+            _rowcol(item, args[0], args[1], args[3][C_G_DT], args[3][C_S_DT], args[3][C_HAS_SCALE])
+        elif PASS == P_NORMS:
+            _norms(item, args[0], args[1], args[3][C_P_DT], args[3][C_G_DT], args[3][C_S_DT], args[3][C_HAS_SCALE])
+        elif PASS == P_MOMENTS:
+            _moments(item, args[0], args[1], args[3][C_FLAGS], args[3][C_G_DT], args[3][C_S_DT],
+                     args[3][C_LR_TENSOR], args[3][C_HAS_SCALE])
+        elif PASS == P_APPLY:
+            _apply(item, args[0], args[1], args[3][C_FLAGS], args[3][C_P_DT], args[3][C_G_DT], args[3][C_S_DT],
+                   args[3][C_LR_TENSOR], args[3][C_HAS_SCALE])
+        else:
+            _cautious_apply(item, args[0], args[1], args[3][C_FLAGS], args[3][C_P_DT], args[3][C_G_DT],
+                            args[3][C_S_DT], args[3][C_LR_TENSOR])
+
+    @triton.jit
+    def _count(PASS: tl.constexpr, args):
+        """run_phases' COUNT: FOLD and ROWCOL run over the factored tensors' items (they come first), the rest over
+        all."""
+        n_fact, n_work = args[2]
+        n = n_work
+        if PASS <= P_ROWCOL:
+            n = n_fact
+        return n
+
+    @triton.jit
+    def adafactor_kernel(
+        ptrs, meta, work, tsc, part0, part1, rcpart, counters, barrier, lr_ptr, scale_ptr, inf_ptr, n_fact, n_work,
+        lr: tl.float64, eps: tl.float64, eps_scale: tl.float64, clip: tl.float64, decay_rate: tl.float64,
+        beta1: tl.float64, wd: tl.float64,
+        PASSES: tl.constexpr, FLAGS: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+        LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+    ):
+        """The passes in PASSES (bits), each over its work items, a grid barrier between consecutive ones."""
+        skip = 0
+        if HAS_INF:
+            skip = tl.load(inf_ptr) != 0  # AMP overflow: touch nothing, advance nothing
+        if skip == 0:
+            run_phases(barrier, PASSES, 6, _item, _count,
+                       ((ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr),
+                        (lr, eps, eps_scale, clip, decay_rate, beta1, wd), (n_fact, n_work),
+                        (FLAGS, P_DT, G_DT, S_DT, LR_TENSOR, HAS_SCALE)))

@@ -1,0 +1,183 @@
+"""Adafactor's table layout, tile shape, and the jit helpers its passes share (kernels/adafactor_passes.py): tile
+geometry, step scalars, the second-moment estimate ("Note [adafactor passes]" in kernels/README.md)."""
+from __future__ import annotations
+
+from . import runtime
+from .tables import fields
+
+# Tiles: SUB rows x TB columns per iteration, ITERS iterations (TA rows); RB rows per step of the row-mean loop, PB
+# partials per step of sum_partials. Small under the interpreter (CPU tests): the test shapes span several row and
+# column blocks and every loop runs more than once.
+if runtime.interpreter_enabled():
+    TB, SUB, RB, PB = 32, 16, 32, 4
+else:
+    TB, SUB, RB, PB = 256, max(1, runtime.BLOCK // 256), 1024, 256
+TA = SUB * runtime.ITERS
+
+# ptrs[t]: the addresses of tensor t (row: exp_avg_sq_row, or exp_avg_sq unfactored; col: exp_avg_sq_col)
+PTRS = ("param", "grad", "exp_avg", "row", "col", "step", "rms")
+X_PARAM, X_GRAD, X_EXP_AVG, X_ROW, X_COL, X_STEP, X_RMS, X_WIDTH = fields(*PTRS)
+# meta[t]: tensor t viewed as [pre, A, B, post] (unfactored: [1, A, TB, 1]), planes = pre * post, nab / nbb tiles
+# along A / B, its partial row / column sums and block counters, its first work item and item count, the csrc
+# engine's row / column means
+META = ("numel", "factored", "A", "B", "post", "planes", "nab", "nbb", "row_part", "col_part", "counters", "first",
+        "items", "csrc_row", "csrc_col")
+(M_NUMEL, M_FACTORED, M_A, M_B, M_POST, M_PLANES, M_NAB, M_NBB, M_ROW_PART, M_COL_PART, M_COUNTERS, M_FIRST,
+ M_ITEMS, M_CSRC_ROW, M_CSRC_COL, M_WIDTH) = fields(*META)
+W_TENSOR, W_PLANE, W_ABLOCK, W_BBLOCK, W_WIDTH = fields("tensor", "plane", "ablock", "bblock")  # work[item]
+T_UPDATE_SQ, T_MASK_COUNT, T_LR, T_WIDTH = fields("update_sq", "mask_count", "lr")  # tsc[t], fp32
+
+if runtime.available():
+    import triton
+    import triton.language as tl
+
+    from .access import chunk_ptr, store
+    from .multi_tensor import flag_bits
+    from .sync import arrive
+
+    RELATIVE, WARMUP, SCALE_PARAM, BETA1, WD = flag_bits(5)
+    K_TB, K_SUB, K_ITERS, K_RB, K_PB = (tl.constexpr(x) for x in (TB, SUB, runtime.ITERS, RB, PB))
+
+    @triton.jit
+    def lerp(s, e, w):
+        # torch's lerp: exact at both ends (w = 1 on the first step)
+        return tl.where(w < 0.5, s + w * (e - s), e - (e - s) * (1.0 - w))
+
+    @triton.jit
+    def locate(item, work, meta, ptrs):
+        """Work item -> (tensor, plane, A-block, B-block, its meta row, its address row)."""
+        w = work + W_WIDTH * item
+        t = tl.load(w + W_TENSOR).to(tl.int64)
+        return (t, tl.load(w + W_PLANE).to(tl.int64), tl.load(w + W_ABLOCK).to(tl.int64),
+                tl.load(w + W_BBLOCK).to(tl.int64), meta + M_WIDTH * t, ptrs + X_WIDTH * t)
+
+    @triton.jit
+    def geometry(mrow, plane):
+        """(A, B, post, pre index i, post index j, numel) of a tensor's plane."""
+        post = tl.load(mrow + M_POST)
+        return tl.load(mrow + M_A), tl.load(mrow + M_B), post, plane // post, plane % post, tl.load(mrow + M_NUMEL)
+
+    @triton.jit
+    def tile_rows(geo, ab, it):
+        """Iteration it's SUB rows of the tile: (rows, mask, index into a row state)."""
+        A, B, post, i, j, n = geo
+        rows = ab * (K_SUB * K_ITERS) + it * K_SUB + tl.arange(0, K_SUB)
+        return rows, rows < A, (i * A + rows) * post + j
+
+    @triton.jit
+    def tile_cols(geo, bb):
+        """The tile's TB columns: (cols, mask, index into a column state)."""
+        A, B, post, i, j, n = geo
+        cols = bb * K_TB + tl.arange(0, K_TB)
+        return cols, cols < B, (i * B + cols) * post + j
+
+    @triton.jit
+    def sub_tile(geo, ab, it, cols, cmask):
+        """Iteration it's [SUB, TB] sub-tile: tile_rows, then the element offsets and their mask."""
+        A, B, post, i, j, n = geo
+        rows, rmask, ridx = tile_rows(geo, ab, it)
+        offs = i * (A * B * post) + j + rows[:, None] * (B * post) + cols[None, :] * post
+        return rows, rmask, ridx, offs, rmask[:, None] & cmask[None, :] & (offs < n)
+
+    @triton.jit
+    def step_scalars(row, hyp, lr_ptr, rms, FLAGS: tl.constexpr, LR_TENSOR: tl.constexpr):
+        """fp64: the tensor's new step, the second moment's EMA weight step^decay_rate (= 1 - beta2t; fp32) and the
+        step size. Every pass reads the old step; the last pass's last program of the tensor writes the new one.
+        Scalar arguments are plain Python floats under the interpreter: cast to fp64 everywhere."""
+        lr, eps, eps_scale, clip, decay_rate, beta1, wd = hyp
+        step = tl.load(chunk_ptr(row, X_STEP, tl.float32, False)).to(tl.float64) + 1.0
+        keep = tl.exp2(tl.cast(decay_rate, tl.float64) * tl.log2(step))
+        lr = tl.cast(lr, tl.float64)
+        if LR_TENSOR:
+            lr = tl.load(lr_ptr).to(tl.float64)
+        if FLAGS & RELATIVE:
+            cap = 1e-2
+            if FLAGS & WARMUP:
+                cap = 1e-6 * step
+            lr = tl.minimum(cap, 1.0 / tl.sqrt(step))
+            if FLAGS & SCALE_PARAM:  # max(eps_scale, RMS); a NaN RMS gives eps_scale
+                lr = lr * tl.where(rms > eps_scale, rms, tl.cast(eps_scale, tl.float64))
+        return step, keep.to(tl.float32), lr
+
+    @triton.jit
+    def param_rms(row):
+        # NORMS' result, written by another program in an earlier phase: load through L2 (.cg)
+        return tl.load(chunk_ptr(row, X_RMS, tl.float32, False), cache_modifier=".cg").to(tl.float64)
+
+    @triton.jit
+    def grad_inv_scale(scale_ptr, HAS_SCALE: tl.constexpr):
+        inv = 1.0
+        if HAS_SCALE:
+            inv = 1.0 / tl.load(scale_ptr).to(tl.float32)
+        return inv
+
+    @triton.jit
+    def fold_into(ptr, idx, mean, mask, keep):
+        """A row / column moment <- lerp(old, this step's mean of g^2 + eps, 1 - beta2t)."""
+        old = tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        store(ptr, idx, lerp(old, mean, keep), mask, False)
+
+    @triton.jit
+    def fold_sums(ptr, idx, part, stride, nblocks, mask, count, keep, N: tl.constexpr):
+        """The last tile of a row (column) block: its blocks' N-wide partial sums, in a fixed order, -> the mean."""
+        tot = tl.zeros([N], tl.float32)
+        for k in range(nblocks):
+            tot += tl.load(part + k * stride, mask=mask, other=0.0, cache_modifier=".cg")
+        fold_into(ptr, idx, tot / count.to(tl.float32), mask, keep)
+
+    @triton.jit
+    def moment_ctx(row, mrow, geo, S_DT: tl.constexpr):
+        """What a tile's second-moment estimate needs: (factored, row (or unfactored) state, column state, rows /
+        columns / elements that are of each kind, the plane's mean row moment). The extents are 0 for the kind
+        the tensor is not (a scalar bool in a mask trips Triton's interpreter: compare ranges instead)."""
+        A, B, post, i, j, n = geo
+        fac = tl.load(mrow + M_FACTORED) != 0
+        s_row = chunk_ptr(row, X_ROW, S_DT, False)
+        fa = tl.where(fac, A, 0)
+        acc = tl.zeros([K_RB], tl.float32)
+        for a0 in range(0, fa, K_RB):  # other programs may have folded these rows: load through L2 (.cg)
+            aa = a0 + tl.arange(0, K_RB)
+            acc += tl.load(s_row + (i * A + aa) * post + j, mask=aa < A, other=0.0,
+                           cache_modifier=".cg").to(tl.float32)
+        rmean = tl.where(fac, tl.sum(acc, axis=0) / A.to(tl.float32), 1.0)
+        return fac, s_row, chunk_ptr(row, X_COL, S_DT, False), fa, tl.where(fac, B, 0), tl.where(fac, 0, n), rmean
+
+    @triton.jit
+    def inv_root(ctx, g, offs, mask, rows, ridx, cols, cidx, keep, eps):
+        """Per element 1 / sqrt(second moment estimate), the new unfactored moment and its store mask (empty when
+        factored). Row / column moments load with .cg (folded by other programs); the unfactored one is the tile's."""
+        fac, s_row, s_col, fa, fb, nu, rmean = ctx
+        r = tl.load(s_row + ridx, mask=rows < fa, other=1.0, cache_modifier=".cg").to(tl.float32)
+        c = tl.load(s_col + cidx, mask=cols < fb, other=1.0, cache_modifier=".cg").to(tl.float32)
+        vmask = mask & (offs < nu)
+        v = lerp(tl.load(s_row + offs, mask=vmask, other=1.0).to(tl.float32), g * g + eps, keep)
+        f = (1.0 / tl.sqrt(r / rmean))[:, None] * (1.0 / tl.sqrt(c))[None, :]
+        return tl.where(fac, f, 1.0 / tl.sqrt(v)), v, vmask
+
+    @triton.jit
+    def update_scalars(row, mrow, t, tsc, hyp, lr_ptr, FLAGS: tl.constexpr, LR_TENSOR: tl.constexpr):
+        """(new step, step size, -wd * step size; (EMA weight, eps, clip factor, step size, 1 - beta1) as fp32).
+        The clip factor is max(RMS(update) / clip_threshold, 1) from NORMS' sum."""
+        lr, eps, eps_scale, clip, decay_rate, beta1, wd = hyp
+        step, keep, lr_t = step_scalars(row, hyp, lr_ptr, param_rms(row), FLAGS, LR_TENSOR)
+        usq = tl.load(tsc + T_WIDTH * t + T_UPDATE_SQ, cache_modifier=".cg").to(tl.float64)
+        urms = tl.sqrt(usq) / tl.sqrt(tl.load(mrow + M_NUMEL).to(tl.float64))
+        clip_f = tl.maximum(urms / tl.cast(clip, tl.float64), 1.0).to(tl.float32)
+        one_minus_beta1 = (1.0 - tl.cast(beta1, tl.float64)).to(tl.float32)
+        sc = (keep, tl.cast(eps, tl.float32), clip_f, lr_t.to(tl.float32), one_minus_beta1)
+        return step, lr_t, (-(tl.cast(wd, tl.float64) * lr_t)).to(tl.float32), sc
+
+    @triton.jit
+    def write_param(p_ptr, offs, mask, upd, neg_decay, FLAGS: tl.constexpr):
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if FLAGS & WD:
+            p = p + neg_decay * p
+        store(p_ptr, offs, p - upd, mask, False)
+
+    @triton.jit
+    def finish_step(counters, t, mrow, row, tsc, step, lr_t):
+        """The tensor's last program of the last pass advances its step (all others have read the old one)."""
+        if arrive(counters + t, tl.load(mrow + M_ITEMS)):
+            tl.store(chunk_ptr(row, X_STEP, tl.float32, False), step.to(tl.float32))
+            tl.store(tsc + T_WIDTH * t + T_LR, lr_t.to(tl.float32))
+            tl.store(counters + t, 0)
