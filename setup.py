@@ -8,10 +8,12 @@ that build; ``build_ext`` below only tells it where setuptools wants each module
 * ``fused_optim._fused_optim_cuda``  declared when nvcc is found (CUDACXX, PATH or /usr/local/cuda/bin/nvcc),
   unless FUSED_OPTIM_CUDA=0; FUSED_OPTIM_CUDA=1 requires it (a failed build fails the install).
 
-pybind11 must be importable at build time: scripts/setup.sh installs it and then runs
-``pip install --no-build-isolation -e .``.
+pybind11 (and cmake, ninja) must be importable at build time: pyproject.toml declares them, so an isolated
+``pip install .`` has them; scripts/setup.sh installs that list and then runs
+``pip install --no-build-isolation -e .[test,examples]``.
 """
 import collections
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -54,6 +56,12 @@ class BuildCsrc(build_ext):
     """Builds each csrc extension with ``scripts/build_csrc.sh`` (CMake + Ninja) into setuptools' output path."""
 
     def run(self):
+        if importlib.util.find_spec("pybind11") is None:  # a --no-build-isolation build without pyproject's requires
+            if any(not ext.optional for ext in self.extensions):
+                raise CompileError("fused_optim: pybind11 is not installed: cannot build the required C++ engine")
+            print("fused_optim: WARNING: pybind11 is not installed, so no C++ engine is built (fused_optim.csrc "
+                  "falls back to torch ops); pip install pybind11 cmake ninja, then reinstall", flush=True)
+            return
         if CUDA_SKIPPED:
             print(f"fused_optim: {CUDA_SKIPPED} -> skipping the CUDA extension {CUDA}; "
                   "CUDA tensors use the Triton path or the reference")
@@ -96,8 +104,15 @@ setup(
     description="Fused GPU optimizers for PyTorch: torch.optim / timm.optim drop-ins with Triton and CUDA kernels",
     packages=find_packages(include=["fused_optim", "fused_optim.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0"],
-    extras_require={"test": ["pytest", "timm"], "bench": ["matplotlib", "tqdm"]},
+    # numpy: Triton's interpreter (TRITON_INTERPRET=1, the fused paths on CPU tensors) imports it
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    extras_require={
+        # Everything the tests import except timm (an anchor): timm requires torchvision, whose PyPI builds need
+        # the CUDA torch build of the same release, so scripts/setup.sh installs timm with --no-deps.
+        "test": ["pytest", "pytest-xdist", "numpy", "pyyaml", "transformers", "lightning"],
+        "examples": ["pyyaml"],  # examples/train_gpt.py reads a YAML config
+        "bench": ["matplotlib", "tqdm"],
+    },
     ext_modules=EXTENSIONS,
     cmdclass={"build_ext": BuildCsrc},
 )

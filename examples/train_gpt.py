@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Train a small GPT-style model from a YAML config with fused_optim; run with fused true and false from the same
 start and print both loss curves and median optimizer step times.
 
