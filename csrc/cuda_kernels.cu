@@ -5,13 +5,13 @@
 #include <string>
 
 #include "cuda_launch.h"
-#include "fo_engine.h"
+#include "fo_kinds.h"
 
 namespace fo {
 
 // Min 2 blocks per SM caps registers at 128: without it ptxas picked ~48-64 for some kinds and spilled; with it,
-// 66-109 and no spills (ptxas -v, sm_80 / sm_90), i.e. 2-3 blocks of 256 threads, each with 8 (dot: 16)
-// independent loads in flight per thread, which is what a bandwidth-bound pass needs.
+// 72-124 and no spills (ptxas -v, sm_80 / sm_90), i.e. 2-3 blocks of 256 threads, each with LOADS_IN_FLIGHT
+// independent loads per input in flight per thread, which is what a bandwidth-bound pass needs.
 template <class Sp>
 __global__ void __launch_bounds__(NT, 2) reduce_kernel(Args a) {
   __shared__ Shared<Sp> sh;
@@ -31,14 +31,7 @@ std::string cuda_launch(int kind, const Args& a, int device, uint64_t stream) {
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return std::string("cudaSetDevice: ") + cudaGetErrorString(err);
   const auto s = reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
-  switch (kind) {
-    case KIND_SUMSQ: err = launch_one<SpecSumSq>(a, s); break;
-    case KIND_DOT: err = launch_one<SpecDot>(a, s); break;
-    case KIND_DOT_ROWS: err = launch_one<SpecDotRows>(a, s); break;
-    case KIND_FACTORED: err = launch_one<SpecFactored>(a, s); break;
-    case KIND_PROJ: err = launch_one<SpecProj>(a, s); break;
-    default: return "unknown kind";
-  }
+  if (!dispatch_kind(kind, [&](auto sp) { err = launch_one<decltype(sp)>(a, s); })) return "unknown kind";
   return err == cudaSuccess ? std::string() : std::string("kernel launch: ") + cudaGetErrorString(err);
 }
 

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string>
 
-#include "fo_engine.h"
+#include "fo_engine.h"  // Args
 
 namespace fo {
 

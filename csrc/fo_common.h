@@ -18,7 +18,7 @@
 
 namespace fo {
 
-// Dtype codes shared with Python (fused_optim/csrc.py).
+// Dtype codes shared with Python (fused_optim/engine_core.py checks the modules' DTYPE_* against its own).
 enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 // Tag types: loads are templated on them so a block picks its dtype once, not per element.

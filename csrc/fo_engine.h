@@ -18,11 +18,13 @@
 // Nothing depends on which block runs first, so results are deterministic, and host == device bit for bit
 // (the host runs the blocks in order through the same code, see Exec in fo_common.h).
 // A block takes its entry ticket only after its row / column band work, so the entry's last block sees every
-// statistic of the entry final: kinds with a HOOK (the projection) finish the entry there (finish_projection).
+// statistic of the entry final: there it calls the op's entry hook (Op::finish_entry, a no-op by default).
+//
+// The engine knows no kind: block_program<Sp> takes everything kind-specific from Sp (fo_kinds.h) and its element
+// op Sp::Op (value, finish, ctx, finish_entry; see OpBase in fo_functors.h).
 #pragma once
 
 #include "fo_common.h"
-#include "fo_functors.h"
 
 namespace fo {
 
@@ -34,10 +36,11 @@ constexpr int LOADS_IN_FLIGHT = 8;  // per thread (per input)
 constexpr int TILE_ELEMS = 8192;  // target elements per tile: amortizes the block's fixed reduction cost
 constexpr int NRT_MAX = 64;     // column kinds: at most this many row tiles, bounding the partials to 64*C
 constexpr int FLAT_V = 4, FLAT_IT = 8;  // flat kinds: tiles of 8 x 1024 elements
+constexpr int N_HYPER = 8;      // an op's launch parameters (Args::hyper)
 
 // Metadata: int64 words. item_start[E + 1], then E records of META_W words.
 enum Meta : int {
-  M_PA, M_PB, M_PC, M_PD, M_PSTEP, M_DTYPES, M_FLAGS, M_NUMEL, M_B, M_R, M_C, M_LOG2TC, M_LOG2V, M_IT, M_NRT, M_NCT,
+  M_PA, M_PB, M_PC, M_PD, M_PSCALAR, M_DTYPES, M_FLAGS, M_NUMEL, M_B, M_R, M_C, M_LOG2TC, M_LOG2V, M_IT, M_NRT, M_NCT,
   M_ROW_OUT, M_COL_OUT, M_WS_ROW, M_WS_COL, M_CNT_ROW, M_CNT_COL, META_W
 };
 enum Flags : int { F_ROWS = 1, F_COLS = 2 };
@@ -53,14 +56,10 @@ struct Args {
   float* out_stats;  // [n_stats, K] row / column statistics (offsets in the records)
   float* out_g;      // [K] sum over all entries
   const float* scale_a;  // nullable: list A's elements are multiplied by 1 / *scale_a (AMP's loss scale) first
-  float eps;
-  // KIND_PROJ only: the direction (Ctx's k0..k3, dir, nesterov; beta2 for Adam's bias correction), the decision's
-  // delta and eps, and where it goes: per row [a, c] (indexed like the row statistics) and per entry the mode.
-  float k[4];
-  int dir, nesterov;
-  double beta2, delta, eps64;
-  float* coef_rows;
-  float* mode_t;
+  double eps;            // the launch's eps (an op rounds it to fp32 where its math is fp32)
+  double hyper[N_HYPER];  // the op's own launch parameters, in slots the op names
+  float* hook_rows;      // outputs of the op's entry hook (nullable): per row, indexed like the row statistics,
+  float* hook_entries;   // and per entry
 };
 
 struct Tile {
@@ -68,7 +67,7 @@ struct Tile {
   const void* pb;
   const void* pc;
   const void* pd;
-  const float* pstep;  // KIND_PROJ, Adam: the tensor's step count before this step (nullable)
+  const float* pscalar;  // nullable: a per-tensor fp32 scalar the op's ctx() may read
   int da, db, dc, log2tc, log2v;
   bool rows, cols;
   int64_t e, item0, n_it, b, rt, ct;
@@ -91,7 +90,7 @@ FO_HD FO_INLINE Tile make_tile(const Args& a, int64_t item) {
   t.pb = reinterpret_cast<const void*>(static_cast<uintptr_t>(m[M_PB]));
   t.pc = reinterpret_cast<const void*>(static_cast<uintptr_t>(m[M_PC]));
   t.pd = reinterpret_cast<const void*>(static_cast<uintptr_t>(m[M_PD]));
-  t.pstep = reinterpret_cast<const float*>(static_cast<uintptr_t>(m[M_PSTEP]));
+  t.pscalar = reinterpret_cast<const float*>(static_cast<uintptr_t>(m[M_PSCALAR]));
   t.da = int(m[M_DTYPES] & 0xff);
   t.db = int((m[M_DTYPES] >> 8) & 0xff);
   t.dc = int((m[M_DTYPES] >> 16) & 0xff);
@@ -119,17 +118,6 @@ FO_HD FO_INLINE Tile make_tile(const Args& a, int64_t item) {
   return t;
 }
 
-// Per-tile constants of the element op (the projection's direction; eps for the others).
-template <class Op>
-FO_HD FO_INLINE Ctx make_ctx(const Args& a, const Tile& t) {
-  Ctx x{a.eps, a.k[0], a.k[1], a.k[2], a.k[3], 1.f, a.dir, a.nesterov};
-  if (Op::N_IN >= 4 && a.dir == DIR_ADAM && t.pstep) {  // Triton's _adam_scalars, in fp64 like there
-    const double step = double(load_ro<float>(t.pstep, 0)) + 1.0;  // the step this update makes
-    x.bc2_sqrt = float(sqrt(1.0 - exp2(step * log2(a.beta2))));
-  }
-  return x;
-}
-
 template <int K>
 struct Regs {
   float tot[K];
@@ -140,7 +128,7 @@ template <class Sp>
 struct Shared {
   union {
     float v[Sp::ROWS ? S_MAX : 1][Sp::K][NT];  // per-thread row terms of up to S_MAX tile rows
-    double h[Sp::Op::HOOK ? 5 : 1][NT];        // the hook's reductions (after the last use of v)
+    double h[Sp::Op::SCRATCH > 0 ? Sp::Op::SCRATCH : 1][NT];  // the entry hook's scratch (after the last use of v)
   };
   float red[Sp::K][NT];
   Tile tile;  // in shared memory, not per-thread registers: ~20 int64 fields would crowd out the load loop
@@ -157,59 +145,6 @@ FO_HD FO_INLINE void block_tree(Ex& ex, Sh& sh) {
     });
     ex.sync();
   }
-}
-
-// KIND_PROJ, run by the entry's last block once every row statistic [p.g, g.g, p.p, p.d] is final: timm's
-// decision for one tensor (the Triton twin is projection.py's _finish_stats; fp64 like there). Channel view when
-// every row's |cos(p, g)| < delta / sqrt(row length), else layer view when the whole tensor's |cos| <
-// delta / sqrt(numel), else none. Writes per row a = <p,d> / (|p|+eps)^2 and c = <p,g> / (|p|+eps)^2 (the row's
-// in the channel view, the tensor's in the layer view, 0 for none) and the entry's mode (0 none, 1 channel,
-// 2 layer): what the apply kernel needs to remove the radial parts of d (and, with caution, of g).
-template <class Sp, class Ex>
-FO_HD FO_INLINE void finish_projection(Ex& ex, Shared<Sp>& sh, const Args& a, const Tile& tl) {
-  using Rg = Regs<Sp::K>;
-  constexpr int K = Sp::K;
-  const double eps = a.eps64;
-  ex.each([&](int tid, Rg&) {
-    double mx = 0.0, s[4] = {0.0, 0.0, 0.0, 0.0};  // max |cos| over rows; sums of the four statistics
-    for (int64_t r = tid; r < tl.R; r += NT) {
-      const float* st = a.out_stats + (tl.row_out + r) * K;
-      double v[4];
-      for (int k = 0; k < 4; ++k) {
-        v[k] = double(load_l2(st + k));
-        s[k] += v[k];
-      }
-      mx = fmax(mx, fabs(v[0]) / (fmax(sqrt(v[1]), eps) * fmax(sqrt(v[2]), eps)));
-    }
-    sh.h[0][tid] = mx;
-    for (int k = 0; k < 4; ++k) sh.h[k + 1][tid] = s[k];
-  });
-  ex.sync();
-  for (int off = NT / 2; off > 0; off >>= 1) {
-    ex.each([&](int tid, Rg&) {
-      if (tid >= off) return;
-      sh.h[0][tid] = fmax(sh.h[0][tid], sh.h[0][tid + off]);
-      for (int k = 1; k < 5; ++k) sh.h[k][tid] += sh.h[k][tid + off];
-    });
-    ex.sync();
-  }
-  ex.each([&](int tid, Rg&) {
-    const double spg = sh.h[1][0], sgg = sh.h[2][0], spp = sh.h[3][0], spd = sh.h[4][0];
-    const double layer_cos = fabs(spg) / (fmax(sqrt(sgg), eps) * fmax(sqrt(spp), eps));
-    const bool channel = sh.h[0][0] < a.delta / sqrt(double(tl.C));
-    const bool layer = !channel && layer_cos < a.delta / sqrt(double(tl.numel > 1 ? tl.numel : 1));
-    const double ln = sqrt(spp) + eps;  // timm's unit weight is p / (|p| + eps)
-    for (int64_t r = tid; r < tl.R; r += NT) {
-      const float* st = a.out_stats + (tl.row_out + r) * K;
-      const double rn = sqrt(double(load_l2(st + 2))) + eps;
-      const double av = channel ? double(load_l2(st + 3)) / (rn * rn) : layer ? spd / (ln * ln) : 0.0;
-      const double cv = channel ? double(load_l2(st + 0)) / (rn * rn) : layer ? spg / (ln * ln) : 0.0;
-      a.coef_rows[(tl.row_out + r) * 2 + 0] = float(av);
-      a.coef_rows[(tl.row_out + r) * 2 + 1] = float(cv);
-    }
-    if (tid == 0) a.mode_t[tl.e] = channel ? 1.f : layer ? 2.f : 0.f;
-  });
-  ex.sync();
 }
 
 #if defined(__CUDACC__)
@@ -233,7 +168,7 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
   const bool b_ok = tl.b < tl.B;  // false only for the one empty tile of an entry with B == 0
   // x * (1 / scale), the unscaling the Triton kernels and the references' callers do (rounded the same way)
   const float inv_a = a.scale_a ? 1.f / load_ro<float>(a.scale_a, 0) : 1.f;
-  const Ctx cx = make_ctx<Op>(a, tl);
+  const typename Op::Ctx cx = Op::ctx(a, tl);  // the op's per-tile constants
 
   ex.each([&](int, Rg& rg) {
     for (int k = 0; k < K; ++k) rg.tot[k] = rg.col[k] = 0.f;
@@ -444,7 +379,7 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
       for (int k = 0; k < K; ++k) a.out_t[tl.e * K + k] = sh.red[k][0];
   });
   ex.sync();
-  if constexpr (Op::HOOK) finish_projection(ex, sh, a, tl);
+  Op::finish_entry(ex, sh.h, a, tl);  // every statistic of the entry is final here
 
   // The last entry to finish sums the entry totals.
   ex.each([&](int tid, Rg&) {

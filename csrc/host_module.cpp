@@ -16,13 +16,7 @@ void host_run(const Args& a) {
 }
 
 void host_launch(int kind, const Args& a, int, uint64_t) {
-  switch (kind) {
-    case KIND_SUMSQ: host_run<SpecSumSq>(a); break;
-    case KIND_DOT: host_run<SpecDot>(a); break;
-    case KIND_DOT_ROWS: host_run<SpecDotRows>(a); break;
-    case KIND_FACTORED: host_run<SpecFactored>(a); break;
-    case KIND_PROJ: host_run<SpecProj>(a); break;
-  }
+  dispatch_kind(kind, [&](auto sp) { host_run<decltype(sp)>(a); });  // the binding has checked the kind
 }
 
 }  // namespace fo
