@@ -7,9 +7,6 @@ its math in one place: ``_reference`` (torch ops, defines the numbers) and, when
 """
 from __future__ import annotations
 
-import functools
-import inspect
-import math
 import operator
 from itertools import repeat
 from typing import Callable
@@ -17,45 +14,19 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
+from ._precision import PrecisionOptions
+# the helpers optimizer modules import from here (defined in _tensors.py)
+from ._tensors import (LOW_PRECISION, any_dtensor, as_real, check, check_betas, check_nonneg,  # noqa: F401
+                       device_index, is_dtensor, local, new_step, restore_state_dtypes, scalar, scalars_on_device,
+                       zeros_like, GRAD, IS_SPARSE)
 from .kernels import multi_tensor as mt
 from .kernels import runtime
 from .kernels.tables import TableCache
-from .kernels import reduce
 
 _OUR_KEYS = ("fused",)
 
 
-def check(cond: bool, msg: str) -> None:
-    """Raise ValueError(msg) unless cond. NaN fails every comparison, so `check(0 <= x, ...)` rejects NaN too."""
-    if not cond:
-        raise ValueError(msg)
-
-
-def check_nonneg(**kw) -> None:
-    for name, value in kw.items():
-        v = value.item() if isinstance(value, torch.Tensor) else value
-        check(isinstance(v, (int, float)) and 0.0 <= v < math.inf, f"Invalid {name} value: {value}")
-
-
-def check_betas(betas, *, allow_one: bool = False, names=("betas[0]", "betas[1]")) -> None:
-    check(isinstance(betas, (tuple, list)) and len(betas) == len(names),
-          f"Invalid betas: {betas!r} (expected a pair of floats)")
-    for name, b in zip(names, betas):
-        b = b.item() if isinstance(b, torch.Tensor) else b
-        ok = 0.0 <= b <= 1.0 if allow_one else 0.0 <= b < 1.0
-        check(ok, f"Invalid beta parameter at index {names.index(name)}: {b}")
-
-
-def scalar(x) -> float:
-    """A hyper-parameter as a Python float (tensor hyper-parameters are read once, on the host)."""
-    return x.item() if isinstance(x, torch.Tensor) else float(x)
-
-
-def as_real(t: torch.Tensor | None):
-    return torch.view_as_real(t) if t is not None and t.is_complex() else t
-
-
-class FusedOptimizer(Optimizer):
+class FusedOptimizer(PrecisionOptions, Optimizer):
     """Base class. Subclasses set the class attributes below and implement ``_init_state`` and ``_reference``.
 
     Attributes:
@@ -71,56 +42,13 @@ class FusedOptimizer(Optimizer):
     supports_complex = True
     requires_closure = False
     elementwise = True  # the fused update is element-wise (so it may run on FSDP2 shards); False for reductions
-    # Precision options beyond the anchors, keyword-only on every optimizer (see __init_subclass__); they are
-    # optimizer attributes, not param-group keys, so checkpoints keep the anchor's group layout.
-    master_weights = False       # bf16/fp16 params get an fp32 master copy (state['master_param']) that the math updates
-    stochastic_rounding = False  # bf16 params are written with stochastic rounding (unbiased, keeps small updates)
-    precision_in_kernel = True   # the fused path implements the two options above (else they use the reference path)
-    supports_precision_options = True  # False: the two options are refused (LBFGS)
-    # Global grad-norm clipping, keyword-only on every dense first-order optimizer (an attribute too): the step
-    # clips the grads as torch.nn.utils.clip_grad_norm_(params, max_grad_norm) would, on the device, inside the same
-    # kernels (see _clip_grads). ``last_grad_norm`` holds the norm before clipping (0-d tensor) after each step.
-    max_grad_norm: float | None = None
-    supports_max_grad_norm = True  # False: refused (SparseAdam's sparse grads, LBFGS's line search)
-    last_grad_norm: torch.Tensor | None = None
     scalar_keys: tuple = ("step",)
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf (unscale inside the step)
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            return
-
-        @functools.wraps(init)
-        def __init__(self, *args, master_weights=None, stochastic_rounding=None, max_grad_norm=None, **kw):
-            if master_weights is not None:  # None: keep what an outer (subclass) constructor already set
-                self.master_weights = bool(master_weights)
-            if stochastic_rounding is not None:
-                self.stochastic_rounding = bool(stochastic_rounding)
-            if max_grad_norm is not None:
-                self.max_grad_norm = max_grad_norm
-            init(self, *args, **kw)
-
-        sig = inspect.signature(init)
-        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=default)
-                 for n, default in (("master_weights", False), ("stochastic_rounding", False),
-                                    ("max_grad_norm", None)) if n not in sig.parameters]
-        __init__.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
-        cls.__init__ = __init__
 
     def __init__(self, params, defaults: dict, *, fused: bool | None = None):
         defaults = dict(defaults)
         defaults.setdefault("fused", fused)
-        if (self.master_weights or self.stochastic_rounding) and not self.supports_precision_options:
-            raise ValueError(f"{type(self).__name__} does not support master_weights / stochastic_rounding")
-        if self.max_grad_norm is not None:
-            if not self.supports_max_grad_norm:
-                raise ValueError(f"{type(self).__name__} does not support max_grad_norm")
-            norm = self.max_grad_norm
-            check(isinstance(norm, (int, float)) and not isinstance(norm, bool) and 0.0 < norm < math.inf,
-                  f"Invalid max_grad_norm value: {norm} (expected a positive finite number)")
-            self.max_grad_norm = float(norm)
+        self._check_precision_options()
         lr = defaults.get("lr")
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError(f"Tensor lr must be 1-element, got {lr.numel()} elements")
@@ -207,11 +135,11 @@ class FusedOptimizer(Optimizer):
         """The group's params that have a grad, checked (nothing is changed before every group passes)."""
         name = type(self).__name__
         params = group["params"]
-        grads = list(map(_GRAD, params))
+        grads = list(map(GRAD, params))
         if not all(map(operator.is_not, grads, repeat(None))):  # whole-list checks: per-tensor Python is host cost
             params = [p for p, g in zip(params, grads) if g is not None]
             grads = [g for g in grads if g is not None]
-        sparse = list(map(_IS_SPARSE, grads))
+        sparse = list(map(IS_SPARSE, grads))
         if self.dense_only and any(sparse):
             raise RuntimeError(f"{name} does not support sparse gradients")
         if self.sparse_only and not all(sparse):
@@ -250,44 +178,6 @@ class FusedOptimizer(Optimizer):
             if params:
                 self._step_group(group, params, grads, grad_scale, found_inf)
         return loss
-
-    def _clip_grads(self, work, grad_scale, found_inf):
-        """max_grad_norm: clip the global norm of all grads as torch.nn.utils.clip_grad_norm_ does (eps 1e-6), on
-        AMP-unscaled grads. Returns (the grad_scale to step with, whether to skip the step).
-
-        Fused: one reduction launch and one tiny launch turn the grads' norm into an effective scale,
-        grad_scale / min(1, max_norm / (norm + 1e-6)), that the kernels apply while they read the grads (and write
-        back, as they write back AMP-unscaled grads): no host sync, no extra pass. Reference path: unscale in place,
-        then clip_grad_norm_ itself. (bf16/fp16 grads: clip_grad_norm_ rounds each tensor's norm to the grad's
-        dtype; the fused norm stays fp32, so the two agree to that rounding.)"""
-        if self.max_grad_norm is None:
-            return grad_scale, False
-        params = [p for _, ps, _ in work for p in ps]
-        grads = [g for _, _, gs in work for g in gs]
-        if not grads:
-            return grad_scale, False
-        if any_dtensor(grads):
-            raise NotImplementedError(f"{type(self).__name__}: max_grad_norm needs the norm over all ranks' shards; "
-                                      f"with DTensor params use torch.nn.utils.clip_grad_norm_ before step()")
-        if len(set(map(torch.Tensor.get_device, grads))) > 1:  # -1 on CPU, the index on CUDA
-            raise ValueError(f"{type(self).__name__}: max_grad_norm needs all grads on one device, got "
-                             f"{sorted({str(g.device) for g in grads})}")
-        if all(self._kernel_path(group, ps) for group, ps, _ in work if ps):
-            if any(map(torch.Tensor.is_complex, grads)):
-                grads = [as_real(g) for g in grads]
-            out = reduce.clip_scale(self._kernel_caches.setdefault("clip", {}), grads, self.max_grad_norm, grad_scale)
-            self.last_grad_norm = out[0]
-            return out[1:], False
-        if found_inf is not None and found_inf.item() != 0:
-            return None, True
-        if grad_scale is not None:
-            torch._foreach_div_(grads, grad_scale.to(grads[0].device))
-        self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        return None, False
-
-    def _low_precision_options(self, params) -> bool:
-        """master_weights / stochastic_rounding apply to some param of this list."""
-        return (self.master_weights or self.stochastic_rounding) and any(p.dtype in LOW_PRECISION for p in params)
 
     def _kernel_path(self, group, params) -> bool:
         """Whether this group's step runs the fused kernels."""
@@ -354,25 +244,6 @@ class FusedOptimizer(Optimizer):
                 if old.get(k) is not v:
                     st[k] = v
 
-    def _reference_low_precision(self, group, params, grads, states):
-        """master_weights / stochastic_rounding on the reference path: fp32 math on the master copy (or an fp32
-        copy of the param), low-precision states rounded to nearest, the param rounded to nearest or
-        stochastically. The fused path does the same in one pass."""
-        work_p = [st["master_param"] if "master_param" in st else p.float() for p, st in zip(params, states)]
-        work_st = [{k: v.float() if isinstance(v, torch.Tensor) and v.dtype in LOW_PRECISION else v
-                    for k, v in st.items() if k != "master_param"} for st in states]
-        self._reference(group, work_p, [g.float() for g in grads], work_st)
-        for p, wp, st, ws in zip(params, work_p, states, work_st):
-            for k, v in ws.items():
-                if isinstance(st[k], torch.Tensor) and st[k].dtype in LOW_PRECISION:
-                    st[k].copy_(v)  # low-precision state: round to nearest
-                elif st[k] is not v:
-                    st[k] = v
-            if p.dtype == torch.bfloat16 and self.stochastic_rounding:
-                p.copy_(stochastic_round_bf16(wp))
-            elif wp is not p:
-                p.copy_(wp)
-
     def _require_contiguous(self, params, grads) -> None:
         """The kernels read params and grads by address and size: both must be contiguous."""
         if not (all(map(torch.Tensor.is_contiguous, params)) and all(map(torch.Tensor.is_contiguous, grads))):
@@ -411,74 +282,3 @@ class FusedOptimizer(Optimizer):
                  seed=int(torch.randint(0, 2**31 - 1, ())) if self.stochastic_rounding else 0)
 
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def stochastic_round_bf16(x: torch.Tensor) -> torch.Tensor:
-    """fp32 -> bf16 with stochastic rounding: add 16 random low bits, then truncate (unbiased)."""
-    bits = x.float().contiguous().view(torch.int32)
-    bits = bits + torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
-    return ((bits >> 16) << 16).view(torch.float32).to(torch.bfloat16)
-
-
-def is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
-def any_dtensor(tensors) -> bool:
-    """Whether any of the tensors is a DTensor (FSDP2): one look at the set of their types."""
-    return any(cls.__name__ == "DTensor" for cls in set(map(type, tensors)))
-
-
-def local(t):
-    """The local shard of a DTensor (FSDP2), else the tensor itself."""
-    return t.to_local() if is_dtensor(t) else t
-
-
-def device_index(device: torch.device) -> int:
-    """What Tensor.get_device() returns for a tensor on `device` (-1 on CPU): comparing it is cheaper than .device."""
-    return device.index if device.type == "cuda" else -1
-
-
-def scalars_on_device(states, keys, device) -> None:
-    """Make per-tensor scalar states float32 0-d tensors on `device`, in place: kernels read them from device memory
-    (torch keeps them on CPU by default, timm as Python numbers). The steady state is one whole-list check."""
-    index = device_index(device)
-    for k in keys:
-        col = list(map(operator.itemgetter(k), states))
-        if set(map(type, col)) <= _TENSOR_TYPES and set(map(torch.Tensor.get_device, col)) == {index} and set(
-                map(_DTYPE, col)) == {torch.float32}:
-            continue
-        for st, v in zip(states, col):
-            if not isinstance(v, torch.Tensor) or v.get_device() != index or v.dtype != torch.float32:
-                st[k] = torch.as_tensor(v, dtype=torch.float32).to(device)
-
-
-_TENSOR_TYPES = {torch.Tensor}
-_GRAD = operator.attrgetter("grad")
-_IS_SPARSE = operator.attrgetter("is_sparse")
-_DTYPE = operator.attrgetter("dtype")
-
-
-def zeros_like(p: torch.Tensor) -> torch.Tensor:
-    """A fresh element-wise state buffer, laid out like the param (as torch's optimizers make them)."""
-    return torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def new_step(p: torch.Tensor, group: dict) -> torch.Tensor:
-    """torch's per-param step counter: float32 0-d, on CPU unless capturable/fused (then on the param's device)."""
-    on_dev = group.get("capturable") or group.get("fused")
-    return torch.zeros((), dtype=torch.float32, device=p.device if on_dev else "cpu")
-
-
-def restore_state_dtypes(opt: Optimizer, state_dict: dict, dtypes_of: Callable) -> None:
-    """Call after ``Optimizer.load_state_dict``: torch casts every floating state but ``step`` to its param's dtype;
-    timm keeps some in another dtype (fp32 moments of bf16 params, NvNovoGrad's default-dtype norms).
-    ``dtypes_of(group, p)`` maps state keys to the dtype to keep (None: leave torch's cast); those are re-read from
-    the saved values (copies, never aliases of the checkpoint)."""
-    for group, saved_group in zip(opt.param_groups, state_dict["param_groups"]):
-        for p, pid in zip(group["params"], saved_group["params"]):
-            saved = state_dict["state"].get(pid, {})
-            for key, dtype in dtypes_of(group, p).items():
-                if dtype is not None and isinstance(saved.get(key), torch.Tensor):
-                    opt.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)

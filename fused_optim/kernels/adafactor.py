@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from .._base import device_index
+from .._tensors import device_index
 from . import multi_tensor as mt, reduce, runtime, sync
 from .adafactor_passes import APPLY, CAUTIOUS_APPLY, FOLD, MOMENTS, NORMS, ROWCOL
 from .adafactor_tiles import META, M_CSRC_COL, M_CSRC_ROW, PTRS, T_LR, T_WIDTH, TA, TB, X_GRAD

@@ -293,7 +293,7 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
     # every address and size the tables hold but the grads': any change (a loaded state, a replaced param's .data)
     # rebuilds; dtypes are fixed with the addresses, so the dtype buckets are reused while the key holds
     key = (*map(ptr, params), *map(ptr, chain.from_iterable((*columns, *scalars))), *map(numel, params),
-           *(map(ptr, filter(None, masters)) if has_master else ()))
+           *([0 if m is None else m.data_ptr() for m in masters] if has_master else ()))
     plan = cache.plan
     if plan is None or plan[0] != key:
         keys = list(zip(map(dtype_of, params), map(dtype_of, grads), map(dtype_of, columns[0] if columns else params),

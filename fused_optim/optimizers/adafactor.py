@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from .._base import FusedOptimizer, check, check_nonneg, restore_state_dtypes, scalar, scalars_on_device
+from .._base import FusedOptimizer
+from .._tensors import check, check_nonneg, restore_state_dtypes, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import adafactor as af
 from ..kernels.tables import TableCache

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .._base import FusedOptimizer, check_nonneg, new_step, scalar
+from .._base import FusedOptimizer
+from .._tensors import check_nonneg, new_step, scalar
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime

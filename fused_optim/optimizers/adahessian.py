@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .._base import FusedOptimizer, check, check_betas, check_nonneg, scalar, scalars_on_device
+from .._base import FusedOptimizer
+from .._tensors import check, check_betas, check_nonneg, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._base import new_step, scalar, zeros_like
+from .._tensors import new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from .._base import FusedOptimizer, check, check_nonneg, scalar, zeros_like
+from .._base import FusedOptimizer
+from .._tensors import check, check_nonneg, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from .._base import FusedOptimizer, check, check_nonneg
+from .._base import FusedOptimizer
+from .._tensors import check, check_nonneg
 from .._registry import register
 from ..kernels import runtime
 from .lbfgs_history import DeviceHistory, snapshot

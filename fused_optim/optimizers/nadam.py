@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .._base import new_step, scalar, zeros_like
+from .._tensors import new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime

@@ -15,8 +15,8 @@ import operator
 
 import torch
 
-from .._base import (FusedOptimizer, check, check_betas, check_nonneg, new_step, restore_state_dtypes,
-                     scalar, scalars_on_device)
+from .._base import FusedOptimizer
+from .._tensors import check, check_betas, check_nonneg, new_step, restore_state_dtypes, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime

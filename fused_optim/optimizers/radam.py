@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._base import scalar
+from .._tensors import scalar
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime

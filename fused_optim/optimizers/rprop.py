@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from .._base import FusedOptimizer, check, new_step, scalar, zeros_like
+from .._base import FusedOptimizer
+from .._tensors import check, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime

@@ -6,7 +6,8 @@ from itertools import repeat
 
 import torch
 
-from .._base import FusedOptimizer, check_nonneg, scalar, zeros_like
+from .._base import FusedOptimizer
+from .._tensors import check_nonneg, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
