@@ -20,15 +20,13 @@ UNFACTORED = [(7,), (5, 3), (40,)]
 CAUTIOUS = {"lr": 0.005, "betas": (0.8, 0.99), "weight_decay": 0.1, "caution": True}
 
 
-@pytest.mark.parametrize("config", [{}, CAUTIOUS], ids=["default", "caution"])
-@pytest.mark.parametrize("shapes", [FACTORED + UNFACTORED, UNFACTORED], ids=["factored", "unfactored"])
-def test_launches_and_reference(reductions, shapes, config):
+def _fused_vs_reference(shapes, config, launches, engine_launches):
+    """4 steps of fused and reference Adafactor on the same grads: launches per step, then equal states."""
     gen = torch.Generator().manual_seed(0)
     pa = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
     pb = [p.clone() for p in pa]
     fused = fused_optim.Adafactor(pa, fused=True, **config)
     ref = fused_optim.Adafactor(pb, fused=False, **config)
-    factored = shapes is not UNFACTORED
     for _ in range(4):
         for a, b in zip(pa, pb):
             a.grad = torch.randn(a.shape, generator=gen).to(DEVICE)
@@ -36,10 +34,29 @@ def test_launches_and_reference(reductions, shapes, config):
         n0, c0 = runtime.launch_count, runtime.engine_launch_count
         fused.step()
         ref.step()
-        assert runtime.launch_count - n0 == (2 if factored else 1)
-        assert runtime.engine_launch_count - c0 == (1 if factored and reductions == "csrc" else 0)
+        assert runtime.launch_count - n0 == launches
+        assert runtime.engine_launch_count - c0 == engine_launches
     assert_states_close(fused, pa, ref, pb, rtol=1e-5, atol=1e-6)
     assert_kernels_idle(fused)
+
+
+@pytest.mark.parametrize("config", [{}, CAUTIOUS], ids=["default", "caution"])
+@pytest.mark.parametrize("shapes", [FACTORED + UNFACTORED, UNFACTORED], ids=["factored", "unfactored"])
+def test_launches_and_reference(reductions, shapes, config):
+    factored = shapes is not UNFACTORED
+    _fused_vs_reference(shapes, config, 2 if factored else 1, 1 if factored and reductions == "csrc" else 0)
+
+
+@pytest.mark.parametrize("config", [{}, CAUTIOUS], ids=["default", "caution"])
+def test_refused_persistent_launch_runs_one_launch_per_phase(reductions, config, monkeypatch):
+    """A device that refuses the cooperative launch (here: a 2-program persistent grid under the interpreter) gets
+    one launch per phase instead of a barrier: the same numbers. Phases: the statistics (ROWCOL, or the csrc
+    engine and then FOLD), NORMS, APPLY (or MOMENTS, CAUTIOUS_APPLY)."""
+    monkeypatch.setattr(runtime, "persistent_grid", lambda n_items, device: 2)
+    monkeypatch.setattr(runtime, "refused_devices", set())
+    phases = 1 + (3 if config else 2) + (reductions == "csrc")
+    _fused_vs_reference(FACTORED + UNFACTORED, config, phases, 1 if reductions == "csrc" else 0)
+    assert runtime.refused_devices == {str(torch.device(DEVICE))}
 
 
 @pytest.mark.parametrize("config", [{}, CAUTIOUS], ids=["default", "caution"])

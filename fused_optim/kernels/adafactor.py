@@ -3,13 +3,14 @@ adafactor_passes.py (one function per pass) and adafactor_tiles.py (table layout
 "Note [adafactor passes]" in kernels/README.md."""
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .._tensors import device_index
+from .._tensors import LOW_PRECISION, device_index
 from . import multi_tensor as mt, reduce, runtime, sync
 from .adafactor_passes import APPLY, CAUTIOUS_APPLY, FOLD, MOMENTS, NORMS, ROWCOL
 from .adafactor_tiles import META, M_CSRC_COL, M_CSRC_ROW, PTRS, T_LR, T_WIDTH, TA, TB, X_GRAD
@@ -19,9 +20,9 @@ if runtime.available():
     from .adafactor_passes import adafactor_kernel
     from .adafactor_tiles import BETA1, RELATIVE, SCALE_PARAM, WARMUP, WD
 
-LOW = (torch.float16, torch.bfloat16)
 CSRC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the C++ engine's grad dtypes
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
+_MOMENT_SET = frozenset(MOMENT_KEYS)
 HYPERS = ("lr", "eps", "eps_scale", "clip", "decay_rate", "beta1", "wd")  # the kernel's fp64 arguments, in order
 PLAIN, CAUTIOUS = (NORMS, APPLY), (NORMS, MOMENTS, CAUTIOUS_APPLY)  # the passes after the factored statistics
 PASS_NAMES = ("fold", "rowcol", "norms", "moments", "apply", "cautious")
@@ -125,29 +126,31 @@ def launches(passes, has_factored: bool, csrc_stats: bool) -> list:
 def _moment_dtypes(states, grads, device) -> list:
     """Each tensor's moment dtype (fp32 for fp16 / bf16 grads); its moments are made contiguous on the device in it
     (a loaded checkpoint may hold others): the kernel reads them by address."""
-    index, sdts = device_index(device), []
-    for g, st in zip(grads, states):
-        sdt = torch.float32 if g.dtype in LOW else g.dtype
-        for k in MOMENT_KEYS:
-            v = st.get(k)
-            if v is not None and (v.dtype != sdt or v.get_device() != index or not v.is_contiguous()):
+    index = device_index(device)
+    sdts = [torch.float32 if dt in LOW_PRECISION else dt for dt in map(dtype_of, grads)]
+    for st, sdt in zip(states, sdts):
+        for k in _MOMENT_SET.intersection(st):
+            v = st[k]
+            if v.dtype != sdt or v.get_device() != index or not v.is_contiguous():
                 st[k] = v.to(device=device, dtype=sdt).contiguous()
-        sdts.append(sdt)
     return sdts
 
 
-def step(spec: Spec, cache: TableCache, params, grads, states, grad_scale=None, found_inf=None):
-    """One param group's fused step; per (param, grad, moment) dtype bucket at most 2 launches. Returns the last
-    tensor's step size as a 0-d device view (timm leaves it in group['lr'])."""
+def step(spec: Spec, caches: dict, slot, params, grads, states, grad_scale=None, found_inf=None):
+    """One param group's fused step; per (param, grad, moment) dtype bucket at most 2 launches. Its tables live in
+    ``caches[slot]`` (the optimizer's storage). Returns the last tensor's step size as a 0-d device view (timm leaves
+    it in group['lr'])."""
     dev = params[0].device
+    cache = caches.setdefault(slot, TableCache())
     hypers = tuple(spec.hypers[k] for k in HYPERS)
     keys = list(zip(map(dtype_of, params), map(dtype_of, grads), _moment_dtypes(states, grads, dev)))
     last_lr = None
     for dts, idx in buckets(keys).items():
         ps, gs, sts = pick(idx, params, grads, states)
-        # every address and size the tables hold but the grads': a replaced param or state rebuilds them
+        # every address and size the tables hold but the grads': a replaced param or state rebuilds them (every
+        # state is a tensor by now: the moments, and step and RMS on the device)
         key = (tuple(map(ptr, ps)), tuple(map(torch.Tensor.size, ps)), spec.factored_key,
-               tuple(v.data_ptr() for st in sts for v in st.values() if isinstance(v, torch.Tensor)))
+               tuple(map(ptr, itertools.chain.from_iterable(map(dict.values, sts)))))
         tab = cache.lookup(dts, key, gs, lambda: _build_tables(key, ps, gs, sts, spec.factored, dev))
         _launch(tab, spec, dts, gs, hypers, grad_scale, found_inf)
         if idx[-1] == len(params) - 1:

@@ -16,7 +16,7 @@ if runtime.available():
     from .adafactor_tiles import (BETA1, K_ITERS, K_PB, K_SUB, K_TB, M_COL_PART, M_COUNTERS, M_CSRC_COL, M_CSRC_ROW,
                                   M_FIRST, M_ITEMS, M_NAB, M_NBB, M_PLANES, M_ROW_PART, T_MASK_COUNT, T_UPDATE_SQ,
                                   T_WIDTH, X_COL, X_EXP_AVG, X_GRAD, X_PARAM, X_RMS, X_ROW, finish_step, fold_into,
-                                  fold_sums, geometry, inv_root, grad_inv_scale, lerp, locate, moment_ctx, step_scalars,
+                                  fold_sums, geometry, grad_inv_scale, inv_root, lerp, locate, moment_ctx, step_scalars,
                                   sub_tile, tile_cols, tile_rows, update_scalars, write_param)
 
     P_FOLD, P_ROWCOL, P_NORMS, P_MOMENTS, P_APPLY, P_CAUTIOUS_APPLY = (tl.constexpr(x) for x in range(6))

@@ -14,13 +14,9 @@ import math
 import torch
 
 from .._base import FusedOptimizer
-from .._tensors import check, check_nonneg, restore_state_dtypes, scalar, scalars_on_device
+from .._tensors import LOW_PRECISION, check, check_nonneg, restore_state_dtypes, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import adafactor as af
-from ..kernels.tables import TableCache
-
-_LOW = af.LOW
-_MOMENTS = af.MOMENT_KEYS
 
 
 def factored_dims(shape, min_size):
@@ -54,11 +50,11 @@ def adafactor_reference(group, params, grads, states):
     """Tensor by tensor, in timm's op order (fp32 math for fp16/bf16 params, states kept in fp32)."""
     beta1 = group["beta1"]
     for p, g, st in zip(params, grads, states):
-        grad = g.float() if g.dtype in _LOW else g
-        for k in _MOMENTS:
+        grad = g.float() if g.dtype in LOW_PRECISION else g
+        for k in af.MOMENT_KEYS:
             if k in st:
                 st[k] = st[k].to(grad)  # a loaded checkpoint may hold another dtype or device
-        w = p.float() if p.dtype in _LOW else p
+        w = p.float() if p.dtype in LOW_PRECISION else p
         st["step"] += 1
         step = float(st["step"])
         st["RMS"] = _rms(w)
@@ -142,7 +138,7 @@ class Adafactor(FusedOptimizer):
               f"Invalid min_dim_size_to_factor value: {group['min_dim_size_to_factor']}")
 
     def _init_state(self, p, group):
-        dtype = torch.float32 if p.dtype in _LOW else p.dtype
+        dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
         st = {"step": 0}
         if group["beta1"] is not None:
             st["exp_avg"] = torch.zeros_like(p, dtype=dtype)
@@ -160,7 +156,7 @@ class Adafactor(FusedOptimizer):
         super().load_state_dict(state_dict)
         # moments stay fp32 for fp16/bf16 params, as timm keeps them
         restore_state_dtypes(self, state_dict, lambda group, p: {
-            k: torch.float32 for k in _MOMENTS} if p.dtype in _LOW else {})
+            k: torch.float32 for k in af.MOMENT_KEYS} if p.dtype in LOW_PRECISION else {})
 
     def _reference(self, group, params, grads, states):
         adafactor_reference(group, params, grads, states)
@@ -168,8 +164,8 @@ class Adafactor(FusedOptimizer):
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         scalars_on_device(states, self.scalar_keys, params[0].device)
         self._require_contiguous(params, grads)
-        cache = self._kernel_caches.setdefault(id(group), TableCache())
-        last_lr = af.step(_kernel_spec(group), cache, params, grads, states, grad_scale, found_inf)
+        last_lr = af.step(_kernel_spec(group), self._kernel_caches, id(group), params, grads, states, grad_scale,
+                          found_inf)
         if group["relative_step"] and last_lr is not None:
             group["lr"] = last_lr  # timm leaves the last param's step size here; a device view, no sync
 
