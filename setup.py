@@ -15,6 +15,7 @@ pybind11 (and cmake, ninja) must be importable at build time: pyproject.toml dec
 import collections
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,21 @@ def _extensions():
 EXTENSIONS, CUDA_SKIPPED = _extensions()
 
 
+def _drop_stale_cmake_cache(build_dir):
+    """Forget a CMake configuration made with tools that are gone (an earlier isolated build's temporary cmake,
+    ninja or pybind11): configuring or building on top of it fails."""
+    try:
+        with open(os.path.join(build_dir, "CMakeCache.txt")) as f:
+            text = f.read()
+    except OSError:
+        return
+    paths = re.findall(r"^(?:CMAKE_COMMAND|CMAKE_MAKE_PROGRAM|pybind11_DIR):\w+=(.+)$", text, re.M)
+    if any(not os.path.exists(path) for path in paths):
+        print(f"fused_optim: {build_dir} was configured with tools that are gone: configuring afresh", flush=True)
+        os.remove(os.path.join(build_dir, "CMakeCache.txt"))
+        shutil.rmtree(os.path.join(build_dir, "CMakeFiles"), ignore_errors=True)
+
+
 class BuildCsrc(build_ext):
     """Builds each csrc extension with ``scripts/build_csrc.sh`` (CMake + Ninja) into setuptools' output path."""
 
@@ -75,6 +91,7 @@ class BuildCsrc(build_ext):
         tmp = os.path.join(ROOT, "build") if getattr(self, "editable_mode", False) else os.path.abspath(self.build_temp)
         env = dict(os.environ, PYTHON=sys.executable, OUT_DIR=os.path.dirname(os.path.abspath(target)),
                    BUILD_DIR=os.path.join(tmp, sub))
+        _drop_stale_cmake_cache(env["BUILD_DIR"])
         if self.parallel:
             env["JOBS"] = str(self.parallel)
         cmd = ["bash", os.path.join(ROOT, "scripts", "build_csrc.sh"), "--cuda-only" if cuda else "--host-only"]
