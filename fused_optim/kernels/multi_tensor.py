@@ -39,6 +39,7 @@ if runtime.available():
     import triton.language as tl
 
     from .access import chunk_ptr, load, store, store_bf16_stochastic
+    from .sync import arrive
 
     P_COL, G_COL, S_COL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # ptrs columns (states from S_COL)
     W_TENSOR, W_CHUNK, W_WIDTH = fields("tensor", "chunk")
@@ -47,6 +48,38 @@ if runtime.available():
     def _no_scalars(t0, t1, t2, t3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS: tl.constexpr):
         # Default SCALARS for optimizers with no per-tensor scalar state.
         return t0, t1, t2, t3, lr, 0.0, 0.0, 0.0
+
+    @triton.jit
+    def _slot_ptr(ON: tl.constexpr, row, col, DT: tl.constexpr, ALIGNED: tl.constexpr, absent):
+        if ON:
+            return chunk_ptr(row, col, DT, ALIGNED)
+        else:
+            return absent
+
+    @triton.jit
+    def _load_slot(ON: tl.constexpr, ptr, offs, mask, FULL: tl.constexpr, like):
+        if ON:
+            return load(ptr, offs, mask, FULL)
+        else:
+            return tl.zeros_like(like)
+
+    @triton.jit
+    def _store_slot(ON: tl.constexpr, ptr, offs, val, mask, FULL: tl.constexpr):
+        if ON:
+            store(ptr, offs, val, mask, FULL)
+
+    @triton.jit
+    def _load_scalar(ON: tl.constexpr, srow, k: tl.constexpr):
+        # a per-tensor scalar state: fp32 in memory, fp64 math
+        if ON:
+            return tl.load(tl.load(srow + k).to(tl.pointer_type(tl.float32))).to(tl.float64)
+        else:
+            return 0.0
+
+    @triton.jit
+    def _store_scalar(ON: tl.constexpr, srow, k: tl.constexpr, val):
+        if ON:
+            tl.store(tl.load(srow + k).to(tl.pointer_type(tl.float32)), tl.cast(val, tl.float32))
 
     @triton.jit
     def _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, offs, mask, inv_scale, seed,
@@ -61,18 +94,10 @@ if runtime.available():
         if HAS_SCALE:
             g = g * inv_scale
             store(g_ptr, offs, g, mask, FULL)  # like torch's fused path: p.grad holds the unscaled grad after
-        s0 = tl.zeros_like(p)
-        s1 = tl.zeros_like(p)
-        s2 = tl.zeros_like(p)
-        s3 = tl.zeros_like(p)
-        if NS > 0:
-            s0 = load(s0_ptr, offs, mask, FULL)
-        if NS > 1:
-            s1 = load(s1_ptr, offs, mask, FULL)
-        if NS > 2:
-            s2 = load(s2_ptr, offs, mask, FULL)
-        if NS > 3:
-            s3 = load(s3_ptr, offs, mask, FULL)
+        s0 = _load_slot(NS > 0, s0_ptr, offs, mask, FULL, p)
+        s1 = _load_slot(NS > 1, s1_ptr, offs, mask, FULL, p)
+        s2 = _load_slot(NS > 2, s2_ptr, offs, mask, FULL, p)
+        s3 = _load_slot(NS > 3, s3_ptr, offs, mask, FULL, p)
         p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
         if MASTER:
             store(m_ptr, offs, p, mask, FULL)
@@ -80,14 +105,10 @@ if runtime.available():
             store_bf16_stochastic(p_ptr, offs, p, mask, seed, FULL)
         else:
             store(p_ptr, offs, p, mask, FULL)
-        if NS > 0:
-            store(s0_ptr, offs, s0, mask, FULL)
-        if NS > 1:
-            store(s1_ptr, offs, s1, mask, FULL)
-        if NS > 2:
-            store(s2_ptr, offs, s2, mask, FULL)
-        if NS > 3:
-            store(s3_ptr, offs, s3, mask, FULL)
+        _store_slot(NS > 0, s0_ptr, offs, s0, mask, FULL)
+        _store_slot(NS > 1, s1_ptr, offs, s1, mask, FULL)
+        _store_slot(NS > 2, s2_ptr, offs, s2, mask, FULL)
+        _store_slot(NS > 3, s3_ptr, offs, s3, mask, FULL)
 
     @triton.jit
     def multi_tensor_apply_kernel(
@@ -109,36 +130,17 @@ if runtime.available():
             row = ptrs + t.to(tl.int64) * (S_COL + NS + MASTER)
             p_ptr = chunk_ptr(row, P_COL, P_DT, ALIGNED)
             g_ptr = chunk_ptr(row, G_COL, G_DT, ALIGNED)
-            s0_ptr = p_ptr
-            s1_ptr = p_ptr
-            s2_ptr = p_ptr
-            s3_ptr = p_ptr
-            if NS > 0:
-                s0_ptr = chunk_ptr(row, S_COL + 0, S_DT, ALIGNED)
-            if NS > 1:
-                s1_ptr = chunk_ptr(row, S_COL + 1, S_DT, ALIGNED)
-            if NS > 2:
-                s2_ptr = chunk_ptr(row, S_COL + 2, S_DT, ALIGNED)
-            if NS > 3:
-                s3_ptr = chunk_ptr(row, S_COL + 3, S_DT, ALIGNED)
-            m_ptr = p_ptr
-            if MASTER:
-                m_ptr = chunk_ptr(row, S_COL + NS, tl.float32, ALIGNED)
+            s0_ptr = _slot_ptr(NS > 0, row, S_COL + 0, S_DT, ALIGNED, p_ptr)  # absent slots: never dereferenced
+            s1_ptr = _slot_ptr(NS > 1, row, S_COL + 1, S_DT, ALIGNED, p_ptr)
+            s2_ptr = _slot_ptr(NS > 2, row, S_COL + 2, S_DT, ALIGNED, p_ptr)
+            s3_ptr = _slot_ptr(NS > 3, row, S_COL + 3, S_DT, ALIGNED, p_ptr)
+            m_ptr = _slot_ptr(MASTER, row, S_COL + NS, tl.float32, ALIGNED, p_ptr)
 
-            # per-tensor scalar states (fp32 in memory, fp64 math)
             srow = sptrs + t.to(tl.int64) * NT
-            t0 = 0.0
-            t1 = 0.0
-            t2 = 0.0
-            t3 = 0.0
-            if NT > 0:
-                t0 = tl.load(tl.load(srow).to(tl.pointer_type(tl.float32))).to(tl.float64)
-            if NT > 1:
-                t1 = tl.load(tl.load(srow + 1).to(tl.pointer_type(tl.float32))).to(tl.float64)
-            if NT > 2:
-                t2 = tl.load(tl.load(srow + 2).to(tl.pointer_type(tl.float32))).to(tl.float64)
-            if NT > 3:
-                t3 = tl.load(tl.load(srow + 3).to(tl.pointer_type(tl.float32))).to(tl.float64)
+            t0 = _load_scalar(NT > 0, srow, 0)
+            t1 = _load_scalar(NT > 1, srow, 1)
+            t2 = _load_scalar(NT > 2, srow, 2)
+            t3 = _load_scalar(NT > 3, srow, 3)
             # fp64 hyper-parameters come from a device buffer: kernel float arguments would be fp32 under the
             # interpreter, and 1 - beta2 ** step needs fp64
             lr = tl.load(hp)
@@ -177,18 +179,12 @@ if runtime.available():
                            SR, False)
 
             if NT > 0:
-                # the last program of this tensor writes the new scalars (all readers are done by then)
-                nchunks = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
-                tl.debug_barrier()  # every thread of this program has read the old scalars before it counts in
-                done = tl.atomic_add(counters + t, 1, sem="acq_rel", scope="gpu")
-                if done == nchunks - 1:
-                    tl.store(tl.load(srow).to(tl.pointer_type(tl.float32)), tl.cast(n0, tl.float32))
-                    if NT > 1:
-                        tl.store(tl.load(srow + 1).to(tl.pointer_type(tl.float32)), tl.cast(n1, tl.float32))
-                    if NT > 2:
-                        tl.store(tl.load(srow + 2).to(tl.pointer_type(tl.float32)), tl.cast(n2, tl.float32))
-                    if NT > 3:
-                        tl.store(tl.load(srow + 3).to(tl.pointer_type(tl.float32)), tl.cast(n3, tl.float32))
+                # Note [last program writes scalars]: all readers of the old values are done by then
+                if arrive(counters + t, tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)):
+                    _store_scalar(True, srow, 0, n0)
+                    _store_scalar(NT > 1, srow, 1, n1)
+                    _store_scalar(NT > 2, srow, 2, n2)
+                    _store_scalar(NT > 3, srow, 3, n3)
                     tl.store(counters + t, 0)
 
 

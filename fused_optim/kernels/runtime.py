@@ -108,8 +108,8 @@ def launch_phases(kernel, phases: list, *args, grid_of, device, constexprs_of, n
     """Run dependent ``phases`` (a list of pass ids) in order. One phase: one launch of ``grid_of(phase)``
     programs. Several: one persistent cooperative launch, phases separated by grid barriers inside the kernel; if
     the device refuses it, one launch per phase (the launch boundary is the barrier), never a barrier that might
-    wait on a program that is not running. ``constexprs_of(phases)`` gives the compile-time arguments of a launch
-    running those phases."""
+    wait on a program that is not running (Note [cooperative launches]). ``constexprs_of(phases)`` gives the
+    compile-time arguments of a launch running those phases."""
     if len(phases) > 1:
         grid = persistent_grid(max(grid_of(p) for p in phases), device)
         key = str(device)
