@@ -32,6 +32,11 @@ if runtime.available():
 
 @register
 class Adadelta(FusedOptimizer):
+    """Adadelta: per-element steps from running averages (rho) of the squared grads and of the squared updates,
+    scaled by lr, with L2 weight decay and maximize. Anchor: torch.optim.Adadelta.
+
+    Fused path: 1 launch of the shared multi-tensor kernel per param group and step."""
+
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *, capturable=False,
                  maximize=False, differentiable=False, fused=None):
         defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,

@@ -94,7 +94,15 @@ def adafactor_reference(group, params, grads, states):
 
 @register
 class Adafactor(FusedOptimizer):
-    """timm's Adafactor (same signature, defaults, state and group keys; `betas` is stored as group['beta1']).
+    """Adafactor: a second moment factored into row and column means of g^2 for matrices (element-wise otherwise),
+    a relative step size when lr=None, update RMS clipping, an optional first moment (betas[0]) and cautious
+    masking. Anchor: timm.optim.Adafactor (same signature, defaults, state and group keys; `betas` is stored as
+    group['beta1']). This is timm's Adafactor, not ``torch.optim.Adafactor``, a different algorithm with another
+    signature; ``create_optimizer(model, "adafactor")`` builds this one too.
+
+    Fused path: 2 launches per param group, step and dtype (the row/column statistics on the C++/CUDA engine, or
+    in Triton where it is not built; then one persistent launch: fold, update RMS, apply), 1 for a group without
+    factored params; the same with caution.
 
     State: step (a Python int; a float32 0-d device tensor once the fused path has run), RMS (0-d), exp_avg with
     betas, exp_avg_sq_row / exp_avg_sq_col for factored params or exp_avg_sq, in fp32 for fp16/bf16 params."""

@@ -80,6 +80,13 @@ def _sparse_step(p, g, acc, neg_clr, eps):
 
 @register
 class Adagrad(FusedOptimizer):
+    """Adagrad: per-element steps lr / (1 + (t - 1) * lr_decay) / (sqrt(sum of squared grads) + eps), with an
+    initial accumulator, L2 weight decay and maximize. Anchor: torch.optim.Adagrad (like it, the state exists from
+    construction on).
+
+    Fused path: 1 launch of the shared multi-tensor kernel per param group and step. Sparse grads (e.g.
+    nn.Embedding(sparse=True)) take the reference path, as in torch."""
+
     dense_only = False  # sparse grads (nn.Embedding(sparse=True)) take the reference path, like torch
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,

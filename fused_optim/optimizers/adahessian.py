@@ -49,6 +49,15 @@ if runtime.available():
 
 @register
 class Adahessian(FusedOptimizer):
+    """Adahessian: Adam whose second moment tracks the Hutchinson estimate of the Hessian diagonal,
+    E[z * (H z)] with Rademacher z (``n_samples`` draws every ``update_each`` steps), instead of the squared grad;
+    the step divides by (v / bias correction) ** (hessian_power / 2) + eps, with decoupled weight decay.
+    Anchor: timm.optim.Adahessian.
+
+    Needs the grads' graph: call ``loss.backward(create_graph=True)`` before ``step()``. AMP's grad_scale /
+    found_inf are refused (the estimate would need unscaling too); so are DTensor (FSDP2) params. Fused path: 1
+    launch of the shared multi-tensor kernel per param group and step (the estimate rides as a state slot)."""
+
     supports_complex = False
     elementwise = False  # the Hutchinson estimate (and avg_conv_kernel) is not written for DTensor shards
     _step_supports_amp_scaling = False  # the Hessian estimate would need unscaling too: not supported

@@ -133,6 +133,11 @@ class AdamFamily(FusedOptimizer):
 
 @register
 class Adam(AdamFamily):
+    """Adam: bias-corrected running averages of the grad and its square (betas), with L2 weight decay (decoupled,
+    as AdamW, with decoupled_weight_decay=True), optional AMSGrad and maximize. Anchor: torch.optim.Adam.
+
+    Fused path: 1 launch of the shared multi-tensor kernel per param group and step."""
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False):
@@ -166,6 +171,11 @@ class Adam(AdamFamily):
 
 @register
 class AdamW(Adam):
+    """AdamW: Adam with decoupled weight decay (p *= 1 - lr * weight_decay before the update; default 1e-2),
+    optional AMSGrad and maximize. Anchor: torch.optim.AdamW.
+
+    Fused path: 1 launch of the shared multi-tensor kernel per param group and step."""
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,

@@ -29,6 +29,11 @@ if runtime.available():
 
 @register
 class Adamax(AdamFamily):
+    """Adamax: Adam with an infinity-norm second moment, u = max(beta2 * u, |g| + eps), with L2 weight decay and
+    maximize. Anchor: torch.optim.Adamax.
+
+    Fused path: 1 launch of the shared multi-tensor kernel per param group and step."""
+
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, *,
                  maximize=False, differentiable=False, capturable=False, fused=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize,

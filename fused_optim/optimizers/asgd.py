@@ -49,6 +49,13 @@ def _by_value(values):
 
 @register
 class ASGD(FusedOptimizer):
+    """ASGD (averaged SGD): SGD with the decaying step size eta = lr / (1 + lambd * lr * t) ** alpha and a running
+    average of the iterates (state['ax'], averaging weight mu = 1 / max(1, t - t0)), with weight decay and
+    maximize. Anchor: torch.optim.ASGD.
+
+    Fused path: 1 launch of the shared multi-tensor kernel per param group and step (eta and mu are advanced per
+    tensor on the device)."""
+
     scalar_keys = ("step", "eta", "mu")
 
     def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0, foreach=None,

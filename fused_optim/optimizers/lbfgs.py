@@ -35,7 +35,11 @@ def _lr_of(group):
 
 @register
 class LBFGS(FusedOptimizer):
-    """torch.optim.LBFGS (same signature, state, closure calls and trajectory), plus keyword-only ``fused``.
+    """L-BFGS: quasi-Newton steps from the last ``history_size`` curvature pairs (two-loop recursion), with an
+    optional strong-Wolfe line search. Anchor: torch.optim.LBFGS (same signature, state, closure calls and
+    trajectory). ``step(closure)`` needs a closure that zeroes the grads, recomputes the loss, calls backward and
+    returns the loss; one param group only. master_weights, stochastic_rounding and max_grad_norm are refused
+    (the line search and the curvature pairs need the params' own precision and the true gradient).
 
     ``fused=True`` (``None``: when every param is on CUDA): one launch per direction update, and device -> host
     syncs only at the algorithm's decisions (Note [LBFGS host syncs]; ``host_syncs`` counts them). float32 and

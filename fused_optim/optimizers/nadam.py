@@ -51,6 +51,12 @@ if runtime.available():
 
 @register
 class NAdam(AdamFamily):
+    """NAdam: Adam with Nesterov momentum and the momentum-decay schedule
+    mu_t = beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay)), with L2 or decoupled weight decay and maximize.
+    Anchor: torch.optim.NAdam.
+
+    Fused path: 1 launch of the shared multi-tensor kernel per param group and step."""
+
     extra_nonneg = ("momentum_decay",)
     scalar_keys = ("step", "mu_product")
 

@@ -193,8 +193,12 @@ class NovoGrad(_LayerwiseMoments):
     param's dtype; float32 for fp16/bf16 params) and ``max_exp_avg_sq`` with amsgrad.
 
     Unlike timm's NvNovoGrad, the first step is recognised by the step count (NvNovoGrad: whenever v == 0) and
-    v keeps the param's precision (NvNovoGrad: the default dtype). No current library anchors this class: the
-    tests check it against a float64 transcription of the formulas above (tests/test_novograd.py)."""
+    v keeps the param's precision (NvNovoGrad: the default dtype). No current library anchors this class (timm
+    dropped it); its anchor is the paper: the tests check it against a float64 transcription of the formulas
+    above (tests/test_novograd.py).
+
+    Fused path: 2 launches per param group and step: the per-tensor sums of squares (C++/CUDA engine; Triton
+    where it is not built), then the shared multi-tensor kernel."""
 
     def __init__(self, params, lr=1e-3, betas=(0.95, 0.98), eps=1e-8, weight_decay=0, grad_averaging=False,
                  amsgrad=False, *, fused=None):
@@ -213,13 +217,17 @@ class NovoGrad(_LayerwiseMoments):
 
 @register
 class NvNovoGrad(_LayerwiseMoments):
-    """timm's NvNovoGrad (NVIDIA's Jasper NovoGrad): the same layer-wise moments, with timm's state layout
+    """NvNovoGrad (NVIDIA's NovoGrad from Jasper): Adam-like, with a per-layer (per-tensor) second moment of the
+    grad's squared norm and the first moment of the normalised grad. Anchor: timm.optim.NvNovoGrad.
+
+    The same layer-wise moments as NovoGrad, with timm's state layout
     (``step`` a Python int, 0-d moments in the default dtype) and its first-step rule (v == 0). Weight decay is
     added to the normalised grad (the paper) or, with decoupled_decay, applied to the weights as
     p *= 1 - lr * weight_decay (corrected_weight_decay: lr**2 / max_lr instead of lr, max_lr = the constructor's lr).
 
     The fused path keeps ``step`` as a float32 0-d device tensor (advanced in the kernel, so an AMP-skipped step
-    does not count); the reference path keeps timm's int."""
+    does not count); the reference path keeps timm's int. Fused path: 2 launches per param group and step (the
+    per-tensor sums of squares, then the shared multi-tensor kernel)."""
 
     supports_complex = False  # timm squares complex grads as complex numbers: no real-view equivalent
     first_if_zero = True

@@ -44,6 +44,12 @@ if runtime.available():
 
 @register
 class RAdam(AdamFamily):
+    """RAdam: Adam with the variance rectification term (un-adapted momentum steps while the variance estimate is
+    not tractable, rho_t <= 5), with L2 or decoupled weight decay and maximize. Anchor: torch.optim.RAdam.
+
+    Fused path: 1 launch of the shared multi-tensor kernel per param group and step (the rectification branch is
+    taken per tensor on the device)."""
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, decoupled_weight_decay=False,
                  *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,

@@ -52,6 +52,11 @@ def _state_keys(group):
 
 @register
 class RMSprop(FusedOptimizer):
+    """RMSprop: the grad divided by the root of a running average of its square (alpha), optionally centered
+    (minus the squared running mean) and with momentum, L2 weight decay and maximize. Anchor: torch.optim.RMSprop.
+
+    Fused path: 1 launch of the shared multi-tensor kernel per param group and step."""
+
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *, fused=None):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,

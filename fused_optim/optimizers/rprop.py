@@ -40,6 +40,12 @@ def _pair(group, key):
 
 @register
 class Rprop(FusedOptimizer):
+    """Rprop (resilient backpropagation): per-element step sizes, multiplied by etas[1] while the grad keeps its
+    sign and by etas[0] when it flips (clamped to step_sizes); only the grad's sign moves the param.
+    Anchor: torch.optim.Rprop.
+
+    Fused path: 1 launch of the shared multi-tensor kernel per param group and step."""
+
     def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *, capturable=False, foreach=None,
                  maximize=False, differentiable=False, fused=None):
         defaults = dict(lr=lr, etas=etas, step_sizes=step_sizes, foreach=foreach, maximize=maximize,

@@ -40,6 +40,12 @@ if runtime.available():
 
 @register
 class SGD(FusedOptimizer):
+    """Stochastic gradient descent with optional momentum, dampening, Nesterov momentum, L2 weight decay and
+    maximize. Anchor: torch.optim.SGD (same signature, defaults, state and numbers).
+
+    Fused path: 1 launch of the shared multi-tensor kernel per param group and step, +1 on the step where params
+    first get a momentum buffer (it starts at their grad, as in torch)."""
+
     scalar_keys = ()
     kernel_subvariants = (False, True)  # the `first` argument of _kernel_rule (AOT inventory compiles both)
 

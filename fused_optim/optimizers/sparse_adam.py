@@ -76,6 +76,14 @@ def _linear_rows(grad: torch.Tensor) -> torch.Tensor:
 
 @register
 class SparseAdam(FusedOptimizer):
+    """SparseAdam: Adam that reads and writes only the rows a sparse (COO) grad holds (lazy Adam: every other
+    row's moments and param stay as they are). Anchor: torch.optim.SparseAdam.
+
+    Needs sparse grads (e.g. nn.Embedding(sparse=True)); a dense grad is an error, and dense params only. As in
+    torch, GradScaler unscales its grads itself (``scaler.unscale_``) before a plain ``step()``. Fused path: 1
+    launch per param group, step and dtype combination, over the coalesced rows present. max_grad_norm is
+    refused (clip_grad_norm_ has no sparse counterpart to match)."""
+
     dense_only = False
     sparse_only = True
     supports_max_grad_norm = False  # torch.nn.utils.clip_grad_norm_ has no sparse-grad counterpart to match

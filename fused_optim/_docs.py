@@ -1,0 +1,78 @@
+"""The documentation every optimizer shares: its keyword-only options beyond the anchor (``fused``,
+``master_weights``, ``stochastic_rounding``, ``max_grad_norm``). ``register`` appends it to each public class's
+docstring, worded from the class's attributes (where the precision options run, which options it refuses), so
+``help(fused_optim.AdamW)`` shows it and each class's own docstring keeps only its algorithm, anchor and notes."""
+from __future__ import annotations
+
+import inspect
+import textwrap
+
+HEADER = "Keyword-only options beyond the anchor (every fused_optim optimizer has them):"
+
+_FUSED = """\
+fused=None
+    Which implementation steps each param group (a param-group key, saved in the state dict). None: the Triton
+    kernels when every param of the group is on CUDA and Triton imports, else the reference path. True: demand
+    the kernels (RuntimeError at construction without Triton, or for a param not on CUDA; CPU params only under
+    TRITON_INTERPRET=1, Triton's interpreter). False: the reference path, plain torch math that defines the
+    numbers (tested against the anchor every step). The kernels need contiguous params and grads. Launches per
+    param group and step: as stated above, for a group whose params share one dtype. Where the anchor has a
+    ``fused`` flag of its own (torch's Adam, AdamW, SGD, Adagrad), this one takes its place, with its values."""
+
+_MASTER = """\
+master_weights=False
+    True: each bf16/fp16 param gets an fp32 master copy in ``state['master_param']`` (saved in the state dict)
+    and fp32 element-wise states; the math updates the master and the param is the master rounded to its dtype.
+    Costs 4 bytes per param element (and fp32 instead of bf16/fp16 states); fp32/fp64 params are unaffected.
+{where}"""
+
+_ROUNDING = """\
+stochastic_rounding=False
+    True: bf16 params are written with stochastic rounding (unbiased, so updates smaller than a bf16 ulp survive
+    on average), with random bits from torch's RNG (``torch.manual_seed`` makes a run reproducible; the fused
+    path takes one host draw per step as its seed, no sync); fp16 params are rounded to nearest.
+{where}"""
+
+_IN_KERNEL = "Fused: in the same kernel launch (no extra launch or pass)."
+_ON_REFERENCE = ("This optimizer's kernels do not carry it: while it is set, a param group holding bf16/fp16 "
+                 "params steps on the reference path (fp32 math, then rounding).")
+_REFUSED_PRECISION = """\
+master_weights=False, stochastic_rounding=False
+    fp32 master copies of bf16/fp16 params and stochastic rounding of bf16 params: not supported by this
+    optimizer (True raises ValueError at construction)."""
+
+_CLIP = """\
+max_grad_norm=None
+    A positive number: before the step, clip the global grad norm as
+    ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` does (2-norm over every param of every group that
+    has a grad, eps 1e-6), on AMP-unscaled grads; ``p.grad`` holds the clipped grads afterwards and
+    ``opt.last_grad_norm`` the norm before clipping (a 0-d tensor; None before the first step). Fused: +2
+    launches per step for all groups together: the sum of squares of every grad (one C++/CUDA engine launch for
+    all dtypes; with the Triton fallback, where the engine is not built, one per grad dtype), then a one-program
+    launch that folds the clip coefficient into the grad scale the kernels apply anyway: no host sync, no extra
+    pass over the grads.
+    Reference path: unscale, then clip_grad_norm_ itself. All grads must be on one device; DTensor (FSDP2)
+    params are refused (call clip_grad_norm_ before ``step()``)."""
+
+_REFUSED_CLIP = """\
+max_grad_norm=None
+    Not supported by this optimizer: a number raises ValueError at construction."""
+
+
+def options_doc(cls) -> str:
+    """The shared keyword documentation, worded for ``cls``."""
+    if cls.supports_precision_options:
+        where = textwrap.fill(_IN_KERNEL if cls.precision_in_kernel else _ON_REFERENCE, 116,
+                              initial_indent="    ", subsequent_indent="    ")
+        precision = (_MASTER.format(where=where), _ROUNDING.format(where=where))
+    else:
+        precision = (_REFUSED_PRECISION,)
+    clip = _CLIP if cls.supports_max_grad_norm else _REFUSED_CLIP
+    return "\n\n".join((HEADER, _FUSED, *precision, clip))
+
+
+def document(cls):
+    """Append the shared keyword documentation to ``cls``'s own docstring (its own part is kept as written)."""
+    own = inspect.cleandoc(cls.__dict__.get("__doc__") or "")
+    cls.__doc__ = f"{own}\n\n{options_doc(cls)}" if own else options_doc(cls)
+    return cls
