@@ -15,10 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._precision import PrecisionOptions
-# the helpers optimizer modules import from here (defined in _tensors.py)
-from ._tensors import (LOW_PRECISION, any_dtensor, as_real, check, check_betas, check_nonneg,  # noqa: F401
-                       device_index, is_dtensor, local, new_step, restore_state_dtypes, scalar, scalars_on_device,
-                       zeros_like, GRAD, IS_SPARSE)
+from ._tensors import GRAD, IS_SPARSE, LOW_PRECISION, any_dtensor, as_real, local, scalars_on_device
 from .kernels import multi_tensor as mt
 from .kernels import runtime
 from .kernels.tables import TableCache

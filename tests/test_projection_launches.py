@@ -15,7 +15,7 @@ from fused_optim import csrc
 from helpers import assert_kernels_idle, assert_states_close, kernel_tables, train_mlp
 from fused_optim.kernels import multi_tensor as mt
 from fused_optim.kernels import runtime
-from fused_optim.optimizers.projection import CHANNEL, LAYER
+from fused_optim.optimizers.projection import CHANNEL, LAYER, projection_mode
 
 # 1-D, 2-D, 4-D, odd sizes; several row blocks and column tiles per tensor under the test block size
 SHAPES = [(7,), (1,), (300,), (5, 3), (67, 33), (2, 9), (4, 3, 3, 3), (6, 2, 3, 3)]
@@ -68,6 +68,44 @@ def test_two_launches_and_reference(name, caution, reductions):
             modes.update(tab.tmode.tolist())
     assert {float(CHANNEL), float(LAYER)} <= modes  # both projections happened on the fused path
     assert_states_close(fused, pa + qa, ref, pb + qb, rtol=1e-5, atol=1e-6)
+    assert_kernels_idle(fused)
+
+
+@pytest.mark.parametrize("name", ["SGDP", "AdamP"])
+def test_refused_persistent_launch_runs_one_launch_per_phase(name, reductions, monkeypatch):
+    """caution's pass 1 + 2 on a device that refuses the cooperative launch: pass 1 and pass 2 run as two launches,
+    with the reference's numbers and decisions."""
+    cls = getattr(fused_optim, name)
+    gen = torch.Generator().manual_seed(1)
+    pa = [torch.randn(s, generator=gen).to(DEVICE) for s in [(7,), (5, 3), (13, 5), (3, 4, 2, 2)]]
+    pb = [p.clone() for p in pa]
+    if DEVICE == "cpu":  # the interpreter refuses a cooperative grid of 2: the refusal itself is exercised
+        monkeypatch.setattr(runtime, "persistent_grid", lambda n_items, device: 2)
+        monkeypatch.setattr(runtime, "refused_devices", set())
+    else:  # a GPU makes 2 programs resident: start from a device that refused
+        monkeypatch.setattr(runtime, "refused_devices", {str(pa[0].device)})
+    fused = cls(pa, fused=True, caution=True, **CONFIGS[name])
+    ref = cls(pb, fused=False, caution=True, **CONFIGS[name])
+    modes = set()
+    for step in range(3):
+        for i, (a, b) in enumerate(zip(pa, pb)):
+            a.grad = _grad(a, (step + i) % 3, gen).to(a.dtype).to(DEVICE)
+            b.grad = a.grad.clone()
+        expected = [projection_mode(b, b.grad, ref.defaults["delta"], ref.defaults["eps"]) for b in pb]
+        n0, c0 = runtime.launch_count, runtime.engine_launch_count
+        fused.step()
+        ref.step()
+        assert runtime.launch_count - n0 == 3  # the statistics, then pass 1 and pass 2 each on its own
+        assert runtime.engine_launch_count - c0 == (reductions == "csrc")
+        for a, b in zip(pa, pb):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+        (tab,) = kernel_tables(fused)
+        decided = dict(zip(tab.order, tab.tmode.tolist()))
+        assert [decided[i] for i in range(len(pa))] == expected, step
+        modes.update(expected)
+    assert {CHANNEL, LAYER} <= modes
+    assert runtime.refused_devices == {str(pa[0].device)}
+    assert_states_close(fused, pa, ref, pb, rtol=1e-5, atol=1e-6)
     assert_kernels_idle(fused)
 
 

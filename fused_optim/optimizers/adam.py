@@ -16,10 +16,14 @@ if runtime.available():
     MAXIMIZE, AMSGRAD, WD, DECOUPLED = mt.flag_bits(4)
 
     @triton.jit
-    def _adam_scalars(step, t1, t2, t3, lr, beta1, beta2, eps, wd, h5, h6, h7, FLAGS: tl.constexpr):
+    def bias_corrections(step, beta1, beta2):
+        """(step + 1, 1 - beta1^(step + 1), 1 - beta2^(step + 1)): the new step and Adam's bias corrections, fp64."""
         step = step + 1.0
-        bc1 = 1.0 - tl.exp2(step * tl.log2(beta1))
-        bc2 = 1.0 - tl.exp2(step * tl.log2(beta2))
+        return step, 1.0 - tl.exp2(step * tl.log2(beta1)), 1.0 - tl.exp2(step * tl.log2(beta2))
+
+    @triton.jit
+    def _adam_scalars(step, t1, t2, t3, lr, beta1, beta2, eps, wd, h5, h6, h7, FLAGS: tl.constexpr):
+        step, bc1, bc2 = bias_corrections(step, beta1, beta2)
         return step, t1, t2, t3, -lr / bc1, tl.sqrt(bc2), 1.0 - lr * wd, 0.0
 
     @triton.jit

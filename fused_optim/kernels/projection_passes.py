@@ -1,0 +1,275 @@
+"""The jit code of SGDP / AdamP's kernel (fused_optim/kernels/projection.py launches it): one function per pass over
+(tensor, row block) work items, and the table layout they read. The notes named here are in
+fused_optim/kernels/README.md, "Projection (SGDP, AdamP)"."""
+from __future__ import annotations
+
+from . import multi_tensor as mt
+from . import runtime
+from .tables import fields
+
+NONE, CHANNEL, LAYER = 0, 1, 2  # projection modes (tmode holds them as floats, as the C++ engine writes them)
+STATS, CAUTION_STATS, APPLY = 0, 1, 2  # the passes (Note [projection passes])
+
+# Named table columns (Note [projection rows]); rowstat and rowcoef are the C++ engine's output layout too.
+E_PARAM, E_GRAD, E_STATE0, E_STATE1, _ = fields("param", "grad", "state0", "state1")  # ptrs: element pointers
+I_NUMEL, I_ROWS, I_COLS, I_ROW0, I_PROJ, I_SLOT, I_W = fields("numel", "rows", "cols", "row0", "proj", "slot")
+W_TENSOR, W_BLOCK, W_W = fields("tensor", "block")  # work: one item per block of RB rows of a tensor
+S_PG, S_GG, S_PP, S_PD, S_W = fields("pg", "gg", "pp", "pd")  # rowstat: <p,g>, |g|^2, |p|^2, <p,d> per row
+C_A, C_C, C_W = fields("a", "c")  # rowcoef: the radial coefficients of d and g (Note [projection decision])
+K_KEPT, K_PM, K_B, K_W = fields("kept", "pm", "b")  # rowcaut: mask count, <p, masked d>, re-projection coefficient
+HYPERS = ("lr", "eps", "delta", "wd_ratio", "wd", "h1", "h2")  # the kernel's fp64 arguments, in order
+
+if runtime.available():
+    import triton
+    import triton.language as tl
+
+    from .access import chunk_ptr, store
+    from .sync import arrive, run_phases
+
+    NESTEROV, CAUTION, DECAY = mt.flag_bits(3)
+    # the jit code's copies of the codes above (a kernel reads only constexpr globals)
+    M_NONE, M_CHANNEL, M_LAYER, P_STATS, P_CAUTION = map(tl.constexpr, (NONE, CHANNEL, LAYER, STATS, CAUTION_STATS))
+
+    @triton.jit
+    def _setup(item, tables, hyps, COEFS: tl.constexpr, NS: tl.constexpr, HAS_STEP: tl.constexpr,
+               HAS_SCALE: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, RB: tl.constexpr):
+        """What every pass needs of work item `item`: where its rows are (tensor t, numel, rows R of C elements,
+        first row in the row buffers, projectable, mode slot; this item's rows and their mask) and the tile inputs
+        (element pointers, 1 / grad scale, this step's coefficients)."""
+        ptrs, info, work, sptrs, scale_ptr = tables
+        lr, eps, delta, wd_ratio, wd, h1, h2 = hyps
+        t = tl.load(work + item * W_W + W_TENSOR).to(tl.int64)
+        rows = tl.load(work + item * W_W + W_BLOCK).to(tl.int64) * RB + tl.arange(0, RB)
+        meta = info + t * I_W
+        R = tl.load(meta + I_ROWS)
+        at = (t, tl.load(meta + I_NUMEL), R, tl.load(meta + I_COLS), tl.load(meta + I_ROW0), tl.load(meta + I_PROJ),
+              tl.load(meta + I_SLOT), rows, rows < R)
+        row = ptrs + t * (2 + NS)
+        s0 = chunk_ptr(row, E_STATE0, S_DT, False)
+        s1 = s0
+        if NS > 1:
+            s1 = chunk_ptr(row, E_STATE1, S_DT, False)
+        step_ptr = sptrs  # (no step without HAS_STEP)
+        step = tl.cast(0.0, tl.float64)
+        if HAS_STEP:  # every pass reads the old step; the apply pass's last program writes the new one
+            step_ptr = tl.load(sptrs + t).to(tl.pointer_type(tl.float32))
+            step = tl.load(step_ptr).to(tl.float64)
+        step_new, neg_step, bc2_sqrt = COEFS(step, lr, eps, h1, h2)
+        inv_scale = 1.0
+        if HAS_SCALE:
+            inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
+        el = (chunk_ptr(row, E_PARAM, P_DT, False), chunk_ptr(row, E_GRAD, G_DT, False), s0, s1)
+        return at, (el, inv_scale, tl.cast(bc2_sqrt, tl.float32), neg_step.to(tl.float32), step_new, step_ptr)
+
+    # Under TRITON_INTERPRET every call of a jit helper costs about a millisecond, so a tile is one helper call.
+    @triton.jit
+    def _tile(at, sc, c0, hyps, DIRECTION: tl.constexpr, FLAGS: tl.constexpr, NS: tl.constexpr,
+              HAS_SCALE: tl.constexpr, BC: tl.constexpr):
+        """Columns c0 .. c0 + BC of the item's rows (fp32 math): p, g (unscaled), this step's direction d and new
+        states (DIRECTION: the optimizer's math), element offsets and mask."""
+        t, n, R, C, row0, proj, slot, rows, rmask = at
+        el, inv_scale, bc2_sqrt, neg_step, step_new, step_ptr = sc
+        p_ptr, g_ptr, s0_ptr, s1_ptr = el
+        lr, eps, delta, wd_ratio, wd, h1, h2 = hyps
+        cols = c0 + tl.arange(0, BC)
+        offs = rows[:, None] * C + cols[None, :]
+        mask = rmask[:, None] & (cols < C)[None, :] & (offs < n)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g * inv_scale
+        s0 = tl.load(s0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.zeros_like(p)
+        if NS > 1:
+            s1 = tl.load(s1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d, s0, s1 = DIRECTION(g, s0, s1, bc2_sqrt, eps, h1, h2, (FLAGS & NESTEROV) != 0)
+        return p, g, d, s0, s1, offs, mask
+
+    @triton.jit
+    def _col(buf, rows, mask, WIDTH: tl.constexpr, COL: tl.constexpr):
+        """fp64 column COL of a row buffer, through L2 (Note [cross-program reads])."""
+        return tl.load(buf + rows * WIDTH + COL, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64)
+
+    @triton.jit
+    def _cos(pg, gg, pp, eps):
+        """|cos(p, g)| as torch's cosine_similarity computes it (each norm clamped at eps)."""
+        return tl.abs(pg) / (tl.maximum(tl.sqrt(gg), eps) * tl.maximum(tl.sqrt(pp), eps))
+
+    @triton.jit
+    def _decide(rowstat, rowcoef, tmode, slot, n, R, C, row0, proj, eps, delta, FB: tl.constexpr):
+        """Last program of a tensor in the stats pass: its mode and per-row coefficients a, c (Note [projection
+        decision])."""
+        zero = tl.cast(0.0, tl.float64)
+        maxcos, spg, sgg, spp, spd = zero, zero, zero, zero, zero
+        for r0 in range(0, R, FB):
+            rr = row0 + r0 + tl.arange(0, FB)
+            m = rr < row0 + R
+            pg, gg = _col(rowstat, rr, m, S_W, S_PG), _col(rowstat, rr, m, S_W, S_GG)
+            pp, pd = _col(rowstat, rr, m, S_W, S_PP), _col(rowstat, rr, m, S_W, S_PD)
+            maxcos = tl.maximum(maxcos, tl.max(_cos(pg, gg, pp, eps), axis=0))
+            spg += tl.sum(pg, axis=0)
+            sgg += tl.sum(gg, axis=0)
+            spp += tl.sum(pp, axis=0)
+            spd += tl.sum(pd, axis=0)
+        channel_thr = delta / tl.sqrt(C.to(tl.float64))
+        channel = (proj != 0) & (maxcos < channel_thr)
+        layer = ((proj != 0) & (maxcos >= channel_thr)
+                 & (_cos(spg, sgg, spp, eps) < delta / tl.sqrt(tl.maximum(n, 1).to(tl.float64))))
+        ln = tl.sqrt(spp) + eps  # timm's unit weight is p / (|p| + eps)
+        for r0 in range(0, R, FB):
+            rr = row0 + r0 + tl.arange(0, FB)
+            m = rr < row0 + R
+            rn = tl.sqrt(_col(rowstat, rr, m, S_W, S_PP)) + eps
+            a = tl.where(channel, _col(rowstat, rr, m, S_W, S_PD) / (rn * rn), tl.where(layer, spd / (ln * ln), 0.0))
+            c = tl.where(channel, _col(rowstat, rr, m, S_W, S_PG) / (rn * rn), tl.where(layer, spg / (ln * ln), 0.0))
+            tl.store(rowcoef + rr * C_W + C_A, a.to(tl.float32), mask=m)
+            tl.store(rowcoef + rr * C_W + C_C, c.to(tl.float32), mask=m)
+        tl.store(tmode + slot, tl.where(channel, M_CHANNEL, tl.where(layer, M_LAYER, M_NONE)).to(tl.float32))
+
+    @triton.jit
+    def _stats_pass(at, sc, bufs, hyps, DIRECTION, FLAGS, NS, HAS_SCALE, RB, BC, FB):
+        """Pass 0: per row <p,g>, |g|^2, |p|^2, <p,d> into rowstat; the tensor's last program decides."""
+        t, n, R, C, row0, proj, slot, rows, rmask = at
+        counters, rowstat, rowcoef, rowcaut, tmode, tscale = bufs
+        pg = tl.zeros([RB], tl.float32)
+        gg = tl.zeros([RB], tl.float32)
+        pp = tl.zeros([RB], tl.float32)
+        pd = tl.zeros([RB], tl.float32)
+        for c0 in range(0, C, BC):
+            p, g, d, s0, s1, offs, mask = _tile(at, sc, c0, hyps, DIRECTION, FLAGS, NS, HAS_SCALE, BC)
+            pg += tl.sum(p * g, axis=1)
+            gg += tl.sum(g * g, axis=1)
+            pp += tl.sum(p * p, axis=1)
+            pd += tl.sum(p * d, axis=1)
+        out = rowstat + (row0 + rows) * S_W
+        tl.store(out + S_PG, pg, mask=rmask)
+        tl.store(out + S_GG, gg, mask=rmask)
+        tl.store(out + S_PP, pp, mask=rmask)
+        tl.store(out + S_PD, pd, mask=rmask)
+        if arrive(counters + t, tl.maximum(tl.cdiv(R, RB), 1)):  # Note [last program of a tensor]
+            lr, eps, delta, wd_ratio, wd, h1, h2 = hyps
+            _decide(rowstat, rowcoef, tmode, slot, n, R, C, row0, proj, eps, delta, FB)
+            tl.store(counters + t, 0)
+
+    @triton.jit
+    def _caution_pass(at, sc, bufs, hyps, DIRECTION, FLAGS, NS, HAS_SCALE, RB, BC, FB):
+        """Pass 1 (caution): per row the count of the cautious mask and <p, masked d>; the tensor's last program
+        writes the mask scale s and the re-projection coefficients b (Note [projection decision])."""
+        t, n, R, C, row0, proj, slot, rows, rmask = at
+        counters, rowstat, rowcoef, rowcaut, tmode, tscale = bufs
+        a = _col(rowcoef, row0 + rows, rmask, C_W, C_A).to(tl.float32)
+        c = _col(rowcoef, row0 + rows, rmask, C_W, C_C).to(tl.float32)
+        kept = tl.zeros([RB], tl.float32)
+        pm = tl.zeros([RB], tl.float32)
+        for c0 in range(0, C, BC):
+            p, g, d, s0, s1, offs, mask = _tile(at, sc, c0, hyps, DIRECTION, FLAGS, NS, HAS_SCALE, BC)
+            d = d - a[:, None] * p
+            keep = mask & (d * (g - c[:, None] * p) > 0.0)
+            kept += tl.sum(keep.to(tl.float32), axis=1)
+            pm += tl.sum(tl.where(keep, p * d, 0.0), axis=1)
+        out = rowcaut + (row0 + rows) * K_W
+        tl.store(out + K_KEPT, kept, mask=rmask)
+        tl.store(out + K_PM, pm, mask=rmask)
+        if arrive(counters + t, tl.maximum(tl.cdiv(R, RB), 1)):
+            lr, eps, delta, wd_ratio, wd, h1, h2 = hyps
+            zero = tl.cast(0.0, tl.float64)
+            cnt, spp, spm = zero, zero, zero
+            for r0 in range(0, R, FB):
+                rr = row0 + r0 + tl.arange(0, FB)
+                m = rr < row0 + R
+                spp += tl.sum(_col(rowstat, rr, m, S_W, S_PP), axis=0)
+                cnt += tl.sum(_col(rowcaut, rr, m, K_W, K_KEPT), axis=0)
+                spm += tl.sum(_col(rowcaut, rr, m, K_W, K_PM), axis=0)
+            s = 1.0 / tl.maximum(cnt / tl.maximum(n, 1).to(tl.float64), 1e-3)
+            mode = tl.load(tmode + slot, cache_modifier=".cg")
+            ln = tl.sqrt(spp) + eps
+            for r0 in range(0, R, FB):
+                rr = row0 + r0 + tl.arange(0, FB)
+                m = rr < row0 + R
+                rn = tl.sqrt(_col(rowstat, rr, m, S_W, S_PP)) + eps
+                b = tl.where(mode == M_CHANNEL, s * _col(rowcaut, rr, m, K_W, K_PM) / (rn * rn),
+                             tl.where(mode == M_LAYER, s * spm / (ln * ln), 0.0))
+                tl.store(rowcaut + rr * K_W + K_B, b.to(tl.float32), mask=m)
+            tl.store(tscale + t, s.to(tl.float32))
+            tl.store(counters + t, 0)
+
+    @triton.jit
+    def _apply_pass(at, sc, bufs, hyps, DIRECTION, FLAGS, NS, HAS_STEP, HAS_SCALE, RB, BC):
+        """Pass 2: the element-wise update with the projected (and, with caution, masked) direction."""
+        t, n, R, C, row0, proj, slot, rows, rmask = at
+        el, inv_scale, bc2_sqrt, neg_step, step_new, step_ptr = sc
+        p_ptr, g_ptr, s0_ptr, s1_ptr = el
+        counters, rowstat, rowcoef, rowcaut, tmode, tscale = bufs
+        lr, eps, delta, wd_ratio, wd, h1, h2 = hyps
+        a = _col(rowcoef, row0 + rows, rmask, C_W, C_A).to(tl.float32)
+        c = a
+        b = a
+        s = 1.0
+        if FLAGS & CAUTION:  # written by pass 1, maybe by another program of this launch
+            c = _col(rowcoef, row0 + rows, rmask, C_W, C_C).to(tl.float32)
+            b = _col(rowcaut, row0 + rows, rmask, K_W, K_B).to(tl.float32)
+            s = tl.load(tscale + t, cache_modifier=".cg")
+        decay = 1.0
+        if FLAGS & DECAY:
+            mode = tl.load(tmode + slot, cache_modifier=".cg")
+            decay = (1.0 - lr * wd * tl.where(mode != M_NONE, wd_ratio, 1.0)).to(tl.float32)
+        for c0 in range(0, C, BC):
+            p, g, d, s0, s1, offs, mask = _tile(at, sc, c0, hyps, DIRECTION, FLAGS, NS, HAS_SCALE, BC)
+            d = d - a[:, None] * p
+            if FLAGS & CAUTION:
+                keep = mask & (d * (g - c[:, None] * p) > 0.0)
+                d = tl.where(keep, d * s, 0.0) - b[:, None] * p
+            store(p_ptr, offs, p * decay + neg_step * d, mask, False)
+            store(s0_ptr, offs, s0, mask, False)
+            if NS > 1:
+                store(s1_ptr, offs, s1, mask, False)
+            if HAS_SCALE:
+                store(g_ptr, offs, g, mask, False)  # p.grad ends unscaled, like the generic kernel
+        if HAS_STEP:
+            if arrive(counters + t, tl.maximum(tl.cdiv(R, RB), 1)):  # every program of t has read the old step
+                tl.store(step_ptr, tl.cast(step_new, tl.float32))
+                tl.store(counters + t, 0)
+
+    @triton.jit
+    def _item(item, PASS: tl.constexpr, args):
+        """run_phases' ITEM: pass PASS over work item `item`."""
+        _run_pass(item, PASS, *args)  # flat: triton 3.6 unpacks a flat tuple into constexpr parameters
+
+    @triton.jit
+    def _run_pass(item, PASS: tl.constexpr, n_items, tables, bufs, hyps, DIRECTION, COEFS, FLAGS, NS, HAS_STEP,
+                  P_DT, G_DT, S_DT, HAS_SCALE, RB, BC, FB):
+        at, sc = _setup(item, tables, hyps, COEFS, NS, HAS_STEP, HAS_SCALE, P_DT, G_DT, S_DT, RB)
+        if PASS == P_STATS:
+            _stats_pass(at, sc, bufs, hyps, DIRECTION, FLAGS, NS, HAS_SCALE, RB, BC, FB)
+        elif PASS == P_CAUTION:
+            _caution_pass(at, sc, bufs, hyps, DIRECTION, FLAGS, NS, HAS_SCALE, RB, BC, FB)
+        else:
+            _apply_pass(at, sc, bufs, hyps, DIRECTION, FLAGS, NS, HAS_STEP, HAS_SCALE, RB, BC)
+
+    @triton.jit
+    def _count(PASS: tl.constexpr, args):
+        return args[0]  # n_items: every pass runs over all work items
+
+    @triton.jit
+    def projection_kernel(
+        ptrs, info, work, sptrs, counters, rowstat, rowcoef, rowcaut, tmode, tscale, barrier, scale_ptr, inf_ptr,
+        n_items, lr: tl.float64, eps: tl.float64, delta: tl.float64, wd_ratio: tl.float64, wd: tl.float64,
+        h1: tl.float64, h2: tl.float64,
+        DIRECTION: tl.constexpr, COEFS: tl.constexpr, FLAGS: tl.constexpr, PASSES: tl.constexpr,
+        NS: tl.constexpr, HAS_STEP: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, FB: tl.constexpr,
+    ):
+        """The passes in PASSES (bits) over the n_items work items: one pass is a plain launch, several a
+        persistent one (runtime.launch_phases)."""
+        skip = 0
+        if HAS_INF:
+            skip = tl.load(inf_ptr) != 0  # AMP overflow: touch nothing, advance nothing
+        if skip == 0:
+            hyps = (tl.cast(lr, tl.float64), tl.cast(eps, tl.float64), tl.cast(delta, tl.float64),
+                    tl.cast(wd_ratio, tl.float64), tl.cast(wd, tl.float64), tl.cast(h1, tl.float64),
+                    tl.cast(h2, tl.float64))  # plain Python floats under the interpreter
+            # the args tuple is written out in the call: assigned to a name, its constexprs would become values
+            run_phases(barrier, PASSES, 3, _item, _count,
+                       (n_items, (ptrs, info, work, sptrs, scale_ptr),
+                        (counters, rowstat, rowcoef, rowcaut, tmode, tscale),
+                        hyps, DIRECTION, COEFS, FLAGS, NS, HAS_STEP, P_DT, G_DT, S_DT, HAS_SCALE, RB, BC, FB))
