@@ -1,10 +1,7 @@
-"""L-BFGS with an optional strong-Wolfe line search (anchor: torch.optim.LBFGS): the class and its step.
-
-Reference path (``fused=False``; the default off CUDA): host-driven like torch, same op order, so trajectories agree
-to the last bit on CPU. Fused path: the same decisions and closure calls without the device waiting on the host:
-a ring-buffer history (lbfgs_history.py), one launch per direction (kernels/lbfgs.py), host decisions on values
-fetched by one transfer per decision point. Notes under "LBFGS" in fused_optim/kernels/README.md.
-"""
+"""L-BFGS with an optional strong-Wolfe line search (anchor: torch.optim.LBFGS): the class and its step. Reference
+path: host-driven like torch, same op order. Fused path: a ring-buffer history (lbfgs_history.py), one launch per
+direction (kernels/lbfgs.py), host decisions on values fetched once per decision point. Notes: "LBFGS" in
+fused_optim/kernels/README.md."""
 from __future__ import annotations
 
 import math
