@@ -194,7 +194,7 @@ class NovoGrad(_LayerwiseMoments):
 
     Unlike timm's NvNovoGrad, the first step is recognised by the step count (NvNovoGrad: whenever v == 0) and
     v keeps the param's precision (NvNovoGrad: the default dtype). No current library anchors this class: the
-    tests check it against a float64 transcription of the formulas above (tests/test_novograd.py)."""
+    tests check it against a float64 transcription of the formulas above (tests/optimizers/test_novograd.py)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.95, 0.98), eps=1e-8, weight_decay=0, grad_averaging=False,
                  amsgrad=False, *, fused=None):

@@ -1,5 +1,5 @@
-"""The test matrix: the Cases of each optimizer family in tests/cases/<family>.py (as fused_optim/optimizers/<family>.py;
-each module defines CASES), gathered here in FAMILIES order.
+"""The test matrix: the Cases of each optimizer family in tests/cases/<family>.py (as in
+fused_optim/optimizers/<family>.py; each module defines CASES), gathered here in FAMILIES order.
 
 A Case names our class, its anchor (torch.optim / timm class, or a float64 transcription of the paper), the option
 combinations to test and, where plain random dense grads do not fit (sparse, Hessian, closures), a driver.
