@@ -46,7 +46,6 @@ class Case:
     launches: int = 1                           # kernel launches per param group and step (reduction passes count)
     requires_grad: bool = False                 # params are leaves that require grad from the start (drivers that
                                                 # differentiate the grads w.r.t. them, e.g. Adahessian's Hessian)
-    id: str = ""
 
     @property
     def cls(self):
