@@ -37,7 +37,7 @@ def _count(fn, args, kwargs, engine=False):
     _count.engine += engine
 
 
-_count.calls = 0   # stubbed launches made (tests/test_bench.py checks the stubs are what runs)
+_count.calls = 0   # stubbed launches made (tests/infra/test_bench.py checks the stubs are what runs)
 _count.engine = 0  # of which the C++ engine's
 TORCH_KERNELS = ("_fused_adam_", "_fused_adamw_", "_fused_sgd_", "_foreach_add_")  # torch's fused-path launches
 TORCH_FUSED = {"Adam", "AdamW", "SGD"}  # torch.optim classes with fused=True on CPU

@@ -5,7 +5,7 @@ extension modules with the same functions, built by ``bash scripts/build_csrc.sh
 ``_fused_optim_host`` (the engine compiled for the CPU, used for CPU tensors) and ``_fused_optim_cuda`` (the same
 engine compiled by nvcc, for CUDA tensors). A module is used only if its ABI_VERSION, its reduction kinds and its
 dtype codes are the ones below (``module_mismatch``): the kinds' one list is ``FO_KINDS`` in csrc/fo_kinds.h, which
-the ``KIND_*`` codes here mirror for callers that need them with no module built; tests/test_csrc.py compares both.
+the ``KIND_*`` codes here mirror (usable with no module built); tests/infra/test_csrc.py compares both.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build fused_optim's C++/CUDA reductions in place (fused_optim/_fused_optim_host*.so, _fused_optim_cuda*.so).
 #   bash scripts/build_csrc.sh               host module, plus the CUDA module when nvcc is found
-#   bash scripts/build_csrc.sh --host-only   host module only (what tests/test_csrc.py runs)
+#   bash scripts/build_csrc.sh --host-only   host module only (what tests/infra/test_csrc.py runs)
 #   bash scripts/build_csrc.sh --cuda-check  compile-only nvcc check for sm_80 + sm_90 (ptxas -v); fails on any error
 #   bash scripts/build_csrc.sh --cuda-only   the CUDA module only, nvcc required (setup.py's build_ext runs this)
 # Env: PYTHON (default python3), JOBS (default 2), BUILD_DIR (default build/csrc[-host]), OUT_DIR (where the modules

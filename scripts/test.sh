@@ -2,8 +2,9 @@
 # Install (scripts/setup.sh), then the whole test suite. Without CUDA the Triton kernels run under TRITON_INTERPRET=1
 # (tests/conftest.py). Then, with or without a GPU: every Triton kernel AOT-compiled for sm_80/sm_90 (fails on
 # compile errors, spills, narrow loads), and csrc/ compiled by nvcc for sm_80/sm_90 where nvcc exists.
-#   bash scripts/test.sh                        all of the above
-#   bash scripts/test.sh tests/test_amp.py -x   install, then pytest with these arguments only (no compile checks)
+#   bash scripts/test.sh                                all of the above
+#   bash scripts/test.sh tests/generic/test_amp.py -x   install, then pytest with these arguments only (no compile
+#                                                       checks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

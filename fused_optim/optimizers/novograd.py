@@ -195,7 +195,7 @@ class NovoGrad(_LayerwiseMoments):
     Unlike timm's NvNovoGrad, the first step is recognised by the step count (NvNovoGrad: whenever v == 0) and
     v keeps the param's precision (NvNovoGrad: the default dtype). No current library anchors this class (timm
     dropped it); its anchor is the paper: the tests check it against a float64 transcription of the formulas
-    above (tests/test_novograd.py).
+    above (tests/optimizers/test_novograd.py).
 
     Fused path: 2 launches per param group and step: the per-tensor sums of squares (C++/CUDA engine; Triton
     where it is not built), then the shared multi-tensor kernel."""

@@ -73,7 +73,7 @@ def test_factored_stats(eps, dtypes):
 def test_kinds_have_one_source():
     """FO_KINDS (csrc/fo_kinds.h) is the one list of reduction kinds: the C++ codes are its order, the modules export
     it as KINDS, and the loader refuses a module whose list differs from the Python side's KIND_* codes."""
-    header = (pathlib.Path(__file__).parents[1] / "csrc" / "fo_kinds.h").read_text()
+    header = (pathlib.Path(__file__).parents[2] / "csrc" / "fo_kinds.h").read_text()
     listing = header[header.index("#define FO_KINDS(X)"):].split("\n\n")[0]
     expected = {name: code for code, name in enumerate(re.findall(r"X\((\w+),", listing))}
     assert expected and csrc.KINDS == expected

@@ -10,7 +10,7 @@ import torch
 from fused_optim.kernels import runtime
 
 _spec = importlib.util.spec_from_file_location(
-    "bench_run", os.path.join(os.path.dirname(__file__), "..", "bench", "run.py"))
+    "bench_run", os.path.join(os.path.dirname(__file__), "..", "..", "bench", "run.py"))
 run = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(run)
 
@@ -118,7 +118,7 @@ def test_host_overhead_stubs_every_launch_and_restores_them(tmp_path):
     """bench/host_overhead.py: one row per optimizer and size; the launches made are the stubs' (Triton kernels
     and the C++ engine alike), and the launch entry points are back afterwards."""
     spec = importlib.util.spec_from_file_location(
-        "host_overhead", os.path.join(os.path.dirname(__file__), "..", "bench", "host_overhead.py"))
+        "host_overhead", os.path.join(os.path.dirname(__file__), "..", "..", "bench", "host_overhead.py"))
     ho = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ho)
     before = (runtime.dispatch, torch._fused_adam_)

@@ -1,8 +1,9 @@
-"""The test matrix: one Case per optimizer, collected from tests/cases_*.py (each module defines CASES).
+"""The test matrix: the Cases of each optimizer family in tests/cases/<family>.py (as in
+fused_optim/optimizers/<family>.py; each module defines CASES), gathered here in FAMILIES order.
 
 A Case names our class, its anchor (torch.optim / timm class, or a float64 transcription of the paper), the option
 combinations to test and, where plain random dense grads do not fit (sparse, Hessian, closures), a driver.
-The generic tests in test_anchor.py / test_kernels.py / test_state_dict.py run every case.
+The generic tests in tests/generic/ (test_anchor.py, test_kernels.py, test_amp.py, ...) run every case.
 """
 from __future__ import annotations
 
@@ -45,18 +46,23 @@ class Case:
     launches: int = 1                           # kernel launches per param group and step (reduction passes count)
     requires_grad: bool = False                 # params are leaves that require grad from the start (drivers that
                                                 # differentiate the grads w.r.t. them, e.g. Adahessian's Hessian)
-    id: str = ""
 
     @property
     def cls(self):
         return fused_optim.REGISTRY[self.name.lower()]
 
 
+# The order of ALL (and so of the parametrized test ids). A family module not listed here is appended in name order.
+FAMILIES = ["sgd", "adam", "sparse_adam", "lbfgs", "projection", "adahessian", "adafactor", "novograd", "rprop",
+            "adagrad", "rmsprop", "adadelta", "asgd", "adamax", "nadam", "radam"]
+
+
 def _collect():
+    found = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(os.path.dirname(__file__), "*.py")))
+    names = FAMILIES + [n for n in found if n not in FAMILIES and n != "__init__"]
     cases = []
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "cases_*.py"))):
-        mod = importlib.import_module(os.path.basename(path)[:-3])
-        cases.extend(mod.CASES)
+    for name in names:
+        cases.extend(importlib.import_module(f"cases.{name}").CASES)
     return cases
 
 
