@@ -41,7 +41,7 @@ def hessian_driver(opts, param_lists, step, gen):
 
 CASES = [
     # kernel=False: the generic kernel tests step() on plain grads (no graph) and with AMP arguments, which
-    # Adahessian refuses; tests/test_timm_a.py checks its fused path with this driver instead.
+    # Adahessian refuses; tests/optimizers/test_projection.py checks its fused path with this driver instead.
     # update_each > 1 is tested there too: p.hess is not in the state dict, so a reloaded run re-estimates early.
     Case("Adahessian", lambda: timm_class("adahessian", "Adahessian"),
          configs=[{}, {"lr": 0.05, "betas": (0.8, 0.99), "weight_decay": 0.01, "hessian_power": 0.5,

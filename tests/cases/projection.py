@@ -3,7 +3,7 @@
 SGDP / AdamP only project when the grad is nearly orthogonal to the weight, which random grads almost never are:
 `projection_driver` makes each 2+-D grad, at random, orthogonal per row (channel projection), orthogonal for the
 whole tensor only (layer projection), or clearly radial (no projection), and logs what the reference decides in
-MODES so tests/test_timm_a.py can assert that every kind happened on 2-D and 4-D weights.
+MODES so tests/optimizers/test_projection.py can assert that every kind happened on 2-D and 4-D weights.
 """
 from collections import Counter
 

@@ -115,7 +115,7 @@ def test_timm_twins_match_timms_entries(timm_factory):
     checked = []
     for ours, theirs in _twins(timm_factory):
         if timm_factory.get_optimizer_info(theirs).second_order:
-            continue  # Adahessian needs backward(create_graph=True): tests/test_timm_a.py covers it
+            continue  # Adahessian needs backward(create_graph=True): tests/optimizers/test_projection.py covers it
         model, anchor_model = _mlp(), _mlp()
         kw = dict(lr=1e-2, weight_decay=0.01)
         opt = timm_factory.create_optimizer_v2(model, ours, fused=False, **kw)

@@ -8,7 +8,7 @@ import torch
 import fused_optim
 from anchors import timm_class
 from cases import clone_params, make_params, param_groups, run  # first: cases imports every cases_*.py itself
-import cases_timm_a as ct  # noqa: E402,I001
+from cases import adahessian, projection  # noqa: E402,I001
 from conftest import DEVICE
 from helpers import assert_states_close, assert_unchanged, kernel_tables, snapshot
 from fused_optim.kernels import multi_tensor as mt
@@ -16,7 +16,7 @@ from fused_optim.kernels import runtime
 from fused_optim.optimizers.projection import CHANNEL, LAYER, NONE, projection_mode
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-CASE = {c.name: c for c in ct.CASES}
+CASE = {c.name: c for c in projection.CASES + adahessian.CASES}
 
 
 @pytest.mark.parametrize("name,config", [("SGDP", CASE["SGDP"].configs[1]), ("AdamP", CASE["AdamP"].configs[2])])
@@ -27,13 +27,13 @@ def test_projection_driver_covers_every_mode_vs_timm(name, config):
     b1, b2 = clone_params(a1), clone_params(a2)
     ours = case.cls(param_groups(case, config, a1, a2), fused=False, **config)
     theirs = case.anchor()(param_groups(case, config, b1, b2), **config)
-    ct.MODES.clear()
+    projection.MODES.clear()
     for i in range(case.steps):
         run(case, [ours, theirs], [a1 + a2, b1 + b2], steps=1, seed=i)
         assert_states_close(ours, a1 + a2, theirs, b1 + b2, 1e-10, 1e-12)
     for dim in (2, 4):
         for mode in (NONE, CHANNEL, LAYER):
-            assert ct.MODES[(dim, mode)] >= 3, (dim, mode, dict(ct.MODES))
+            assert projection.MODES[(dim, mode)] >= 3, (dim, mode, dict(projection.MODES))
 
 
 @pytest.mark.parametrize("name,config", [("SGDP", CASE["SGDP"].configs[2]), ("AdamP", CASE["AdamP"].configs[1])])
@@ -47,7 +47,7 @@ def test_fused_decides_like_the_reference(name, config, reductions):
     seen = set()
     for step in range(6):
         before = [p.detach().clone() for p in ps]
-        ct.projection_driver([opt], [ps], step, gen)
+        projection.projection_driver([opt], [ps], step, gen)
         expected = [projection_mode(p, q.grad, opt.defaults["delta"], opt.defaults["eps"])
                     for p, q in zip(before, ps)]
         (tab,) = kernel_tables(opt)
