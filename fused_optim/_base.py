@@ -87,8 +87,27 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
         if getattr(self, "_kernel_caches", None) is not None and group.get("fused"):
             self._require_kernel(group)
 
+    # `fused` is how this optimizer runs, not state. A checkpoint saves torch's default (None): torch takes the key on
+    # load, and True would switch it onto its own fused path (which refuses sparse grads, among others). Loading
+    # keeps each group's own value (torch's checkpoints carry fused=None too).
+    def state_dict(self):
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            group["fused"] = None
+        return sd
+
+    def load_state_dict(self, state_dict):
+        saved = list(state_dict["param_groups"])
+        for i, group in enumerate(self.param_groups[:len(saved)]):
+            saved[i] = dict(saved[i], fused=group["fused"])
+        super().load_state_dict({**state_dict, "param_groups": saved})
+
     def __setstate__(self, state):
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        own_differentiable = "differentiable" in defaults
         super().__setstate__(state)
+        if not own_differentiable:  # torch adds it to defaults; optimizers whose anchor lacks it keep their group keys
+            self.defaults.pop("differentiable", None)
         # checkpoints from torch/timm lack our extra keys: fill them from our defaults
         for group in self.param_groups:
             for k, v in self.defaults.items():

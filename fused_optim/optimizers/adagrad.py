@@ -120,13 +120,13 @@ class Adagrad(FusedOptimizer):
         return super()._use_kernel(group, params)
 
     def _reference(self, group, params, grads, states):
-        lr, lr_decay, eps, wd = scalar(group["lr"]), group["lr_decay"], group["eps"], group["weight_decay"]
+        lr, lr_decay, eps, wd = group["lr"], group["lr_decay"], group["eps"], group["weight_decay"]
         sparse = [i for i, g in enumerate(grads) if g.is_sparse]
         if sparse and wd != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1)
-        neg_clr = [-lr / (1 + (s.item() - 1) * lr_decay) for s in steps]
+        neg_clr = [scalar(-lr / (1 + (s.item() - 1) * lr_decay)) for s in steps]  # a Tensor lr: in its dtype
         for i in sparse:
             g = -grads[i] if group["maximize"] else grads[i]
             _sparse_step(params[i], g, states[i]["sum"], neg_clr[i], eps)

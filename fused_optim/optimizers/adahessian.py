@@ -173,6 +173,11 @@ class Adahessian(FusedOptimizer):
                         p.hess = st.pop("hess")  # (the fused path may have changed its dtype)
         return loss
 
+    def _states_of(self, group, params):
+        # a first step's states are not empty ("hessian step", "hess"), which the base class's cached lookup reads
+        # as made: ask _state_of for each
+        return [self._state_of(p, group) for p in params]
+
     def _state_of(self, p, group):
         st = self.state[p]
         if "step" not in st:

@@ -62,22 +62,24 @@ if runtime.available():
 
 def decayed_grads(params, grads, *, lr, weight_decay, maximize, decoupled=False):
     """maximize, then L2 weight decay (returns new grads) or decoupled decay (scales params in place), in torch's
-    order. Shared by the Adam family, Adamax, NAdam, RAdam and ASGD."""
+    order. Shared by the Adam family, Adamax, NAdam, RAdam and ASGD. ``lr``: a float or a 0-d Tensor (whose dtype
+    torch's scalar math runs in, as here)."""
     if maximize:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:
         if decoupled:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
+            torch._foreach_mul_(params, scalar(1 - lr * weight_decay))
         else:
             grads = torch._foreach_add(grads, params, alpha=weight_decay)
     return grads
 
 
 def adam_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2):
-    """In place: exp_avg lerps towards grad by 1 - beta1, exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad^2."""
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    """In place: exp_avg lerps towards grad by 1 - beta1, exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad^2.
+    The betas: floats or 0-d Tensors (torch's scalar math in their dtype)."""
+    torch._foreach_lerp_(exp_avgs, grads, scalar(1 - beta1))
+    torch._foreach_mul_(exp_avg_sqs, scalar(beta2))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, scalar(1 - beta2))
 
 
 def timm_moments_(states, grads, second, beta1, beta2, second_key="exp_avg_sq"):
@@ -105,7 +107,9 @@ def begin_step(params, grads, states, *, lr, weight_decay, maximize, decoupled):
 
 
 def adam_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled):
-    """Adam / AdamW on lists (foreach ops). Shared by Adam, AdamW and the Adam half of AdamP-like optimizers."""
+    """Adam / AdamW on lists (foreach ops). Shared by Adam, AdamW and the Adam half of AdamP-like optimizers.
+    lr and the betas may be 0-d Tensors: the per-tensor coefficients are then computed in their dtype, as torch's
+    single-tensor Adam does, and handed to the foreach ops as numbers."""
     grads, m, v, t = begin_step(params, grads, states, lr=lr, weight_decay=weight_decay, maximize=maximize,
                                 decoupled=decoupled)
     adam_moments_(m, v, grads, beta1, beta2)
@@ -117,9 +121,9 @@ def adam_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_decay
         denom = torch._foreach_sqrt(vmax)
     else:
         denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_div_(denom, [scalar(b) for b in bc2_sqrt])
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, m, denom, [-lr / b for b in bc1])
+    torch._foreach_addcdiv_(params, m, denom, [scalar(-lr / b) for b in bc1])
 
 
 class AdamFamily(FusedOptimizer):
@@ -145,7 +149,6 @@ class Adam(AdamFamily):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False):
-        betas = tuple(scalar(b) for b in betas) if isinstance(betas, (tuple, list)) else betas
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
@@ -159,12 +162,12 @@ class Adam(AdamFamily):
 
     def _reference(self, group, params, grads, states):
         beta1, beta2 = group["betas"]
-        adam_reference(params, grads, states, lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+        adam_reference(params, grads, states, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                        weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                        decoupled=group["decoupled_weight_decay"])
 
     def _kernel_rule(self, group, variant=None):
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = map(scalar, group["betas"])
         flags = mt.pack((MAXIMIZE, group["maximize"]), (AMSGRAD, group["amsgrad"]), (WD, group["weight_decay"] != 0),
                         (DECOUPLED, group["decoupled_weight_decay"]))
         keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())

@@ -45,7 +45,7 @@ class Adamax(AdamFamily):
                 "exp_inf": zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
-        lr = scalar(group["lr"])
+        lr = group["lr"]  # a Tensor lr: torch's step size is computed in its dtype
         beta1, beta2 = (scalar(b) for b in group["betas"])
         steps = [st["step"] for st in states]
         m = [st["exp_avg"] for st in states]
@@ -57,7 +57,7 @@ class Adamax(AdamFamily):
         norm = torch._foreach_abs(grads)
         torch._foreach_add_(norm, group["eps"])
         torch._foreach_maximum_(u, norm)
-        torch._foreach_addcdiv_(params, m, u, [-lr / (1 - beta1 ** s.item()) for s in steps])
+        torch._foreach_addcdiv_(params, m, u, [scalar(-lr / (1 - beta1 ** s.item())) for s in steps])
 
     def _kernel_rule(self, group, variant=None):
         beta1, beta2 = (scalar(b) for b in group["betas"])

@@ -78,7 +78,7 @@ class ASGD(FusedOptimizer):
                 "mu": torch.ones((), **scal), "ax": zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
-        lr, lambd, alpha, t0 = scalar(group["lr"]), group["lambd"], group["alpha"], group["t0"]
+        lr, lambd, alpha, t0 = group["lr"], group["lambd"], group["alpha"], group["t0"]
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1)
         grads = decayed_grads(params, grads, lr=lr, weight_decay=group["weight_decay"], maximize=group["maximize"])
@@ -96,10 +96,12 @@ class ASGD(FusedOptimizer):
             torch._foreach_add_([axs[i] for i in avg], diff)
         if copy:
             torch._foreach_copy_([axs[i] for i in copy], [params[i] for i in copy])
+        # torch makes the new values with torch.as_tensor (the default dtype; a Tensor lr: its dtype), then copies
+        # them into the states (float64 ones after loading a checkpoint into float64 params)
         for st, s in zip(states, steps):
             s = s.item()
-            st["eta"].fill_(lr / ((1 + lambd * lr * s) ** alpha))
-            st["mu"].fill_(1 / max(1, s - t0))
+            st["eta"].copy_(torch.as_tensor(lr / ((1 + lambd * lr * s) ** alpha)))
+            st["mu"].copy_(torch.as_tensor(1 / max(1, s - t0)))
 
     def _kernel_rule(self, group, variant=None):
         flags = mt.pack((MAXIMIZE, group["maximize"]), (WD, group["weight_decay"] != 0))

@@ -75,7 +75,7 @@ class NAdam(AdamFamily):
                 "exp_avg_sq": zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
-        lr, eps, md = scalar(group["lr"]), group["eps"], group["momentum_decay"]
+        lr, eps, md = group["lr"], group["eps"], group["momentum_decay"]  # a Tensor lr: coefficients in its dtype
         beta1, beta2 = (scalar(b) for b in group["betas"])
         mu_products = [st["mu_product"] for st in states]
         grads, m, v, t = begin_step(params, grads, states, lr=lr, weight_decay=group["weight_decay"],
@@ -88,8 +88,9 @@ class NAdam(AdamFamily):
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, eps)
         mp = [x.item() for x in mu_products]
-        torch._foreach_addcdiv_(params, grads, denom, [-lr * (1.0 - mu) / (1.0 - q) for mu, q in zip(mus, mp)])
-        torch._foreach_addcdiv_(params, m, denom, [(-lr * mn) / (1.0 - q * mn) for mn, q in zip(mus_next, mp)])
+        grad_coef = [scalar(-lr * (1.0 - mu) / (1.0 - q)) for mu, q in zip(mus, mp)]
+        torch._foreach_addcdiv_(params, grads, denom, grad_coef)
+        torch._foreach_addcdiv_(params, m, denom, [scalar((-lr * mn) / (1.0 - q * mn)) for mn, q in zip(mus_next, mp)])
 
     def _kernel_rule(self, group, variant=None):
         beta1, beta2 = (scalar(b) for b in group["betas"])

@@ -60,7 +60,9 @@ class RAdam(AdamFamily):
     def _reference(self, group, params, grads, states):
         lr, eps = scalar(group["lr"]), group["eps"]
         beta1, beta2 = (scalar(b) for b in group["betas"])
-        grads, m, v, t = begin_step(params, grads, states, lr=lr, weight_decay=group["weight_decay"],
+        # a Tensor lr: torch scales the param-sized tensors by its value, so only the decoupled decay (1 - lr * wd,
+        # computed in lr's dtype) sees the Tensor
+        grads, m, v, t = begin_step(params, grads, states, lr=group["lr"], weight_decay=group["weight_decay"],
                                     maximize=group["maximize"], decoupled=group["decoupled_weight_decay"])
         adam_moments_(m, v, grads, beta1, beta2)
         bc2 = [1 - beta2 ** s for s in t]

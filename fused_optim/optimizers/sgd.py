@@ -7,7 +7,7 @@ from itertools import repeat
 import torch
 
 from .._base import FusedOptimizer
-from .._tensors import check_nonneg, scalar, zeros_like
+from .._tensors import GRAD, IS_SPARSE, check_nonneg, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
@@ -38,14 +38,32 @@ if runtime.available():
         return p, buf, s1, s2, s3
 
 
+def _sparse_sgd_step(p, grad, st, *, lr, momentum, dampening, nesterov, maximize):
+    """torch's single-tensor SGD for a sparse grad (nn.Embedding(sparse=True)); the momentum buffer is sparse, as
+    torch keeps it."""
+    if maximize:
+        grad = -grad
+    if momentum != 0:
+        buf = st.get("momentum_buffer")
+        if buf is None:
+            buf = st["momentum_buffer"] = grad.detach().clone()
+        else:
+            buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+        grad = grad.add(buf, alpha=momentum) if nesterov else buf
+    p.add_(grad, alpha=-lr)
+
+
 @register
 class SGD(FusedOptimizer):
     """Stochastic gradient descent with optional momentum, dampening, Nesterov momentum, L2 weight decay and
-    maximize. Anchor: torch.optim.SGD (same signature, defaults, state and numbers).
+    maximize; sparse grads (nn.Embedding(sparse=True)) as in torch. Anchor: torch.optim.SGD (same signature,
+    defaults, state and numbers).
 
     Fused path: 1 launch of the shared multi-tensor kernel per param group and step, +1 on the step where params
-    first get a momentum buffer (it starts at their grad, as in torch)."""
+    first get a momentum buffer (it starts at their grad, as in torch). A group with sparse grads runs the reference
+    path (torch has no fused sparse SGD either)."""
 
+    dense_only = False  # sparse grads run the reference path, as in torch (which has no fused sparse SGD either)
     scalar_keys = ()
     kernel_subvariants = (False, True)  # the `first` argument of _kernel_rule (AOT inventory compiles both)
 
@@ -62,9 +80,30 @@ class SGD(FusedOptimizer):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
+    def _grads_of(self, group):
+        params, grads = super()._grads_of(group)
+        if scalar(group["weight_decay"]) != 0 and any(map(IS_SPARSE, grads)):  # torch fails on it mid-step
+            raise RuntimeError("SGD: weight_decay with sparse gradients: add(sparse, dense) is not supported "
+                               "(torch.optim.SGD refuses it too)")
+        return params, grads
+
+    def _use_kernel(self, group, params) -> bool:
+        return super()._use_kernel(group, params) and not any(map(IS_SPARSE, map(GRAD, params)))
+
     def _reference(self, group, params, grads, states):
         lr, momentum, dampening = scalar(group["lr"]), group["momentum"], group["dampening"]
         wd = scalar(group["weight_decay"])
+        if any(map(IS_SPARSE, grads)):
+            dense = []
+            for i, (p, g, st) in enumerate(zip(params, grads, states)):
+                if g.is_sparse:
+                    _sparse_sgd_step(p, g, st, lr=lr, momentum=momentum, dampening=dampening,
+                                     nesterov=group["nesterov"], maximize=group["maximize"])
+                else:
+                    dense.append(i)
+            params, grads, states = ([xs[i] for i in dense] for xs in (params, grads, states))
+            if not params:
+                return
         if group["maximize"]:
             grads = torch._foreach_neg(grads)
         if wd != 0:

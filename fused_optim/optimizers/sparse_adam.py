@@ -59,8 +59,9 @@ def aot_kernels():
     return entries
 
 
-def _step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
-    return lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+def _step_size(lr, beta1: float, beta2: float, step: int) -> float:
+    """torch's step size; a Tensor lr: computed in its dtype, as torch does."""
+    return scalar(lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step))
 
 
 def _linear_rows(grad: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,7 @@ class SparseAdam(FusedOptimizer):
                 "exp_avg_sq": zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
-        lr, (beta1, beta2), eps = scalar(group["lr"]), group["betas"], group["eps"]
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
         for p, grad, st in zip(params, grads, states):
             st["step"] += 1  # advanced even for an empty grad, like torch
             g = (-grad if group["maximize"] else grad).coalesce()  # duplicates summed: the update is non-linear
@@ -146,7 +147,7 @@ class SparseAdam(FusedOptimizer):
         if found_inf is not None and found_inf.item() != 0:
             return  # AMP overflow: nothing advances (the host sync is free: coalescing syncs anyway)
         rule, keys, _ = self._kernel_rule(group)
-        lr, (beta1, beta2) = scalar(group["lr"]), group["betas"]
+        lr, (beta1, beta2) = group["lr"], group["betas"]
         if not all(p.is_contiguous() and all(st[k].is_contiguous() for k in keys) for p, st in zip(params, states)):
             raise RuntimeError("SparseAdam: fused=True needs contiguous params")
         buckets: dict = {}
