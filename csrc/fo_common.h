@@ -16,6 +16,13 @@
 #define FO_INLINE inline
 #endif
 
+// Unrolls the next loop in device code (a host compiler does as it likes).
+#if defined(__CUDA_ARCH__)
+#define FO_UNROLL _Pragma("unroll")
+#else
+#define FO_UNROLL
+#endif
+
 namespace fo {
 
 // Dtype codes shared with Python (fused_optim/engine_core.py checks the modules' DTYPE_* against its own).

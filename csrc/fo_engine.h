@@ -135,9 +135,10 @@ struct Shared {
   int flag;
 };
 
-// Fixed tree over sh.red[k][0..NT) -> sh.red[k][0]. Expects the values written and synced; ends synced.
+// Fixed tree over sh.red[k][0..NT) -> out[0..K). Expects the values written and synced; the tree ends synced, the
+// store to out is the caller's to sync.
 template <int K, class Ex, class Sh>
-FO_HD FO_INLINE void block_tree(Ex& ex, Sh& sh) {
+FO_HD FO_INLINE void block_tree(Ex& ex, Sh& sh, float* out) {
   for (int off = NT / 2; off > 0; off >>= 1) {
     ex.each([&](int tid, Regs<K>&) {
       if (tid < off)
@@ -145,6 +146,60 @@ FO_HD FO_INLINE void block_tree(Ex& ex, Sh& sh) {
     });
     ex.sync();
   }
+  ex.each([&](int tid, Regs<K>&) {
+    if (tid == 0)
+      for (int k = 0; k < K; ++k) out[k] = sh.red[k][0];
+  });
+}
+
+// One thread fences, draws a ticket of *cnt and fences again: true, in every thread, in the block that draws the
+// last of n tickets (it must reset *cnt). Ends synced.
+template <int K, class Ex, class Sh>
+FO_HD FO_INLINE bool last_ticket(Ex& ex, Sh& sh, int* cnt, int64_t n) {
+  ex.each([&](int tid, Regs<K>&) {
+    if (tid != 0) return;
+    fence();
+    sh.flag = atomic_inc(cnt) == n - 1;
+    fence();
+  });
+  ex.sync();
+  return sh.flag;
+}
+
+// The last block of a set: resets its counter, then sums the n K-vectors at src (written by other blocks: read
+// from L2) in a fixed order, per thread then block_tree, -> out[0..K).
+template <int K, class Ex, class Sh>
+FO_HD FO_INLINE void sum_last(Ex& ex, Sh& sh, int* cnt, const float* src, int64_t n, float* out) {
+  ex.each([&](int tid, Regs<K>&) {
+    if (tid == 0) *cnt = 0;  // ready for the next launch
+    float acc[K];
+    for (int k = 0; k < K; ++k) acc[k] = 0.f;
+    for (int64_t j = tid; j < n; j += NT)
+      for (int k = 0; k < K; ++k) acc[k] += load_l2(&src[j * K + k]);
+    for (int k = 0; k < K; ++k) sh.red[k][tid] = acc[k];
+  });
+  ex.sync();
+  block_tree<K>(ex, sh, out);
+}
+
+// The last tile of a row (column) band: resets the band's counter, then for each of its lines i in
+// [first, min(end, n)) of matrix b sums the line's `parts` partials (one per tile across the band, [part][B * n]
+// from ws) in tile order and writes Op::finish(sum, len) to statistic out + b * n + i.
+template <class Op, int K, class Ex>
+FO_HD FO_INLINE void fold_band(Ex& ex, const Args& a, int* cnt, int64_t b, int64_t B, int64_t first, int64_t end,
+                               int64_t n, int64_t len, int64_t parts, int64_t ws, int64_t out) {
+  ex.each([&](int tid, Regs<K>&) {
+    if (tid == 0) *cnt = 0;
+    const int64_t Bn = B * n;
+    for (int64_t i = first + tid; i < n && i < end; i += NT) {
+      const int64_t id = b * n + i;
+      for (int k = 0; k < K; ++k) {
+        float acc = 0.f;
+        for (int64_t p = 0; p < parts; ++p) acc += load_l2(&a.ws_extra[ws + (p * Bn + id) * K + k]);
+        a.out_stats[(out + id) * K + k] = Op::finish(acc, len);
+      }
+    }
+  });
 }
 
 #if defined(__CUDACC__)
@@ -196,9 +251,7 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
           for (int q0 = 0; q0 < nq; q0 += LOADS_IN_FLIGHT) {
             float xa[LOADS_IN_FLIGHT], xb[LOADS_IN_FLIGHT], xc[LOADS_IN_FLIGHT], xd[LOADS_IN_FLIGHT];
             bool ok[LOADS_IN_FLIGHT];
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
+            FO_UNROLL
             for (int u = 0; u < LOADS_IN_FLIGHT; ++u) {
               const int q = q0 + u, j = q >> tl.log2v, cv = (q & vmask) << tl.log2tc;
               const int64_t i = ibase + j * rstride + cv;
@@ -208,9 +261,7 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
               xc[u] = Op::N_IN >= 4 && ok[u] ? load(tc, tl.pc, i) : 0.f;
               xd[u] = Op::N_IN >= 4 && ok[u] ? load(tc, tl.pd, i) : 0.f;
             }
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
+            FO_UNROLL
             for (int u = 0; u < LOADS_IN_FLIGHT; ++u) {
               if (ok[u]) {
                 float x[K];
@@ -302,11 +353,7 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
     for (int k = 0; k < K; ++k) sh.red[k][tid] = rg.tot[k];
   });
   ex.sync();
-  block_tree<K>(ex, sh);
-  ex.each([&](int tid, Rg&) {
-    if (tid == 0)
-      for (int k = 0; k < K; ++k) a.ws_items[item * K + k] = sh.red[k][0];
-  });
+  block_tree<K>(ex, sh, &a.ws_items[item * K]);
   ex.sync();
   // Barrier, then one thread fences and takes the tickets (the pattern of cooperative groups' grid sync): the
   // block's partials are published before its tickets, and a last block reads them (from L2) after its fence.
@@ -326,85 +373,22 @@ FO_HD FO_INLINE void block_program(Ex& ex, Shared<Sp>& sh, const Args& a, int64_
   const int flags = sh.flag;
   if constexpr (Sp::ROWS) {
     if (flags & 1)
-      ex.each([&](int tid, Rg&) {
-        if (tid == 0) *row_cnt = 0;
-        const int64_t BR = tl.B * tl.R;
-        for (int64_t r = r0 + tid; r < tl.R && r < r0 + TW * tl.IT; r += NT) {
-          const int64_t rid = tl.b * tl.R + r;
-          for (int k = 0; k < K; ++k) {
-            float acc = 0.f;
-            for (int64_t ct = 0; ct < tl.nct; ++ct) acc += load_l2(&a.ws_extra[tl.ws_row + (ct * BR + rid) * K + k]);
-            a.out_stats[(tl.row_out + rid) * K + k] = Op::finish(acc, tl.C);
-          }
-        }
-      });
+      fold_band<Op, K>(ex, a, row_cnt, tl.b, tl.B, r0, r0 + TW * tl.IT, tl.R, tl.C, tl.nct, tl.ws_row, tl.row_out);
   }
   if constexpr (Sp::COLS) {
     if (flags & 2)
-      ex.each([&](int tid, Rg&) {
-        if (tid == 0) *col_cnt = 0;
-        const int64_t BC = tl.B * tl.C;
-        for (int64_t c = c0 + tid; c < tl.C && c < c0 + (int64_t(TC) << tl.log2v); c += NT) {
-          const int64_t cid = tl.b * tl.C + c;
-          for (int k = 0; k < K; ++k) {
-            float acc = 0.f;
-            for (int64_t rt = 0; rt < tl.nrt; ++rt) acc += load_l2(&a.ws_extra[tl.ws_col + (rt * BC + cid) * K + k]);
-            a.out_stats[(tl.col_out + cid) * K + k] = Op::finish(acc, tl.R);
-          }
-        }
-      });
+      fold_band<Op, K>(ex, a, col_cnt, tl.b, tl.B, c0, c0 + (int64_t(TC) << tl.log2v), tl.C, tl.R, tl.nrt, tl.ws_col,
+                       tl.col_out);
   }
   ex.sync();  // this block's band sums are written before it takes its entry ticket
-  ex.each([&](int tid, Rg&) {
-    if (tid != 0) return;
-    fence();
-    sh.flag = atomic_inc(&a.counters[tl.e]) == tl.n_it - 1;
-    fence();
-  });
-  ex.sync();
-  if (!sh.flag) return;
-
-  ex.each([&](int tid, Rg&) {
-    if (tid == 0) a.counters[tl.e] = 0;  // ready for the next launch
-    float acc[K];
-    for (int k = 0; k < K; ++k) acc[k] = 0.f;
-    for (int64_t j = tid; j < tl.n_it; j += NT)
-      for (int k = 0; k < K; ++k) acc[k] += load_l2(&a.ws_items[(tl.item0 + j) * K + k]);
-    for (int k = 0; k < K; ++k) sh.red[k][tid] = acc[k];
-  });
-  ex.sync();
-  block_tree<K>(ex, sh);
-  ex.each([&](int tid, Rg&) {
-    if (tid == 0)
-      for (int k = 0; k < K; ++k) a.out_t[tl.e * K + k] = sh.red[k][0];
-  });
+  if (!last_ticket<K>(ex, sh, &a.counters[tl.e], tl.n_it)) return;
+  sum_last<K>(ex, sh, &a.counters[tl.e], &a.ws_items[tl.item0 * K], tl.n_it, &a.out_t[tl.e * K]);
   ex.sync();
   Op::finish_entry(ex, sh.h, a, tl);  // every statistic of the entry is final here
 
   // The last entry to finish sums the entry totals.
-  ex.each([&](int tid, Rg&) {
-    if (tid == 0) {
-      fence();
-      sh.flag = atomic_inc(&a.counters[a.n_entries]) == a.n_entries - 1;
-      fence();
-    }
-  });
-  ex.sync();
-  if (!sh.flag) return;
-  ex.each([&](int tid, Rg&) {
-    if (tid == 0) a.counters[a.n_entries] = 0;
-    float acc[K];
-    for (int k = 0; k < K; ++k) acc[k] = 0.f;
-    for (int64_t e = tid; e < a.n_entries; e += NT)
-      for (int k = 0; k < K; ++k) acc[k] += load_l2(&a.out_t[e * K + k]);
-    for (int k = 0; k < K; ++k) sh.red[k][tid] = acc[k];
-  });
-  ex.sync();
-  block_tree<K>(ex, sh);
-  ex.each([&](int tid, Rg&) {
-    if (tid == 0)
-      for (int k = 0; k < K; ++k) a.out_g[k] = sh.red[k][0];
-  });
+  if (!last_ticket<K>(ex, sh, &a.counters[a.n_entries], a.n_entries)) return;
+  sum_last<K>(ex, sh, &a.counters[a.n_entries], a.out_t, a.n_entries, a.out_g);
 }
 
 }  // namespace fo

@@ -111,20 +111,17 @@ struct Builder {
     rec[M_COL_OUT] = col_out;
     rec[M_WS_ROW] = rec[M_WS_COL] = -1;
     rec[M_CNT_ROW] = rec[M_CNT_COL] = -1;
-    if ((flags & F_ROWS) && nct > 1) {  // rows split over column tiles: partials + one counter per row band
-      rec[M_WS_ROW] = p.ws_extra;
-      p.ws_extra += B * R * nct * p.K;
-      rec[M_CNT_ROW] = band_counters;
-      band_counters += B * nrt;
-    }
-    if ((flags & F_COLS) && nrt > 1) {  // columns split over row tiles: partials + one counter per column band
-      rec[M_WS_COL] = p.ws_extra;
-      p.ws_extra += B * C * nrt * p.K;
-      rec[M_CNT_COL] = band_counters;
-      band_counters += B * nct;
-    }
+    if ((flags & F_ROWS) && nct > 1) split(rec[M_WS_ROW], rec[M_CNT_ROW], B * R, nct, B * nrt);  // over column tiles
+    if ((flags & F_COLS) && nrt > 1) split(rec[M_WS_COL], rec[M_CNT_COL], B * C, nrt, B * nct);  // over row tiles
     recs.insert(recs.end(), rec, rec + META_W);
     starts.push_back(starts.back() + std::max<int64_t>(B, 1) * nrt * nct);
+  }
+  // Statistics of `lines` rows (columns) split over `parts` tiles each: their partials and one counter per band.
+  void split(int64_t& ws, int64_t& cnt, int64_t lines, int64_t parts, int64_t bands) {
+    ws = p.ws_extra;
+    p.ws_extra += lines * parts * p.K;
+    cnt = band_counters;
+    band_counters += bands;
   }
 };
 

@@ -1,5 +1,5 @@
 """Triton load/store helpers every kernel family shares: table pointers, fp32 loads, stores that round like the
-GPU, and bf16 stochastic rounding."""
+GPU, bf16 stochastic rounding, AMP's overflow skip and grad unscaling, and the walk over a chunk of a tensor."""
 from __future__ import annotations
 
 from . import runtime
@@ -57,3 +57,44 @@ if runtime.available():
             tl.store(ptr + offs, out)
         else:
             tl.store(ptr + offs, out, mask=mask)
+
+    @triton.jit
+    def amp_skip(inf_ptr, HAS_INF: tl.constexpr):
+        """Nonzero where AMP found an overflow (``found_inf``): the kernel then touches nothing, advances nothing."""
+        if HAS_INF:
+            return tl.load(inf_ptr) != 0
+        else:
+            return 0
+
+    @triton.jit
+    def grad_inv_scale(scale_ptr, HAS_SCALE: tl.constexpr):
+        """1 / AMP's grad scale (fp32), or 1."""
+        inv = 1.0
+        if HAS_SCALE:
+            inv = 1.0 / tl.load(scale_ptr).to(tl.float32)
+        return inv
+
+    @triton.jit
+    def load_unscaled_grad(g_ptr, offs, mask, inv_scale, HAS_SCALE: tl.constexpr, FULL: tl.constexpr):
+        """The grad times inv_scale, stored back (like torch's fused path, p.grad holds the unscaled grad after)."""
+        g = load(g_ptr, offs, mask, FULL)
+        if HAS_SCALE:
+            g = g * inv_scale
+            store(g_ptr, offs, g, mask, FULL)
+        return g
+
+    @triton.jit
+    def over_chunk(BODY: tl.constexpr, carry, start, n, args, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        """carry = BODY(carry, offs, mask, FULL, *args) over the ITERS blocks of BLOCK lanes from `start` of an
+        n-element tensor. FULL (constexpr) when the whole chunk is in bounds: no mask, so aligned tensors get 128-bit
+        loads and stores."""
+        lanes = tl.arange(0, BLOCK)
+        if start + BLOCK * ITERS <= n:
+            for i in range(ITERS):
+                offs = start + i * BLOCK + lanes
+                carry = BODY(carry, offs, offs < n, True, *args)
+        else:
+            for i in range(ITERS):
+                offs = start + i * BLOCK + lanes
+                carry = BODY(carry, offs, offs < n, False, *args)
+        return carry

@@ -11,12 +11,12 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .access import chunk_ptr, store
+    from .access import amp_skip, chunk_ptr, grad_inv_scale, store
     from .sync import arrive, run_phases, sum_partials
     from .adafactor_tiles import (BETA1, K_ITERS, K_PB, K_SUB, K_TB, M_COL_PART, M_COUNTERS, M_CSRC_COL, M_CSRC_ROW,
                                   M_FIRST, M_ITEMS, M_NAB, M_NBB, M_PLANES, M_ROW_PART, T_MASK_COUNT, T_UPDATE_SQ,
                                   T_WIDTH, X_COL, X_EXP_AVG, X_GRAD, X_PARAM, X_RMS, X_ROW, finish_step, fold_into,
-                                  fold_sums, geometry, grad_inv_scale, inv_root, lerp, locate, moment_ctx, step_scalars,
+                                  fold_sums, geometry, inv_root, lerp, locate, moment_ctx, step_scalars,
                                   sub_tile, tile_cols, tile_rows, update_scalars, write_param)
 
     P_FOLD, P_ROWCOL, P_NORMS, P_MOMENTS, P_APPLY, P_CAUTIOUS_APPLY = (tl.constexpr(x) for x in range(6))
@@ -234,10 +234,7 @@ if runtime.available():
         LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
     ):
         """The passes in PASSES (bits), each over its work items, a grid barrier between consecutive ones."""
-        skip = 0
-        if HAS_INF:
-            skip = tl.load(inf_ptr) != 0  # AMP overflow: touch nothing, advance nothing
-        if skip == 0:
+        if amp_skip(inf_ptr, HAS_INF) == 0:
             run_phases(barrier, PASSES, 6, _item, _count,
                        ((ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr),
                         (lr, eps, eps_scale, clip, decay_rate, beta1, wd), (n_fact, n_work),

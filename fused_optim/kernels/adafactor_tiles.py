@@ -105,13 +105,6 @@ if runtime.available():
         return tl.load(chunk_ptr(row, X_RMS, tl.float32, False), cache_modifier=".cg").to(tl.float64)
 
     @triton.jit
-    def grad_inv_scale(scale_ptr, HAS_SCALE: tl.constexpr):
-        inv = 1.0
-        if HAS_SCALE:
-            inv = 1.0 / tl.load(scale_ptr).to(tl.float32)
-        return inv
-
-    @triton.jit
     def fold_into(ptr, idx, mean, mask, keep):
         """A row / column moment <- lerp(old, this step's mean of g^2 + eps, 1 - beta2t)."""
         old = tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32)

@@ -38,7 +38,8 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .access import chunk_ptr, load, store, store_bf16_stochastic
+    from .access import (amp_skip, chunk_ptr, grad_inv_scale, load, load_unscaled_grad, over_chunk, store,
+                         store_bf16_stochastic)
     from .sync import arrive
 
     P_COL, G_COL, S_COL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # ptrs columns (states from S_COL)
@@ -82,18 +83,16 @@ if runtime.available():
             tl.store(tl.load(srow + k).to(tl.pointer_type(tl.float32)), tl.cast(val, tl.float32))
 
     @triton.jit
-    def _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, offs, mask, inv_scale, seed,
-               c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7,
+    def _block(carry, offs, mask, FULL: tl.constexpr, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr,
+               inv_scale, seed, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7,
                UPDATE: tl.constexpr, FLAGS: tl.constexpr, NS: tl.constexpr,
-               HAS_SCALE: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, FULL: tl.constexpr):
+               HAS_SCALE: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr):
+        # over_chunk's BODY: nothing to carry, the carry (a tensor: loops carry no constants) passes through
         if MASTER:
             p = load(m_ptr, offs, mask, FULL)  # the fp32 master copy is the param the math updates
         else:
             p = load(p_ptr, offs, mask, FULL)
-        g = load(g_ptr, offs, mask, FULL)
-        if HAS_SCALE:
-            g = g * inv_scale
-            store(g_ptr, offs, g, mask, FULL)  # like torch's fused path: p.grad holds the unscaled grad after
+        g = load_unscaled_grad(g_ptr, offs, mask, inv_scale, HAS_SCALE, FULL)
         s0 = _load_slot(NS > 0, s0_ptr, offs, mask, FULL, p)
         s1 = _load_slot(NS > 1, s1_ptr, offs, mask, FULL, p)
         s2 = _load_slot(NS > 2, s2_ptr, offs, mask, FULL, p)
@@ -109,6 +108,7 @@ if runtime.available():
         _store_slot(NS > 1, s1_ptr, offs, s1, mask, FULL)
         _store_slot(NS > 2, s2_ptr, offs, s2, mask, FULL)
         _store_slot(NS > 3, s3_ptr, offs, s3, mask, FULL)
+        return carry
 
     @triton.jit
     def multi_tensor_apply_kernel(
@@ -120,10 +120,7 @@ if runtime.available():
         ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        skip = 0
-        if HAS_INF:
-            skip = tl.load(inf_ptr) != 0  # AMP overflow: touch nothing, advance nothing
-        if skip == 0:
+        if amp_skip(inf_ptr, HAS_INF) == 0:
             t = tl.load(work + W_WIDTH * pid + W_TENSOR)
             chunk = tl.load(work + W_WIDTH * pid + W_CHUNK).to(tl.int64)
             n = tl.load(numels + t)
@@ -158,25 +155,11 @@ if runtime.available():
             c1 = tl.cast(c1, tl.float32)
             c2 = tl.cast(c2, tl.float32)
             c3 = tl.cast(c3, tl.float32)
-            inv_scale = 1.0
-            if HAS_SCALE:
-                inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
-
-            lanes = tl.arange(0, BLOCK)
-            start = chunk * (BLOCK * ITERS)
-            if start + BLOCK * ITERS <= n:
-                # full chunk: no mask, so aligned tensors get 128-bit loads and stores
-                for i in range(ITERS):
-                    offs = start + i * BLOCK + lanes
-                    _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, offs, offs < n, inv_scale, seed + t,
-                           c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, UPDATE, FLAGS, NS, HAS_SCALE, MASTER,
-                           SR, True)
-            else:
-                for i in range(ITERS):
-                    offs = start + i * BLOCK + lanes
-                    _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, offs, offs < n, inv_scale, seed + t,
-                           c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, UPDATE, FLAGS, NS, HAS_SCALE, MASTER,
-                           SR, False)
+            inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
+            over_chunk(_block, tl.cast(0, tl.int32), chunk * (BLOCK * ITERS), n,
+                       (p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, inv_scale, seed + t,
+                        c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, UPDATE, FLAGS, NS, HAS_SCALE, MASTER, SR),
+                       BLOCK, ITERS)
 
             if NT > 0:
                 # Note [last program writes scalars]: all readers of the old values are done by then

@@ -23,7 +23,7 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .access import chunk_ptr, store
+    from .access import amp_skip, chunk_ptr, grad_inv_scale, store
     from .sync import arrive, run_phases
 
     NESTEROV, CAUTION, DECAY = mt.flag_bits(3)
@@ -55,9 +55,7 @@ if runtime.available():
             step_ptr = tl.load(sptrs + t).to(tl.pointer_type(tl.float32))
             step = tl.load(step_ptr).to(tl.float64)
         step_new, neg_step, bc2_sqrt = COEFS(step, lr, eps, h1, h2)
-        inv_scale = 1.0
-        if HAS_SCALE:
-            inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
+        inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
         el = (chunk_ptr(row, E_PARAM, P_DT, False), chunk_ptr(row, E_GRAD, G_DT, False), s0, s1)
         return at, (el, inv_scale, tl.cast(bc2_sqrt, tl.float32), neg_step.to(tl.float32), step_new, step_ptr)
 
@@ -261,10 +259,7 @@ if runtime.available():
     ):
         """The passes in PASSES (bits) over the n_items work items: one pass is a plain launch, several a
         persistent one (runtime.launch_phases)."""
-        skip = 0
-        if HAS_INF:
-            skip = tl.load(inf_ptr) != 0  # AMP overflow: touch nothing, advance nothing
-        if skip == 0:
+        if amp_skip(inf_ptr, HAS_INF) == 0:
             hyps = (tl.cast(lr, tl.float64), tl.cast(eps, tl.float64), tl.cast(delta, tl.float64),
                     tl.cast(wd_ratio, tl.float64), tl.cast(wd, tl.float64), tl.cast(h1, tl.float64),
                     tl.cast(h2, tl.float64))  # plain Python floats under the interpreter

@@ -36,8 +36,14 @@ if runtime.available():
     import triton.language as tl
 
     # a kernel may call only jit functions it finds among its module's globals
-    from .access import chunk_ptr, load
+    from .access import amp_skip, chunk_ptr, grad_inv_scale, load, over_chunk
     from .sync import arrive, sum_partials
+
+    @triton.jit
+    def _sumsq_block(acc, offs, mask, FULL: tl.constexpr, g_ptr, inv_scale):
+        # over_chunk's BODY
+        g = load(g_ptr, offs, mask, FULL) * inv_scale
+        return acc + g * g
 
     @triton.jit
     def _sumsq_kernel(ptrs, numels, work, first, dst, counters, partials, out, scale_ptr, inf_ptr,
@@ -45,30 +51,14 @@ if runtime.available():
                       ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, PB: tl.constexpr):
         # one program per (tensor, chunk) of the work table; out[dst[t]] = sum of the unscaled grad's squares
         pid = tl.program_id(0)
-        skip = 0
-        if HAS_INF:
-            skip = tl.load(inf_ptr) != 0
-        if skip == 0:
+        if amp_skip(inf_ptr, HAS_INF) == 0:
             t = tl.load(work + 2 * pid)
             chunk = tl.load(work + 2 * pid + 1).to(tl.int64)
             n = tl.load(numels + t)
             g_ptr = chunk_ptr(ptrs + t.to(tl.int64), 0, G_DT, ALIGNED)
-            inv_scale = 1.0
-            if HAS_SCALE:
-                inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
-            lanes = tl.arange(0, BLOCK)
-            start = chunk * (BLOCK * ITERS)
-            acc = tl.zeros([BLOCK], tl.float32)
-            if start + BLOCK * ITERS <= n:
-                for i in range(ITERS):
-                    offs = start + i * BLOCK + lanes
-                    g = load(g_ptr, offs, offs < n, True) * inv_scale
-                    acc += g * g
-            else:
-                for i in range(ITERS):
-                    offs = start + i * BLOCK + lanes
-                    g = load(g_ptr, offs, offs < n, False) * inv_scale
-                    acc += g * g
+            inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
+            acc = over_chunk(_sumsq_block, tl.zeros([BLOCK], tl.float32), chunk * (BLOCK * ITERS), n,
+                             (g_ptr, inv_scale), BLOCK, ITERS)
             tl.store(partials + pid, tl.sum(acc, axis=0))
             nwork = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
             if arrive(counters + t, nwork):

@@ -14,7 +14,7 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .access import chunk_ptr, load, store
+    from .access import chunk_ptr, grad_inv_scale, load, load_unscaled_grad, store
 
     # a tensor's table row (int64): addresses, sizes, and the step size as float64 bits
     R_PARAM, R_EXP_AVG, R_EXP_AVG_SQ, R_VALUES, R_ROWS, R_NUMEL, R_ROW_LEN, R_STEP_SIZE, R_WIDTH = fields(
@@ -43,9 +43,7 @@ if runtime.available():
         h1 = tl.load(hypers + 1)
         h2 = tl.load(hypers + 2)
         h3 = tl.load(hypers + 3)
-        inv_scale = 1.0
-        if HAS_SCALE:
-            inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
+        inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
         zero = tl.zeros([BLOCK], dtype=tl.float32)
         lanes = tl.arange(0, BLOCK)
         for i in range(ITERS):
@@ -56,10 +54,7 @@ if runtime.available():
             p = load(p_ptr, offs, mask, False)
             m = load(m_ptr, offs, mask, False)
             v = load(v_ptr, offs, mask, False)
-            g = load(g_ptr, e, mask, False)
-            if HAS_SCALE:
-                g = g * inv_scale
-                store(g_ptr, e, g, mask, False)  # the grad holds the unscaled values afterwards
+            g = load_unscaled_grad(g_ptr, e, mask, inv_scale, HAS_SCALE, False)
             p, m, v, _, _ = UPDATE(p, g, m, v, zero, zero, step_size, 0.0, 0.0, 0.0, lr, h1, h2, h3,
                                    0.0, 0.0, 0.0, 0.0, FLAGS)
             store(p_ptr, offs, p, mask, False)
