@@ -222,8 +222,7 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
         if cached is not None and cached[0] is self.state and cached[1] == len(self.state) and cached[2] == ids:
             return cached[3]
         states = list(map(self.state.__getitem__, params))
-        # new params: their state is made on first use (a subclass's _state_of may also see a non-empty dict)
-        if not all(states) or type(self)._state_of is not FusedOptimizer._state_of:
+        if not all(states):  # new params: their state is made on first use
             states = [self._state_of(p, group) for p in params]
         self._state_lists[id(group)] = (self.state, len(self.state), ids, states)
         return states
