@@ -20,8 +20,6 @@ from .kernels import multi_tensor as mt
 from .kernels import runtime
 from .kernels.tables import TableCache
 
-_OUR_KEYS = ("fused",)
-
 
 class FusedOptimizer(PrecisionOptions, Optimizer):
     """Base class. Subclasses set the class attributes below and implement ``_init_state`` and ``_reference``.
