@@ -179,9 +179,10 @@ if runtime.available():
             return tl.constexpr(int(getattr(other, "value", other)) & self.value)
 
 
-def flag_bits(n: int):
-    """n option bits for FLAGS (`if FLAGS & BIT:` in a kernel, `pack((BIT, cond), ...)` on the host)."""
-    return tuple(_Bit(1 << i) for i in range(n))
+def flag_bits(n: int, first: int = 0):
+    """n option bits for FLAGS, from bit `first` on (`if FLAGS & BIT:` in a kernel, `pack((BIT, cond), ...)` on the
+    host)."""
+    return tuple(_Bit(1 << i) for i in range(first, first + n))
 
 
 def pack(*bits_and_conditions) -> int:

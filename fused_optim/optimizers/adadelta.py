@@ -8,13 +8,13 @@ from .._tensors import check, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .adagrad import effective_grads, grad_flags
+from .common import effective_grads, grad_flags
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    from .adagrad import count_step, effective_grad
+    from .common import count_step, effective_grad
 
     @triton.jit
     def _adadelta_update(p, g, sq, acc, s2, s3, c0, c1, c2, c3, lr, rho, one_minus_rho, eps, wd, h5, h6, h7,

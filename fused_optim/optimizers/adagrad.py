@@ -1,8 +1,4 @@
-"""Adagrad with lr decay, an initial accumulator, weight decay, maximize and sparse grads (anchor: torch.optim.Adagrad).
-
-Also the home of the small pieces RMSprop, Adadelta and Rprop share with it: the step-counting SCALARS and the
-"maximize, then L2 weight decay" grad both as kernel code and as reference code.
-"""
+"""Adagrad with lr decay, an initial accumulator, weight decay, maximize and sparse grads (anchor: torch.optim.Adagrad)."""
 from __future__ import annotations
 
 import torch
@@ -12,30 +8,13 @@ from .._tensors import check_nonneg, new_step, scalar
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
+from .common import effective_grads, grad_flags
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    # Element math mirrors torch's op by op, with tl.fma exactly where torch's element-wise kernels fuse
-    # (add with alpha, addcmul, lerp; not addcdiv, whose division comes last). Division and sqrt are the IEEE-rounded
-    # ones (div_rn, sqrt_rn) like torch's, not the GPU's faster approximations. Then the kernel's fp32 numbers are
-    # torch's to the last bit, but where torch's CPU sqrt (vectorized, not correctly rounded) is an ulp off.
-    # Bits 0 and 1 belong to effective_grad: modules that call it declare theirs with the same two first.
-    MAXIMIZE, WD = mt.flag_bits(2)
-
-    @triton.jit
-    def count_step(step, t1, t2, t3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS: tl.constexpr):
-        # SCALARS for optimizers whose only per-tensor scalar is a step counter that the math never reads
-        return step + 1.0, t1, t2, t3, 0.0, 0.0, 0.0, 0.0
-
-    @triton.jit
-    def effective_grad(p, g, wd, FLAGS: tl.constexpr):
-        if FLAGS & MAXIMIZE:
-            g = -g
-        if FLAGS & WD:
-            g = tl.fma(wd.to(tl.float32), p, g)
-        return g
+    from .common import effective_grad
 
     @triton.jit
     def _adagrad_scalars(step, t1, t2, t3, lr, lr_decay, eps, wd, h4, h5, h6, h7, FLAGS: tl.constexpr):
@@ -49,24 +28,6 @@ if runtime.available():
         acc = tl.fma(g, g, acc)
         p = p + tl.div_rn(neg_clr * g, tl.sqrt_rn(acc) + eps.to(tl.float32))
         return p, acc, s1, s2, s3
-
-
-def grad_flags(group) -> int:
-    """FLAGS bits read by effective_grad."""
-    return mt.pack((MAXIMIZE, group["maximize"]), (WD, scalar(group.get("weight_decay", 0)) != 0))
-
-
-def effective_grads(grads, params, maximize: bool, weight_decay: float):
-    """The grads the update sees: negated for maximize, plus L2 weight decay. New tensors where changed: p.grad
-    is never modified."""
-    if maximize:
-        grads = torch._foreach_neg(grads)
-    if weight_decay != 0:
-        if maximize:
-            torch._foreach_add_(grads, params, alpha=weight_decay)  # already a copy
-        else:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    return grads
 
 
 def _sparse_step(p, g, acc, neg_clr, eps):

@@ -21,13 +21,13 @@ from .._tensors import check, check_betas, check_nonneg, scalar, scalars_on_devi
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .adam import timm_moments_
+from .common import timm_moments_
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    from .adam import _adam_scalars  # (step + 1, -lr / bc1, sqrt(bc2), 1 - lr * wd): the same per-tensor math
+    from .common import adam_scalars  # (step + 1, -lr / bc1, sqrt(bc2), 1 - lr * wd): the same per-tensor math
 
     (POWER_ONE,) = mt.flag_bits(1)
 
@@ -207,7 +207,7 @@ class Adahessian(FusedOptimizer):
 
     def _kernel_rule(self, group, variant=None):
         beta1, beta2 = group["betas"]
-        rule = mt.Rule(_adahessian_update, _adam_scalars, mt.pack((POWER_ONE, group["hessian_power"] == 1.0)),
+        rule = mt.Rule(_adahessian_update, adam_scalars, mt.pack((POWER_ONE, group["hessian_power"] == 1.0)),
                        dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"],
                             power=group["hessian_power"]))
         return rule, ("exp_avg", "exp_hessian_diag_sq", "hess"), ("step",)

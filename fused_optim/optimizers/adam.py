@@ -8,43 +8,15 @@ from .._tensors import check_betas, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
+from .common import GRAD_BITS, adam_moments_, begin_step
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    MAXIMIZE, AMSGRAD, WD, DECOUPLED = mt.flag_bits(4)
+    from .common import DECOUPLED, MAXIMIZE, WD, adam_moments, adam_scalars, decayed_grad
 
-    @triton.jit
-    def bias_corrections(step, beta1, beta2):
-        """(step + 1, 1 - beta1^(step + 1), 1 - beta2^(step + 1)): the new step and Adam's bias corrections, fp64."""
-        step = step + 1.0
-        return step, 1.0 - tl.exp2(step * tl.log2(beta1)), 1.0 - tl.exp2(step * tl.log2(beta2))
-
-    @triton.jit
-    def _adam_scalars(step, t1, t2, t3, lr, beta1, beta2, eps, wd, h5, h6, h7, FLAGS: tl.constexpr):
-        step, bc1, bc2 = bias_corrections(step, beta1, beta2)
-        return step, t1, t2, t3, -lr / bc1, tl.sqrt(bc2), 1.0 - lr * wd, 0.0
-
-    @triton.jit
-    def decayed_grad(p, g, decay, wd, FLAGS: tl.constexpr):
-        """maximize, then L2 (into g) or decoupled (p * decay, decay = 1 - lr * wd) weight decay. Shared by the
-        Adam family, Adamax, NAdam, RAdam and ASGD (their FLAGS use these bits)."""
-        if FLAGS & MAXIMIZE:
-            g = -g
-        if FLAGS & WD:
-            if FLAGS & DECOUPLED:
-                p = p * decay
-            else:
-                g = g + wd.to(tl.float32) * p
-        return p, g
-
-    @triton.jit
-    def adam_moments(g, m, v, beta1, beta2):
-        """First moment (lerp towards g) and second moment (EMA of g*g)."""
-        m = m + (1.0 - beta1).to(tl.float32) * (g - m)
-        v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * g * g
-        return m, v
+    (AMSGRAD,) = mt.flag_bits(1, first=GRAD_BITS)
 
     @triton.jit
     def _adam_update(p, g, m, v, vmax, s3, step_size, bc2_sqrt, decay, c3, lr, beta1, beta2, eps, wd, h5, h6, h7,
@@ -58,52 +30,6 @@ if runtime.available():
             denom = tl.sqrt(v) / bc2_sqrt + eps.to(tl.float32)
         p = p + step_size * (m / denom)
         return p, m, v, vmax, s3
-
-
-def decayed_grads(params, grads, *, lr, weight_decay, maximize, decoupled=False):
-    """maximize, then L2 weight decay (returns new grads) or decoupled decay (scales params in place), in torch's
-    order. Shared by the Adam family, Adamax, NAdam, RAdam and ASGD. ``lr``: a float or a 0-d Tensor (whose dtype
-    torch's scalar math runs in, as here)."""
-    if maximize:
-        grads = torch._foreach_neg(grads)
-    if weight_decay != 0:
-        if decoupled:
-            torch._foreach_mul_(params, scalar(1 - lr * weight_decay))
-        else:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    return grads
-
-
-def adam_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2):
-    """In place: exp_avg lerps towards grad by 1 - beta1, exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad^2.
-    The betas: floats or 0-d Tensors (torch's scalar math in their dtype)."""
-    torch._foreach_lerp_(exp_avgs, grads, scalar(1 - beta1))
-    torch._foreach_mul_(exp_avg_sqs, scalar(beta2))
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, scalar(1 - beta2))
-
-
-def timm_moments_(states, grads, second, beta1, beta2, second_key="exp_avg_sq"):
-    """timm's Adam-style start (AdamP, Adahessian), in its op order: each state's Python-int step += 1, exp_avg =
-    exp_avg * beta1 + (1 - beta1) * grad, state[second_key] = its * beta2 + (1 - beta2) * second^2 (second: the grads,
-    or Adahessian's Hessian estimate). Returns (exp_avg list, second-moment list, new step numbers as floats)."""
-    m = [st["exp_avg"] for st in states]
-    v = [st[second_key] for st in states]
-    for st in states:
-        st["step"] += 1
-    torch._foreach_mul_(m, beta1)
-    torch._foreach_add_(m, grads, alpha=1 - beta1)
-    torch._foreach_mul_(v, beta2)
-    torch._foreach_addcmul_(v, second, second, value=1 - beta2)
-    return m, v, [float(st["step"]) for st in states]
-
-
-def begin_step(params, grads, states, *, lr, weight_decay, maximize, decoupled):
-    """The start every Adam-family reference shares: advance the step counters, then the grads with maximize and
-    weight decay applied. Returns (grads, exp_avg list, exp_avg_sq list, new step numbers as floats)."""
-    steps = [st["step"] for st in states]
-    torch._foreach_add_(steps, 1)
-    grads = decayed_grads(params, grads, lr=lr, weight_decay=weight_decay, maximize=maximize, decoupled=decoupled)
-    return grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [s.item() for s in steps]
 
 
 def adam_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled):
@@ -171,7 +97,7 @@ class Adam(AdamFamily):
         flags = mt.pack((MAXIMIZE, group["maximize"]), (AMSGRAD, group["amsgrad"]), (WD, group["weight_decay"] != 0),
                         (DECOUPLED, group["decoupled_weight_decay"]))
         keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
-        rule = mt.Rule(_adam_update, _adam_scalars, flags,
+        rule = mt.Rule(_adam_update, adam_scalars, flags,
                        dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"]))
         return rule, keys, ("step",)
 

@@ -7,15 +7,15 @@ from .._tensors import new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .adam import AdamFamily, decayed_grads
+from .adam import AdamFamily
+from .common import decayed_grads, grad_flags
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    # decayed_grad reads adam's bits; Adamax has only L2 weight decay, so DECOUPLED is never set.
     # Adam's SCALARS already gives what Adamax needs: the new step and c0 = -lr / (1 - beta1^step).
-    from .adam import MAXIMIZE, WD, _adam_scalars, decayed_grad
+    from .common import adam_scalars, decayed_grad  # L2 weight decay only: DECOUPLED is never set
 
     @triton.jit
     def _adamax_update(p, g, m, u, s2, s3, step_size, c1, c2, c3, lr, beta1, beta2, eps, wd, h5, h6, h7,
@@ -61,7 +61,6 @@ class Adamax(AdamFamily):
 
     def _kernel_rule(self, group, variant=None):
         beta1, beta2 = (scalar(b) for b in group["betas"])
-        flags = mt.pack((MAXIMIZE, group["maximize"]), (WD, group["weight_decay"] != 0))
-        rule = mt.Rule(_adamax_update, _adam_scalars, flags,
+        rule = mt.Rule(_adamax_update, adam_scalars, grad_flags(group),
                        dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"]))
         return rule, ("exp_avg", "exp_inf"), ("step",)

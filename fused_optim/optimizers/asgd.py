@@ -11,14 +11,13 @@ from .._tensors import check, check_nonneg, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .adam import decayed_grads
+from .common import decayed_grads, grad_flags
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    # decayed_grad reads adam's bits; ASGD has only L2 weight decay, so DECOUPLED is never set
-    from .adam import MAXIMIZE, WD, decayed_grad
+    from .common import decayed_grad  # L2 weight decay only: DECOUPLED is never set
 
     @triton.jit
     def _asgd_scalars(step, eta, mu, t3, lr, lambd, alpha, t0, wd, h5, h6, h7, FLAGS: tl.constexpr):
@@ -104,8 +103,7 @@ class ASGD(FusedOptimizer):
             st["mu"].copy_(torch.as_tensor(1 / max(1, s - t0)))
 
     def _kernel_rule(self, group, variant=None):
-        flags = mt.pack((MAXIMIZE, group["maximize"]), (WD, group["weight_decay"] != 0))
-        rule = mt.Rule(_asgd_update, _asgd_scalars, flags,
+        rule = mt.Rule(_asgd_update, _asgd_scalars, grad_flags(group),
                        dict(lr=scalar(group["lr"]), lambd=group["lambd"], alpha=group["alpha"], t0=group["t0"],
                             wd=group["weight_decay"]))
         return rule, ("ax",), self.scalar_keys

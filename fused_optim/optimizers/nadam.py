@@ -10,13 +10,14 @@ from .._tensors import new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .adam import AdamFamily, adam_moments_, begin_step
+from .adam import AdamFamily
+from .common import adam_moments_, begin_step
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    from .adam import DECOUPLED, MAXIMIZE, WD, adam_moments, decayed_grad
+    from .common import DECOUPLED, MAXIMIZE, WD, adam_moments, decayed_grad
 
     LOG2_096 = tl.constexpr(math.log2(0.96))
 

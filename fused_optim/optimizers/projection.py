@@ -16,7 +16,7 @@ from ..kernels import projection as kp
 from ..kernels import runtime
 from ..kernels.projection import CHANNEL, LAYER, NONE
 from ..kernels.tables import TableCache
-from .adam import timm_moments_
+from .common import timm_moments_
 
 __all__ = ["SGDP", "AdamP", "NONE", "CHANNEL", "LAYER", "projection_mode", "project", "sgdp_reference",
            "adamp_reference"]
@@ -111,7 +111,7 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .adam import adam_moments, bias_corrections
+    from .common import adam_moments, bias_corrections
 
     @triton.jit
     def _sgdp_coefs(step, lr, eps, momentum, dampening):

@@ -8,13 +8,14 @@ from .._tensors import scalar
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .adam import AdamFamily, adam_moments_, begin_step
+from .adam import AdamFamily
+from .common import adam_moments_, begin_step
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    from .adam import DECOUPLED, MAXIMIZE, WD, adam_moments, decayed_grad
+    from .common import DECOUPLED, MAXIMIZE, WD, adam_moments, decayed_grad
 
     @triton.jit
     def _radam_scalars(step, t1, t2, t3, lr, beta1, beta2, eps, wd, h5, h6, h7, FLAGS: tl.constexpr):

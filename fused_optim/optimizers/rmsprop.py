@@ -8,15 +8,15 @@ from .._tensors import check, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .adagrad import effective_grads, grad_flags
+from .common import GRAD_BITS, effective_grads, grad_flags
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    from .adagrad import count_step, effective_grad
+    from .common import count_step, effective_grad
 
-    _MAXIMIZE, _WD, CENTERED, MOMENTUM = mt.flag_bits(4)  # bits 0-1: effective_grad's
+    CENTERED, MOMENTUM = mt.flag_bits(2, first=GRAD_BITS)
 
     @triton.jit
     def _rmsprop_update(p, g, sq, s1, s2, s3, c0, c1, c2, c3, lr, alpha, one_minus_alpha, eps, wd, momentum, h6,

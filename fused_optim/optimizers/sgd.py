@@ -11,20 +11,20 @@ from .._tensors import GRAD, IS_SPARSE, check_nonneg, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
+from .common import GRAD_BITS, grad_flags
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    MAXIMIZE, NESTEROV, MOMENTUM, FIRST, WD = mt.flag_bits(5)
+    from .common import decayed_grad
+
+    NESTEROV, MOMENTUM, FIRST = mt.flag_bits(3, first=GRAD_BITS)
 
     @triton.jit
     def _sgd_update(p, g, buf, s1, s2, s3, c0, c1, c2, c3, lr, momentum, dampening, wd, h4, h5, h6, h7,
                     FLAGS: tl.constexpr):
-        if FLAGS & MAXIMIZE:
-            g = -g
-        if FLAGS & WD:
-            g = g + wd.to(tl.float32) * p
+        p, g = decayed_grad(p, g, 1.0, wd, FLAGS)  # L2 only: DECOUPLED is never set
         if FLAGS & MOMENTUM:
             if FLAGS & FIRST:
                 buf = g  # torch starts the buffer at the first (decayed) grad, undamped
@@ -138,8 +138,8 @@ class SGD(FusedOptimizer):
 
     def _kernel_rule(self, group, first=None):
         momentum = group["momentum"]
-        flags = mt.pack((MAXIMIZE, group["maximize"]), (NESTEROV, group["nesterov"]), (MOMENTUM, momentum != 0),
-                        (WD, scalar(group["weight_decay"]) != 0), (FIRST, momentum != 0 and first))
+        flags = grad_flags(group) | mt.pack((NESTEROV, group["nesterov"]), (MOMENTUM, momentum != 0),
+                                            (FIRST, momentum != 0 and first))
         rule = mt.Rule(_sgd_update, flags=flags,
                        hypers=dict(lr=scalar(group["lr"]), momentum=momentum, dampening=group["dampening"],
                                    wd=scalar(group["weight_decay"])))

@@ -1,0 +1,135 @@
+"""Element math several optimizers share, kernel half (triton.jit) beside reference half (foreach ops): grad
+preparation (maximize, L2 or decoupled weight decay), Adam's moments and bias corrections, step counting.
+
+FLAGS bits 0-2 (MAXIMIZE, WD, DECOUPLED) belong to the grad preparation here; a module that calls it declares its
+own bits after them: ``mt.flag_bits(n, first=GRAD_BITS)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._tensors import scalar
+from ..kernels import multi_tensor as mt
+from ..kernels import runtime
+
+GRAD_BITS = 3  # the FLAGS bits the grad preparation below reads; an optimizer's own bits start here
+
+if runtime.available():
+    import triton
+    import triton.language as tl
+
+    # Element math mirrors torch's op by op, with tl.fma exactly where torch's element-wise kernels fuse
+    # (add with alpha, addcmul, lerp; not addcdiv, whose division comes last). Division and sqrt are the IEEE-rounded
+    # ones (div_rn, sqrt_rn) like torch's, not the GPU's faster approximations.
+    MAXIMIZE, WD, DECOUPLED = mt.flag_bits(GRAD_BITS)
+
+    @triton.jit
+    def count_step(step, t1, t2, t3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS: tl.constexpr):
+        # SCALARS for optimizers whose only per-tensor scalar is a step counter that the math never reads
+        return step + 1.0, t1, t2, t3, 0.0, 0.0, 0.0, 0.0
+
+    @triton.jit
+    def effective_grad(p, g, wd, FLAGS: tl.constexpr):
+        """maximize, then L2 weight decay fused as torch's foreach add with alpha (Adagrad, RMSprop, Adadelta,
+        Rprop)."""
+        if FLAGS & MAXIMIZE:
+            g = -g
+        if FLAGS & WD:
+            g = tl.fma(wd.to(tl.float32), p, g)
+        return g
+
+    @triton.jit
+    def decayed_grad(p, g, decay, wd, FLAGS: tl.constexpr):
+        """maximize, then L2 (into g, unfused as torch's single-tensor ops) or decoupled (p * decay,
+        decay = 1 - lr * wd) weight decay (the Adam family, Adamax, NAdam, RAdam, ASGD, SGD)."""
+        if FLAGS & MAXIMIZE:
+            g = -g
+        if FLAGS & WD:
+            if FLAGS & DECOUPLED:
+                p = p * decay
+            else:
+                g = g + wd.to(tl.float32) * p
+        return p, g
+
+    @triton.jit
+    def bias_corrections(step, beta1, beta2):
+        """(step + 1, 1 - beta1^(step + 1), 1 - beta2^(step + 1)): the new step and Adam's bias corrections, fp64."""
+        step = step + 1.0
+        return step, 1.0 - tl.exp2(step * tl.log2(beta1)), 1.0 - tl.exp2(step * tl.log2(beta2))
+
+    @triton.jit
+    def adam_scalars(step, t1, t2, t3, lr, beta1, beta2, eps, wd, h5, h6, h7, FLAGS: tl.constexpr):
+        # (step + 1, -lr / bc1, sqrt(bc2), 1 - lr * wd): Adam's per-tensor coefficients (also Adamax, Adahessian)
+        step, bc1, bc2 = bias_corrections(step, beta1, beta2)
+        return step, t1, t2, t3, -lr / bc1, tl.sqrt(bc2), 1.0 - lr * wd, 0.0
+
+    @triton.jit
+    def adam_moments(g, m, v, beta1, beta2):
+        """First moment (lerp towards g) and second moment (EMA of g*g)."""
+        m = m + (1.0 - beta1).to(tl.float32) * (g - m)
+        v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * g * g
+        return m, v
+
+
+def grad_flags(group, decoupled: bool = False) -> int:
+    """FLAGS bits read by effective_grad / decayed_grad for a group's maximize and weight decay options."""
+    wd = scalar(group.get("weight_decay", 0)) != 0
+    return mt.pack((MAXIMIZE, group.get("maximize", False)), (WD, wd), (DECOUPLED, wd and decoupled))
+
+
+def effective_grads(grads, params, maximize: bool, weight_decay: float):
+    """The grads the update sees: negated for maximize, plus L2 weight decay fused (foreach add with alpha). New
+    tensors where changed: p.grad is never modified."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        if maximize:
+            torch._foreach_add_(grads, params, alpha=weight_decay)  # already a copy
+        else:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    return grads
+
+
+def decayed_grads(params, grads, *, lr, weight_decay, maximize, decoupled=False):
+    """maximize, then L2 weight decay (returns new grads) or decoupled decay (scales params in place), in torch's
+    order. ``lr``: a float or a 0-d Tensor (whose dtype torch's scalar math runs in, as here)."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        if decoupled:
+            torch._foreach_mul_(params, scalar(1 - lr * weight_decay))
+        else:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    return grads
+
+
+def adam_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2):
+    """In place: exp_avg lerps towards grad by 1 - beta1, exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad^2.
+    The betas: floats or 0-d Tensors (torch's scalar math in their dtype)."""
+    torch._foreach_lerp_(exp_avgs, grads, scalar(1 - beta1))
+    torch._foreach_mul_(exp_avg_sqs, scalar(beta2))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, scalar(1 - beta2))
+
+
+def timm_moments_(states, grads, second, beta1, beta2, second_key="exp_avg_sq"):
+    """timm's Adam-style start (AdamP, Adahessian), in its op order: each state's Python-int step += 1, exp_avg =
+    exp_avg * beta1 + (1 - beta1) * grad, state[second_key] = its * beta2 + (1 - beta2) * second^2 (second: the grads,
+    or Adahessian's Hessian estimate). Returns (exp_avg list, second-moment list, new step numbers as floats)."""
+    m = [st["exp_avg"] for st in states]
+    v = [st[second_key] for st in states]
+    for st in states:
+        st["step"] += 1
+    torch._foreach_mul_(m, beta1)
+    torch._foreach_add_(m, grads, alpha=1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, second, second, value=1 - beta2)
+    return m, v, [float(st["step"]) for st in states]
+
+
+def begin_step(params, grads, states, *, lr, weight_decay, maximize, decoupled):
+    """The start every Adam-family reference shares: advance the step counters, then the grads with maximize and
+    weight decay applied. Returns (grads, exp_avg list, exp_avg_sq list, new step numbers as floats)."""
+    steps = [st["step"] for st in states]
+    torch._foreach_add_(steps, 1)
+    grads = decayed_grads(params, grads, lr=lr, weight_decay=weight_decay, maximize=maximize, decoupled=decoupled)
+    return grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [s.item() for s in steps]
