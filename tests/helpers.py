@@ -52,6 +52,66 @@ def assert_unchanged(opt, params, snap):
             assert (torch.equal(now[k], v) if isinstance(v, torch.Tensor) else now[k] == v), f"state {k} changed"
 
 
+def step_twins(opt_a, params_a, opt_b, params_b, gen=None):
+    """One step of two optimizers on the same random grads (drawn from gen, in params_b's dtypes)."""
+    for p, q in zip(params_a, params_b):
+        q.grad = torch.randn(q.shape, dtype=q.dtype, generator=gen).to(q.device)
+        p.grad = q.grad.clone().to(p.device)
+    opt_a.step()
+    opt_b.step()
+
+
+def saved(state_dict):
+    """A real checkpoint: state_dict saved with torch.save and loaded (weights_only), sharing no tensor with it."""
+    import io
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    return torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+
+
+def launches(*steps):
+    """Call each step function; returns the (Triton, C++ engine) launches they made together."""
+    from fused_optim.kernels import runtime
+    n0, c0 = runtime.launch_count, runtime.engine_launch_count
+    for step in steps:
+        step()
+    return runtime.launch_count - n0, runtime.engine_launch_count - c0
+
+
+def load_script(*path):
+    """A script of the repository (e.g. load_script("bench", "run.py")) imported as a module, without running main."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        os.path.splitext(path[-1])[0], os.path.join(os.path.dirname(__file__), "..", *path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def perturb_fused_adamw(monkeypatch, factor):
+    """AdamW.step multiplies the first param by factor after every fused step: a fused path that disagrees."""
+    import fused_optim
+    step = fused_optim.AdamW.step
+
+    def perturbed(self, *args, **kwargs):
+        loss = step(self, *args, **kwargs)
+        if self.param_groups[0]["fused"]:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].mul_(factor)
+        return loss
+    monkeypatch.setattr(fused_optim.AdamW, "step", perturbed)
+
+
+def mse_step(opt, forward, x, y):
+    """One training step on the mean squared error of forward(x) against y; returns the loss."""
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(forward(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def train_mlp(make_opt, device, scaler=None, steps=6, inf_at=None, dims=(6, 16), check_unscaled=False):
     """A small MLP trained from a fixed start by make_opt(params), optionally through a GradScaler; grad [0, 0] of
     the first layer is inf at step inf_at. check_unscaled: after each finite scaled step, p.grad must hold the

@@ -80,13 +80,22 @@ def param_groups(case: Case, config: dict, ps1, ps2):
     return [{"params": ps1}, {"params": ps2, **case.group2}]
 
 
-def default_driver(opts, param_lists, step, gen):
-    """Same random non-zero grads for every optimizer, then step each."""
-    grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in param_lists[0]]
+def step_all(opts, param_lists, grads):
+    """Give every optimizer's params the same grads (None: no grad), in each param's dtype and device; step each."""
     for opt, params in zip(opts, param_lists):
         for p, g in zip(params, grads):
-            p.grad = g.to(dtype=p.dtype, device=p.device)
+            p.grad = None if g is None else g.to(dtype=p.dtype, device=p.device)
         opt.step()
+
+
+def some_grads(params, step, make):
+    """make(i, p) for each param, but now and then None: a param without a grad (its step must not advance)."""
+    return [None if (step + i) % 7 == 3 else make(i, p) for i, p in enumerate(params)]
+
+
+def default_driver(opts, param_lists, step, gen):
+    """Same random non-zero grads for every optimizer, then step each."""
+    step_all(opts, param_lists, [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in param_lists[0]])
 
 
 def run(case: Case, opts, param_lists, steps=None, seed=1):
@@ -98,6 +107,20 @@ def run(case: Case, opts, param_lists, steps=None, seed=1):
 
 def clone_params(params):
     return [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+
+
+def twins(case: Case, config: dict, make_a, make_b=None, dtype=torch.float64, device="cpu"):
+    """Two optimizers on equal copies of the same random params: (a, a's params, b, b's params). make_a / make_b:
+    param groups -> optimizer; make_b defaults to the case's anchor with the config."""
+    a1, a2 = make_params(case, dtype, device)
+    b1, b2 = clone_params(a1), clone_params(a2)
+    make_b = make_b or (lambda groups: case.anchor()(groups, **config))
+    return make_a(param_groups(case, config, a1, a2)), a1 + a2, make_b(param_groups(case, config, b1, b2)), b1 + b2
+
+
+def reference(case: Case, config: dict, **kw):
+    """param groups -> our optimizer on its reference path with the config (and extra keywords)."""
+    return lambda groups: case.cls(groups, fused=False, **config, **kw)
 
 
 def config_id(config: dict) -> str:

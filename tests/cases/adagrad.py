@@ -2,28 +2,21 @@
 and nn.Embedding(sparse=True)-style sparse ones."""
 import torch
 
-from cases import Case
+from cases import Case, some_grads, step_all
 
 
 def sparse_rows_driver(opts, param_lists, step, gen):
     """nn.Embedding(sparse=True)-style grads for the 2-D params (uncoalesced: one row index repeats; now and then
     empty), dense grads for the rest; now and then a param gets no grad (its step must not advance)."""
-    grads = []
-    for i, p in enumerate(param_lists[0]):
-        if (step + i) % 7 == 3:
-            grads.append(None)
-        elif p.dim() == 2 and p.shape[0] > 1:
-            nnz = 0 if (step + i) % 5 == 4 else 3
-            rows = torch.randint(0, p.shape[0], (nnz,), generator=gen)
-            rows = torch.cat([rows, rows[:1]])
-            vals = torch.randn((len(rows), p.shape[1]), generator=gen, dtype=torch.float64)
-            grads.append(torch.sparse_coo_tensor(rows[None], vals, p.shape))
-        else:
-            grads.append(torch.randn(p.shape, generator=gen, dtype=torch.float64))
-    for opt, params in zip(opts, param_lists):
-        for p, g in zip(params, grads):
-            p.grad = None if g is None else g.to(dtype=p.dtype, device=p.device)
-        opt.step()
+    def make(i, p):
+        if p.dim() != 2 or p.shape[0] <= 1:
+            return torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        nnz = 0 if (step + i) % 5 == 4 else 3
+        rows = torch.randint(0, p.shape[0], (nnz,), generator=gen)
+        rows = torch.cat([rows, rows[:1]])
+        vals = torch.randn((len(rows), p.shape[1]), generator=gen, dtype=torch.float64)
+        return torch.sparse_coo_tensor(rows[None], vals, p.shape)
+    step_all(opts, param_lists, some_grads(param_lists[0], step, make))
 
 
 CASES = [

@@ -10,7 +10,7 @@ from collections import Counter
 import torch
 
 from anchors import timm_class
-from cases import Case
+from cases import Case, step_all
 
 from fused_optim.optimizers.projection import projection_mode
 
@@ -40,10 +40,7 @@ def projection_driver(opts, param_lists, step, gen):
             group = group_of[id(p)]
             MODES[(p.dim(), projection_mode(q, r, group["delta"], group["eps"]))] += 1
         grads.append(r)
-    for opt, params in zip(opts, param_lists):
-        for p, g in zip(params, grads):
-            p.grad = g.to(dtype=p.dtype, device=p.device)
-        opt.step()
+    step_all(opts, param_lists, grads)
 
 
 CASES = [

@@ -1,7 +1,7 @@
 """SparseAdam against torch.optim: sparse COO grads, made by the driver."""
 import torch
 
-from cases import Case
+from cases import Case, some_grads, step_all
 
 # SparseAdam: embedding-like tables. A param's grad indexes its leading dims (all of them for 1-D: fully sparse;
 # the first two for 3-D: hybrid) with repeated rows, so the optimizer must coalesce.
@@ -16,20 +16,13 @@ def _sparse_dim(p):
 def sparse_driver(opts, param_lists, step, gen):
     """Same uncoalesced sparse grads for every optimizer. Now and then a param gets no grad (its step must not
     advance) or an empty one (its step advances, nothing else changes)."""
-    grads = []
-    for i, p in enumerate(param_lists[0]):
-        if (step + i) % 7 == 3:
-            grads.append(None)
-            continue
+    def make(i, p):
         k = _sparse_dim(p)
         nnz = 0 if (step + i) % 5 == 4 or p.numel() == 0 else p.shape[0] + 1
         idx = torch.stack([torch.randint(0, max(s, 1), (nnz,), generator=gen) for s in p.shape[:k]])
-        grads.append((idx, torch.randn((nnz, *p.shape[k:]), generator=gen, dtype=torch.float64)))
-    for opt, params in zip(opts, param_lists):
-        for p, g in zip(params, grads):
-            p.grad = None if g is None else torch.sparse_coo_tensor(
-                g[0], g[1].to(p.dtype), p.shape, device=p.device, check_invariants=False)
-        opt.step()
+        vals = torch.randn((nnz, *p.shape[k:]), generator=gen, dtype=torch.float64)
+        return torch.sparse_coo_tensor(idx, vals, p.shape, check_invariants=False)  # uncoalesced
+    step_all(opts, param_lists, some_grads(param_lists[0], step, make))
 
 
 CASES = [

@@ -8,6 +8,9 @@ from conftest import DEVICE
 from helpers import train_mlp
 
 DENSE = sorted({c.name: c for c in ALL if c.dense_grads and c.driver is None}.values(), key=lambda c: c.name)
+# each case on its reference path and, where it has one, its fused path
+PATHS = [pytest.param(c, fused, id=f"{c.name}-{'fused' if fused else 'reference'}")
+         for c in DENSE for fused in (False, True) if c.kernel or not fused]
 
 
 def _train(case, fused, scaler, steps=6, inf_at=None):
@@ -15,11 +18,8 @@ def _train(case, fused, scaler, steps=6, inf_at=None):
     return train_mlp(lambda ps: case.cls(ps, fused=fused, **{**kw, **case.configs[0]}), DEVICE, scaler, steps, inf_at)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-@pytest.mark.parametrize("case", DENSE, ids=lambda c: c.name)
+@pytest.mark.parametrize("case,fused", PATHS)
 def test_grad_scaler_matches_unscaled_training(case, fused):
-    if fused and not case.kernel:
-        pytest.skip("no fused path")
     ref, _, _ = _train(case, False, None)
     scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 10)
     model, _, _ = _train(case, fused, scaler)
@@ -27,11 +27,8 @@ def test_grad_scaler_matches_unscaled_training(case, fused):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-@pytest.mark.parametrize("case", DENSE, ids=lambda c: c.name)
+@pytest.mark.parametrize("case,fused", PATHS)
 def test_grad_scaler_skips_overflow_step(case, fused):
-    if fused and not case.kernel:
-        pytest.skip("no fused path")
     scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 10)
     model, opt, snaps = _train(case, fused, scaler, steps=4, inf_at=2)
     # step 2 changed nothing: params before step 3 equal params before step 2

@@ -1,11 +1,10 @@
 """Every optimizer's reference path against its anchor (torch.optim / timm), step by step."""
-import io
 
 import pytest
 import torch
 
-from cases import MATRIX, MATRIX_IDS, clone_params, make_params, param_groups, run
-from helpers import assert_states_close
+from cases import MATRIX, MATRIX_IDS, clone_params, param_groups, reference, run, twins
+from helpers import assert_states_close, saved
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -14,11 +13,7 @@ def _pair(case, config, dtype):
     anchor = case.anchor() if case.anchor else None
     if anchor is None:
         pytest.skip(f"{case.name}: no importable anchor (checked by its own test)")
-    a1, a2 = make_params(case, dtype)
-    b1, b2 = clone_params(a1), clone_params(a2)
-    ours = case.cls(param_groups(case, config, a1, a2), fused=False, **config)
-    theirs = anchor(param_groups(case, config, b1, b2), **config)
-    return ours, a1 + a2, theirs, b1 + b2
+    return twins(case, config, reference(case, config), dtype=dtype)
 
 
 @pytest.mark.parametrize("case,config", MATRIX, ids=MATRIX_IDS)
@@ -40,9 +35,7 @@ def test_checkpoint_moves_both_ways(case, config, direction):
     run(case, [ours, theirs], [pa, pb], steps=5, seed=0)
     to_ours = direction == "anchor_to_ours"
     src, src_params = (theirs, pb) if to_ours else (ours, pa)
-    buf = io.BytesIO()
-    torch.save(src.state_dict(), buf)  # a real checkpoint: no tensor shared with the source optimizer
-    sd = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    sd = saved(src.state_dict())  # a real checkpoint: no tensor shared with the source optimizer
     fresh = clone_params(src_params)
     n1 = len(case.shapes)
     groups = param_groups(case, config, fresh[:n1], fresh[n1:])

@@ -3,13 +3,12 @@ continuing it (plain and Tensor hyper-parameters, reference and fused paths), th
 ``load_state_dict``, and a saved-then-loaded optimizer's ``state_dict()`` equals the original's."""
 import copy
 import inspect
-import io
 
 import pytest
 import torch
 
-from cases import ALL, clone_params, make_params, param_groups, run
-from helpers import assert_states_close
+from cases import ALL, clone_params, make_params, param_groups, reference, run, twins
+from helpers import assert_states_close, saved
 
 import fused_optim
 from fused_optim.kernels import runtime
@@ -18,13 +17,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 TORCH_CASES = [c for c in ALL if c.anchor and c.anchor().__module__.startswith("torch.optim")]
 _IDS = [f"{c.name}{'' if c.dense_grads else '-sparse'}" for c in TORCH_CASES]
-
-
-def _saved(state_dict):
-    """A real checkpoint: state_dict saved and loaded, sharing no tensor with it."""
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    return torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
 
 
 def _with_tensors(case, config):
@@ -65,8 +57,8 @@ def _continue_torch_checkpoint(case, config, dtype, fused, tensors):
     pa, pb = clone_params(b1 + b2), clone_params(b1 + b2)
     ours = case.cls(groups(pa[:n1], pa[n1:]), fused=fused, **config)
     again = case.anchor()(groups(pb[:n1], pb[n1:]), **config)
-    ours.load_state_dict(_saved(sd))
-    again.load_state_dict(_saved(sd))
+    ours.load_state_dict(saved(sd))
+    again.load_state_dict(saved(sd))
     assert [g["fused"] for g in ours.param_groups] == [fused] * len(ours.param_groups)
     n0 = runtime.launch_count
     run(case, [ours, again], [pa, pb], steps=5, seed=7)
@@ -97,12 +89,9 @@ def test_fused_continues_torch_checkpoint(case, tensors):
 def test_tensor_hyperparameters_match_torch(case):
     """Constructed with Tensor hyper-parameters, ours takes torch's steps (torch's scalar math in their dtype)."""
     config = _with_tensors(case, case.configs[-1])
-    a1, a2 = make_params(case, torch.float64)
-    b1, b2 = clone_params(a1), clone_params(a2)
-    ours = case.cls(param_groups(case, config, a1, a2), fused=False, **config)
-    theirs = case.anchor()(param_groups(case, config, b1, b2), **config)
-    run(case, [ours, theirs], [a1 + a2, b1 + b2], steps=5, seed=3)
-    assert_states_close(ours, a1 + a2, theirs, b1 + b2, 1e-10, 1e-12)
+    ours, pa, theirs, pb = twins(case, config, reference(case, config))
+    run(case, [ours, theirs], [pa, pb], steps=5, seed=3)
+    assert_states_close(ours, pa, theirs, pb, 1e-10, 1e-12)
 
 
 def _assert_same(a, b, what):
@@ -135,7 +124,7 @@ def test_saved_then_loaded_state_dict_is_the_original(case):
     run(case, [ours], [a1 + a2], steps=3, seed=0)
     fresh = clone_params(a1 + a2)
     loaded = case.cls(param_groups(case, config, fresh[:n1], fresh[n1:]), fused=False, **config)
-    loaded.load_state_dict(_saved(ours.state_dict()))
+    loaded.load_state_dict(saved(ours.state_dict()))
     _assert_same(loaded.state_dict(), ours.state_dict(), "state_dict")
 
 
@@ -157,14 +146,14 @@ def test_fused_is_no_state():
 
     ours = fused_optim.SGD(groups(model), lr=0.1, momentum=0.9, fused=True)
     steps([(model, ours)], 0)
-    sd = _saved(ours.state_dict())
+    sd = saved(ours.state_dict())
     assert [g["fused"] for g in sd["param_groups"]] == [None, None]
     again, theirs = torch.nn.Sequential(*map(copy.deepcopy, model)), torch.nn.Sequential(*map(copy.deepcopy, model))
     loaded = fused_optim.SGD(groups(again), lr=0.1, momentum=0.9, fused=True)
-    loaded.load_state_dict(_saved(sd))  # (loading aliases the checkpoint's tensors: one copy each)
+    loaded.load_state_dict(saved(sd))  # (loading aliases the checkpoint's tensors: one copy each)
     assert [g["fused"] for g in loaded.param_groups] == [False, True]
     torch_opt = torch.optim.SGD(groups(theirs), lr=0.1, momentum=0.9)
-    torch_opt.load_state_dict(_saved(sd))
+    torch_opt.load_state_dict(saved(sd))
     for i in range(1, 4):
         steps([(model, ours), (again, loaded), (theirs, torch_opt)], i)
     for p, q, r in zip(model.parameters(), again.parameters(), theirs.parameters()):

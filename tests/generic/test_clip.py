@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fused_optim
-from cases import ALL, clone_params, make_params, param_groups
+from cases import ALL, reference, twins
 from conftest import DEVICE
 from helpers import assert_states_close, assert_unchanged, snapshot
 from fused_optim.kernels import multi_tensor as mt
@@ -31,11 +31,8 @@ def _norm(grads):
 
 def _run_pair(case, config, fused, max_norm):
     """Ours with max_grad_norm vs ours without it after clip_grad_norm_; returns both and the norms seen."""
-    a1, a2 = make_params(case, torch.float32, DEVICE)
-    b1, b2 = clone_params(a1), clone_params(a2)
-    ours = case.cls(param_groups(case, config, a1, a2), fused=fused, max_grad_norm=max_norm, **config)
-    plain = case.cls(param_groups(case, config, b1, b2), fused=False, **config)
-    pa, pb = a1 + a2, b1 + b2
+    ours, pa, plain, pb = twins(case, config, lambda gs: case.cls(gs, fused=fused, max_grad_norm=max_norm, **config),
+                                reference(case, config), torch.float32, DEVICE)
     gen, norms = torch.Generator().manual_seed(1), []
     for step in range(STEPS):
         grads = _grads(pa, gen, step)

@@ -5,6 +5,7 @@ import torch
 
 import fused_optim
 from conftest import DEVICE
+from helpers import mse_step
 
 
 def _setup(fused):
@@ -17,9 +18,7 @@ def _setup(fused):
 
 def _train(model, opt, x, y, forward, steps=4):
     for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(forward(x), y).backward()
-        opt.step()
+        mse_step(opt, forward, x, y)
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -41,11 +40,7 @@ def test_compiled_training_step_breaks_only_at_the_optimizer():
     model, opt, x, y = _setup(False)
 
     def train_step(x, y):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
+        return mse_step(opt, model, x, y)
 
     explain = torch._dynamo.explain(train_step)(x, y)
     assert explain.graph_break_count <= 2  # backward() and the disabled step(); nothing inside step() is traced

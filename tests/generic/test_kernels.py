@@ -4,7 +4,7 @@ import torch
 
 from cases import MATRIX, MATRIX_IDS, clone_params, make_params, param_groups, run
 from conftest import DEVICE
-from helpers import assert_states_close, assert_unchanged, snapshot
+from helpers import assert_states_close, assert_unchanged, snapshot, step_twins
 from fused_optim.kernels import multi_tensor as mt
 from fused_optim.kernels import runtime
 
@@ -119,10 +119,7 @@ def test_unaligned_views_use_unhinted_variant():
     a = fused_optim.Adam([p], lr=0.01, fused=True)
     b = fused_optim.Adam([q], lr=0.01, fused=False)
     for _ in range(3):
-        g = torch.randn_like(q)
-        p.grad, q.grad = g.clone(), g
-        a.step()
-        b.step()
+        step_twins(a, [p], b, [q])
     tables = [t for c in a._kernel_caches.values() for t in c.tables.values()]
     assert tables and not any(t.aligned for t in tables)
     torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
@@ -156,11 +153,7 @@ def test_swapped_param_data_and_replaced_state_are_picked_up(name):
         if step == 4:  # a state tensor replaced by a copy (e.g. moved or re-cast by user code)
             for opt, p in ((fused, pa[2]), (ref, pb[2])):
                 opt.state[p][key] = opt.state[p][key].clone() * 0.5
-        for p, q in zip(pa, pb):
-            g = torch.randn_like(q)
-            p.grad, q.grad = g.clone(), g
-        fused.step()
-        ref.step()
+        step_twins(fused, pa, ref, pb)
         for p, q in zip(pa, pb):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     for p, q in zip(pa, pb):

@@ -7,7 +7,7 @@ import torch
 
 import fused_optim
 from conftest import DEVICE
-from helpers import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot, step_twins
 
 CLASSES = sorted(fused_optim.REGISTRY.values(), key=lambda c: c.__name__)
 DENSE = [c for c in CLASSES if c.dense_only]
@@ -100,11 +100,7 @@ def test_complex_params_fused_match_reference(cls):
     of, orr = cls(pf, fused=True, **_kw(cls)), cls(pr, fused=False, **_kw(cls))
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
-        for a, b in zip(pf, pr):
-            a.grad = torch.randn(a.shape, dtype=a.dtype, generator=gen).to(DEVICE)
-            b.grad = a.grad.clone()
-        of.step()
-        orr.step()
+        step_twins(of, pf, orr, pr, gen)
     for a, b in zip(pf, pr):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

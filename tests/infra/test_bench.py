@@ -1,5 +1,4 @@
 """Smoke test of bench/run.py on CPU: a few reps; the rows and fields it writes, progress fallback, torch-compile."""
-import importlib.util
 import json
 import os
 import shutil
@@ -8,11 +7,9 @@ import pytest
 import torch
 
 from fused_optim.kernels import runtime
+from helpers import load_script
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_run", os.path.join(os.path.dirname(__file__), "..", "..", "bench", "run.py"))
-run = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run)
+run = load_script("bench", "run.py")
 
 
 def _bench(tmp_path, *args):
@@ -117,10 +114,7 @@ def test_torch_compile_row(tmp_path, monkeypatch):
 def test_host_overhead_stubs_every_launch_and_restores_them(tmp_path):
     """bench/host_overhead.py: one row per optimizer and size; the launches made are the stubs' (Triton kernels
     and the C++ engine alike), and the launch entry points are back afterwards."""
-    spec = importlib.util.spec_from_file_location(
-        "host_overhead", os.path.join(os.path.dirname(__file__), "..", "..", "bench", "host_overhead.py"))
-    ho = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ho)
+    ho = load_script("bench", "host_overhead.py")
     before = (runtime.dispatch, torch._fused_adam_)
     engine_launches, stubbed = ho._count.engine, ho._count.calls
     out = tmp_path / "ho.md"

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import fused_optim
 from fused_optim import check
+from helpers import perturb_fused_adamw
 
 
 def test_quick_check_passes(capsys):
@@ -17,15 +17,7 @@ def test_quick_check_passes(capsys):
 
 
 def test_perturbed_fused_step_fails(capsys, monkeypatch):
-    step = fused_optim.AdamW.step
-
-    def perturbed(self, *args, **kwargs):
-        loss = step(self, *args, **kwargs)
-        if self.param_groups[0]["fused"]:
-            with torch.no_grad():
-                self.param_groups[0]["params"][0].mul_(1 + 1e-4)
-        return loss
-    monkeypatch.setattr(fused_optim.AdamW, "step", perturbed)
+    perturb_fused_adamw(monkeypatch, 1 + 1e-4)
     assert check.main(["--quick", "--only", "adamw,sgd"]) == 1
     out = capsys.readouterr().out
     assert "AdamW " in out and out.count("FAIL") == 2  # its line and the summary's

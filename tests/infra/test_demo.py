@@ -1,11 +1,10 @@
 """examples/demo.py (the main job): fused_optim's fused path against the real anchor, for any factory name."""
-import importlib.util
 import os
 
 import pytest
 import torch
 
-import fused_optim
+from helpers import load_script, perturb_fused_adamw
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 
@@ -13,10 +12,7 @@ EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 @pytest.fixture
 def demo(monkeypatch):
     monkeypatch.syspath_prepend(EXAMPLES)  # as when run as a script: it imports examples/timing.py
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(EXAMPLES, "demo.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("examples", "demo.py")
 
 
 @pytest.mark.parametrize("name,anchor", [("adamw", "torch.optim.AdamW"), ("LBFGS", "torch.optim.LBFGS"),
@@ -30,14 +26,7 @@ def test_agrees_with_the_real_anchor(demo, capsys, name, anchor):
 
 
 def test_disagreement_says_why(demo, capsys, monkeypatch):
-    step = fused_optim.AdamW.step
-
-    def perturbed(self, *args, **kwargs):
-        loss = step(self, *args, **kwargs)
-        with torch.no_grad():
-            self.param_groups[0]["params"][0].mul_(1 + 1e-3)
-        return loss
-    monkeypatch.setattr(fused_optim.AdamW, "step", perturbed)
+    perturb_fused_adamw(monkeypatch, 1 + 1e-3)
     assert demo.main(["--optimizer", "AdamW", "--steps", "3"]) == 1
     out = capsys.readouterr().out
     assert "FAIL: max relative param difference 3.0e-03 exceeds 1e-04" in out  # three steps, 1e-3 each

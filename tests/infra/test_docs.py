@@ -15,6 +15,7 @@ from fused_optim.anchors import REFERENCE_ANCHORED, TIMM, anchor
 OPTIONS = {"fused": None, "master_weights": False, "stochastic_rounding": False, "max_grad_norm": None}
 OPTIMIZERS = [n for n in fused_optim.__all__ if isinstance(getattr(fused_optim, n), type)
               and issubclass(getattr(fused_optim, n), torch.optim.Optimizer) and n != "FusedOptimizer"]
+CLASSES = [pytest.param(getattr(fused_optim, n), id=n) for n in OPTIMIZERS]
 # what a user must know before the first step, by class: words its own docstring must hold
 NOTES = {"Adafactor": ["not ``torch.optim.Adafactor``"], "Adahessian": ["create_graph=True"],
          "LBFGS": ["closure", "refused"], "SparseAdam": ["sparse grads", "max_grad_norm is refused"]}
@@ -47,9 +48,9 @@ def test_every_public_optimizer_is_listed():
     assert set(OPTIMIZERS) == {cls.__name__ for cls in fused_optim.REGISTRY.values()}
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_own_docstring_names_anchor_and_launches(name):
-    cls = getattr(fused_optim, name)
+@pytest.mark.parametrize("cls", CLASSES)
+def test_own_docstring_names_anchor_and_launches(cls):
+    name = cls.__name__
     own = _own(cls)
     assert own.strip(), f"{name} has no docstring of its own"
     assert _anchor_name(name) in own
@@ -58,9 +59,9 @@ def test_own_docstring_names_anchor_and_launches(name):
         assert note in own, f"{name}'s docstring lacks {note!r}"
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_options_in_signature_and_help(name):
-    cls = getattr(fused_optim, name)
+@pytest.mark.parametrize("cls", CLASSES)
+def test_options_in_signature_and_help(cls):
+    name = cls.__name__
     params = inspect.signature(cls).parameters
     for key, default in OPTIONS.items():
         assert params[key].kind is inspect.Parameter.KEYWORD_ONLY and params[key].default == default
@@ -72,22 +73,21 @@ def test_options_in_signature_and_help(name):
         assert f"{key}={default!r}" in shared, f"{name}: {key} is not documented"
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_keywords_beyond_anchor_are_documented(name):
+@pytest.mark.parametrize("cls", CLASSES)
+def test_keywords_beyond_anchor_are_documented(cls):
+    name = cls.__name__
     try:
         anchor_cls = anchor(name)[0]
     except RuntimeError as e:  # a timm anchor without timm installed
         pytest.skip(str(e))
-    cls = getattr(fused_optim, name)
     extra = set(inspect.signature(cls).parameters) - set(inspect.signature(anchor_cls).parameters)
     assert extra <= set(OPTIONS)
     for key in extra:
         assert f"{key}={OPTIONS[key]!r}" in _shared(cls)
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_shared_text_is_worded_for_the_class(name):
-    cls = getattr(fused_optim, name)
+@pytest.mark.parametrize("cls", CLASSES)
+def test_shared_text_is_worded_for_the_class(cls):
     shared = _shared(cls)
     assert "TRITON_INTERPRET=1" in shared
     if cls.supports_max_grad_norm:

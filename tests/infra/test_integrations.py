@@ -15,6 +15,7 @@ import torch
 
 import fused_optim
 from anchors import timm_module
+from helpers import mse_step
 from fused_optim import integrations
 
 
@@ -39,11 +40,7 @@ def _train(model, opt, steps):
     x, y = (t.to(next(model.parameters()).device) for t in _data())
     losses = []
     for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        losses.append(mse_step(opt, model, x, y).item())
     return losses
 
 

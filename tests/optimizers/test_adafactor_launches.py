@@ -10,7 +10,7 @@ import torch
 
 import fused_optim
 from conftest import DEVICE
-from helpers import assert_kernels_idle, assert_states_close, train_mlp
+from helpers import assert_kernels_idle, assert_states_close, launches, train_mlp
 from fused_optim import csrc
 from fused_optim.kernels import multi_tensor as mt
 from fused_optim.kernels import runtime
@@ -20,7 +20,7 @@ UNFACTORED = [(7,), (5, 3), (40,)]
 CAUTIOUS = {"lr": 0.005, "betas": (0.8, 0.99), "weight_decay": 0.1, "caution": True}
 
 
-def _fused_vs_reference(shapes, config, launches, engine_launches):
+def _fused_vs_reference(shapes, config, n_launches, engine_launches):
     """4 steps of fused and reference Adafactor on the same grads: launches per step, then equal states."""
     gen = torch.Generator().manual_seed(0)
     pa = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
@@ -31,11 +31,7 @@ def _fused_vs_reference(shapes, config, launches, engine_launches):
         for a, b in zip(pa, pb):
             a.grad = torch.randn(a.shape, generator=gen).to(DEVICE)
             b.grad = a.grad.clone()
-        n0, c0 = runtime.launch_count, runtime.engine_launch_count
-        fused.step()
-        ref.step()
-        assert runtime.launch_count - n0 == launches
-        assert runtime.engine_launch_count - c0 == engine_launches
+        assert launches(fused.step, ref.step) == (n_launches, engine_launches)
     assert_states_close(fused, pa, ref, pb, rtol=1e-5, atol=1e-6)
     assert_kernels_idle(fused)
 

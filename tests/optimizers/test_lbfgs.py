@@ -1,11 +1,11 @@
 """LBFGS beyond the generic tests: trajectories against torch on several problems (with and without the strong
 Wolfe line search), closure-call counts, state layout, checkpoints mid-history, and errors."""
-import io
 
 import pytest
 import torch
 
 import fused_optim
+from helpers import saved
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -56,19 +56,21 @@ def _closure(opt, params, loss_fn, counter):
     return closure
 
 
-def _pair(problem, kw, dtype):
-    ps, loss_fn = PROBLEMS[problem](dtype)
+def _pair(problem, kw, dtype, problems=PROBLEMS, **ours):
+    """Ours (with the extra keywords `ours`) and torch's LBFGS on equal copies of a problem's params."""
+    ps, loss_fn = problems[problem](dtype)
     a = [p.clone().requires_grad_() for p in ps]
     b = [p.clone().requires_grad_() for p in ps]
-    return fused_optim.LBFGS(a, **kw), a, torch.optim.LBFGS(b, **kw), b, loss_fn
+    return fused_optim.LBFGS(a, **ours, **kw), a, torch.optim.LBFGS(b, **kw), b, loss_fn
 
 
-def _step_both(ours, a, theirs, b, loss_fn):
+def _step_both(ours, a, theirs, b, loss_fn, rtol=0.0, atol=0.0):
     ca, cb = [0], [0]
     la = ours.step(_closure(ours, a, loss_fn, ca))
     lb = theirs.step(_closure(theirs, b, loss_fn, cb))
     assert ca == cb, f"closure calls: ours {ca[0]}, torch {cb[0]}"
-    assert torch.equal(la.detach(), lb.detach())  # step returns the first evaluation's loss, as torch does
+    # step returns the first evaluation's loss, as torch does
+    torch.testing.assert_close(la.detach(), lb.detach(), rtol=rtol, atol=atol)
     return ca[0]
 
 
@@ -108,6 +110,17 @@ def test_state_layout_is_torchs(search):
     assert ours.state_dict()["param_groups"][0].keys() - theirs.state_dict()["param_groups"][0].keys() == {"fused"}
 
 
+def _resumed(direction, ours, a, theirs, b, kw, **ours_kw):
+    """One side continued from a real checkpoint of it, in _step_both's order: (ours, params, torch, params).
+    direction: torch_to_ours (a fresh ours loads torch's), ours_to_torch, ours_to_ours."""
+    src, src_params = (theirs, b) if direction == "torch_to_ours" else (ours, a)
+    fresh = [p.detach().clone().requires_grad_() for p in src_params]
+    loaded = (torch.optim.LBFGS(fresh, **kw) if direction == "ours_to_torch"
+              else fused_optim.LBFGS(fresh, **ours_kw, **kw))
+    loaded.load_state_dict(saved(src.state_dict()))
+    return (loaded, fresh, src, src_params) if direction == "torch_to_ours" else (src, src_params, loaded, fresh)
+
+
 @pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
 @pytest.mark.parametrize("search", SEARCHES)
 def test_checkpoint_mid_history(direction, search):
@@ -115,17 +128,10 @@ def test_checkpoint_mid_history(direction, search):
     ours, a, theirs, b, loss_fn = _pair("mlp", kw, torch.float64)
     for _ in range(2):
         _step_both(ours, a, theirs, b, loss_fn)
-    src, src_params = (theirs, b) if direction == "torch_to_ours" else (ours, a)
-    buf = io.BytesIO()
-    torch.save(src.state_dict(), buf)
-    sd = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
-    fresh = [p.detach().clone().requires_grad_() for p in src_params]
-    loaded = (fused_optim.LBFGS if direction == "torch_to_ours" else torch.optim.LBFGS)(fresh, **kw)
-    loaded.load_state_dict(sd)
-    pairs = (loaded, fresh, src, src_params) if direction == "torch_to_ours" else (src, src_params, loaded, fresh)
+    pairs = _resumed(direction, ours, a, theirs, b, kw)
     for _ in range(3):
         _step_both(*pairs, loss_fn)
-    for p, q in zip(fresh, src_params):
+    for p, q in zip(pairs[1], pairs[3]):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=0)
 
 

@@ -15,7 +15,6 @@ bit-identical arithmetic could follow it; the fused path's dots round differentl
 import contextlib
 import copy
 import functools
-import io
 import math
 import sys
 
@@ -54,20 +53,8 @@ def torch_ops(monkeypatch):
     monkeypatch.setattr(L, "DIRECTION", "torch")
 
 
-def _pair(problem, kw, dtype):
-    ps, loss_fn = PROBLEMS[problem](dtype)
-    a = [p.clone().requires_grad_() for p in ps]
-    b = [p.clone().requires_grad_() for p in ps]
-    return fused_optim.LBFGS(a, fused=True, **kw), a, torch.optim.LBFGS(b, **kw), b, loss_fn
-
-
-def _step_both(ours, a, theirs, b, loss_fn):
-    ca, cb = [0], [0]
-    la = ours.step(_closure(ours, a, loss_fn, ca))
-    lb = theirs.step(_closure(theirs, b, loss_fn, cb))
-    assert ca == cb, f"closure calls: ours {ca[0]}, torch {cb[0]}"
-    torch.testing.assert_close(la.detach(), lb.detach(), rtol=1e-6, atol=1e-12)  # the first evaluation's loss
-    return ca[0]
+_pair = functools.partial(test_lbfgs._pair, problems=PROBLEMS, fused=True)
+_step_both = functools.partial(test_lbfgs._step_both, rtol=1e-6, atol=1e-12)
 
 
 def _run(problem, kw, steps, dtype=torch.float64, rtol=1e-6, states=True):
@@ -223,18 +210,10 @@ def test_checkpoint_both_ways(torch_ops, direction, search):
         assert _types(sd_ours["state"][0][k]) == _types(v), k
         if isinstance(v, torch.Tensor):
             assert (sd_ours["state"][0][k].dtype, sd_ours["state"][0][k].shape) == (v.dtype, v.shape), k
-    src, src_params = (theirs, b) if direction == "torch_to_ours" else (ours, a)
-    buf = io.BytesIO()
-    torch.save(src.state_dict(), buf)
-    sd = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
-    fresh = [p.detach().clone().requires_grad_() for p in src_params]
-    loaded = torch.optim.LBFGS(fresh, **kw) if direction == "ours_to_torch" else \
-        fused_optim.LBFGS(fresh, fused=True, **kw)
-    loaded.load_state_dict(sd)
-    pairs = (loaded, fresh, src, src_params) if direction == "torch_to_ours" else (src, src_params, loaded, fresh)
+    pairs = test_lbfgs._resumed(direction, ours, a, theirs, b, kw, fused=True)
     for _ in range(3):
         _step_both(*pairs, loss_fn)
-        for p, q in zip(fresh, src_params):  # ours -> ours: the same arithmetic on the same numbers (only MKL's
+        for p, q in zip(pairs[1], pairs[3]):  # ours -> ours: the same arithmetic on the same numbers (only MKL's
             # alignment-dependent dot order differs: the reloaded ring starts at row 0)
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10 if direction == "ours_to_ours" else 1e-6,
                                        atol=1e-14 if direction == "ours_to_ours" else 1e-12)

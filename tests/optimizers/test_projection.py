@@ -1,16 +1,15 @@
 """SGDP / AdamP projections really happen (and the fused path decides like the reference); Adahessian's fused path,
 its options outside the generic matrix, its seeded generator, and its errors."""
-import io
 
 import pytest
 import torch
 
 import fused_optim
 from anchors import timm_class
-from cases import clone_params, make_params, param_groups, run  # first: cases imports every cases_*.py itself
+from cases import clone_params, make_params, param_groups, reference, run, twins  # first: cases imports every cases_*.py itself
 from cases import adahessian, projection  # noqa: E402,I001
 from conftest import DEVICE
-from helpers import assert_states_close, assert_unchanged, kernel_tables, snapshot
+from helpers import assert_states_close, assert_unchanged, kernel_tables, saved, snapshot
 from fused_optim.kernels import multi_tensor as mt
 from fused_optim.kernels import runtime
 from fused_optim.optimizers.projection import CHANNEL, LAYER, NONE, projection_mode
@@ -23,14 +22,11 @@ CASE = {c.name: c for c in projection.CASES + adahessian.CASES}
 def test_projection_driver_covers_every_mode_vs_timm(name, config):
     """Reference vs timm (float64) on the driver's grads, and every mode happened on 2-D and 4-D weights."""
     case = CASE[name]
-    a1, a2 = make_params(case, torch.float64)
-    b1, b2 = clone_params(a1), clone_params(a2)
-    ours = case.cls(param_groups(case, config, a1, a2), fused=False, **config)
-    theirs = case.anchor()(param_groups(case, config, b1, b2), **config)
+    ours, pa, theirs, pb = twins(case, config, reference(case, config))
     projection.MODES.clear()
     for i in range(case.steps):
-        run(case, [ours, theirs], [a1 + a2, b1 + b2], steps=1, seed=i)
-        assert_states_close(ours, a1 + a2, theirs, b1 + b2, 1e-10, 1e-12)
+        run(case, [ours, theirs], [pa, pb], steps=1, seed=i)
+        assert_states_close(ours, pa, theirs, pb, 1e-10, 1e-12)
     for dim in (2, 4):
         for mode in (NONE, CHANNEL, LAYER):
             assert projection.MODES[(dim, mode)] >= 3, (dim, mode, dict(projection.MODES))
@@ -98,9 +94,7 @@ def test_adamp_fused_checkpoint_loads_into_timm():
     ours.step()
     qs = [p.detach().cpu().double() for p in ps]
     theirs = timm_class("adamp", "AdamP")(qs, lr=0.01)
-    buf = io.BytesIO()
-    torch.save(ours.state_dict(), buf)  # a real checkpoint: timm's `step += 1` must not alias our step tensor
-    theirs.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    theirs.load_state_dict(saved(ours.state_dict()))  # a real checkpoint: timm's `step += 1` must not alias our step
     for p, q in zip(ps, qs):
         g = torch.randn_like(p)
         p.grad, q.grad = g, g.cpu().double()
@@ -115,10 +109,7 @@ AH = CASE["Adahessian"]
 
 
 def _adahessian_pair(config, dtype=torch.float32, fused=True):
-    a1, a2 = make_params(AH, dtype, DEVICE)
-    b1, b2 = clone_params(a1), clone_params(a2)
-    return (AH.cls(param_groups(AH, config, a1, a2), fused=fused, **config), a1 + a2,
-            AH.cls(param_groups(AH, config, b1, b2), fused=False, **config), b1 + b2)
+    return twins(AH, config, lambda gs: AH.cls(gs, fused=fused, **config), reference(AH, config), dtype, DEVICE)
 
 
 @pytest.mark.parametrize("config", AH.configs + [{"update_each": 2, "hessian_power": 0.0, "weight_decay": 0.1}],
@@ -136,14 +127,11 @@ def test_adahessian_fused_matches_reference(config):
 @pytest.mark.parametrize("config", [{"update_each": 2}, {"update_each": 3, "n_samples": 3, "avg_conv_kernel": True}],
                          ids=["update_each=2", "update_each=3-n_samples=3-avg_conv_kernel"])
 def test_adahessian_update_each_vs_timm(config):
-    a1, a2 = make_params(AH, torch.float64)
-    b1, b2 = clone_params(a1), clone_params(a2)
-    ours = AH.cls(param_groups(AH, config, a1, a2), fused=False, **config)
-    theirs = AH.anchor()(param_groups(AH, config, b1, b2), **config)
+    ours, pa, theirs, pb = twins(AH, config, reference(AH, config))
     for i in range(7):
-        run(AH, [ours, theirs], [a1 + a2, b1 + b2], steps=1, seed=i)
-        assert_states_close(ours, a1 + a2, theirs, b1 + b2, 1e-10, 1e-12)
-        for p, q in zip(a1 + a2, b1 + b2):
+        run(AH, [ours, theirs], [pa, pb], steps=1, seed=i)
+        assert_states_close(ours, pa, theirs, pb, 1e-10, 1e-12)
+        for p, q in zip(pa, pb):
             torch.testing.assert_close(p.hess, q.hess, rtol=1e-10, atol=1e-12)
 
 

@@ -12,7 +12,7 @@ import torch
 import fused_optim
 from conftest import DEVICE
 from fused_optim import csrc
-from helpers import assert_kernels_idle, assert_states_close, kernel_tables, train_mlp
+from helpers import assert_kernels_idle, assert_states_close, kernel_tables, launches, train_mlp
 from fused_optim.kernels import multi_tensor as mt
 from fused_optim.kernels import runtime
 from fused_optim.optimizers.projection import CHANNEL, LAYER, projection_mode
@@ -56,12 +56,10 @@ def test_two_launches_and_reference(name, caution, reductions):
             g = _grad(a, (step + i) % 3, gen)
             a.grad = g.to(a.dtype).to(DEVICE)
             b.grad = a.grad.clone()
-        n0, c0 = runtime.launch_count, runtime.engine_launch_count
-        fused.step()
-        ref.step()
-        assert runtime.launch_count - n0 == 2 * len(fused.param_groups)  # 2 per group, whatever the tensor count
-        # launch 1 on the C++ engine (its host build here) or as the Triton kernel's pass 0
-        assert runtime.engine_launch_count - c0 == (len(fused.param_groups) if reductions == "csrc" else 0)
+        # 2 per group, whatever the tensor count; launch 1 on the C++ engine (its host build here) or as the Triton
+        # kernel's pass 0
+        groups = len(fused.param_groups)
+        assert launches(fused.step, ref.step) == (2 * groups, groups if reductions == "csrc" else 0)
         for a, b in zip(pa + qa, pb + qb):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step}")
         for tab in kernel_tables(fused):
@@ -92,11 +90,8 @@ def test_refused_persistent_launch_runs_one_launch_per_phase(name, reductions, m
             a.grad = _grad(a, (step + i) % 3, gen).to(a.dtype).to(DEVICE)
             b.grad = a.grad.clone()
         expected = [projection_mode(b, b.grad, ref.defaults["delta"], ref.defaults["eps"]) for b in pb]
-        n0, c0 = runtime.launch_count, runtime.engine_launch_count
-        fused.step()
-        ref.step()
-        assert runtime.launch_count - n0 == 3  # the statistics, then pass 1 and pass 2 each on its own
-        assert runtime.engine_launch_count - c0 == (reductions == "csrc")
+        # the statistics, then pass 1 and pass 2 each on its own
+        assert launches(fused.step, ref.step) == (3, int(reductions == "csrc"))
         for a, b in zip(pa, pb):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step}")
         (tab,) = kernel_tables(fused)

@@ -1,13 +1,12 @@
 """SparseAdam beyond the generic tests: nn.Embedding(sparse=True) training against torch, untouched rows, the rows
 kernel, AMP, and errors."""
-import io
 
 import pytest
 import torch
 
 import fused_optim
 from conftest import DEVICE
-from helpers import assert_states_close, assert_unchanged, snapshot
+from helpers import assert_states_close, assert_unchanged, saved, snapshot
 from fused_optim.kernels import multi_tensor as mt
 from fused_optim.kernels import runtime
 
@@ -196,9 +195,7 @@ def test_fused_checkpoint_moves_both_ways(direction):
     theirs = torch.optim.SparseAdam(_groups(torch_m, {}), lr=0.01)
     _train([fused, theirs], [fused_m, torch_m], 5)
     src, src_m = (fused, fused_m) if direction == "fused_to_torch" else (theirs, torch_m)
-    buf = io.BytesIO()
-    torch.save(src.state_dict(), buf)
-    sd = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    sd = saved(src.state_dict())
     (new_m,) = _models(torch.float32, DEVICE if direction == "torch_to_fused" else "cpu", n=1)
     for w, w_src in zip(_params(new_m), _params(src_m)):
         w.data.copy_(w_src.detach())
