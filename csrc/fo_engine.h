@@ -38,10 +38,24 @@ constexpr int NRT_MAX = 64;     // column kinds: at most this many row tiles, bo
 constexpr int FLAT_V = 4, FLAT_IT = 8;  // flat kinds: tiles of 8 x 1024 elements
 constexpr int N_HYPER = 8;      // an op's launch parameters (Args::hyper)
 
-// Metadata: int64 words. item_start[E + 1], then E records of META_W words.
+// Metadata: int64 words. item_start[E + 1], then E records of META_W words: addresses, dtypes, flags, the two
+// log2 tile shapes, then the plain integers of FO_META_INTS (X(member, word)), one list for the record's words,
+// the planner's encoding and the kernels' decoding.
+#define FO_META_INTS(X)                                                                                          \
+  X(numel, NUMEL) X(B, B) X(R, R) X(C, C) X(IT, IT) X(nrt, NRT) X(nct, NCT) X(row_out, ROW_OUT) X(col_out, COL_OUT) \
+  X(ws_row, WS_ROW) X(ws_col, WS_COL) X(cnt_row, CNT_ROW) X(cnt_col, CNT_COL)
+
+#define FO_META_WORD(member, word) M_##word,
 enum Meta : int {
-  M_PA, M_PB, M_PC, M_PD, M_PSCALAR, M_DTYPES, M_FLAGS, M_NUMEL, M_B, M_R, M_C, M_LOG2TC, M_LOG2V, M_IT, M_NRT, M_NCT,
-  M_ROW_OUT, M_COL_OUT, M_WS_ROW, M_WS_COL, M_CNT_ROW, M_CNT_COL, META_W
+  M_PA, M_PB, M_PC, M_PD, M_PSCALAR, M_DTYPES, M_FLAGS, M_LOG2TC, M_LOG2V, FO_META_INTS(FO_META_WORD) META_W
+};
+#undef FO_META_WORD
+
+// A record's plain integers by name (aggregate: initialized in FO_META_INTS order).
+struct MetaInts {
+#define FO_META_MEMBER(member, word) int64_t member;
+  FO_META_INTS(FO_META_MEMBER)
+#undef FO_META_MEMBER
 };
 enum Flags : int { F_ROWS = 1, F_COLS = 2 };
 
@@ -62,7 +76,7 @@ struct Args {
   float* hook_entries;   // and per entry
 };
 
-struct Tile {
+struct Tile : MetaInts {
   const void* pa;
   const void* pb;
   const void* pc;
@@ -71,7 +85,6 @@ struct Tile {
   int da, db, dc, log2tc, log2v;
   bool rows, cols;
   int64_t e, item0, n_it, b, rt, ct;
-  int64_t numel, B, R, C, IT, nrt, nct, row_out, col_out, ws_row, ws_col, cnt_row, cnt_col;
 };
 
 FO_HD FO_INLINE Tile make_tile(const Args& a, int64_t item) {
@@ -96,21 +109,11 @@ FO_HD FO_INLINE Tile make_tile(const Args& a, int64_t item) {
   t.dc = int((m[M_DTYPES] >> 16) & 0xff);
   t.rows = (m[M_FLAGS] & F_ROWS) != 0;
   t.cols = (m[M_FLAGS] & F_COLS) != 0;
-  t.numel = m[M_NUMEL];
-  t.B = m[M_B];
-  t.R = m[M_R];
-  t.C = m[M_C];
   t.log2tc = int(m[M_LOG2TC]);
   t.log2v = int(m[M_LOG2V]);
-  t.IT = m[M_IT];
-  t.nrt = m[M_NRT];
-  t.nct = m[M_NCT];
-  t.row_out = m[M_ROW_OUT];
-  t.col_out = m[M_COL_OUT];
-  t.ws_row = m[M_WS_ROW];
-  t.ws_col = m[M_WS_COL];
-  t.cnt_row = m[M_CNT_ROW];
-  t.cnt_col = m[M_CNT_COL];
+#define FO_META_LOAD(member, word) t.member = m[M_##word];
+  FO_META_INTS(FO_META_LOAD)
+#undef FO_META_LOAD
   const int64_t local = item - t.item0;  // item order within an entry: (b, rt, ct), ct fastest
   t.ct = local % t.nct;
   t.rt = (local / t.nct) % t.nrt;

@@ -96,23 +96,17 @@ struct Builder {
     rec[M_PSCALAR] = n_in >= 4 ? d.pscalar : 0;
     rec[M_DTYPES] = d.da | (n_in >= 2 ? d.db << 8 : 0) | (n_in >= 4 ? d.dc << 16 : 0);
     rec[M_FLAGS] = flags;
-    rec[M_NUMEL] = d.numel;
-    rec[M_B] = B;
-    rec[M_R] = R;
-    rec[M_C] = C;
     rec[M_LOG2TC] = log2tc;
     int log2v = 0;
     while ((1 << log2v) < V) ++log2v;
     rec[M_LOG2V] = log2v;
-    rec[M_IT] = IT;
-    rec[M_NRT] = nrt;
-    rec[M_NCT] = nct;
-    rec[M_ROW_OUT] = row_out;
-    rec[M_COL_OUT] = col_out;
-    rec[M_WS_ROW] = rec[M_WS_COL] = -1;
-    rec[M_CNT_ROW] = rec[M_CNT_COL] = -1;
-    if ((flags & F_ROWS) && nct > 1) split(rec[M_WS_ROW], rec[M_CNT_ROW], B * R, nct, B * nrt);  // over column tiles
-    if ((flags & F_COLS) && nrt > 1) split(rec[M_WS_COL], rec[M_CNT_COL], B * C, nrt, B * nct);  // over row tiles
+    // no row / column partials (-1) unless split below
+    MetaInts r{d.numel, B, R, C, IT, nrt, nct, row_out, col_out, -1, -1, -1, -1};
+    if ((flags & F_ROWS) && nct > 1) split(r.ws_row, r.cnt_row, B * R, nct, B * nrt);  // over column tiles
+    if ((flags & F_COLS) && nrt > 1) split(r.ws_col, r.cnt_col, B * C, nrt, B * nct);  // over row tiles
+#define FO_META_STORE(member, word) rec[M_##word] = r.member;
+    FO_META_INTS(FO_META_STORE)
+#undef FO_META_STORE
     recs.insert(recs.end(), rec, rec + META_W);
     starts.push_back(starts.back() + std::max<int64_t>(B, 1) * nrt * nct);
   }

@@ -126,9 +126,7 @@ class LBFGS(FusedOptimizer):
             return orig_loss  # already optimal: nothing else is recorded
 
         st = {k: state.get(k) for k in _CARRIED}
-        n_iter = 0
-        while n_iter < max_iter:
-            n_iter += 1
+        for n_iter in range(1, max_iter + 1):
             state["n_iter"] += 1
 
             # -- direction
@@ -240,9 +238,7 @@ class LBFGS(FusedOptimizer):
         if opt:
             return orig_loss  # already optimal: nothing else is recorded (the computed direction is dropped)
 
-        n_iter = 0
-        while n_iter < max_iter:
-            n_iter += 1
+        for n_iter in range(1, max_iter + 1):
             state["n_iter"] += 1
             dev.commit(kept)
             views = dev.views(dev.cur, reals)

@@ -85,7 +85,6 @@ def strong_wolfe(evaluate, t, d_max, f0, g0, gtd0, c1=1e-4, c2=0.9, tolerance_ch
     conditions, or the best point found within ``max_ls`` evaluations.
     """
     f, g, gtd = evaluate(t)
-    n_evals = 1
 
     def armijo_fails(t, f):
         return f > f0 + c1 * t * gtd0
@@ -111,8 +110,7 @@ def strong_wolfe(evaluate, t, d_max, f0, g0, gtd0, c1=1e-4, c2=0.9, tolerance_ch
         t_prev, f_prev, g_prev, gtd_prev = t, f, g, gtd
         t = t_next
         f, g, gtd = evaluate(t)
-        n_evals += 1
-        n_ls += 1
+        n_ls += 1  # evaluations so far: n_ls + 1
     if n_ls == max_ls:  # budget spent while still descending: fall back to [0, last t]
         ts, fs, gs = [0, t], [f0, f], [g0, g]
 
@@ -135,8 +133,7 @@ def strong_wolfe(evaluate, t, d_max, f0, g0, gtd0, c1=1e-4, c2=0.9, tolerance_ch
         else:
             near_edge_before = False
         f, g, gtd = evaluate(t)
-        n_evals += 1
-        n_ls += 1
+        n_ls += 1  # evaluations so far: n_ls + 1
         if armijo_fails(t, f) or f >= fs[low]:
             ts[high], fs[high], gs[high], gtds[high] = t, f, g, gtd
             low, high = (0, 1) if fs[0] <= fs[1] else (1, 0)
@@ -146,7 +143,7 @@ def strong_wolfe(evaluate, t, d_max, f0, g0, gtd0, c1=1e-4, c2=0.9, tolerance_ch
             elif gtd * (ts[high] - ts[low]) >= 0:
                 ts[high], fs[high], gs[high], gtds[high] = ts[low], fs[low], gs[low], gtds[low]
             ts[low], fs[low], gs[low], gtds[low] = t, f, g, gtd
-    return fs[low], gs[low], ts[low], n_evals
+    return fs[low], gs[low], ts[low], n_ls + 1
 
 
 def two_loop(flat_grad, old_dirs, old_stps, ro, H_diag, al):
