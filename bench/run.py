@@ -41,7 +41,7 @@ STREAMS = {  # optimizer: (reads, writes) in whole-tensor passes, default option
     "SGD": (2, 1), "Adam": (4, 3), "AdamW": (4, 3), "Adamax": (4, 3), "NAdam": (4, 3), "RAdam": (4, 3),
     "Adagrad": (3, 2), "RMSprop": (3, 2), "Adadelta": (4, 3), "Rprop": (4, 3), "ASGD": (3, 2),
     "SGDP": (4, 1), "AdamP": (6, 3), "Adahessian": (5, 3), "NovoGrad": (4, 2), "NvNovoGrad": (4, 2),
-    "Adafactor": (3, 1),
+    "Adafactor": (3, 1), "Lion": (3, 2), "Adopt": (4, 3),
 }
 TORCH_ANCHORS = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Rprop", "ASGD", "Adamax", "NAdam",
                  "RAdam"]

@@ -12,8 +12,10 @@ from .optimizers.adagrad import Adagrad
 from .optimizers.adahessian import Adahessian
 from .optimizers.adam import Adam, AdamW
 from .optimizers.adamax import Adamax
+from .optimizers.adopt import Adopt
 from .optimizers.asgd import ASGD
 from .optimizers.lbfgs import LBFGS
+from .optimizers.lion import Lion
 from .optimizers.nadam import NAdam
 from .optimizers.novograd import NovoGrad, NvNovoGrad
 from .optimizers.projection import SGDP, AdamP
@@ -25,7 +27,7 @@ from .optimizers.sparse_adam import SparseAdam
 
 __all__ = [
     "FusedOptimizer", "REGISTRY", "create_optimizer", "from_config", "optimizer_names",
-    "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adahessian", "Adam", "AdamP", "AdamW", "Adamax", "LBFGS", "NAdam",
+    "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adahessian", "Adam", "AdamP", "AdamW", "Adamax", "Adopt", "LBFGS", "Lion", "NAdam",
     "NovoGrad", "NvNovoGrad", "RAdam", "RMSprop", "Rprop", "SGD", "SGDP", "SparseAdam",
 ]
 __version__ = "0.1.0"

@@ -291,7 +291,7 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None,
                  grad_scale=grad_scale, found_inf=found_inf,
                  masters=[local(st.get("master_param")) for st in states] if self.master_weights else None,
-                 stochastic_rounding=self.stochastic_rounding,
+                 stochastic_rounding=self.stochastic_rounding, who=type(self).__name__,
                  # host RNG (torch.manual_seed makes it reproducible); no device sync
                  seed=int(torch.randint(0, 2**31 - 1, ())) if self.stochastic_rounding else 0)
 

@@ -1,7 +1,7 @@
 """The optimizers fused_optim reproduces (its anchors) and how each one must be driven.
 
-Anchors: torch.optim's class of the same name, timm.optim's for SGDP, AdamP, Adafactor, NvNovoGrad and Adahessian
-(``fused_optim.Adafactor`` is timm's Adafactor, not ``torch.optim.Adafactor``, a different algorithm), and for
+Anchors: torch.optim's class of the same name, timm.optim's for SGDP, AdamP, Adafactor, NvNovoGrad, Adahessian, Lion
+and Adopt (``fused_optim.Adafactor`` is timm's Adafactor, not ``torch.optim.Adafactor``, a different algorithm), and for
 NovoGrad, which has no external anchor (timm dropped it), our own reference path in float64.
 
 timm's package ``__init__`` imports torchvision, which does not import beside the CPU torch build; its optimizer
@@ -23,7 +23,8 @@ import torch
 
 # class name -> (timm.optim module, class)
 TIMM = {"SGDP": ("sgdp", "SGDP"), "AdamP": ("adamp", "AdamP"), "Adafactor": ("adafactor", "Adafactor"),
-        "NvNovoGrad": ("nvnovograd", "NvNovoGrad"), "Adahessian": ("adahessian", "Adahessian")}
+        "NvNovoGrad": ("nvnovograd", "NvNovoGrad"), "Adahessian": ("adahessian", "Adahessian"),
+        "Lion": ("lion", "Lion"), "Adopt": ("adopt", "Adopt")}
 REFERENCE_ANCHORED = {"NovoGrad"}  # no external anchor: the reference path in float64
 
 # how a step must be driven, by class name (ours and the anchor share it)

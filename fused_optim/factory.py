@@ -25,6 +25,12 @@ ALIASES = {
     "sgdnesterov": ("sgd", {"nesterov": True}),
     "adamwfused": ("adamw", {"fused": True}),
     "sparse": ("sparseadam", {}),
+    # timm's Lion / ADOPT variants: c... cautious, ...w decoupled decay, ...c corrected decoupled decay
+    "clion": ("lion", {"caution": True}), "lionc": ("lion", {"corrected_weight_decay": True}),
+    "clionc": ("lion", {"caution": True, "corrected_weight_decay": True}),
+    "adoptw": ("adopt", {"decoupled": True}), "adoptc": ("adopt", {"decoupled": True, "corrected_weight_decay": True}),
+    "cadopt": ("adopt", {"caution": True}), "cadoptw": ("adopt", {"decoupled": True, "caution": True}),
+    "cadoptc": ("adopt", {"decoupled": True, "caution": True, "corrected_weight_decay": True}),
 }
 _SGD_FAMILY = {"sgd", "sgdp"}  # classes that take timm's momentum default
 

@@ -5,6 +5,13 @@ An optimizer states its math as two ``@triton.jit`` functions (see optimizers/na
 * ``SCALARS(t0, t1, t2, t3, lr, h1..h7, FLAGS) -> (n0, n1, n2, n3, c0, c1, c2, c3)``: fp64 scalar math once per
   program: new per-tensor scalar states ``n*`` (``step``, ...) and coefficients ``c*`` for the element math.
 * ``UPDATE(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1..h7, FLAGS) -> (p, s0, s1, s2, s3)``: fp32 element math.
+* optional ``STATS(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1..h7, FLAGS) -> x``: an element-wise statistic whose
+  per-tensor mean the update needs first (caution's mask mean). A statistics pass sums it per tensor, deterministic
+  (fixed-order partial sums, no float atomics), and its mean (0 for an empty tensor) arrives in the first per-tensor
+  scalar slot after the scalar states (``t<NT>`` of SCALARS) of the apply pass. STATS reads the same inputs as
+  UPDATE but must not depend on the coefficients SCALARS derives from that slot (the pass computes them from the
+  previous value). Both passes run in ONE persistent cooperative launch (a grid barrier between them;
+  Note [cooperative launches]), or in two launches where the device refuses it. See Note [statistics pass].
 
 The hyper-parameters ``lr, h1..h7`` are named: a Rule's ``hypers`` dict must match, in order, the names the two
 functions give those slots (a slot a function does not use is named ``h<k>``), so a misordered or missing
@@ -14,7 +21,8 @@ specialisation carries only its own code. Unused state slots are zeros and never
 Tables (tables.py caches them): ``ptrs`` int64 [T, S_COL + NS (+1 master)] the addresses of param, grad and each
 state of tensor t; ``numels`` [T]; ``work`` int32 [W, W_WIDTH] (tensor, chunk) pairs, every tensor >= 1 chunk so
 0-element tensors still advance their scalars; ``sptrs`` int64 [T, NT] addresses of the per-tensor 0-d float32
-states; ``counters`` int32 [T]. See Note [last program writes scalars] in kernels/README.md.
+states; ``counters`` int32 [T]; with a statistics pass also ``partials`` fp32 [W], ``stats`` fp32 [T] and a grid
+barrier. See Note [last program writes scalars] in kernels/README.md.
 """
 from __future__ import annotations
 
@@ -26,13 +34,15 @@ from dataclasses import dataclass
 
 import torch
 
-from . import runtime
+from . import runtime, sync
 from .runtime import BLOCK, ITERS
 from .tables import Tables, TableCache, all_aligned, buckets, dtype_of, fields, numel, pick, ptr, to_device
 
 MAX_STATES = 4
 MAX_SCALARS = 4
 N_HYPER = 8
+P_STATS, P_APPLY = 0, 1  # the passes of a launch (PASSES bits): the statistics pass, the update
+_PB = 4 if runtime.interpreter_enabled() else 256  # partial sums added PB at a time (sync.sum_partials)
 
 if runtime.available():
     import triton
@@ -40,10 +50,11 @@ if runtime.available():
 
     from .access import (amp_skip, chunk_ptr, grad_inv_scale, load, load_unscaled_grad, over_chunk, store,
                          store_bf16_stochastic)
-    from .sync import arrive
+    from .sync import arrive, run_phases, sum_partials
 
     P_COL, G_COL, S_COL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # ptrs columns (states from S_COL)
     W_TENSOR, W_CHUNK, W_WIDTH = fields("tensor", "chunk")
+    STATS_PASS, APPLY_PASS = tl.constexpr(P_STATS), tl.constexpr(P_APPLY)
 
     @triton.jit
     def _no_scalars(t0, t1, t2, t3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS: tl.constexpr):
@@ -78,9 +89,44 @@ if runtime.available():
             return 0.0
 
     @triton.jit
+    def _scalar_in(k: tl.constexpr, NT: tl.constexpr, HAS_STATS: tl.constexpr, srow, stat_ptr):
+        # slot k of SCALARS: a scalar state, else (the first free slot) the statistics pass's mean, else 0
+        if k < NT:
+            return _load_scalar(True, srow, k)
+        elif HAS_STATS and k == NT:
+            return tl.load(stat_ptr, cache_modifier=".cg").to(tl.float64)  # written by another program
+        else:
+            return 0.0
+
+    @triton.jit
+    def _no_stats(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS: tl.constexpr):
+        return p
+
+    @triton.jit
     def _store_scalar(ON: tl.constexpr, srow, k: tl.constexpr, val):
         if ON:
             tl.store(tl.load(srow + k).to(tl.pointer_type(tl.float32)), tl.cast(val, tl.float32))
+
+    @triton.jit
+    def _inputs(offs, mask, FULL: tl.constexpr, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, inv_scale,
+                NS: tl.constexpr, HAS_SCALE: tl.constexpr, MASTER: tl.constexpr, WRITE_BACK: tl.constexpr):
+        """An element block's (p, g, s0..s3) as both passes read them; WRITE_BACK: the update's read, which stores
+        the unscaled grad back (the statistics pass only reads)."""
+        if MASTER:
+            p = load(m_ptr, offs, mask, FULL)  # the fp32 master copy is the param the math updates
+        else:
+            p = load(p_ptr, offs, mask, FULL)
+        if WRITE_BACK:
+            g = load_unscaled_grad(g_ptr, offs, mask, inv_scale, HAS_SCALE, FULL)
+        else:
+            g = load(g_ptr, offs, mask, FULL)
+            if HAS_SCALE:
+                g = g * inv_scale  # the same product the update's read makes
+        s0 = _load_slot(NS > 0, s0_ptr, offs, mask, FULL, p)
+        s1 = _load_slot(NS > 1, s1_ptr, offs, mask, FULL, p)
+        s2 = _load_slot(NS > 2, s2_ptr, offs, mask, FULL, p)
+        s3 = _load_slot(NS > 3, s3_ptr, offs, mask, FULL, p)
+        return p, g, s0, s1, s2, s3
 
     @triton.jit
     def _block(carry, offs, mask, FULL: tl.constexpr, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr,
@@ -88,15 +134,8 @@ if runtime.available():
                UPDATE: tl.constexpr, FLAGS: tl.constexpr, NS: tl.constexpr,
                HAS_SCALE: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr):
         # over_chunk's BODY: nothing to carry, the carry (a tensor: loops carry no constants) passes through
-        if MASTER:
-            p = load(m_ptr, offs, mask, FULL)  # the fp32 master copy is the param the math updates
-        else:
-            p = load(p_ptr, offs, mask, FULL)
-        g = load_unscaled_grad(g_ptr, offs, mask, inv_scale, HAS_SCALE, FULL)
-        s0 = _load_slot(NS > 0, s0_ptr, offs, mask, FULL, p)
-        s1 = _load_slot(NS > 1, s1_ptr, offs, mask, FULL, p)
-        s2 = _load_slot(NS > 2, s2_ptr, offs, mask, FULL, p)
-        s3 = _load_slot(NS > 3, s3_ptr, offs, mask, FULL, p)
+        p, g, s0, s1, s2, s3 = _inputs(offs, mask, FULL, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr,
+                                       inv_scale, NS, HAS_SCALE, MASTER, True)
         p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
         if MASTER:
             store(m_ptr, offs, p, mask, FULL)
@@ -111,64 +150,116 @@ if runtime.available():
         return carry
 
     @triton.jit
-    def multi_tensor_apply_kernel(
-        ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, inf_ptr, hp, seed,
-        UPDATE: tl.constexpr, SCALARS: tl.constexpr, FLAGS: tl.constexpr,
-        NS: tl.constexpr, NT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
-        P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
-        LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
-        ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        if amp_skip(inf_ptr, HAS_INF) == 0:
-            t = tl.load(work + W_WIDTH * pid + W_TENSOR)
-            chunk = tl.load(work + W_WIDTH * pid + W_CHUNK).to(tl.int64)
-            n = tl.load(numels + t)
-            row = ptrs + t.to(tl.int64) * (S_COL + NS + MASTER)
-            p_ptr = chunk_ptr(row, P_COL, P_DT, ALIGNED)
-            g_ptr = chunk_ptr(row, G_COL, G_DT, ALIGNED)
-            s0_ptr = _slot_ptr(NS > 0, row, S_COL + 0, S_DT, ALIGNED, p_ptr)  # absent slots: never dereferenced
-            s1_ptr = _slot_ptr(NS > 1, row, S_COL + 1, S_DT, ALIGNED, p_ptr)
-            s2_ptr = _slot_ptr(NS > 2, row, S_COL + 2, S_DT, ALIGNED, p_ptr)
-            s3_ptr = _slot_ptr(NS > 3, row, S_COL + 3, S_DT, ALIGNED, p_ptr)
-            m_ptr = _slot_ptr(MASTER, row, S_COL + NS, tl.float32, ALIGNED, p_ptr)
+    def _stats_block(acc, offs, mask, FULL: tl.constexpr, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr,
+                     inv_scale, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7,
+                     STATS: tl.constexpr, FLAGS: tl.constexpr, NS: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, MASTER: tl.constexpr):
+        # over_chunk's BODY of the statistics pass: acc += STATS over the block's elements (fp32 lanes)
+        p, g, s0, s1, s2, s3 = _inputs(offs, mask, FULL, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr,
+                                       inv_scale, NS, HAS_SCALE, MASTER, False)
+        x = STATS(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
+        return acc + tl.where(mask, x, 0.0).to(tl.float32)
 
-            srow = sptrs + t.to(tl.int64) * NT
-            t0 = _load_scalar(NT > 0, srow, 0)
-            t1 = _load_scalar(NT > 1, srow, 1)
-            t2 = _load_scalar(NT > 2, srow, 2)
-            t3 = _load_scalar(NT > 3, srow, 3)
-            # fp64 hyper-parameters come from a device buffer: kernel float arguments would be fp32 under the
-            # interpreter, and 1 - beta2 ** step needs fp64
-            lr = tl.load(hp)
-            h1 = tl.load(hp + 1)
-            h2 = tl.load(hp + 2)
-            h3 = tl.load(hp + 3)
-            h4 = tl.load(hp + 4)
-            h5 = tl.load(hp + 5)
-            h6 = tl.load(hp + 6)
-            h7 = tl.load(hp + 7)
-            if LR_TENSOR:
-                lr = tl.load(lr_ptr).to(tl.float64)
-            n0, n1, n2, n3, c0, c1, c2, c3 = SCALARS(t0, t1, t2, t3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
-            c0 = tl.cast(c0, tl.float32)
-            c1 = tl.cast(c1, tl.float32)
-            c2 = tl.cast(c2, tl.float32)
-            c3 = tl.cast(c3, tl.float32)
-            inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
+    @triton.jit
+    def _run_pass(item, PASS: tl.constexpr, ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, hp, seed,
+                  partials, stats, n_items, UPDATE: tl.constexpr, SCALARS: tl.constexpr, STATS: tl.constexpr,
+                  FLAGS: tl.constexpr, NS: tl.constexpr, NT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+                  P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, LR_TENSOR: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, HAS_STATS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                  ITERS: tl.constexpr, PB: tl.constexpr):
+        """Pass PASS over work item `item` (one chunk of one tensor)."""
+        t = tl.load(work + W_WIDTH * item + W_TENSOR)
+        chunk = tl.load(work + W_WIDTH * item + W_CHUNK).to(tl.int64)
+        n = tl.load(numels + t)
+        row = ptrs + t.to(tl.int64) * (S_COL + NS + MASTER)
+        p_ptr = chunk_ptr(row, P_COL, P_DT, ALIGNED)
+        g_ptr = chunk_ptr(row, G_COL, G_DT, ALIGNED)
+        s0_ptr = _slot_ptr(NS > 0, row, S_COL + 0, S_DT, ALIGNED, p_ptr)  # absent slots: never dereferenced
+        s1_ptr = _slot_ptr(NS > 1, row, S_COL + 1, S_DT, ALIGNED, p_ptr)
+        s2_ptr = _slot_ptr(NS > 2, row, S_COL + 2, S_DT, ALIGNED, p_ptr)
+        s3_ptr = _slot_ptr(NS > 3, row, S_COL + 3, S_DT, ALIGNED, p_ptr)
+        m_ptr = _slot_ptr(MASTER, row, S_COL + NS, tl.float32, ALIGNED, p_ptr)
+
+        srow = sptrs + t.to(tl.int64) * NT
+        t0 = _scalar_in(0, NT, HAS_STATS, srow, stats + t)
+        t1 = _scalar_in(1, NT, HAS_STATS, srow, stats + t)
+        t2 = _scalar_in(2, NT, HAS_STATS, srow, stats + t)
+        t3 = _scalar_in(3, NT, HAS_STATS, srow, stats + t)
+        # fp64 hyper-parameters come from a device buffer: kernel float arguments would be fp32 under the
+        # interpreter, and 1 - beta2 ** step needs fp64
+        lr = tl.load(hp)
+        h1 = tl.load(hp + 1)
+        h2 = tl.load(hp + 2)
+        h3 = tl.load(hp + 3)
+        h4 = tl.load(hp + 4)
+        h5 = tl.load(hp + 5)
+        h6 = tl.load(hp + 6)
+        h7 = tl.load(hp + 7)
+        if LR_TENSOR:
+            lr = tl.load(lr_ptr).to(tl.float64)
+        n0, n1, n2, n3, c0, c1, c2, c3 = SCALARS(t0, t1, t2, t3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
+        c0 = tl.cast(c0, tl.float32)
+        c1 = tl.cast(c1, tl.float32)
+        c2 = tl.cast(c2, tl.float32)
+        c3 = tl.cast(c3, tl.float32)
+        inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
+        nwork = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
+        if PASS == STATS_PASS:
+            acc = over_chunk(_stats_block, tl.zeros([BLOCK], tl.float32), chunk * (BLOCK * ITERS), n,
+                             (p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, inv_scale,
+                              c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, STATS, FLAGS, NS, HAS_SCALE, MASTER),
+                             BLOCK, ITERS)
+            tl.store(partials + item, tl.sum(acc, axis=0))
+            # Note [statistics pass]: the tensor's last program sums its chunks' partials in chunk order
+            if arrive(counters + t, nwork):
+                total = sum_partials(partials + (item - chunk), nwork, PB)
+                tl.store(stats + t, total / tl.maximum(n, 1).to(tl.float32))
+                tl.store(counters + t, 0)
+        else:
             over_chunk(_block, tl.cast(0, tl.int32), chunk * (BLOCK * ITERS), n,
                        (p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, inv_scale, seed + t,
                         c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, UPDATE, FLAGS, NS, HAS_SCALE, MASTER, SR),
                        BLOCK, ITERS)
-
             if NT > 0:
                 # Note [last program writes scalars]: all readers of the old values are done by then
-                if arrive(counters + t, tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)):
+                if arrive(counters + t, nwork):
                     _store_scalar(True, srow, 0, n0)
                     _store_scalar(NT > 1, srow, 1, n1)
                     _store_scalar(NT > 2, srow, 2, n2)
                     _store_scalar(NT > 3, srow, 3, n3)
                     tl.store(counters + t, 0)
+
+    @triton.jit
+    def _item(item, PASS: tl.constexpr, args):
+        """run_phases' ITEM."""
+        _run_pass(item, PASS, *args)  # flat: triton 3.6 unpacks a flat tuple into constexpr parameters
+
+    @triton.jit
+    def _count(PASS: tl.constexpr, args):
+        return args[11]  # n_items: both passes run over every work item
+
+    @triton.jit
+    def multi_tensor_apply_kernel(
+        ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, inf_ptr, hp, seed, partials, stats, barrier, n_items,
+        UPDATE: tl.constexpr, SCALARS: tl.constexpr, STATS: tl.constexpr, FLAGS: tl.constexpr,
+        NS: tl.constexpr, NT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+        P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+        LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, HAS_STATS: tl.constexpr,
+        PASSES: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, PB: tl.constexpr,
+    ):
+        """The passes in PASSES (bits): one pass is a plain launch, one program per work item; both passes a
+        persistent cooperative one (runtime.launch_phases)."""
+        if amp_skip(inf_ptr, HAS_INF) == 0:
+            # the args tuples are written out in the calls: assigned to a name, their constexprs would become values
+            if PASSES == 3:  # both passes, a grid barrier between them
+                run_phases(barrier, PASSES, 2, _item, _count,
+                           (ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, hp, seed, partials, stats, n_items,
+                            UPDATE, SCALARS, STATS, FLAGS, NS, NT, MASTER, SR, P_DT, G_DT, S_DT, LR_TENSOR, HAS_SCALE,
+                            HAS_STATS, ALIGNED, BLOCK, ITERS, PB))
+            else:  # one pass (bit 1: statistics, bit 2: update), one program per work item
+                _run_pass(tl.program_id(0), PASSES // 2, ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, hp,
+                          seed, partials, stats, n_items, UPDATE, SCALARS, STATS, FLAGS, NS, NT, MASTER, SR, P_DT,
+                          G_DT, S_DT, LR_TENSOR, HAS_SCALE, HAS_STATS, ALIGNED, BLOCK, ITERS, PB)
 
 
     class _Bit(tl.constexpr):
@@ -212,12 +303,14 @@ def _check_hypers(fn, first: int, names: tuple) -> None:
 
 @dataclass
 class Rule:
-    """An optimizer's kernel math: the two jit functions above, constexpr flags and named fp64 hyper-parameters
-    (``lr`` first, then up to 7 more, in the order the functions take them)."""
+    """An optimizer's kernel math: the jit functions above (``stats``: the optional STATS, which adds the statistics
+    pass), constexpr flags and named fp64 hyper-parameters (``lr`` first, then up to 7 more, in the order the
+    functions take them)."""
     update: object
     scalars: object = None
     flags: int = 0
     hypers: dict = None
+    stats: object = None
 
     def __post_init__(self):
         self.hypers = dict(self.hypers or {})
@@ -226,6 +319,12 @@ class Rule:
             raise ValueError(f"a Rule takes lr and up to {N_HYPER - 1} more hyper-parameters, got {list(names)}")
         _check_hypers(self.update, 10, names)
         _check_hypers(self.scalars, 4, names)
+        _check_hypers(self.stats, 10, names)
+
+    def launches(self) -> list:
+        """The PASSES of each launch of a step: the update alone, or the statistics pass and the update (one
+        persistent launch where the device grants it, else one launch each: runtime.launch_phases)."""
+        return [(P_STATS, P_APPLY)] if self.stats is not None else [(P_APPLY,)]
 
     def hyper_values(self) -> tuple:
         vals = tuple(float(v) for v in self.hypers.values())
@@ -241,6 +340,9 @@ class _Tables(Tables):
     hp: torch.Tensor = None     # fp64 [N_HYPER] hyper-parameters on the device
     hkey: tuple = ()            # the values hp holds
     fdummy: torch.Tensor = None  # an fp32 stand-in for absent lr / grad_scale / found_inf
+    partials: torch.Tensor = None  # the statistics pass (made on its first use): fp32 [W] per work item,
+    stats: torch.Tensor = None     # fp32 [T] per-tensor means,
+    barrier: sync.GridBarrier = None  # and the grid barrier of its persistent launch
 
 
 def _build_tables(key, params, grads, columns, scalars, device) -> _Tables:
@@ -260,8 +362,9 @@ def _build_tables(key, params, grads, columns, scalars, device) -> _Tables:
 
 
 def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_tensor=None,
-          grad_scale=None, found_inf=None, masters=None, stochastic_rounding=False, seed=0) -> None:
-    """Update one param group in one launch per (param, grad, state) dtype combination.
+          grad_scale=None, found_inf=None, masters=None, stochastic_rounding=False, seed=0, who="fused_optim") -> None:
+    """Update one param group in one launch per (param, grad, state) dtype combination (a rule with ``stats``: one
+    persistent launch, or two where the device refuses it; ``who`` names the optimizer in a grid barrier's report).
 
     ``columns``: one list per element-wise state (``columns[k][i]``: state k of tensor i); ``scalars``: one list per
     per-tensor 0-d float32 scalar state. Tensors are read by address and size only: each tensor and its states must
@@ -287,31 +390,52 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
             cols = [*cols, [masters[i] for i in idx]]
         tab = cache.lookup((dts, master), key, gs, lambda: _build_tables(key, ps, gs, cols, scs, ps[0].device))
         sr = stochastic_rounding and dts[0] == torch.bfloat16
-        _launch(rule, tab, dts, len(cols) - master, len(scs), lr_tensor, grad_scale, found_inf, master, sr, seed)
+        _launch(rule, tab, dts, len(cols) - master, len(scs), lr_tensor, grad_scale, found_inf, master, sr, seed, who)
 
 
 def constexprs(rule: Rule, dts, ns: int, nt: int, *, lr_tensor: bool, has_scale: bool, has_inf: bool,
-               aligned: bool, master: bool = False, sr: bool = False) -> dict:
-    """The kernel's compile-time arguments for one launch: the launcher and the AOT inventory both use this."""
-    assert ns <= MAX_STATES and nt <= MAX_SCALARS
-    return dict(UPDATE=rule.update, SCALARS=rule.scalars or _no_scalars, FLAGS=rule.flags, NS=ns, NT=nt,
+               aligned: bool, master: bool = False, sr: bool = False, passes=(P_APPLY,)) -> dict:
+    """The kernel's compile-time arguments for one launch running ``passes`` (one of rule.launches(), or one pass
+    of it): the launcher and the AOT inventory both use this."""
+    has_stats = rule.stats is not None
+    assert ns <= MAX_STATES and nt + has_stats <= MAX_SCALARS
+    return dict(UPDATE=rule.update, SCALARS=rule.scalars or _no_scalars, STATS=rule.stats or _no_stats,
+                FLAGS=rule.flags, NS=ns, NT=nt,
                 P_DT=runtime.tl_dtype(dts[0]), G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]),
-                LR_TENSOR=lr_tensor, HAS_SCALE=has_scale, HAS_INF=has_inf, ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
+                LR_TENSOR=lr_tensor, HAS_SCALE=has_scale, HAS_INF=has_inf, HAS_STATS=has_stats,
+                PASSES=sum(1 << p for p in passes), ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS, PB=_PB,
                 MASTER=master, SR=sr)
 
 
-def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=False, sr=False, seed=0):
+def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=False, sr=False, seed=0,
+            who="fused_optim"):
     hypers = rule.hyper_values()
     if tab.hkey != hypers:  # uploads only when a hyper-parameter changed (e.g. an LR schedule step)
         tab.hp.copy_(torch.tensor(hypers, dtype=torch.float64), non_blocking=True)
         tab.hkey = hypers
     dummy = tab.fdummy
-    runtime.launch(
-        multi_tensor_apply_kernel, tab.work.shape[0],
-        tab.ptrs, tab.numels, tab.work, tab.sptrs, tab.counters,
-        lr_tensor if lr_tensor is not None else dummy,
-        grad_scale if grad_scale is not None else dummy,
-        found_inf if found_inf is not None else dummy,
-        tab.hp, seed,
-        **constexprs(rule, dts, ns, nt, lr_tensor=lr_tensor is not None, has_scale=grad_scale is not None,
-                     has_inf=found_inf is not None, aligned=tab.aligned, master=master, sr=sr))
+    n_items = tab.work.shape[0]
+    if rule.stats is not None and tab.partials is None:
+        dev = tab.work.device
+        tab.partials = torch.zeros(n_items, dtype=torch.float32, device=dev)
+        tab.stats = torch.zeros(tab.numels.shape[0], dtype=torch.float32, device=dev)
+        tab.barrier = sync.GridBarrier(dev)
+    args = (tab.ptrs, tab.numels, tab.work, tab.sptrs, tab.counters,
+            lr_tensor if lr_tensor is not None else dummy,
+            grad_scale if grad_scale is not None else dummy,
+            found_inf if found_inf is not None else dummy,
+            tab.hp, seed,
+            dummy if tab.partials is None else tab.partials, dummy if tab.stats is None else tab.stats,
+            tab.counters if tab.barrier is None else tab.barrier.words, n_items)
+
+    def constexprs_of(passes):
+        return constexprs(rule, dts, ns, nt, lr_tensor=lr_tensor is not None, has_scale=grad_scale is not None,
+                          has_inf=found_inf is not None, aligned=tab.aligned, master=master, sr=sr, passes=passes)
+
+    for passes in rule.launches():
+        if len(passes) == 1:
+            runtime.launch(multi_tensor_apply_kernel, n_items, *args, **constexprs_of(passes))
+        else:
+            runtime.launch_phases(multi_tensor_apply_kernel, list(passes), *args, grid_of=lambda _: n_items,
+                                  device=tab.work.device, constexprs_of=constexprs_of)
+            tab.barrier.watch(who)

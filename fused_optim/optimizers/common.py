@@ -1,5 +1,7 @@
 """Element math several optimizers share, kernel half (triton.jit) beside reference half (foreach ops): grad
-preparation (maximize, L2 or decoupled weight decay), Adam's moments and bias corrections, step counting.
+preparation (maximize, L2 or decoupled weight decay), Adam's moments and bias corrections, step counting, torch's
+lerp, and timm's caution (the cautious mask, whose per-tensor mean the kernels get from the statistics pass of the
+element-wise apply: kernels/multi_tensor.py).
 
 FLAGS bits 0-2 (MAXIMIZE, WD, DECOUPLED) belong to the grad preparation here; a module that calls it declares its
 own bits after them: ``mt.flag_bits(n, first=GRAD_BITS)``.
@@ -69,6 +71,38 @@ if runtime.available():
         m = m + (1.0 - beta1).to(tl.float32) * (g - m)
         v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * g * g
         return m, v
+
+    @triton.jit
+    def lerp(a, b, w):
+        """torch.lerp(a, b, w) for a scalar weight, in ATen's two forms (from a where |w| < 0.5, else from b)."""
+        w = w.to(a.dtype)
+        return tl.where(tl.abs(w) < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+    @triton.jit
+    def caution_mask(u, g):
+        """timm's cautious mask: 1 where the update agrees in sign with the grad, else 0. The per-tensor mean of
+        it is a Rule's ``stats``."""
+        return tl.where(u * g > 0, 1.0, 0.0).to(u.dtype)
+
+    @triton.jit
+    def caution_scale(mean):
+        """The mask's divisor from its per-tensor mean (fp64 SCALARS math): max(mean, 1e-3)."""
+        return tl.maximum(mean, 1e-3)
+
+    @triton.jit
+    def cautious(u, g, scale):
+        """The update masked where it disagrees with the grad, the mask divided by ``caution_scale`` first (as timm)."""
+        return u * (caution_mask(u, g) / scale.to(u.dtype))
+
+
+def cautious_updates(updates, grads):
+    """timm's caution (Cautious Optimizers, arXiv:2411.16085), per tensor, in its op order: mask = (u * g > 0) in
+    the grad's dtype, mask /= max(mean(mask), 1e-3), returns the new tensors u * mask."""
+    masks = [(m > 0).to(g.dtype) for m, g in zip(torch._foreach_mul(updates, grads), grads)]
+    scales = [m.mean() for m in masks]
+    torch._foreach_maximum_(scales, 1e-3)
+    torch._foreach_div_(masks, scales)
+    return torch._foreach_mul(updates, masks)
 
 
 def grad_flags(group, decoupled: bool = False) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import itertools
 import json
 import multiprocessing
 import os
@@ -58,7 +59,8 @@ class Entry:
 def multi_tensor_signature() -> dict:
     """Runtime argument types of the shared kernel (constexprs filled separately)."""
     ptr = {"ptrs": "*i64", "numels": "*i64", "work": "*i32", "sptrs": "*i64", "counters": "*i32",
-           "lr_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32", "hp": "*fp64", "seed": "i32"}
+           "lr_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32", "hp": "*fp64", "seed": "i32",
+           "partials": "*fp32", "stats": "*fp32", "barrier": "*i32", "n_items": "i32"}
     sig = {}
     for name in mt.multi_tensor_apply_kernel.arg_names:
         if name in ptr:
@@ -122,16 +124,20 @@ def inventory() -> list[Entry]:
             continue
         rules = _rules_of(cls)
         for i, (label, rule, ns, nt) in enumerate(rules):
-            for dts, aligned, amp, master, sr in (DTYPE_VARIANTS if i in (0, len(rules) - 1) else [FP32]):
+            # a rule with a statistics pass: its persistent launch, and each pass alone (the refused fallback)
+            passes_of = [(mt.P_STATS, mt.P_APPLY), (mt.P_STATS,), (mt.P_APPLY,)] if rule.stats else [(mt.P_APPLY,)]
+            for (dts, aligned, amp, master, sr), passes in itertools.product(
+                    DTYPE_VARIANTS if i in (0, len(rules) - 1) else [FP32], passes_of):
                 if (master or sr) and not cls.precision_in_kernel:
                     continue
                 cx = mt.constexprs(rule, dts, ns, nt, lr_tensor=False, has_scale=bool(amp), has_inf=amp is True,
-                                   aligned=aligned, master=master, sr=sr)
+                                   aligned=aligned, master=master, sr=sr, passes=passes)
                 dname = str(dts[0]).replace("torch.", "")
-                entries.append(Entry(f"{cls.__name__}[{label}] {dname}{'' if aligned else ' unaligned'}"
+                pname = f" pass {'+'.join(map(str, passes))}" if rule.stats else ""
+                entries.append(Entry(f"{cls.__name__}[{label}]{pname} {dname}{'' if aligned else ' unaligned'}"
                                      f"{' ' + str(amp).replace('True', 'amp') if amp else ''}{' master' if master else ''}{' sr' if sr else ''}",
                                      mt.multi_tensor_apply_kernel, sig, cx,
-                                     runtime.compile_options(), vector_check=aligned))
+                                     runtime.compile_options(), vector_check=aligned and mt.P_APPLY in passes))
     # every kernel family module (kernels/*.py) and every optimizer module may list dedicated kernels
     kernel_modules = {importlib.import_module(f"fused_optim.kernels.{m.name}")
                       for m in pkgutil.iter_modules(fused_optim.kernels.__path__)}
