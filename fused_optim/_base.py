@@ -21,6 +21,9 @@ from .kernels import runtime
 from .kernels.tables import TableCache
 
 
+_FLOAT64 = (torch.float64, torch.complex128)
+
+
 class FusedOptimizer(PrecisionOptions, Optimizer):
     """Base class. Subclasses set the class attributes below and implement ``_init_state`` and ``_reference``.
 
@@ -30,6 +33,8 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
         requires_closure: ``step()`` without a closure is an error (LBFGS).
         elementwise: the fused update needs no per-tensor reduction (FSDP2 shards are fine).
         scalar_keys: per-param 0-d float32 states (``step``, ...) in kernel order.
+        float64_in_kernel: the fused kernels compute float64 params in float64; False for a family whose kernels
+            compute in float32 only: its float64 (and complex128) params take the reference path, never fp32 math.
     """
 
     dense_only = True
@@ -38,6 +43,7 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
     requires_closure = False
     elementwise = True  # the fused update is element-wise (so it may run on FSDP2 shards); False for reductions
     scalar_keys: tuple = ("step",)
+    float64_in_kernel = True
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf (unscale inside the step)
 
     def __init__(self, params, defaults: dict, *, fused: bool | None = None):
@@ -196,7 +202,8 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
     def _kernel_path(self, group, params) -> bool:
         """Whether this group's step runs the fused kernels."""
         return self._use_kernel(group, params) and (
-            self.precision_in_kernel or not self._low_precision_options(params))
+            self.precision_in_kernel or not self._low_precision_options(params)) and (
+            self.float64_in_kernel or not any(p.dtype in _FLOAT64 for p in params))
 
     def _state_of(self, p, group) -> dict:
         st = self.state[p]

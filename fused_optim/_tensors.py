@@ -69,18 +69,22 @@ def device_index(device: torch.device) -> int:
     return device.index if device.type == "cuda" else -1
 
 
-def scalars_on_device(states, keys, device) -> None:
-    """Make per-tensor scalar states float32 0-d tensors on `device`, in place: kernels read them from device memory
-    (torch keeps them on CPU by default, timm as Python numbers). The steady state is one whole-list check."""
+def scalars_on_device(states, keys, device, keep_f64: bool = True) -> None:
+    """Make per-tensor scalar states 0-d tensors on `device`, in place: kernels read them from device memory (torch
+    keeps them on CPU by default, timm as Python numbers). float32, but float64 states stay float64 (``keep_f64``;
+    torch's checkpoint load makes them so for float64 params, and its math then runs in float64): the multi-tensor
+    apply reads either. The steady state is one whole-list check."""
     index = device_index(device)
+    ok = {torch.float32, torch.float64} if keep_f64 else {torch.float32}
     for k in keys:
         col = list(map(operator.itemgetter(k), states))
         if set(map(type, col)) <= _TENSOR_TYPES and set(map(torch.Tensor.get_device, col)) == {index} and set(
-                map(_DTYPE, col)) == {torch.float32}:
+                map(_DTYPE, col)) <= ok:
             continue
         for st, v in zip(states, col):
-            if not isinstance(v, torch.Tensor) or v.get_device() != index or v.dtype != torch.float32:
-                st[k] = torch.as_tensor(v, dtype=torch.float32).to(device)
+            if not isinstance(v, torch.Tensor) or v.get_device() != index or v.dtype not in ok:
+                dt = v.dtype if isinstance(v, torch.Tensor) and v.dtype in ok else torch.float32
+                st[k] = torch.as_tensor(v, dtype=dt).to(device)
 
 
 _TENSOR_TYPES = {torch.Tensor}

@@ -1,5 +1,9 @@
-"""Triton load/store helpers every kernel family shares: table pointers, fp32 loads, stores that round like the
-GPU, bf16 stochastic rounding, AMP's overflow skip and grad unscaling, and the walk over a chunk of a tensor."""
+"""Triton load/store helpers every kernel family shares: table pointers, loads into the compute dtype, stores that
+round like the GPU, bf16 stochastic rounding, AMP's overflow skip and grad unscaling, the walk over a chunk of a
+tensor, and the IEEE-rounded division and square root for either compute dtype.
+
+The compute dtype of a tensor is float64 for float64 tensors (torch's kernels compute in double for double tensors)
+and float32 for every other dtype. Element math casts its scalars to it with ``x.to(p.dtype)`` (p: a loaded value)."""
 from __future__ import annotations
 
 from . import runtime
@@ -16,11 +20,34 @@ if runtime.available():
         return p
 
     @triton.jit
+    def to_compute(x, ptr):
+        """x in the compute dtype of the tensor behind ptr: float64 for float64 tensors, else float32."""
+        if ptr.dtype.element_ty == tl.float64:
+            return tl.cast(x, tl.float64)
+        else:
+            return tl.cast(x, tl.float32)
+
+    @triton.jit
     def load(ptr, offs, mask, FULL: tl.constexpr):
         if FULL:
-            return tl.load(ptr + offs).to(tl.float32)
+            return to_compute(tl.load(ptr + offs), ptr)
         else:
-            return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            return to_compute(tl.load(ptr + offs, mask=mask, other=0.0), ptr)
+
+    # tl.div_rn / tl.sqrt_rn take float32 only; float64 division and sqrt are IEEE-rounded already
+    @triton.jit
+    def div_rn(x, y):
+        if x.dtype == tl.float64:
+            return x / y
+        else:
+            return tl.div_rn(x, y)
+
+    @triton.jit
+    def sqrt_rn(x):
+        if x.dtype == tl.float64:
+            return tl.sqrt(x)
+        else:
+            return tl.sqrt_rn(x)
 
     # Triton's interpreter truncates fp32 -> bf16 casts, while the GPU rounds to nearest even; under the
     # interpreter we round explicitly so CPU tests see the GPU's numbers.
@@ -68,10 +95,10 @@ if runtime.available():
 
     @triton.jit
     def grad_inv_scale(scale_ptr, HAS_SCALE: tl.constexpr):
-        """1 / AMP's grad scale (fp32), or 1."""
+        """1 / AMP's grad scale, or 1: in the scale's dtype (fp32; fp64 for the clip scale of fp64 grads)."""
         inv = 1.0
         if HAS_SCALE:
-            inv = 1.0 / tl.load(scale_ptr).to(tl.float32)
+            inv = 1.0 / tl.load(scale_ptr)
         return inv
 
     @triton.jit
@@ -79,7 +106,7 @@ if runtime.available():
         """The grad times inv_scale, stored back (like torch's fused path, p.grad holds the unscaled grad after)."""
         g = load(g_ptr, offs, mask, FULL)
         if HAS_SCALE:
-            g = g * inv_scale
+            g = g * inv_scale.to(g.dtype)
             store(g_ptr, offs, g, mask, FULL)
         return g
 

@@ -4,7 +4,9 @@ An optimizer states its math as two ``@triton.jit`` functions (see optimizers/na
 
 * ``SCALARS(t0, t1, t2, t3, lr, h1..h7, FLAGS) -> (n0, n1, n2, n3, c0, c1, c2, c3)``: fp64 scalar math once per
   program: new per-tensor scalar states ``n*`` (``step``, ...) and coefficients ``c*`` for the element math.
-* ``UPDATE(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1..h7, FLAGS) -> (p, s0, s1, s2, s3)``: fp32 element math.
+* ``UPDATE(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1..h7, FLAGS) -> (p, s0, s1, s2, s3)``: element math in the
+  compute dtype (kernels/access.py: float64 for float64 params, float32 otherwise), which p, g, the states and
+  c0..c3 arrive in; the fp64 hyper-parameters are cast to it with ``x.to(p.dtype)``.
 * optional ``STATS(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1..h7, FLAGS) -> x``: an element-wise statistic whose
   per-tensor mean the update needs first (caution's mask mean). A statistics pass sums it per tensor, deterministic
   (fixed-order partial sums, no float atomics), and its mean (0 for an empty tensor) arrives in the first per-tensor
@@ -18,9 +20,14 @@ functions give those slots (a slot a function does not use is named ``h<k>``), s
 hyper-parameter fails when the rule is made. ``FLAGS`` is a constexpr bit set (maximize, amsgrad, ...), so each
 specialisation carries only its own code. Unused state slots are zeros and never stored.
 
+Per-tensor scalar states are float32 0-d tensors, or float64 where a checkpoint loaded into float64 params made them
+so (torch casts every state but ``step`` to the param's dtype): the apply reads and writes each slot in its dtype and
+sets the FLAGS bit ``SCALAR_F64[k]`` for a float64 slot k, so a SCALARS that rounds like torch's float32 scalar math
+(NAdam's mu_product) knows when not to.
+
 Tables (tables.py caches them): ``ptrs`` int64 [T, S_COL + NS (+1 master)] the addresses of param, grad and each
 state of tensor t; ``numels`` [T]; ``work`` int32 [W, W_WIDTH] (tensor, chunk) pairs, every tensor >= 1 chunk so
-0-element tensors still advance their scalars; ``sptrs`` int64 [T, NT] addresses of the per-tensor 0-d float32
+0-element tensors still advance their scalars; ``sptrs`` int64 [T, NT] addresses of the per-tensor 0-d
 states; ``counters`` int32 [T]; with a statistics pass also ``partials`` fp32 [W], ``stats`` fp32 [T] and a grid
 barrier. See Note [last program writes scalars] in kernels/README.md.
 """
@@ -43,13 +50,14 @@ MAX_SCALARS = 4
 N_HYPER = 8
 P_STATS, P_APPLY = 0, 1  # the passes of a launch (PASSES bits): the statistics pass, the update
 _PB = 4 if runtime.interpreter_enabled() else 256  # partial sums added PB at a time (sync.sum_partials)
+SCALAR_F64_FIRST = 24  # FLAGS bits SCALAR_F64_FIRST + k: scalar slot k is float64 (optimizers' own bits stay below)
 
 if runtime.available():
     import triton
     import triton.language as tl
 
     from .access import (amp_skip, chunk_ptr, grad_inv_scale, load, load_unscaled_grad, over_chunk, store,
-                         store_bf16_stochastic)
+                         store_bf16_stochastic, to_compute)
     from .sync import arrive, run_phases, sum_partials
 
     P_COL, G_COL, S_COL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # ptrs columns (states from S_COL)
@@ -81,18 +89,25 @@ if runtime.available():
             store(ptr, offs, val, mask, FULL)
 
     @triton.jit
-    def _load_scalar(ON: tl.constexpr, srow, k: tl.constexpr):
-        # a per-tensor scalar state: fp32 in memory, fp64 math
+    def _scalar_ptr(srow, k: tl.constexpr, F64: tl.constexpr):
+        if F64:
+            return tl.load(srow + k).to(tl.pointer_type(tl.float64))
+        else:
+            return tl.load(srow + k).to(tl.pointer_type(tl.float32))
+
+    @triton.jit
+    def _load_scalar(ON: tl.constexpr, srow, k: tl.constexpr, F64: tl.constexpr):
+        # a per-tensor scalar state: fp32 (F64: fp64) in memory, fp64 math
         if ON:
-            return tl.load(tl.load(srow + k).to(tl.pointer_type(tl.float32))).to(tl.float64)
+            return tl.load(_scalar_ptr(srow, k, F64)).to(tl.float64)
         else:
             return 0.0
 
     @triton.jit
-    def _scalar_in(k: tl.constexpr, NT: tl.constexpr, HAS_STATS: tl.constexpr, srow, stat_ptr):
+    def _scalar_in(k: tl.constexpr, NT: tl.constexpr, HAS_STATS: tl.constexpr, srow, stat_ptr, F64: tl.constexpr):
         # slot k of SCALARS: a scalar state, else (the first free slot) the statistics pass's mean, else 0
         if k < NT:
-            return _load_scalar(True, srow, k)
+            return _load_scalar(True, srow, k, F64)
         elif HAS_STATS and k == NT:
             return tl.load(stat_ptr, cache_modifier=".cg").to(tl.float64)  # written by another program
         else:
@@ -103,9 +118,10 @@ if runtime.available():
         return p
 
     @triton.jit
-    def _store_scalar(ON: tl.constexpr, srow, k: tl.constexpr, val):
+    def _store_scalar(ON: tl.constexpr, srow, k: tl.constexpr, val, F64: tl.constexpr):
         if ON:
-            tl.store(tl.load(srow + k).to(tl.pointer_type(tl.float32)), tl.cast(val, tl.float32))
+            ptr = _scalar_ptr(srow, k, F64)
+            tl.store(ptr, tl.cast(val, ptr.dtype.element_ty))
 
     @triton.jit
     def _inputs(offs, mask, FULL: tl.constexpr, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, inv_scale,
@@ -181,10 +197,10 @@ if runtime.available():
         m_ptr = _slot_ptr(MASTER, row, S_COL + NS, tl.float32, ALIGNED, p_ptr)
 
         srow = sptrs + t.to(tl.int64) * NT
-        t0 = _scalar_in(0, NT, HAS_STATS, srow, stats + t)
-        t1 = _scalar_in(1, NT, HAS_STATS, srow, stats + t)
-        t2 = _scalar_in(2, NT, HAS_STATS, srow, stats + t)
-        t3 = _scalar_in(3, NT, HAS_STATS, srow, stats + t)
+        t0 = _scalar_in(0, NT, HAS_STATS, srow, stats + t, FLAGS & F64_0)
+        t1 = _scalar_in(1, NT, HAS_STATS, srow, stats + t, FLAGS & F64_1)
+        t2 = _scalar_in(2, NT, HAS_STATS, srow, stats + t, FLAGS & F64_2)
+        t3 = _scalar_in(3, NT, HAS_STATS, srow, stats + t, FLAGS & F64_3)
         # fp64 hyper-parameters come from a device buffer: kernel float arguments would be fp32 under the
         # interpreter, and 1 - beta2 ** step needs fp64
         lr = tl.load(hp)
@@ -198,10 +214,10 @@ if runtime.available():
         if LR_TENSOR:
             lr = tl.load(lr_ptr).to(tl.float64)
         n0, n1, n2, n3, c0, c1, c2, c3 = SCALARS(t0, t1, t2, t3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
-        c0 = tl.cast(c0, tl.float32)
-        c1 = tl.cast(c1, tl.float32)
-        c2 = tl.cast(c2, tl.float32)
-        c3 = tl.cast(c3, tl.float32)
+        c0 = to_compute(c0, p_ptr)  # float64 params keep fp64 coefficients
+        c1 = to_compute(c1, p_ptr)
+        c2 = to_compute(c2, p_ptr)
+        c3 = to_compute(c3, p_ptr)
         inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
         nwork = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
         if PASS == STATS_PASS:
@@ -223,10 +239,10 @@ if runtime.available():
             if NT > 0:
                 # Note [last program writes scalars]: all readers of the old values are done by then
                 if arrive(counters + t, nwork):
-                    _store_scalar(True, srow, 0, n0)
-                    _store_scalar(NT > 1, srow, 1, n1)
-                    _store_scalar(NT > 2, srow, 2, n2)
-                    _store_scalar(NT > 3, srow, 3, n3)
+                    _store_scalar(True, srow, 0, n0, FLAGS & F64_0)
+                    _store_scalar(NT > 1, srow, 1, n1, FLAGS & F64_1)
+                    _store_scalar(NT > 2, srow, 2, n2, FLAGS & F64_2)
+                    _store_scalar(NT > 3, srow, 3, n3, FLAGS & F64_3)
                     tl.store(counters + t, 0)
 
     @triton.jit
@@ -274,6 +290,16 @@ def flag_bits(n: int, first: int = 0):
     """n option bits for FLAGS, from bit `first` on (`if FLAGS & BIT:` in a kernel, `pack((BIT, cond), ...)` on the
     host)."""
     return tuple(_Bit(1 << i) for i in range(first, first + n))
+
+
+if runtime.available():
+    SCALAR_F64 = F64_0, F64_1, F64_2, F64_3 = flag_bits(MAX_SCALARS, first=SCALAR_F64_FIRST)
+
+
+def scalar_f64_flags(scalars) -> int:
+    """The SCALAR_F64 bits of a bucket's scalar columns (``scalars[k][i]``: slot k of tensor i): all of a column's
+    states share a dtype within a bucket (``apply`` buckets by it)."""
+    return sum(1 << (SCALAR_F64_FIRST + k) for k, col in enumerate(scalars) if col and col[0].dtype == torch.float64)
 
 
 def pack(*bits_and_conditions) -> int:
@@ -363,14 +389,14 @@ def _build_tables(key, params, grads, columns, scalars, device) -> _Tables:
 
 def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_tensor=None,
           grad_scale=None, found_inf=None, masters=None, stochastic_rounding=False, seed=0, who="fused_optim") -> None:
-    """Update one param group in one launch per (param, grad, state) dtype combination (a rule with ``stats``: one
+    """Update one param group in one launch per (param, grad, state, scalar state) dtype combination (a rule with ``stats``: one
     persistent launch, or two where the device refuses it; ``who`` names the optimizer in a grid barrier's report).
 
     ``columns``: one list per element-wise state (``columns[k][i]``: state k of tensor i); ``scalars``: one list per
-    per-tensor 0-d float32 scalar state. Tensors are read by address and size only: each tensor and its states must
-    be dense in one storage order (the caller checks). ``masters[i]``: an fp32 master copy of a bf16/fp16 param (the
-    math updates it, the param gets its rounding), or None. ``stochastic_rounding``: bf16 params are stored with
-    stochastic rounding, random bits drawn from ``seed`` (vary it every step).
+    per-tensor 0-d scalar state (float32, or float64: see SCALAR_F64). Tensors are read by address and size only:
+    each tensor and its states must be dense in one storage order (the caller checks). ``masters[i]``: an fp32 master
+    copy of a bf16/fp16 param (the math updates it, the param gets its rounding), or None. ``stochastic_rounding``:
+    bf16 params are stored with stochastic rounding, random bits drawn from ``seed`` (vary it every step).
     """
     has_master = masters is not None and any(m is not None for m in masters)
     # every address and size the tables hold but the grads': any change (a loaded state, a replaced param's .data)
@@ -380,27 +406,30 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
     plan = cache.plan
     if plan is None or plan[0] != key:
         keys = list(zip(map(dtype_of, params), map(dtype_of, grads), map(dtype_of, columns[0] if columns else params),
-                        [m is not None for m in masters] if has_master else repeat(False)))
+                        [m is not None for m in masters] if has_master else repeat(False),
+                        zip(*(map(dtype_of, col) for col in scalars)) if scalars else repeat(())))
         plan = cache.plan = (key, buckets(keys))
-    for (*dts, master), idx in plan[1].items():
+    for (*dts, master, sdts), idx in plan[1].items():
         dts = tuple(dts)
         ps, gs, *cols = pick(idx, params, grads, *columns, *scalars)
         cols, scs = cols[:len(columns)], cols[len(columns):]
         if master:  # the master copy rides in the table as one more element-wise slot, after the states
             cols = [*cols, [masters[i] for i in idx]]
-        tab = cache.lookup((dts, master), key, gs, lambda: _build_tables(key, ps, gs, cols, scs, ps[0].device))
+        tab = cache.lookup((dts, master, sdts), key, gs, lambda: _build_tables(key, ps, gs, cols, scs, ps[0].device))
         sr = stochastic_rounding and dts[0] == torch.bfloat16
-        _launch(rule, tab, dts, len(cols) - master, len(scs), lr_tensor, grad_scale, found_inf, master, sr, seed, who)
+        _launch(rule, tab, dts, len(cols) - master, len(scs), lr_tensor, grad_scale, found_inf, master, sr, seed, who,
+                scalar_f64_flags(scs))
 
 
 def constexprs(rule: Rule, dts, ns: int, nt: int, *, lr_tensor: bool, has_scale: bool, has_inf: bool,
-               aligned: bool, master: bool = False, sr: bool = False, passes=(P_APPLY,)) -> dict:
+               aligned: bool, master: bool = False, sr: bool = False, passes=(P_APPLY,), scalar_f64: int = 0) -> dict:
     """The kernel's compile-time arguments for one launch running ``passes`` (one of rule.launches(), or one pass
-    of it): the launcher and the AOT inventory both use this."""
+    of it): the launcher and the AOT inventory both use this. ``scalar_f64``: the SCALAR_F64 bits of the float64
+    scalar slots."""
     has_stats = rule.stats is not None
     assert ns <= MAX_STATES and nt + has_stats <= MAX_SCALARS
     return dict(UPDATE=rule.update, SCALARS=rule.scalars or _no_scalars, STATS=rule.stats or _no_stats,
-                FLAGS=rule.flags, NS=ns, NT=nt,
+                FLAGS=rule.flags | scalar_f64, NS=ns, NT=nt,
                 P_DT=runtime.tl_dtype(dts[0]), G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]),
                 LR_TENSOR=lr_tensor, HAS_SCALE=has_scale, HAS_INF=has_inf, HAS_STATS=has_stats,
                 PASSES=sum(1 << p for p in passes), ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS, PB=_PB,
@@ -408,7 +437,7 @@ def constexprs(rule: Rule, dts, ns: int, nt: int, *, lr_tensor: bool, has_scale:
 
 
 def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=False, sr=False, seed=0,
-            who="fused_optim"):
+            who="fused_optim", scalar_f64=0):
     hypers = rule.hyper_values()
     if tab.hkey != hypers:  # uploads only when a hyper-parameter changed (e.g. an LR schedule step)
         tab.hp.copy_(torch.tensor(hypers, dtype=torch.float64), non_blocking=True)
@@ -430,7 +459,8 @@ def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=Fal
 
     def constexprs_of(passes):
         return constexprs(rule, dts, ns, nt, lr_tensor=lr_tensor is not None, has_scale=grad_scale is not None,
-                          has_inf=found_inf is not None, aligned=tab.aligned, master=master, sr=sr, passes=passes)
+                          has_inf=found_inf is not None, aligned=tab.aligned, master=master, sr=sr, passes=passes,
+                          scalar_f64=scalar_f64)
 
     for passes in rule.launches():
         if len(passes) == 1:

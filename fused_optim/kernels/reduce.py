@@ -1,12 +1,14 @@
 """Per-tensor sums of squares of grads, on the device, and the global grad-norm clipping built on them.
 
 ``sumsq`` is what NovoGrad's per-layer second moments and every optimizer's ``max_grad_norm`` need: sum(g^2) of
-each (unscaled) grad, into a cached fp32 buffer whose address stays fixed (a multi-tensor apply's tables point at
-it). Two implementations of the same contract:
+each (unscaled) grad, into a cached buffer whose address stays fixed (a multi-tensor apply's tables point at it):
+fp32, or fp64 when a grad is fp64 (fp64 grads are summed in fp64, like torch's sum). Two implementations of the same
+contract:
 
 * ``csrc``   the C++/CUDA multi-tensor engine (fused_optim/csrc.py): one launch for all tensors and dtypes; its
              host build serves CPU tensors (so CI runs this path), its CUDA build CUDA tensors;
-* ``triton`` a Triton pass over the shared work table (one launch per grad dtype), where csrc is not built.
+* ``triton`` a Triton pass over the shared work table (one launch per grad dtype), where csrc is not built, and
+             for every list with an fp64 grad (the engine reads fp32, bf16 and fp16 only).
 
 ``BACKEND`` ("auto": csrc where its module for the device is built, else triton; or "csrc" / "triton") picks one;
 the environment variable FUSED_OPTIM_REDUCTIONS sets its initial value.
@@ -36,7 +38,7 @@ if runtime.available():
     import triton.language as tl
 
     # a kernel may call only jit functions it finds among its module's globals
-    from .access import amp_skip, chunk_ptr, grad_inv_scale, load, over_chunk
+    from .access import amp_skip, chunk_ptr, grad_inv_scale, load, over_chunk, to_compute
     from .sync import arrive, sum_partials
 
     @triton.jit
@@ -57,7 +59,7 @@ if runtime.available():
             n = tl.load(numels + t)
             g_ptr = chunk_ptr(ptrs + t.to(tl.int64), 0, G_DT, ALIGNED)
             inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
-            acc = over_chunk(_sumsq_block, tl.zeros([BLOCK], tl.float32), chunk * (BLOCK * ITERS), n,
+            acc = over_chunk(_sumsq_block, to_compute(tl.zeros([BLOCK], tl.float32), g_ptr), chunk * (BLOCK * ITERS), n,
                              (g_ptr, inv_scale), BLOCK, ITERS)
             tl.store(partials + pid, tl.sum(acc, axis=0))
             nwork = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
@@ -66,10 +68,11 @@ if runtime.available():
                 tl.store(counters + t, 0)
 
     @triton.jit
-    def _clip_scale_kernel(sq, n, scale_ptr, out, max_norm, HAS_SCALE: tl.constexpr, PB: tl.constexpr):
-        # one program: out[0] = the global norm, out[1] = grad_scale / clip coefficient (the effective scale)
+    def _clip_scale_kernel(sq, n, scale_ptr, out, HAS_SCALE: tl.constexpr, PB: tl.constexpr):
+        # one program: out[0] = the global norm, out[1] = grad_scale / clip coefficient (the effective scale), in
+        # the sums' dtype; out[2] holds max_norm (there, not a kernel argument, so fp64 sums get an fp64 max_norm)
         norm = tl.sqrt(sum_partials(sq, n, PB))
-        coef = tl.minimum(max_norm / (norm + 1e-6), 1.0)  # CLIP_EPS
+        coef = tl.minimum(tl.load(out + 2) / (norm + 1e-6), 1.0)  # CLIP_EPS
         scale = 1.0
         if HAS_SCALE:
             scale = tl.load(scale_ptr)
@@ -83,7 +86,7 @@ class _SumsqTables(Tables):
     work: torch.Tensor = None      # int32 [W, 2] (tensor, chunk)
     first: torch.Tensor = None     # int32 [T]: index of each tensor's first work item (its partials start there)
     dst: torch.Tensor = None       # int32 [T]: where each tensor's sum goes in the output buffer
-    partials: torch.Tensor = None  # fp32 [W]
+    partials: torch.Tensor = None  # [W], in the grads' compute dtype (fp64 for fp64 grads, else fp32)
     counters: torch.Tensor = None
 
 
@@ -96,8 +99,12 @@ def _build_sumsq_tables(key, gs, idx) -> _SumsqTables:
                         work=to_device(work, torch.int32, dev),
                         first=to_device([0, *itertools.accumulate(chunks[:-1])], torch.int32, dev),
                         dst=to_device(list(idx), torch.int32, dev),
-                        partials=torch.zeros(len(work), dtype=torch.float32, device=dev),
+                        partials=torch.zeros(len(work), dtype=_acc_dtype(gs), device=dev),
                         counters=torch.zeros(len(gs), dtype=torch.int32, device=dev))
+
+
+def _acc_dtype(grads) -> torch.dtype:
+    return torch.float64 if torch.float64 in set(map(dtype_of, grads)) else torch.float32
 
 
 def use_csrc(device: torch.device) -> bool:
@@ -113,15 +120,15 @@ def use_csrc(device: torch.device) -> bool:
 
 
 def sumsq(cache: dict, grads, grad_scale=None, found_inf=None) -> torch.Tensor:
-    """fp32 [T] device buffer: sum((g / grad_scale)^2) of every grad (contiguous, real dtype). The buffer is cached
-    in ``cache`` per list of sizes and dtypes, so its address is the same every step."""
+    """[T] device buffer: sum((g / grad_scale)^2) of every grad (contiguous, real dtype); fp32, fp64 if any grad is
+    fp64. The buffer is cached in ``cache`` per list of sizes and dtypes, so its address is the same every step."""
     dev = grads[0].device
     key = (tuple(map(numel, grads)), tuple(map(dtype_of, grads)), str(dev))
     out = cache.get(("out", key))
     if out is None:
         cache.clear()  # a new layout: drop the old buffers and tables
-        out = cache[("out", key)] = torch.zeros(len(grads), dtype=torch.float32, device=dev)
-    if use_csrc(dev):
+        out = cache[("out", key)] = torch.zeros(len(grads), dtype=_acc_dtype(grads), device=dev)
+    if out.dtype == torch.float32 and use_csrc(dev):
         from .. import csrc
 
         buf = cache.get(("csrc", key))
@@ -152,29 +159,36 @@ def _sumsq_constexprs(g_dtype, has_scale, has_inf, aligned) -> dict:
 
 
 def clip_scale(cache: dict, grads, max_norm: float, grad_scale=None) -> torch.Tensor:
-    """fp32 [2] device tensor: (global L2 norm of the unscaled grads, effective grad scale). Passing ``out[1:]`` as
-    the kernels' grad_scale multiplies every grad by clip_grad_norm_'s min(1, max_norm / (norm + 1e-6)) / scale."""
+    """[2] device tensor: (global L2 norm of the unscaled grads, effective grad scale), fp32, fp64 if any grad is
+    fp64 (as clip_grad_norm_'s norm and coefficient). Passing ``out[1:]`` as the kernels' grad_scale multiplies every
+    grad by clip_grad_norm_'s min(1, max_norm / (norm + 1e-6)) / scale."""
     sq = sumsq(cache.setdefault("sumsq", {}), grads, grad_scale)
-    out = cache.get("out")
-    if out is None or out.device != sq.device:
-        out = cache["out"] = torch.zeros(2, dtype=torch.float32, device=sq.device)
+    key = (sq.device, sq.dtype, float(max_norm))
+    if cache.get("out_key") != key:  # max_norm rides in out[2], uploaded once
+        cache["out"] = torch.tensor([0.0, 0.0, float(max_norm)], dtype=sq.dtype).to(sq.device)
+        cache["out_key"] = key
+    out = cache["out"]
     runtime.launch(_clip_scale_kernel, 1, sq, sq.numel(), grad_scale if grad_scale is not None else out, out,
-                   float(max_norm), HAS_SCALE=grad_scale is not None, PB=_PB)
-    return out
+                   HAS_SCALE=grad_scale is not None, PB=_PB)
+    return out[:2]
 
 
 def aot_kernels():
     """The reduction passes, for tools/aot.py."""
-    sig = {"ptrs": "*i64", "numels": "*i64", "work": "*i32", "first": "*i32", "dst": "*i32", "counters": "*i32",
-           "partials": "*fp32", "out": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32"}
-    sig.update({k: "constexpr" for k in _sumsq_constexprs(torch.float32, False, False, True)})
+    def sig(acc):  # fp64 grads: fp64 partials and sums
+        s = {"ptrs": "*i64", "numels": "*i64", "work": "*i32", "first": "*i32", "dst": "*i32", "counters": "*i32",
+             "partials": acc, "out": acc, "scale_ptr": "*fp32", "inf_ptr": "*fp32"}
+        return {**s, **{k: "constexpr" for k in _sumsq_constexprs(torch.float32, False, False, True)}}
+
     out = [dict(name=f"sumsq {str(dt).replace('torch.', '')}{'' if al else ' unaligned'}{' amp' if amp else ''}",
-                fn=_sumsq_kernel, signature=sig, constexprs=_sumsq_constexprs(dt, amp, amp, al),
-                options=runtime.compile_options())
+                fn=_sumsq_kernel, signature=sig("*fp64" if dt == torch.float64 else "*fp32"),
+                constexprs=_sumsq_constexprs(dt, amp, amp, al), options=runtime.compile_options())
            for dt, al, amp in ((torch.float32, True, False), (torch.float32, False, False),
-                               (torch.bfloat16, True, False), (torch.float16, True, True))]
-    csig = {"sq": "*fp32", "n": "i32", "scale_ptr": "*fp32", "out": "*fp32", "max_norm": "fp32",
-            "HAS_SCALE": "constexpr", "PB": "constexpr"}
-    out += [dict(name=f"clip scale{' amp' if amp else ''}", fn=_clip_scale_kernel, signature=csig,
-                 constexprs=dict(HAS_SCALE=amp, PB=_PB), options=runtime.compile_options()) for amp in (False, True)]
+                               (torch.bfloat16, True, False), (torch.float16, True, True), (torch.float64, True, False),
+                               (torch.float64, True, True))]
+    out += [dict(name=f"clip scale{' amp' if amp else ''}{' float64' if acc == '*fp64' else ''}",
+                 fn=_clip_scale_kernel, constexprs=dict(HAS_SCALE=amp, PB=_PB), options=runtime.compile_options(),
+                 signature={"sq": acc, "n": "i32", "scale_ptr": "*fp32", "out": acc, "HAS_SCALE": "constexpr",
+                            "PB": "constexpr"})
+            for amp in (False, True) for acc in ("*fp32", "*fp64")]
     return out

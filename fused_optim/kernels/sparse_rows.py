@@ -14,7 +14,7 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .access import chunk_ptr, grad_inv_scale, load, load_unscaled_grad, store
+    from .access import chunk_ptr, grad_inv_scale, load, load_unscaled_grad, store, to_compute
 
     # a tensor's table row (int64): addresses, sizes, and the step size as float64 bits
     R_PARAM, R_EXP_AVG, R_EXP_AVG_SQ, R_VALUES, R_ROWS, R_NUMEL, R_ROW_LEN, R_STEP_SIZE, R_WIDTH = fields(
@@ -36,7 +36,7 @@ if runtime.available():
         idx_ptr = tl.load(row + R_ROWS).to(tl.pointer_type(tl.int64))
         n = tl.load(row + R_NUMEL)
         cols = tl.load(row + R_ROW_LEN)
-        step_size = tl.load(row + R_STEP_SIZE).to(tl.float64, bitcast=True).to(tl.float32)
+        step_size = to_compute(tl.load(row + R_STEP_SIZE).to(tl.float64, bitcast=True), p_ptr)  # fp64 params: fp64
         # fp64 hyper-parameters (lr, beta1, beta2, eps) come from memory: the interpreter would round float
         # arguments to fp32 first
         lr = tl.load(hypers)
@@ -44,7 +44,7 @@ if runtime.available():
         h2 = tl.load(hypers + 2)
         h3 = tl.load(hypers + 3)
         inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
-        zero = tl.zeros([BLOCK], dtype=tl.float32)
+        zero = to_compute(tl.zeros([BLOCK], dtype=tl.float32), p_ptr)
         lanes = tl.arange(0, BLOCK)
         for i in range(ITERS):
             e = chunk * (BLOCK * ITERS) + i * BLOCK + lanes  # index into the coalesced values

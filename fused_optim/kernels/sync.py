@@ -28,9 +28,9 @@ if runtime.available():
 
     @triton.jit
     def sum_partials(ptr, n, PB: tl.constexpr):
-        """fp32 sum of the n values at ptr, PB lanes at a time, in a fixed order. Loads bypass L1 (.cg): the values
-        were written by other programs of this launch."""
-        acc = tl.zeros([PB], tl.float32)
+        """Sum of the n values at ptr (fp32, or fp64 for fp64 partials), PB lanes at a time, in a fixed order. Loads
+        bypass L1 (.cg): the values were written by other programs of this launch."""
+        acc = tl.zeros([PB], ptr.dtype.element_ty)
         for start in range(0, n, PB):
             offs = start + tl.arange(0, PB)
             acc += tl.load(ptr + offs, mask=offs < n, other=0.0, cache_modifier=".cg")

@@ -14,19 +14,20 @@ if runtime.available():
     import triton
     import triton.language as tl
 
+    from ..kernels.access import div_rn, sqrt_rn  # IEEE-rounded in either compute dtype
     from .common import count_step, effective_grad
 
     @triton.jit
     def _adadelta_update(p, g, sq, acc, s2, s3, c0, c1, c2, c3, lr, rho, one_minus_rho, eps, wd, h5, h6, h7,
                          FLAGS: tl.constexpr):
         g = effective_grad(p, g, wd, FLAGS)
-        r = rho.to(tl.float32)
-        w = one_minus_rho.to(tl.float32)
-        e = eps.to(tl.float32)
+        r = rho.to(p.dtype)
+        w = one_minus_rho.to(p.dtype)
+        e = eps.to(p.dtype)
         sq = tl.fma(w * g, g, sq * r)
-        delta = tl.div_rn(tl.sqrt_rn(acc + e), tl.sqrt_rn(sq + e)) * g
+        delta = div_rn(sqrt_rn(acc + e), sqrt_rn(sq + e)) * g
         acc = tl.fma(w * delta, delta, acc * r)
-        p = tl.fma(-lr.to(tl.float32), delta, p)
+        p = tl.fma(-lr.to(p.dtype), delta, p)
         return p, sq, acc, s2, s3
 
 

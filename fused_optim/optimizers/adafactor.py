@@ -102,7 +102,7 @@ class Adafactor(FusedOptimizer):
 
     Fused path: 2 launches per param group, step and dtype (the row/column statistics on the C++/CUDA engine, or
     in Triton where it is not built; then one persistent launch: fold, update RMS, apply), 1 for a group without
-    factored params; the same with caution.
+    factored params; the same with caution. float64 params take the reference path (the kernels compute in fp32).
 
     State: step (a Python int; a float32 0-d device tensor once the fused path has run), RMS (0-d), exp_avg with
     betas, exp_avg_sq_row / exp_avg_sq_col for factored params or exp_avg_sq, in fp32 for fp16/bf16 params."""
@@ -111,6 +111,7 @@ class Adafactor(FusedOptimizer):
     scalar_keys = ("step", "RMS")
     elementwise = False  # row/column means and update RMS over whole tensors
     precision_in_kernel = False  # its own kernels: master_weights / stochastic_rounding use the reference path
+    float64_in_kernel = False  # its kernels' statistics and coefficients are fp32: float64 params use the reference
     kernel_variants = ()  # no shared-kernel rule: tools/aot.py takes the dedicated kernel from aot_kernels()
 
     def __init__(self, params, lr=None, eps=1e-30, eps_scale=1e-3, clip_threshold=1.0, decay_rate=-0.8, betas=None,
@@ -170,7 +171,7 @@ class Adafactor(FusedOptimizer):
         adafactor_reference(group, params, grads, states)
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
-        scalars_on_device(states, self.scalar_keys, params[0].device)
+        scalars_on_device(states, self.scalar_keys, params[0].device, keep_f64=False)  # its kernels read fp32
         self._require_contiguous(params, grads)
         last_lr = af.step(_kernel_spec(group), self._kernel_caches, id(group), params, grads, states, grad_scale,
                           found_inf)

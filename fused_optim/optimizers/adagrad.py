@@ -14,6 +14,7 @@ if runtime.available():
     import triton
     import triton.language as tl
 
+    from ..kernels.access import div_rn, sqrt_rn  # IEEE-rounded in either compute dtype
     from .common import effective_grad
 
     @triton.jit
@@ -26,7 +27,7 @@ if runtime.available():
                         FLAGS: tl.constexpr):
         g = effective_grad(p, g, wd, FLAGS)
         acc = tl.fma(g, g, acc)
-        p = p + tl.div_rn(neg_clr * g, tl.sqrt_rn(acc) + eps.to(tl.float32))
+        p = p + div_rn(neg_clr * g, sqrt_rn(acc) + eps.to(p.dtype))
         return p, acc, s1, s2, s3
 
 

@@ -35,15 +35,15 @@ if runtime.available():
     def _adahessian_update(p, g, m, v, hess, s3, neg_step, bc2_sqrt, decay, c3, lr, beta1, beta2, eps, wd, power,
                            h6, h7, FLAGS: tl.constexpr):
         p = p * decay  # decoupled weight decay first, as in timm (a multiply by 1 when weight_decay == 0)
-        m = m * beta1.to(tl.float32) + (1.0 - beta1).to(tl.float32) * g
-        v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * hess * hess
+        m = m * beta1.to(p.dtype) + (1.0 - beta1).to(p.dtype) * g
+        v = v * beta2.to(p.dtype) + (1.0 - beta2).to(p.dtype) * hess * hess
         # (v / bc2) ** (power / 2) = (sqrt(v) / sqrt(bc2)) ** power; 0 ** 0 is 1 like torch.pow
         x = tl.sqrt(v) / bc2_sqrt
-        k = power.to(tl.float32)
+        k = power.to(p.dtype)
         x_pow = tl.where(x > 0.0, tl.exp2(k * tl.log2(tl.where(x > 0.0, x, 1.0))), tl.where(k == 0.0, 1.0, 0.0))
         if FLAGS & POWER_ONE:  # the default: skip the exp2/log2 round trip
             x_pow = x
-        p = p + neg_step * (m / (x_pow + eps.to(tl.float32)))
+        p = p + neg_step * (m / (x_pow + eps.to(p.dtype)))
         return p, m, v, hess, s3
 
 

@@ -25,9 +25,9 @@ if runtime.available():
         m, v = adam_moments(g, m, v, beta1, beta2)
         if FLAGS & AMSGRAD:
             vmax = tl.maximum(vmax, v)
-            denom = tl.sqrt(vmax) / bc2_sqrt + eps.to(tl.float32)
+            denom = tl.sqrt(vmax) / bc2_sqrt + eps.to(p.dtype)
         else:
-            denom = tl.sqrt(v) / bc2_sqrt + eps.to(tl.float32)
+            denom = tl.sqrt(v) / bc2_sqrt + eps.to(p.dtype)
         p = p + step_size * (m / denom)
         return p, m, v, vmax, s3
 

@@ -21,8 +21,8 @@ if runtime.available():
     def _adamax_update(p, g, m, u, s2, s3, step_size, c1, c2, c3, lr, beta1, beta2, eps, wd, h5, h6, h7,
                        FLAGS: tl.constexpr):
         p, g = decayed_grad(p, g, 1.0, wd, FLAGS)
-        m = m + (1.0 - beta1).to(tl.float32) * (g - m)
-        u = tl.maximum(u * beta2.to(tl.float32), tl.abs(g) + eps.to(tl.float32))
+        m = m + (1.0 - beta1).to(p.dtype) * (g - m)
+        u = tl.maximum(u * beta2.to(p.dtype), tl.abs(g) + eps.to(p.dtype))
         p = p + step_size * (m / u)
         return p, m, u, s2, s3
 

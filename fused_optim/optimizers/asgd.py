@@ -23,8 +23,11 @@ if runtime.available():
     def _asgd_scalars(step, eta, mu, t3, lr, lambd, alpha, t0, wd, h5, h6, h7, FLAGS: tl.constexpr):
         # this step uses the eta and mu left by the previous one; the new ones depend on the new step
         step = step + 1.0
-        new_eta = lr / tl.exp2(alpha * tl.log2(1.0 + lambd * lr * step))
-        new_mu = 1.0 / tl.maximum(step - t0, 1.0)
+        # torch makes the new values as float32 tensors (the default dtype), whatever the states' dtype: round so,
+        # also into float64 slots (after a checkpoint load into float64 params). Not matched: a float64 Tensor lr
+        # with float64 states, where torch keeps the float64 values (rel 6e-8 apart)
+        new_eta = (lr / tl.exp2(alpha * tl.log2(1.0 + lambd * lr * step))).to(tl.float32).to(tl.float64)
+        new_mu = (1.0 / tl.maximum(step - t0, 1.0)).to(tl.float32).to(tl.float64)
         return step, new_eta, new_mu, t3, eta, 1.0 - lambd * eta, mu, 0.0
 
     @triton.jit

@@ -22,7 +22,8 @@ if runtime.available():
 
     # Element math mirrors torch's op by op, with tl.fma exactly where torch's element-wise kernels fuse
     # (add with alpha, addcmul, lerp; not addcdiv, whose division comes last). Division and sqrt are the IEEE-rounded
-    # ones (div_rn, sqrt_rn) like torch's, not the GPU's faster approximations.
+    # ones (kernels/access.py's div_rn, sqrt_rn) like torch's, not the GPU's faster approximations. The math runs in
+    # the compute dtype of the loaded values (float64 for float64 params): scalars are cast with x.to(p.dtype).
     MAXIMIZE, WD, DECOUPLED = mt.flag_bits(GRAD_BITS)
 
     @triton.jit
@@ -37,7 +38,7 @@ if runtime.available():
         if FLAGS & MAXIMIZE:
             g = -g
         if FLAGS & WD:
-            g = tl.fma(wd.to(tl.float32), p, g)
+            g = tl.fma(wd.to(p.dtype), p, g)
         return g
 
     @triton.jit
@@ -50,7 +51,7 @@ if runtime.available():
             if FLAGS & DECOUPLED:
                 p = p * decay
             else:
-                g = g + wd.to(tl.float32) * p
+                g = g + wd.to(p.dtype) * p
         return p, g
 
     @triton.jit
@@ -68,8 +69,8 @@ if runtime.available():
     @triton.jit
     def adam_moments(g, m, v, beta1, beta2):
         """First moment (lerp towards g) and second moment (EMA of g*g)."""
-        m = m + (1.0 - beta1).to(tl.float32) * (g - m)
-        v = v * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * g * g
+        m = m + (1.0 - beta1).to(g.dtype) * (g - m)
+        v = v * beta2.to(g.dtype) + (1.0 - beta2).to(g.dtype) * g * g
         return m, v
 
     @triton.jit

@@ -20,6 +20,7 @@ if runtime.available():
     from .common import DECOUPLED, MAXIMIZE, WD, adam_moments, decayed_grad
 
     LOG2_096 = tl.constexpr(math.log2(0.96))
+    MU_PRODUCT_F64 = mt.SCALAR_F64[1]  # scalar slot 1 (mu_product) is float64
 
     @triton.jit
     def _momentum(beta1, step, momentum_decay):
@@ -32,8 +33,10 @@ if runtime.available():
         step = step + 1.0
         mu = _momentum(beta1, step, momentum_decay)
         mu_next = _momentum(beta1, step + 1.0, momentum_decay)
-        # mu_product is a float32 state that torch multiplies in float32: round the same way
-        mu_product = (mu_product.to(tl.float32) * mu.to(tl.float32)).to(tl.float64)
+        if FLAGS & MU_PRODUCT_F64:  # float64 after a checkpoint load into float64 params: torch multiplies in float64
+            mu_product = mu_product * mu
+        else:  # a float32 state that torch multiplies in float32: round the same way
+            mu_product = (mu_product.to(tl.float32) * mu.to(tl.float32)).to(tl.float64)
         grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product)
         avg_coef = -lr * mu_next / (1.0 - mu_product * mu_next)
         bc2 = 1.0 - tl.exp2(step * tl.log2(beta2))
@@ -44,7 +47,7 @@ if runtime.available():
                       FLAGS: tl.constexpr):
         p, g = decayed_grad(p, g, decay, wd, FLAGS)
         m, v = adam_moments(g, m, v, beta1, beta2)
-        denom = tl.sqrt(v / bc2) + eps.to(tl.float32)
+        denom = tl.sqrt(v / bc2) + eps.to(p.dtype)
         p = p + grad_coef * (g / denom)
         p = p + avg_coef * (m / denom)
         return p, m, v, s2, s3

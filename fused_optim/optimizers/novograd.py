@@ -31,20 +31,33 @@ if runtime.available():
     import triton.language as tl
 
     AMSGRAD, WD, DECOUPLED, CORRECTED, GRAD_AVG, FIRST_IF_ZERO = mt.flag_bits(6)
+    MOMENT_F64 = mt.SCALAR_F64[1]  # the 0-d moments (slots 1 and 3) are float64
+
+    @triton.jit
+    def _in_state(x, F64: tl.constexpr):
+        """x as torch's op on a 0-d moment leaves it: rounded to float32 unless the moment is float64. Exact
+        emulation: x is the fp64 result of an op on float32 values (double rounding is innocuous for + * sqrt)."""
+        if F64:
+            return x
+        else:
+            return x.to(tl.float32).to(tl.float64)
 
     @triton.jit
     def _novograd_scalars(step, v, norm, vmax, lr, beta1, beta2, eps, wd, max_lr, h6, h7, FLAGS: tl.constexpr):
-        # a layer's first step takes ||g||^2 as is (NvNovoGrad: whenever the moment is still 0, as timm does)
+        # a layer's first step takes ||g||^2 as is (NvNovoGrad: whenever the moment is still 0, as timm does). Op by
+        # op in the moments' dtype, as the reference: v * beta2 (beta2 in that dtype), + (1 - beta2) * ||g||^2
+        # (computed in the wider of the two), sqrt, + eps
+        F64: tl.constexpr = FLAGS & MOMENT_F64
         if FLAGS & FIRST_IF_ZERO:
             first = v == 0.0
         else:
             first = step == 0.0
-        v = tl.where(first, norm, beta2 * v + (1.0 - beta2) * norm)
+        v = _in_state(tl.where(first, norm, _in_state(v * _in_state(beta2, F64), F64) + (1.0 - beta2) * norm), F64)
         if FLAGS & AMSGRAD:
             vmax = tl.maximum(vmax, v)
-            denom = tl.sqrt(vmax) + eps
+            denom = _in_state(_in_state(tl.sqrt(vmax), F64) + _in_state(eps, F64), F64)
         else:
-            denom = tl.sqrt(v) + eps
+            denom = _in_state(_in_state(tl.sqrt(v), F64) + _in_state(eps, F64), F64)
         decay = 1.0
         if FLAGS & CORRECTED:
             decay = 1.0 - wd * (lr * lr / max_lr)
@@ -60,11 +73,11 @@ if runtime.available():
             if FLAGS & DECOUPLED:
                 p = p * decay
             else:
-                u = u + wd.to(tl.float32) * p
+                u = u + wd.to(p.dtype) * p
         if FLAGS & GRAD_AVG:
-            u = u * (1.0 - beta1).to(tl.float32)
-        m = m * beta1.to(tl.float32) + u
-        p = p - lr.to(tl.float32) * m
+            u = u * (1.0 - beta1).to(p.dtype)
+        m = m * beta1.to(p.dtype) + u
+        p = p - lr.to(p.dtype) * m
         return p, m, s1, s2, s3
 
 

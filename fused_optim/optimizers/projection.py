@@ -124,19 +124,19 @@ if runtime.available():
 
     @triton.jit
     def _sgdp_direction(g, buf, s1, bc2_sqrt, eps, momentum, dampening, NESTEROV: tl.constexpr):
-        buf = buf * momentum.to(tl.float32) + (1.0 - dampening).to(tl.float32) * g
+        buf = buf * momentum.to(g.dtype) + (1.0 - dampening).to(g.dtype) * g
         d = buf
         if NESTEROV:
-            d = g + momentum.to(tl.float32) * buf
+            d = g + momentum.to(g.dtype) * buf
         return d, buf, s1
 
     @triton.jit
     def _adamp_direction(g, m, v, bc2_sqrt, eps, beta1, beta2, NESTEROV: tl.constexpr):
         m, v = adam_moments(g, m, v, beta1, beta2)
-        denom = tl.sqrt(v) / bc2_sqrt + eps.to(tl.float32)
+        denom = tl.sqrt(v) / bc2_sqrt + eps.to(g.dtype)
         num = m
         if NESTEROV:
-            num = beta1.to(tl.float32) * m + (1.0 - beta1).to(tl.float32) * g
+            num = beta1.to(g.dtype) * m + (1.0 - beta1).to(g.dtype) * g
         return num / denom, m, v
 
 
@@ -146,6 +146,7 @@ class _Projected(FusedOptimizer):
     supports_complex = False
     elementwise = False  # per-row / per-tensor reductions: FSDP2 shards are refused by the base class
     precision_in_kernel = False  # master_weights / stochastic_rounding run on the reference path
+    float64_in_kernel = False  # the C++ engine's row statistics are fp32: float64 params use the reference path
     kernel_variants = ()  # no generic-kernel rule: kernels/projection.py lists this kernel's AOT entries
 
     @classmethod
@@ -164,7 +165,7 @@ class _Projected(FusedOptimizer):
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
         spec = self.projection_spec(group)
         if spec.adam:
-            scalars_on_device(states, ("step",), params[0].device)
+            scalars_on_device(states, ("step",), params[0].device, keep_f64=False)  # its kernels read fp32
         self._require_contiguous(params, grads)  # (no DTensor or complex params here: refused before)
         kp.step(spec, self._kernel_caches.setdefault(id(group), TableCache()), params, grads,
                 [[st[k] for k in spec.state_keys] for st in states],
@@ -184,7 +185,7 @@ class SGDP(_Projected):
     number of tensors: the per-row projection statistics and decision (C++/CUDA engine, or Triton where it is not
     built; none when no tensor has 2+ dims), then the apply (with caution, the cautious statistics and the apply
     as phases of one persistent launch). timm decides on the host, a sync per tensor; this step never syncs.
-    DTensor (FSDP2) params are refused."""
+    DTensor (FSDP2) params are refused; float64 params take the reference path (the statistics are fp32)."""
 
     scalar_keys = ()
 
@@ -229,7 +230,7 @@ class AdamP(_Projected):
     number of tensors: the per-row projection statistics and decision (C++/CUDA engine, or Triton where it is not
     built; none when no tensor has 2+ dims), then the apply (with caution, the cautious statistics and the apply
     as phases of one persistent launch). timm decides on the host, a sync per tensor; this step never syncs.
-    DTensor (FSDP2) params are refused."""
+    DTensor (FSDP2) params are refused; float64 params take the reference path (the statistics are fp32)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, delta=0.1, wd_ratio=0.1,
                  nesterov=False, caution=False, *, fused=None):

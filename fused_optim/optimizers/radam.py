@@ -38,7 +38,7 @@ if runtime.available():
                       h7, FLAGS: tl.constexpr):
         p, g = decayed_grad(p, g, decay, wd, FLAGS)
         m, v = adam_moments(g, m, v, beta1, beta2)
-        adaptive = tl.where(rectified != 0.0, bc2_sqrt / (tl.sqrt(v) + eps.to(tl.float32)), 1.0)
+        adaptive = tl.where(rectified != 0.0, bc2_sqrt / (tl.sqrt(v) + eps.to(p.dtype)), 1.0)
         p = p - step_size * m * adaptive
         return p, m, v, s2, s3
 

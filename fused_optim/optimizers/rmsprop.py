@@ -14,6 +14,7 @@ if runtime.available():
     import triton
     import triton.language as tl
 
+    from ..kernels.access import div_rn, sqrt_rn  # IEEE-rounded in either compute dtype
     from .common import count_step, effective_grad
 
     CENTERED, MOMENTUM = mt.flag_bits(2, first=GRAD_BITS)
@@ -23,25 +24,25 @@ if runtime.available():
                         h7, FLAGS: tl.constexpr):
         # states: square_avg, then grad_avg if centered, then momentum_buffer if momentum
         g = effective_grad(p, g, wd, FLAGS)
-        w = one_minus_alpha.to(tl.float32)
-        neg_lr = -lr.to(tl.float32)
-        sq = tl.fma(w * g, g, sq * alpha.to(tl.float32))
+        w = one_minus_alpha.to(p.dtype)
+        neg_lr = -lr.to(p.dtype)
+        sq = tl.fma(w * g, g, sq * alpha.to(p.dtype))
         if FLAGS & CENTERED:
             # torch's lerp: from the nearer end, so a weight >= 0.5 is exact too
             d = g - s1
             s1 = tl.where(one_minus_alpha < 0.5, tl.fma(w, d, s1), tl.fma(w - 1.0, d, g))
-            avg = tl.sqrt_rn(tl.fma(-s1, s1, sq)) + eps.to(tl.float32)
+            avg = sqrt_rn(tl.fma(-s1, s1, sq)) + eps.to(p.dtype)
         else:
-            avg = tl.sqrt_rn(sq) + eps.to(tl.float32)
+            avg = sqrt_rn(sq) + eps.to(p.dtype)
         if FLAGS & MOMENTUM:
             if FLAGS & CENTERED:
-                s2 = s2 * momentum.to(tl.float32) + tl.div_rn(g, avg)
+                s2 = s2 * momentum.to(p.dtype) + div_rn(g, avg)
                 p = tl.fma(neg_lr, s2, p)
             else:
-                s1 = s1 * momentum.to(tl.float32) + tl.div_rn(g, avg)
+                s1 = s1 * momentum.to(p.dtype) + div_rn(g, avg)
                 p = tl.fma(neg_lr, s1, p)
         else:
-            p = p + tl.div_rn(neg_lr * g, avg)
+            p = p + div_rn(neg_lr * g, avg)
         return p, sq, s1, s2, s3
 
 

@@ -24,8 +24,8 @@ if runtime.available():
         g = effective_grad(p, g, 0.0, FLAGS)
         prod = g * prev
         # same sign as last step: grow; sign change: shrink and skip this element's move; a zero: keep
-        factor = tl.where(prod > 0, etaplus.to(tl.float32), tl.where(prod < 0, etaminus.to(tl.float32), 1.0))
-        step_size = tl.minimum(tl.maximum(step_size * factor, size_min.to(tl.float32)), size_max.to(tl.float32))
+        factor = tl.where(prod > 0, etaplus.to(p.dtype), tl.where(prod < 0, etaminus.to(p.dtype), 1.0))
+        step_size = tl.minimum(tl.maximum(step_size * factor, size_min.to(p.dtype)), size_max.to(p.dtype))
         g = tl.where(prod < 0, 0.0, g)
         direction = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
         p = p - direction * step_size

@@ -29,12 +29,12 @@ if runtime.available():
             if FLAGS & FIRST:
                 buf = g  # torch starts the buffer at the first (decayed) grad, undamped
             else:
-                buf = buf * momentum.to(tl.float32) + (1.0 - dampening).to(tl.float32) * g
+                buf = buf * momentum.to(p.dtype) + (1.0 - dampening).to(p.dtype) * g
             if FLAGS & NESTEROV:
-                g = g + momentum.to(tl.float32) * buf
+                g = g + momentum.to(p.dtype) * buf
             else:
                 g = buf
-        p = p - lr.to(tl.float32) * g
+        p = p - lr.to(p.dtype) * g
         return p, buf, s1, s2, s3
 
 

@@ -31,9 +31,9 @@ if runtime.available():
         # torch's order: m += (1 - b1) (g - m); v += (1 - b2) (g^2 - v); p -= step_size * m / (sqrt(v) + eps)
         if FLAGS & MAXIMIZE:
             g = -g
-        m = m + (g - m) * (1.0 - beta1).to(tl.float32)
-        v = v + (g * g - v) * (1.0 - beta2).to(tl.float32)
-        p = p - step_size * (m / (tl.sqrt(v) + eps.to(tl.float32)))
+        m = m + (g - m) * (1.0 - beta1).to(p.dtype)
+        v = v + (g * g - v) * (1.0 - beta2).to(p.dtype)
+        p = p - step_size * (m / (tl.sqrt(v) + eps.to(p.dtype)))
         return p, m, v, s2, s3
 
 def _constexprs(rule, dts, has_scale: bool) -> dict:
@@ -42,10 +42,10 @@ def _constexprs(rule, dts, has_scale: bool) -> dict:
 
 
 def aot_kernels():
-    """The rows kernel's specializations for fused_optim.tools.aot: fp32 / bf16 / fp16, with and without maximize,
-    and with AMP unscaling (an absent grad_scale is passed as the int64 table, hence its pointer type)."""
+    """The rows kernel's specializations for fused_optim.tools.aot: fp32 / bf16 / fp16 / fp64, with and without
+    maximize, and with AMP unscaling (an absent grad_scale is passed as the int64 table, hence its pointer type)."""
     entries = []
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for maximize in (False, True):
             for amp in (False, True):
                 rule = mt.Rule(_sparse_adam_update, flags=mt.pack((MAXIMIZE, maximize)),

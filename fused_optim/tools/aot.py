@@ -9,7 +9,7 @@ The inventory (``inventory()``) is derived from the code, so it cannot fall behi
 
 For each entry and each target (sm_80, sm_90) it reports: compiled or the error, registers, local memory (spills),
 shared memory, and from the SASS (triton's bundled cuobjdump) the widest global load and store. ``--check`` exits
-non-zero if any entry fails to compile, spills, or (aligned fp32/bf16/fp16 element-wise entries) has no 128-bit
+non-zero if any entry fails to compile, spills, or (aligned element-wise entries) has no 128-bit
 global loads and stores on its full-chunk path. ``check_complete()`` verifies that every ``triton.jit`` function
 defined in the package is reachable from the inventory.
 """
@@ -107,13 +107,24 @@ def _lr_required(cls) -> bool:
 # (param, grad, state) dtypes, aligned, AMP args (True: grad_scale and found_inf; "clip": grad_scale only, which is
 # how max_grad_norm alone reaches the kernel). Every option variant is compiled for aligned fp32; the first
 # (defaults) and last (every option on) also for unaligned fp32, bf16, fp16 with AMP scaling, fp32 with clipping,
-# bf16 with an fp32 master copy (fp32 states), and bf16 with stochastic rounding.
+# bf16 with an fp32 master copy (fp32 states), bf16 with stochastic rounding, and fp64 (fp64 math), plain and with
+# clipping (an fp64 clip scale). Plain fp64 entries of rules with per-tensor scalars beyond ``step`` also come with
+# those scalars fp64 (a checkpoint loaded into fp64 params; NovoGrad's moments and norms).
 FP32 = ((torch.float32,) * 3, True, False, False, False)
 BF16 = torch.bfloat16
+FP64 = (torch.float64,) * 3
 DTYPE_VARIANTS = [FP32, ((torch.float32,) * 3, False, False, False, False), ((BF16,) * 3, True, False, False, False),
                   ((torch.float16,) * 3, True, True, False, False), ((torch.float32,) * 3, True, "clip", False, False),
                   ((BF16, BF16, torch.float32), True, False, True, False),
-                  ((BF16,) * 3, True, False, False, True)]
+                  ((BF16,) * 3, True, False, False, True),
+                  (FP64, True, False, False, False), (FP64, True, "clip", False, False)]
+
+
+def _scalar_f64_variants(dts, nt: int, amp) -> tuple:
+    """SCALAR_F64 bit sets to compile: none, and for plain fp64 params every scalar slot but ``step`` (slot 0) fp64."""
+    if dts[0] != torch.float64 or nt < 2 or amp:
+        return (0,)
+    return 0, sum(1 << (mt.SCALAR_F64_FIRST + k) for k in range(1, nt))
 
 
 def inventory() -> list[Entry]:
@@ -130,14 +141,19 @@ def inventory() -> list[Entry]:
                     DTYPE_VARIANTS if i in (0, len(rules) - 1) else [FP32], passes_of):
                 if (master or sr) and not cls.precision_in_kernel:
                     continue
-                cx = mt.constexprs(rule, dts, ns, nt, lr_tensor=False, has_scale=bool(amp), has_inf=amp is True,
-                                   aligned=aligned, master=master, sr=sr, passes=passes)
-                dname = str(dts[0]).replace("torch.", "")
-                pname = f" pass {'+'.join(map(str, passes))}" if rule.stats else ""
-                entries.append(Entry(f"{cls.__name__}[{label}]{pname} {dname}{'' if aligned else ' unaligned'}"
-                                     f"{' ' + str(amp).replace('True', 'amp') if amp else ''}{' master' if master else ''}{' sr' if sr else ''}",
-                                     mt.multi_tensor_apply_kernel, sig, cx,
-                                     runtime.compile_options(), vector_check=aligned and mt.P_APPLY in passes))
+                for f64 in _scalar_f64_variants(dts, nt, amp):
+                    cx = mt.constexprs(rule, dts, ns, nt, lr_tensor=False, has_scale=bool(amp), has_inf=amp is True,
+                                       aligned=aligned, master=master, sr=sr, passes=passes, scalar_f64=f64)
+                    dname = str(dts[0]).replace("torch.", "")
+                    pname = f" pass {'+'.join(map(str, passes))}" if rule.stats else ""
+                    # the clip scale of fp64 grads is fp64
+                    esig = {**sig, "scale_ptr": "*fp64"} if amp == "clip" and dts[0] == torch.float64 else sig
+                    entries.append(Entry(f"{cls.__name__}[{label}]{pname} {dname}{'' if aligned else ' unaligned'}"
+                                         f"{' ' + str(amp).replace('True', 'amp') if amp else ''}"
+                                         f"{' master' if master else ''}{' sr' if sr else ''}"
+                                         f"{' f64 scalars' if f64 else ''}",
+                                         mt.multi_tensor_apply_kernel, esig, cx,
+                                         runtime.compile_options(), vector_check=aligned and mt.P_APPLY in passes))
     # every kernel family module (kernels/*.py) and every optimizer module may list dedicated kernels
     kernel_modules = {importlib.import_module(f"fused_optim.kernels.{m.name}")
                       for m in pkgutil.iter_modules(fused_optim.kernels.__path__)}
