@@ -13,6 +13,9 @@ from .optimizers.adahessian import Adahessian
 from .optimizers.adam import Adam, AdamW
 from .optimizers.adamax import Adamax
 from .optimizers.asgd import ASGD
+
+from .optimizers.lamb import Lamb
+from .optimizers.lars import Lars
 from .optimizers.lbfgs import LBFGS
 from .optimizers.nadam import NAdam
 from .optimizers.novograd import NovoGrad, NvNovoGrad
@@ -26,6 +29,7 @@ from .optimizers.sparse_adam import SparseAdam
 __all__ = [
     "FusedOptimizer", "REGISTRY", "create_optimizer", "from_config", "optimizer_names",
     "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adahessian", "Adam", "AdamP", "AdamW", "Adamax", "LBFGS", "NAdam",
+    "Lamb", "Lars",
     "NovoGrad", "NvNovoGrad", "RAdam", "RMSprop", "Rprop", "SGD", "SGDP", "SparseAdam",
 ]
 __version__ = "0.1.0"

@@ -66,10 +66,10 @@ if runtime.available():
                 tl.store(counters + t, 0)
 
     @triton.jit
-    def _clip_scale_kernel(sq, n, scale_ptr, out, max_norm, HAS_SCALE: tl.constexpr, PB: tl.constexpr):
+    def _clip_scale_kernel(sq, n, scale_ptr, out, max_norm, eps, HAS_SCALE: tl.constexpr, PB: tl.constexpr):
         # one program: out[0] = the global norm, out[1] = grad_scale / clip coefficient (the effective scale)
         norm = tl.sqrt(sum_partials(sq, n, PB))
-        coef = tl.minimum(max_norm / (norm + 1e-6), 1.0)  # CLIP_EPS
+        coef = tl.minimum(max_norm / (norm + eps), 1.0)
         scale = 1.0
         if HAS_SCALE:
             scale = tl.load(scale_ptr)
@@ -151,15 +151,16 @@ def _sumsq_constexprs(g_dtype, has_scale, has_inf, aligned) -> dict:
                 BLOCK=runtime.BLOCK, ITERS=runtime.ITERS, PB=_PB)
 
 
-def clip_scale(cache: dict, grads, max_norm: float, grad_scale=None) -> torch.Tensor:
+def clip_scale(cache: dict, grads, max_norm: float, grad_scale=None, eps: float = CLIP_EPS) -> torch.Tensor:
     """fp32 [2] device tensor: (global L2 norm of the unscaled grads, effective grad scale). Passing ``out[1:]`` as
-    the kernels' grad_scale multiplies every grad by clip_grad_norm_'s min(1, max_norm / (norm + 1e-6)) / scale."""
+    the kernels' grad_scale multiplies every grad by clip_grad_norm_'s min(1, max_norm / (norm + eps)) / scale
+    (eps 0: timm's Lamb's 1 / max(norm / max_norm, 1))."""
     sq = sumsq(cache.setdefault("sumsq", {}), grads, grad_scale)
     out = cache.get("out")
     if out is None or out.device != sq.device:
         out = cache["out"] = torch.zeros(2, dtype=torch.float32, device=sq.device)
     runtime.launch(_clip_scale_kernel, 1, sq, sq.numel(), grad_scale if grad_scale is not None else out, out,
-                   float(max_norm), HAS_SCALE=grad_scale is not None, PB=_PB)
+                   float(max_norm), float(eps), HAS_SCALE=grad_scale is not None, PB=_PB)
     return out
 
 
@@ -173,7 +174,7 @@ def aot_kernels():
                 options=runtime.compile_options())
            for dt, al, amp in ((torch.float32, True, False), (torch.float32, False, False),
                                (torch.bfloat16, True, False), (torch.float16, True, True))]
-    csig = {"sq": "*fp32", "n": "i32", "scale_ptr": "*fp32", "out": "*fp32", "max_norm": "fp32",
+    csig = {"sq": "*fp32", "n": "i32", "scale_ptr": "*fp32", "out": "*fp32", "max_norm": "fp32", "eps": "fp32",
             "HAS_SCALE": "constexpr", "PB": "constexpr"}
     out += [dict(name=f"clip scale{' amp' if amp else ''}", fn=_clip_scale_kernel, signature=csig,
                  constexprs=dict(HAS_SCALE=amp, PB=_PB), options=runtime.compile_options()) for amp in (False, True)]
