@@ -38,9 +38,9 @@ if runtime.available():
     from .access import amp_skip, chunk_ptr, grad_inv_scale, load, over_chunk, store
     from .sync import arrive, run_phases, sum_partials
 
-    BIAS_CORRECTION, GRAD_AVG, DECOUPLED, CAUTION, ADAPT, TRUST_CLIP = mt.flag_bits(6)
+    # STATS_ON: pass 0 runs this step (adapt or caution), in this launch or the one before
+    BIAS_CORRECTION, GRAD_AVG, DECOUPLED, CAUTION, ADAPT, TRUST_CLIP, STATS_ON = mt.flag_bits(7)
     P_STATS = tl.constexpr(STATS)
-    (STATS_BIT,) = mt.flag_bits(1, first=STATS)  # PASSES' bit of pass 0
 
     @triton.jit
     def _direction(p, g, m, v, bc1, bc2_sqrt, hyps, FLAGS: tl.constexpr):
@@ -167,7 +167,7 @@ if runtime.available():
         else:
             a = (-lr).to(tl.float32)
             b = tl.cast(0.0, tl.float32)
-            if PASSES & STATS_BIT:  # written by pass 0, maybe by another program of this launch
+            if FLAGS & STATS_ON:  # written by pass 0, maybe by another program of this launch
                 a = tl.load(coefs + t * C_W + C_A, cache_modifier=".cg")
                 b = tl.load(coefs + t * C_W + C_B, cache_modifier=".cg")
             over_chunk(_apply_block, tl.cast(0, tl.int32), chunk * (BLOCK * ITERS), n,
@@ -220,7 +220,7 @@ class Spec:
     def flags(self) -> int:
         return mt.pack((BIAS_CORRECTION, self.bias_correction), (GRAD_AVG, self.grad_averaging),
                        (DECOUPLED, self.decay != 0), (CAUTION, self.caution), (ADAPT, self.adapt),
-                       (TRUST_CLIP, self.trust_clip))
+                       (TRUST_CLIP, self.trust_clip), (STATS_ON, self.adapt or self.caution))
 
     def passes(self) -> list:
         return [STATS, APPLY] if self.adapt or self.caution else [APPLY]

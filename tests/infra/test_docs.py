@@ -43,7 +43,7 @@ def _shared(cls):
 
 
 def test_every_public_optimizer_is_listed():
-    assert len(OPTIMIZERS) == 19
+    assert len(OPTIMIZERS) == 21
     assert set(OPTIMIZERS) == {cls.__name__ for cls in fused_optim.REGISTRY.values()}
 
 
@@ -59,15 +59,21 @@ def test_own_docstring_names_anchor_and_launches(name):
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
+def _options(cls):
+    """The shared options of cls (an anchor's own max_grad_norm, timm's Lamb's, is documented as the anchor's)."""
+    return {k: v for k, v in OPTIONS.items() if not (k == "max_grad_norm" and cls.anchor_max_grad_norm)}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_options_in_signature_and_help(name):
     cls = getattr(fused_optim, name)
     params = inspect.signature(cls).parameters
-    for key, default in OPTIONS.items():
+    for key, default in _options(cls).items():
         assert params[key].kind is inspect.Parameter.KEYWORD_ONLY and params[key].default == default
     text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
     signature = next(line for line in text.splitlines() if line.strip(" |").startswith(f"{name}(params"))
     shared = _shared(cls)
-    for key, default in OPTIONS.items():
+    for key, default in _options(cls).items():
         assert f"{key}={default!r}" in signature
         assert f"{key}={default!r}" in shared, f"{name}: {key} is not documented"
 
@@ -90,7 +96,9 @@ def test_shared_text_is_worded_for_the_class(name):
     cls = getattr(fused_optim, name)
     shared = _shared(cls)
     assert "TRITON_INTERPRET=1" in shared
-    if cls.supports_max_grad_norm:
+    if cls.anchor_max_grad_norm:
+        assert "max_grad_norm" not in shared
+    elif cls.supports_max_grad_norm:
         assert "clip_grad_norm_" in shared and "last_grad_norm" in shared and "+2" in shared
     else:
         assert "max_grad_norm=None Not supported" in shared
