@@ -127,7 +127,7 @@ if runtime.available():
         _run_pass(item, PASS, *args)  # flat: triton 3.6 unpacks a flat tuple into constexpr parameters
 
     @triton.jit
-    def _run_pass(item, PASS: tl.constexpr, n_items, tables, scalars, hyps, FLAGS, PASSES, P_DT, G_DT, S_DT,
+    def _run_pass(item, PASS: tl.constexpr, n_items, tables, scalars, hyps, FLAGS, P_DT, G_DT, S_DT,
                   HAS_SCALE, HAS_CLIP, WRITE_STEP, ALIGNED, BLOCK, ITERS, PB):
         ptrs, numels, work, first, counters, partials, coefs = tables
         step_ptr, step_counter, scale_ptr, clip_ptr = scalars
@@ -198,7 +198,7 @@ if runtime.available():
             run_phases(barrier, PASSES, 2, _item, _count,
                        (n_items, (ptrs, numels, work, first, counters, partials, coefs),
                         (step_ptr, step_counter, scale_ptr, clip_ptr),
-                        hyps, FLAGS, PASSES, P_DT, G_DT, S_DT, HAS_SCALE, HAS_CLIP, WRITE_STEP, ALIGNED, BLOCK,
+                        hyps, FLAGS, P_DT, G_DT, S_DT, HAS_SCALE, HAS_CLIP, WRITE_STEP, ALIGNED, BLOCK,
                         ITERS, PB))
 
 

@@ -1,12 +1,12 @@
 """Lamb against timm.optim. Its max_grad_norm (timm's global clip, default 1.0) clips the default driver's grads
-(global norm ~ 45) every step; max_grad_norm=60 clips only some steps, None never."""
+(global norm ~ 45) every step; max_grad_norm=60 clips only some steps, None never. Without adaptation or caution
+(the update alone): tests/optimizers/test_lamb_lars.py."""
 from anchors import timm_class
 from cases import Case
 
 CASES = [
     Case("Lamb", lambda: timm_class("lamb", "Lamb"),
          configs=[{},
-                  {"lr": 0.01, "max_grad_norm": None, "weight_decay": 0.0},
                   {"lr": 0.01, "max_grad_norm": 60.0, "bias_correction": False, "grad_averaging": False,
                    "trust_clip": True, "betas": (0.8, 0.99), "eps": 1e-8},
                   {"lr": 0.01, "weight_decay": 0.0, "always_adapt": True, "caution": True},
