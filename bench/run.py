@@ -42,11 +42,13 @@ STREAMS = {  # optimizer: (reads, writes) in whole-tensor passes, default option
     "Adagrad": (3, 2), "RMSprop": (3, 2), "Adadelta": (4, 3), "Rprop": (4, 3), "ASGD": (3, 2),
     "SGDP": (4, 1), "AdamP": (6, 3), "Adahessian": (5, 3), "NovoGrad": (4, 2), "NvNovoGrad": (4, 2),
     "Adafactor": (3, 1), "Lion": (3, 2), "Adopt": (4, 3),
+    "Lars": (5, 2), "Lamb": (9, 3),  # Lars: norms of g and p; Lamb: its statistics pass and the global clip's
 }
 TORCH_ANCHORS = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Rprop", "ASGD", "Adamax", "NAdam",
                  "RAdam"]
 TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
-KW = {"SGD": {"lr": 0.01, "momentum": 0.9}, "SGDP": {"lr": 0.01, "momentum": 0.9}}
+KW = {"SGD": {"lr": 0.01, "momentum": 0.9}, "SGDP": {"lr": 0.01, "momentum": 0.9},
+      "Lars": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}}
 PRIME = {"torch-compile": 3}  # untimed steps before timing (default 1): compile, then recompile once state exists
 
 

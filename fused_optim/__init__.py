@@ -14,6 +14,9 @@ from .optimizers.adam import Adam, AdamW
 from .optimizers.adamax import Adamax
 from .optimizers.adopt import Adopt
 from .optimizers.asgd import ASGD
+
+from .optimizers.lamb import Lamb
+from .optimizers.lars import Lars
 from .optimizers.lbfgs import LBFGS
 from .optimizers.lion import Lion
 from .optimizers.nadam import NAdam
@@ -28,6 +31,7 @@ from .optimizers.sparse_adam import SparseAdam
 __all__ = [
     "FusedOptimizer", "REGISTRY", "create_optimizer", "from_config", "optimizer_names",
     "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adahessian", "Adam", "AdamP", "AdamW", "Adamax", "Adopt", "LBFGS", "Lion", "NAdam",
+    "Lamb", "Lars",
     "NovoGrad", "NvNovoGrad", "RAdam", "RMSprop", "Rprop", "SGD", "SGDP", "SparseAdam",
 ]
 __version__ = "0.1.0"

@@ -67,6 +67,8 @@ def options_doc(cls) -> str:
         precision = (_MASTER.format(where=where), _ROUNDING.format(where=where))
     else:
         precision = (_REFUSED_PRECISION,)
+    if getattr(cls, "anchor_max_grad_norm", False):  # the anchor's own argument, documented above
+        return "\n\n".join((HEADER, _FUSED, *precision))
     clip = _CLIP if cls.supports_max_grad_norm else _REFUSED_CLIP
     return "\n\n".join((HEADER, _FUSED, *precision, clip))
 

@@ -27,6 +27,7 @@ class PrecisionOptions:
     max_grad_norm: float | None = None
     supports_max_grad_norm = True  # False: refused (SparseAdam's sparse grads, LBFGS's line search)
     last_grad_norm: torch.Tensor | None = None
+    anchor_max_grad_norm = False  # True: max_grad_norm is the anchor's own constructor argument (timm's Lamb)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -34,17 +35,24 @@ class PrecisionOptions:
         if init is None:
             return
 
+        sig = inspect.signature(init)
+        # an option the anchor itself takes (timm's Lamb: max_grad_norm) stays the constructor's own argument
+        own = set(sig.parameters)
+        if "max_grad_norm" in own:
+            cls.anchor_max_grad_norm = True
+
         @functools.wraps(init)
-        def __init__(self, *args, master_weights=None, stochastic_rounding=None, max_grad_norm=None, **kw):
-            if master_weights is not None:  # None: keep what an outer (subclass) constructor already set
-                self.master_weights = bool(master_weights)
-            if stochastic_rounding is not None:
-                self.stochastic_rounding = bool(stochastic_rounding)
-            if max_grad_norm is not None:
-                self.max_grad_norm = max_grad_norm
+        def __init__(self, *args, **kw):
+            options = {n: kw.pop(n) for n in ("master_weights", "stochastic_rounding", "max_grad_norm")
+                       if n not in own and n in kw}
+            if options.get("master_weights") is not None:  # None: keep what an outer constructor already set
+                self.master_weights = bool(options["master_weights"])
+            if options.get("stochastic_rounding") is not None:
+                self.stochastic_rounding = bool(options["stochastic_rounding"])
+            if options.get("max_grad_norm") is not None:
+                self.max_grad_norm = options["max_grad_norm"]
             init(self, *args, **kw)
 
-        sig = inspect.signature(init)
         extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=default)
                  for n, default in (("master_weights", False), ("stochastic_rounding", False),
                                     ("max_grad_norm", None)) if n not in sig.parameters]

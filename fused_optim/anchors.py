@@ -25,6 +25,7 @@ import torch
 TIMM = {"SGDP": ("sgdp", "SGDP"), "AdamP": ("adamp", "AdamP"), "Adafactor": ("adafactor", "Adafactor"),
         "NvNovoGrad": ("nvnovograd", "NvNovoGrad"), "Adahessian": ("adahessian", "Adahessian"),
         "Lion": ("lion", "Lion"), "Adopt": ("adopt", "Adopt")}
+TIMM.update(Lamb=("lamb", "Lamb"), Lars=("lars", "Lars"))
 REFERENCE_ANCHORED = {"NovoGrad"}  # no external anchor: the reference path in float64
 
 # how a step must be driven, by class name (ours and the anchor share it)

@@ -31,8 +31,18 @@ ALIASES = {
     "adoptw": ("adopt", {"decoupled": True}), "adoptc": ("adopt", {"decoupled": True, "corrected_weight_decay": True}),
     "cadopt": ("adopt", {"caution": True}), "cadoptw": ("adopt", {"decoupled": True, "caution": True}),
     "cadoptc": ("adopt", {"decoupled": True, "caution": True, "corrected_weight_decay": True}),
+    # timm's LAMB / LARS variants
+    "lambc": ("lamb", {"trust_clip": True}),
+    "lambw": ("lamb", {"decoupled_decay": True}),
+    "lambcw": ("lamb", {"trust_clip": True, "decoupled_decay": True}),
+    "lambcd": ("lamb", {"decoupled_decay": True, "corrected_weight_decay": True}),
+    "clamb": ("lamb", {"caution": True}),
+    "clambw": ("lamb", {"caution": True, "decoupled_decay": True}),
+    "larc": ("lars", {"trust_clip": True}),
+    "nlars": ("lars", {"nesterov": True}),
+    "nlarc": ("lars", {"nesterov": True, "trust_clip": True}),
 }
-_SGD_FAMILY = {"sgd", "sgdp"}  # classes that take timm's momentum default
+_SGD_FAMILY = {"sgd", "sgdp", "lars"}  # classes that take timm's momentum default
 
 
 def _key(name: str) -> str:

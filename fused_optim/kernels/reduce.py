@@ -70,9 +70,9 @@ if runtime.available():
     @triton.jit
     def _clip_scale_kernel(sq, n, scale_ptr, out, HAS_SCALE: tl.constexpr, PB: tl.constexpr):
         # one program: out[0] = the global norm, out[1] = grad_scale / clip coefficient (the effective scale), in
-        # the sums' dtype; out[2] holds max_norm (there, not a kernel argument, so fp64 sums get an fp64 max_norm)
+        # the sums' dtype; out[2:4] hold max_norm and eps (there, not kernel arguments, so fp64 sums get them in fp64)
         norm = tl.sqrt(sum_partials(sq, n, PB))
-        coef = tl.minimum(tl.load(out + 2) / (norm + 1e-6), 1.0)  # CLIP_EPS
+        coef = tl.minimum(tl.load(out + 2) / (norm + tl.load(out + 3)), 1.0)
         scale = 1.0
         if HAS_SCALE:
             scale = tl.load(scale_ptr)
@@ -158,14 +158,15 @@ def _sumsq_constexprs(g_dtype, has_scale, has_inf, aligned) -> dict:
                 BLOCK=runtime.BLOCK, ITERS=runtime.ITERS, PB=_PB)
 
 
-def clip_scale(cache: dict, grads, max_norm: float, grad_scale=None) -> torch.Tensor:
+def clip_scale(cache: dict, grads, max_norm: float, grad_scale=None, eps: float = CLIP_EPS) -> torch.Tensor:
     """[2] device tensor: (global L2 norm of the unscaled grads, effective grad scale), fp32, fp64 if any grad is
     fp64 (as clip_grad_norm_'s norm and coefficient). Passing ``out[1:]`` as the kernels' grad_scale multiplies every
-    grad by clip_grad_norm_'s min(1, max_norm / (norm + 1e-6)) / scale."""
+    grad by clip_grad_norm_'s min(1, max_norm / (norm + eps)) / scale (eps 0: timm's Lamb's
+    1 / max(norm / max_norm, 1))."""
     sq = sumsq(cache.setdefault("sumsq", {}), grads, grad_scale)
-    key = (sq.device, sq.dtype, float(max_norm))
-    if cache.get("out_key") != key:  # max_norm rides in out[2], uploaded once
-        cache["out"] = torch.tensor([0.0, 0.0, float(max_norm)], dtype=sq.dtype).to(sq.device)
+    key = (sq.device, sq.dtype, float(max_norm), float(eps))
+    if cache.get("out_key") != key:  # max_norm and eps ride in out[2:4], uploaded once
+        cache["out"] = torch.tensor([0.0, 0.0, float(max_norm), float(eps)], dtype=sq.dtype).to(sq.device)
         cache["out_key"] = key
     out = cache["out"]
     runtime.launch(_clip_scale_kernel, 1, sq, sq.numel(), grad_scale if grad_scale is not None else out, out,

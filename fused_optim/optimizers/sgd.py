@@ -22,20 +22,55 @@ if runtime.available():
     NESTEROV, MOMENTUM, FIRST = mt.flag_bits(3, first=GRAD_BITS)
 
     @triton.jit
+    def momentum_direction(g, buf, momentum, dampening, FLAGS: tl.constexpr):
+        """(the step's direction, the new momentum buffer) of SGD's heavy-ball momentum (also LARS): FLAGS bits
+        MOMENTUM, NESTEROV, FIRST (the buffer starts at the first grad, undamped)."""
+        if FLAGS & MOMENTUM:
+            if FLAGS & FIRST:
+                buf = g
+            else:
+                buf = buf * momentum.to(g.dtype) + (1.0 - dampening).to(g.dtype) * g
+            if FLAGS & NESTEROV:
+                g = g + momentum.to(g.dtype) * buf
+            else:
+                g = buf
+        return g, buf
+
+    @triton.jit
     def _sgd_update(p, g, buf, s1, s2, s3, c0, c1, c2, c3, lr, momentum, dampening, wd, h4, h5, h6, h7,
                     FLAGS: tl.constexpr):
         p, g = decayed_grad(p, g, 1.0, wd, FLAGS)  # L2 only: DECOUPLED is never set
-        if FLAGS & MOMENTUM:
-            if FLAGS & FIRST:
-                buf = g  # torch starts the buffer at the first (decayed) grad, undamped
-            else:
-                buf = buf * momentum.to(p.dtype) + (1.0 - dampening).to(p.dtype) * g
-            if FLAGS & NESTEROV:
-                g = g + momentum.to(p.dtype) * buf
-            else:
-                g = buf
+        g, buf = momentum_direction(g, buf, momentum, dampening, FLAGS)
         p = p - lr.to(p.dtype) * g
         return p, buf, s1, s2, s3
+
+
+def momentum_reference(grads, states, *, momentum, dampening, nesterov):
+    """torch's heavy-ball momentum on lists (SGD, LARS): each state's momentum_buffer (made on its first step from
+    the grad) is updated in place; returns the step's directions."""
+    old = [(st["momentum_buffer"], g) for st, g in zip(states, grads) if "momentum_buffer" in st]
+    if old:
+        torch._foreach_mul_([b for b, _ in old], momentum)
+        torch._foreach_add_([b for b, _ in old], [g for _, g in old], alpha=1 - dampening)
+    for g, st in zip(grads, states):
+        if "momentum_buffer" not in st:  # the first momentum step starts the buffer at the grad
+            st["momentum_buffer"] = torch.clone(g).detach()
+    bufs = [st["momentum_buffer"] for st in states]
+    return torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
+
+
+def momentum_launches(params, states):
+    """[(param indices, first)]: the launches of a fused momentum step. A param's first momentum step copies the
+    grad into a new buffer (made here, zero): those params go in a launch of their own (only on the step where they
+    first get a grad). The buffer starts at zero, so if AMP skips that step the next one is an ordinary momentum
+    step (identical to torch unless dampening != 0)."""
+    if all(map(operator.contains, states, repeat("momentum_buffer"))):  # the steady state: one launch
+        return [(range(len(params)), False)]
+    fresh = [i for i, st in enumerate(states) if "momentum_buffer" not in st]
+    for i in fresh:
+        states[i]["momentum_buffer"] = zeros_like(params[i])
+    rest = sorted(set(range(len(params))) - set(fresh))
+    return [(fresh, True)] + ([(rest, False)] if rest else [])
 
 
 def _sparse_sgd_step(p, grad, st, *, lr, momentum, dampening, nesterov, maximize):
@@ -109,32 +144,19 @@ class SGD(FusedOptimizer):
         if wd != 0:
             grads = torch._foreach_add(grads, params, alpha=wd)
         if momentum != 0:
-            old = [(st["momentum_buffer"], g) for st, g in zip(states, grads) if "momentum_buffer" in st]
-            if old:
-                torch._foreach_mul_([b for b, _ in old], momentum)
-                torch._foreach_add_([b for b, _ in old], [g for _, g in old], alpha=1 - dampening)
-            for g, st in zip(grads, states):
-                if "momentum_buffer" not in st:  # the first momentum step starts the buffer at the grad
-                    st["momentum_buffer"] = torch.clone(g).detach()
-            bufs = [st["momentum_buffer"] for st in states]
-            grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+            grads = momentum_reference(grads, states, momentum=momentum, dampening=dampening,
+                                       nesterov=group["nesterov"])
         torch._foreach_add_(params, grads, alpha=-lr)
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
         if group["momentum"] == 0:
             return super()._kernel_step(group, params, grads, states, grad_scale, found_inf)
-        # A param's first momentum step copies the grad into a new buffer: those params go in a launch of their own
-        # (only on the step where they first get a grad). The buffer starts at zero, so if AMP skips that step the
-        # next one is an ordinary momentum step (identical to torch unless dampening != 0).
-        if all(map(operator.contains, states, repeat("momentum_buffer"))):  # the steady state: one launch
-            return super()._kernel_step(group, params, grads, states, grad_scale, found_inf, variant=False)
-        fresh = [i for i, st in enumerate(states) if "momentum_buffer" not in st]
-        for i in fresh:
-            states[i]["momentum_buffer"] = zeros_like(params[i])
-        for subset, first in ((fresh, True), (sorted(set(range(len(params))) - set(fresh)), False)):
-            if subset:
-                super()._kernel_step(group, [params[i] for i in subset], [grads[i] for i in subset],
-                                     [states[i] for i in subset], grad_scale, found_inf, variant=first)
+        for idx, first in momentum_launches(params, states):
+            if len(idx) == len(params):
+                super()._kernel_step(group, params, grads, states, grad_scale, found_inf, variant=first)
+            else:
+                super()._kernel_step(group, [params[i] for i in idx], [grads[i] for i in idx],
+                                     [states[i] for i in idx], grad_scale, found_inf, variant=first)
 
     def _kernel_rule(self, group, first=None):
         momentum = group["momentum"]

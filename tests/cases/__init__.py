@@ -54,7 +54,7 @@ class Case:
 
 # The order of ALL (and so of the parametrized test ids). A family module not listed here is appended in name order.
 FAMILIES = ["sgd", "adam", "sparse_adam", "lbfgs", "projection", "adahessian", "adafactor", "novograd", "rprop",
-            "adagrad", "rmsprop", "adadelta", "asgd", "adamax", "nadam", "radam", "lion", "adopt"]
+            "adagrad", "rmsprop", "adadelta", "asgd", "adamax", "nadam", "radam", "lion", "adopt", "lars", "lamb"]
 
 
 def _collect():

@@ -34,7 +34,7 @@ def test_fused_step_reads_nothing_back(case, clip, no_readback):
         pytest.skip(f"{case.name} refuses max_grad_norm")
     cfg = case.configs[-1]
     ps1, ps2 = make_params(case, torch.float32, DEVICE)
-    opt = case.cls(param_groups(case, cfg, ps1, ps2), fused=True, max_grad_norm=clip, **cfg)
+    opt = case.cls(param_groups(case, cfg, ps1, ps2), fused=True, **{**cfg, "max_grad_norm": clip})
     params = ps1 + ps2
     grads = [torch.randn(p.shape, device=DEVICE) for p in params]
     for _ in range(2):  # warm-up: state creation and table uploads happen here, before capture

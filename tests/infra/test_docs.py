@@ -44,7 +44,7 @@ def _shared(cls):
 
 
 def test_every_public_optimizer_is_listed():
-    assert len(OPTIMIZERS) == 21  # the 19, Lion, Adopt
+    assert len(OPTIMIZERS) == 23  # the 19, Lion, Adopt, Lamb, Lars
     assert set(OPTIMIZERS) == {cls.__name__ for cls in fused_optim.REGISTRY.values()}
 
 
@@ -59,16 +59,21 @@ def test_own_docstring_names_anchor_and_launches(cls):
         assert note in own, f"{name}'s docstring lacks {note!r}"
 
 
+def _options(cls):
+    """The shared options of cls (an anchor's own max_grad_norm, timm's Lamb's, is documented as the anchor's)."""
+    return {k: v for k, v in OPTIONS.items() if not (k == "max_grad_norm" and cls.anchor_max_grad_norm)}
+
+
 @pytest.mark.parametrize("cls", CLASSES)
 def test_options_in_signature_and_help(cls):
     name = cls.__name__
     params = inspect.signature(cls).parameters
-    for key, default in OPTIONS.items():
+    for key, default in _options(cls).items():
         assert params[key].kind is inspect.Parameter.KEYWORD_ONLY and params[key].default == default
     text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
     signature = next(line for line in text.splitlines() if line.strip(" |").startswith(f"{name}(params"))
     shared = _shared(cls)
-    for key, default in OPTIONS.items():
+    for key, default in _options(cls).items():
         assert f"{key}={default!r}" in signature
         assert f"{key}={default!r}" in shared, f"{name}: {key} is not documented"
 
@@ -90,7 +95,9 @@ def test_keywords_beyond_anchor_are_documented(cls):
 def test_shared_text_is_worded_for_the_class(cls):
     shared = _shared(cls)
     assert "TRITON_INTERPRET=1" in shared
-    if cls.supports_max_grad_norm:
+    if cls.anchor_max_grad_norm:
+        assert "max_grad_norm" not in shared
+    elif cls.supports_max_grad_norm:
         assert "clip_grad_norm_" in shared and "last_grad_norm" in shared and "+2" in shared
     else:
         assert "max_grad_norm=None Not supported" in shared

@@ -1,0 +1,312 @@
+"""LAMB's kernel family: the jit code of its two passes, their tables, the launcher and the AOT entries.
+
+Pass 0 (STATS) recomputes this step's moments and Adam direction u per element (nothing is stored) and sums, per
+work item, what the trust ratio needs: |p|^2 (the decoupled-decayed p), and |u + wd * p|^2 (with caution: the
+cautious mask's count, and |u|^2 and <u, p> over the kept elements). The last program of a tensor adds its items'
+partials in a fixed order and writes the tensor's two coefficients a, b. Pass 1 (APPLY) recomputes the moments,
+stores them and p <- decayed p + a * (kept) u + b * p, and advances the group's step. The two passes run as phases
+of one persistent cooperative launch (runtime.launch_phases), or as two launches where the device refuses one; with
+neither adaptation nor caution, pass 1 alone (a = -lr, b = 0).
+
+Grads are read as g / grad_scale (AMP; written back so, like every fused step) and divided once more by the
+global clip factor (``clip``: a device scalar, max(|g| / max_grad_norm, 1) with AMP's scale folded in).
+"""
+from __future__ import annotations
+
+import itertools
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from . import multi_tensor as mt
+from . import runtime, sync
+from .tables import Tables, TableCache, all_aligned, buckets, dtype_of, fields, numel, pick, ptr, to_device
+
+__all__ = ["Spec", "step", "aot_kernels"]
+STATS, APPLY = 0, 1
+E_PARAM, E_GRAD, E_EXP_AVG, E_EXP_AVG_SQ, E_W = fields("param", "grad", "exp_avg", "exp_avg_sq")  # ptrs columns
+P_PP, P_A, P_B, P_KEPT, P_W = fields("pp", "a", "b", "kept")  # partials: one [W] column per statistic
+C_A, C_B, C_W = fields("a", "b")  # coefs: p <- decayed p + a * u + b * p, per tensor
+HYPERS = ("lr", "beta1", "beta2", "eps", "l2", "decay")  # the kernel's fp64 arguments, in order
+_PB = 4 if runtime.interpreter_enabled() else 256  # partials added PB at a time (several rounds in CPU tests)
+
+if runtime.available():
+    import triton
+    import triton.language as tl
+
+    from .access import amp_skip, chunk_ptr, grad_inv_scale, load, over_chunk, store
+    from .sync import arrive, run_phases, sum_partials
+
+    # STATS_ON: pass 0 runs this step (adapt or caution), in this launch or the one before
+    BIAS_CORRECTION, GRAD_AVG, DECOUPLED, CAUTION, ADAPT, TRUST_CLIP, STATS_ON = mt.flag_bits(7)
+    P_STATS = tl.constexpr(STATS)
+
+    @triton.jit
+    def _direction(p, g, m, v, bc1, bc2_sqrt, hyps, FLAGS: tl.constexpr):
+        """(decayed p, new m, new v, u, kept mask) of one block, in timm's op order (fp32 math in p's dtype)."""
+        lr, beta1, beta2, eps, l2, decay = hyps
+        if FLAGS & GRAD_AVG:  # m lerps towards g
+            m = tl.fma((1.0 - beta1).to(p.dtype), g - m, m)
+        else:
+            m = tl.fma(m, beta1.to(p.dtype), g)
+        v = tl.fma(v, beta2.to(p.dtype), (1.0 - beta2).to(p.dtype) * g * g)
+        u = (m / bc1) / (tl.sqrt(v) / bc2_sqrt + eps.to(p.dtype))
+        keep = u * g > 0.0  # the cautious mask (read with CAUTION only)
+        if FLAGS & DECOUPLED:
+            p = tl.fma(p, -decay.to(p.dtype), p)
+        return p, m, v, u, keep
+
+    @triton.jit
+    def _stats_block(acc, offs, mask, FULL: tl.constexpr, el, scales, bc, hyps, FLAGS: tl.constexpr):
+        """over_chunk's BODY for pass 0: acc [4, BLOCK] += this block's |p|^2, a, b, kept (P_* rows)."""
+        p_ptr, g_ptr, m_ptr, v_ptr = el
+        inv_math, inv_scale = scales
+        lr, beta1, beta2, eps, l2, decay = hyps
+        p0 = load(p_ptr, offs, mask, FULL)
+        g = load(g_ptr, offs, mask, FULL) * inv_math
+        p, m, v, u, keep = _direction(p0, g, load(m_ptr, offs, mask, FULL), load(v_ptr, offs, mask, FULL),
+                                      bc[0], bc[1], hyps, FLAGS)
+        keep = keep & mask
+        if FLAGS & CAUTION:
+            a = tl.where(keep, u * u, 0.0)
+            b = tl.where(keep, u * p, 0.0)
+        else:
+            w = tl.fma(l2.to(p.dtype), p0, u)
+            a = tl.where(mask, w * w, 0.0)
+            b = tl.zeros_like(a)
+        row = tl.arange(0, 4)[:, None]
+        new = tl.where(row == P_PP, (p * p)[None, :], tl.where(row == P_A, a[None, :], tl.where(
+            row == P_B, b[None, :], keep.to(tl.float32)[None, :])))
+        return acc + new
+
+    @triton.jit
+    def _apply_block(carry, offs, mask, FULL: tl.constexpr, el, scales, bc, hyps, coef, FLAGS: tl.constexpr,
+                     HAS_SCALE: tl.constexpr):
+        """over_chunk's BODY for pass 1: the update of one block."""
+        p_ptr, g_ptr, m_ptr, v_ptr = el
+        inv_math, inv_scale = scales
+        lr, beta1, beta2, eps, l2, decay = hyps
+        p0 = load(p_ptr, offs, mask, FULL)
+        raw = load(g_ptr, offs, mask, FULL)
+        g = raw * inv_math
+        p, m, v, u, keep = _direction(p0, g, load(m_ptr, offs, mask, FULL), load(v_ptr, offs, mask, FULL),
+                                      bc[0], bc[1], hyps, FLAGS)
+        if FLAGS & CAUTION:
+            u = tl.where(keep, u, 0.0)
+        store(p_ptr, offs, tl.fma(coef[1], p0, tl.fma(coef[0], u, p)), mask, FULL)
+        store(m_ptr, offs, m, mask, FULL)
+        store(v_ptr, offs, v, mask, FULL)
+        if HAS_SCALE:
+            store(g_ptr, offs, raw * inv_scale, mask, FULL)  # p.grad ends AMP-unscaled (not clipped, as timm)
+        return carry
+
+    @triton.jit
+    def _coefs(sums, n, hyps, FLAGS: tl.constexpr):
+        """(a, b) of a tensor from its statistics (fp64): timm's trust ratio |p| / |update| (1 where either is 0,
+        at most 1 with trust_clip), the cautious mask's scale."""
+        lr, beta1, beta2, eps, l2, decay = hyps
+        pp, sa, sb, kept = sums
+        s = tl.cast(1.0, tl.float64)
+        uu = sa
+        if FLAGS & CAUTION:
+            s = 1.0 / tl.maximum(kept / tl.maximum(n, 1).to(tl.float64), 1e-3)
+            uu = s * s * sa + 2.0 * s * l2 * sb + l2 * l2 * pp
+        ratio = tl.cast(1.0, tl.float64)
+        if FLAGS & ADAPT:
+            w = tl.sqrt(pp)
+            un = tl.sqrt(tl.maximum(uu, 0.0))
+            ratio = tl.where((w > 0.0) & (un > 0.0), w / un, 1.0)
+            if FLAGS & TRUST_CLIP:
+                ratio = tl.minimum(ratio, 1.0)
+        return -lr * ratio * s, -lr * ratio * l2
+
+    @triton.jit
+    def _item(item, PASS: tl.constexpr, args):
+        """run_phases' ITEM: pass PASS over work item `item` (a chunk of a tensor)."""
+        _run_pass(item, PASS, *args)  # flat: triton 3.6 unpacks a flat tuple into constexpr parameters
+
+    @triton.jit
+    def _run_pass(item, PASS: tl.constexpr, n_items, tables, scalars, hyps, FLAGS, P_DT, G_DT, S_DT,
+                  HAS_SCALE, HAS_CLIP, WRITE_STEP, ALIGNED, BLOCK, ITERS, PB):
+        ptrs, numels, work, first, counters, partials, coefs = tables
+        step_ptr, step_counter, scale_ptr, clip_ptr = scalars
+        lr, beta1, beta2, eps, l2, decay = hyps
+        t = tl.load(work + 2 * item)
+        chunk = tl.load(work + 2 * item + 1).to(tl.int64)
+        n = tl.load(numels + t)
+        row = ptrs + t.to(tl.int64) * E_W
+        el = (chunk_ptr(row, E_PARAM, P_DT, ALIGNED), chunk_ptr(row, E_GRAD, G_DT, ALIGNED),
+              chunk_ptr(row, E_EXP_AVG, S_DT, ALIGNED), chunk_ptr(row, E_EXP_AVG_SQ, S_DT, ALIGNED))
+        inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
+        inv_math = inv_scale
+        if HAS_CLIP:  # the clip factor, AMP's scale folded in
+            inv_math = 1.0 / tl.load(clip_ptr).to(tl.float32)
+        step = tl.load(step_ptr).to(tl.float64) + 1.0
+        bc1 = tl.cast(1.0, tl.float64)
+        bc2 = tl.cast(1.0, tl.float64)
+        if FLAGS & BIAS_CORRECTION:
+            bc1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+            bc2 = 1.0 - tl.exp2(step * tl.log2(beta2))
+        bc = (bc1.to(tl.float32), tl.sqrt(bc2).to(tl.float32))
+        nwork = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
+        if PASS == P_STATS:
+            acc = over_chunk(_stats_block, tl.zeros([4, BLOCK], tl.float32), chunk * (BLOCK * ITERS), n,
+                             (el, (inv_math, inv_scale), bc, hyps, FLAGS), BLOCK, ITERS)
+            tl.store(partials + tl.arange(0, 4) * n_items + item, tl.sum(acc, axis=1))
+            if arrive(counters + t, nwork):  # the tensor's last program: its coefficients
+                f = tl.load(first + t)
+                sums = (sum_partials(partials + P_PP * n_items + f, nwork, PB).to(tl.float64),
+                        sum_partials(partials + P_A * n_items + f, nwork, PB).to(tl.float64),
+                        sum_partials(partials + P_B * n_items + f, nwork, PB).to(tl.float64),
+                        sum_partials(partials + P_KEPT * n_items + f, nwork, PB).to(tl.float64))
+                a, b = _coefs(sums, n, hyps, FLAGS)
+                tl.store(coefs + t * C_W + C_A, a.to(tl.float32))
+                tl.store(coefs + t * C_W + C_B, b.to(tl.float32))
+                tl.store(counters + t, 0)
+        else:
+            a = (-lr).to(tl.float32)
+            b = tl.cast(0.0, tl.float32)
+            if FLAGS & STATS_ON:  # written by pass 0, maybe by another program of this launch
+                a = tl.load(coefs + t * C_W + C_A, cache_modifier=".cg")
+                b = tl.load(coefs + t * C_W + C_B, cache_modifier=".cg")
+            over_chunk(_apply_block, tl.cast(0, tl.int32), chunk * (BLOCK * ITERS), n,
+                       (el, (inv_math, inv_scale), bc, hyps, (a, b), FLAGS, HAS_SCALE), BLOCK, ITERS)
+            if WRITE_STEP:  # the last program of the pass: every program has read the old step
+                if arrive(step_counter, n_items):
+                    tl.store(step_ptr, step.to(tl.float32))
+                    tl.store(step_counter, 0)
+
+    @triton.jit
+    def _count(PASS: tl.constexpr, args):
+        return args[0]  # n_items: both passes run over all work items
+
+    @triton.jit
+    def lamb_kernel(ptrs, numels, work, first, counters, partials, coefs, barrier, step_ptr, step_counter,
+                    scale_ptr, clip_ptr, inf_ptr, n_items, lr: tl.float64, beta1: tl.float64, beta2: tl.float64, eps: tl.float64,
+                    l2: tl.float64, decay: tl.float64,
+                    FLAGS: tl.constexpr, PASSES: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr,
+                    S_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_INF: tl.constexpr,
+                    WRITE_STEP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                    PB: tl.constexpr):
+        """The passes in PASSES (bits) over the n_items work items: one pass is a plain launch, both a persistent
+        one (runtime.launch_phases)."""
+        if amp_skip(inf_ptr, HAS_INF) == 0:
+            hyps = (tl.cast(lr, tl.float64), tl.cast(beta1, tl.float64), tl.cast(beta2, tl.float64),
+                    tl.cast(eps, tl.float64), tl.cast(l2, tl.float64), tl.cast(decay, tl.float64))
+            # the args tuple is written out in the call: assigned to a name, its constexprs would become values
+            run_phases(barrier, PASSES, 2, _item, _count,
+                       (n_items, (ptrs, numels, work, first, counters, partials, coefs),
+                        (step_ptr, step_counter, scale_ptr, clip_ptr),
+                        hyps, FLAGS, P_DT, G_DT, S_DT, HAS_SCALE, HAS_CLIP, WRITE_STEP, ALIGNED, BLOCK,
+                        ITERS, PB))
+
+
+@dataclass
+class Spec:
+    """What Lamb hands the kernel for one param group."""
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    l2: float       # weight decay added to the update (0 when decoupled)
+    decay: float    # decoupled decay: p <- p - decay * p
+    bias_correction: bool
+    grad_averaging: bool
+    caution: bool
+    adapt: bool
+    trust_clip: bool
+
+    def flags(self) -> int:
+        return mt.pack((BIAS_CORRECTION, self.bias_correction), (GRAD_AVG, self.grad_averaging),
+                       (DECOUPLED, self.decay != 0), (CAUTION, self.caution), (ADAPT, self.adapt),
+                       (TRUST_CLIP, self.trust_clip), (STATS_ON, self.adapt or self.caution))
+
+    def passes(self) -> list:
+        return [STATS, APPLY] if self.adapt or self.caution else [APPLY]
+
+
+@dataclass
+class LambTables(Tables):
+    numels: torch.Tensor = None
+    work: torch.Tensor = None      # int32 [W, 2]: (tensor, chunk)
+    first: torch.Tensor = None     # int32 [T]: each tensor's first work item (its partials start there)
+    counters: torch.Tensor = None  # int32 [T + 1]: Note [last program of a tensor]; the last one: the step's
+    partials: torch.Tensor = None  # fp32 [P_W, W]
+    coefs: torch.Tensor = None     # fp32 [T, C_W]
+    barrier: sync.GridBarrier = None
+    fdummy: torch.Tensor = None    # stands for an absent grad_scale / clip / found_inf
+
+
+def _build(key, params, grads, states) -> LambTables:
+    dev = params[0].device
+    chunks = [max(1, -(-n // (runtime.BLOCK * runtime.ITERS))) for n in map(numel, params)]
+    work = [(t, c) for t, n in enumerate(chunks) for c in range(n)]
+    zeros = lambda *size, dtype=torch.float32: torch.zeros(size, dtype=dtype, device=dev)  # noqa: E731
+    return LambTables(
+        key=key, gkey=tuple(map(ptr, grads)), grad_col=int(E_GRAD), aligned=all_aligned(params, grads, *zip(*states)),
+        ptrs=to_device([[ptr(p), ptr(g), *map(ptr, st)] for p, g, st in zip(params, grads, states)], torch.int64, dev),
+        numels=to_device(list(map(numel, params)), torch.int64, dev), work=to_device(work, torch.int32, dev),
+        first=to_device([0, *itertools.accumulate(chunks[:-1])], torch.int32, dev),
+        counters=zeros(len(params) + 1, dtype=torch.int32), partials=zeros(int(P_W), len(work)),
+        coefs=zeros(len(params), int(C_W)), barrier=sync.GridBarrier(dev), fdummy=zeros(1))
+
+
+def constexprs(spec: Spec, passes, dts, *, has_scale, has_clip, has_inf, write_step, aligned) -> dict:
+    return dict(FLAGS=spec.flags(), PASSES=sum(1 << p for p in passes), P_DT=runtime.tl_dtype(dts[0]),
+                G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]), HAS_SCALE=has_scale, HAS_CLIP=has_clip,
+                HAS_INF=has_inf, WRITE_STEP=write_step, ALIGNED=aligned, BLOCK=runtime.BLOCK, ITERS=runtime.ITERS,
+                PB=_PB)
+
+
+def step(spec: Spec, cache: TableCache, params, grads, states, step_t, grad_scale, clip, found_inf, who: str) -> None:
+    """One fused step of a param group: ``states`` (exp_avg, exp_avg_sq) of each param, ``step_t`` the group's
+    float32 step on the device (advanced once, by the last launch), ``clip`` the global clip factor or None."""
+    keys = list(zip(map(dtype_of, params), map(dtype_of, grads), map(dtype_of, map(operator.itemgetter(0), states))))
+    groups = list(buckets(keys).items())
+    for k, (dts, idx) in enumerate(groups):
+        ps, gs, sts = pick(idx, params, grads, states)
+        key = (tuple(map(ptr, ps)), tuple(map(ptr, itertools.chain.from_iterable(sts))), tuple(map(numel, ps)))
+        tab = cache.lookup(dts, key, gs, lambda: _build(key, ps, gs, sts))
+        n_items = tab.work.shape[0]
+        dummy = tab.fdummy
+        args = (tab.ptrs, tab.numels, tab.work, tab.first, tab.counters, tab.partials, tab.coefs, tab.barrier.words,
+                step_t, tab.counters[-1:], dummy if grad_scale is None else grad_scale, dummy if clip is None else clip,
+                dummy if found_inf is None else found_inf, n_items,
+                *(float(getattr(spec, h)) for h in HYPERS))
+        passes = spec.passes()
+        runtime.launch_phases(
+            lamb_kernel, passes, *args, grid_of=lambda _: n_items, device=ps[0].device,
+            constexprs_of=lambda run: constexprs(spec, run, dts, has_scale=grad_scale is not None,
+                                                 has_clip=clip is not None, has_inf=found_inf is not None,
+                                                 write_step=APPLY in run and k == len(groups) - 1,
+                                                 aligned=tab.aligned))
+        if len(passes) > 1:
+            tab.barrier.watch(who)
+
+
+def aot_kernels() -> list:
+    """Every launch of Lamb's step (pass 1 alone, pass 0 alone and 1 alone (the fallback), both persistent), options
+    off and all on, fp32 (and bf16 / fp16 with AMP and clipping for all options on)."""
+    if not runtime.available():
+        return []
+    ptr_args = {"ptrs": "*i64", "numels": "*i64", "work": "*i32", "first": "*i32", "counters": "*i32",
+                "barrier": "*i32", "step_counter": "*i32", "n_items": "i32"}
+    sig = {a: ptr_args.get(a, "constexpr" if a.isupper() else "fp64" if a in HYPERS else "*fp32")
+           for a in lamb_kernel.arg_names}
+    out = []
+    for label, spec in (("plain", Spec(1e-3, 0.9, 0.999, 1e-6, 0.0, 0.0, True, True, False, False, False)),
+                        ("default", Spec(1e-3, 0.9, 0.999, 1e-6, 0.01, 0.0, True, True, False, True, False)),
+                        ("all", Spec(1e-3, 0.9, 0.999, 1e-6, 0.0, 1e-5, False, False, True, True, True))):
+        variants = [((torch.float32,) * 3, False)]
+        if label == "all":
+            variants += [((torch.bfloat16,) * 3, True), ((torch.float16,) * 3, True)]
+        runs = [[APPLY]] if spec.passes() == [APPLY] else [[STATS, APPLY], [STATS], [APPLY]]
+        for dts, amp in variants:
+            for run in runs:
+                out.append(dict(name=f"Lamb[{label}] pass {'+'.join(map(str, run))} {str(dts[0])[6:]}"
+                                     f"{' amp' * amp}", fn=lamb_kernel, signature=sig,
+                                options=runtime.compile_options(),
+                                constexprs=constexprs(spec, run, dts, has_scale=amp, has_clip=True, has_inf=amp,
+                                                      write_step=APPLY in run, aligned=True)))
+    return out
