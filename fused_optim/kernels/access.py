@@ -28,6 +28,12 @@ if runtime.available():
             return tl.cast(x, tl.float32)
 
     @triton.jit
+    def fp64_arg(x):
+        """An fp64 scalar argument, every bit kept. Under the interpreter it is a plain Python float, which tl.cast
+        would round to fp32 first (Triton types float literals as fp32); on the GPU it is an fp64 value already."""
+        return tl.full((), x, tl.float64)
+
+    @triton.jit
     def load(ptr, offs, mask, FULL: tl.constexpr):
         if FULL:
             return to_compute(tl.load(ptr + offs), ptr)

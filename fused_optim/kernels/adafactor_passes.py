@@ -11,12 +11,12 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .access import amp_skip, chunk_ptr, grad_inv_scale, store
+    from .access import amp_skip, chunk_ptr, fp64_arg, grad_inv_scale, store
     from .sync import arrive, run_phases, sum_partials
     from .adafactor_tiles import (BETA1, K_ITERS, K_PB, K_SUB, K_TB, M_COL_PART, M_COUNTERS, M_CSRC_COL, M_CSRC_ROW,
                                   M_FIRST, M_ITEMS, M_NAB, M_NBB, M_PLANES, M_ROW_PART, T_MASK_COUNT, T_UPDATE_SQ,
                                   T_WIDTH, X_COL, X_EXP_AVG, X_GRAD, X_PARAM, X_RMS, X_ROW, finish_step, fold_into,
-                                  fold_sums, geometry, inv_root, lerp, locate, moment_ctx, step_scalars,
+                                  fold_sums, geometry, inv_root, lerp, locate, moment_ctx, rms_of, step_scalars,
                                   sub_tile, tile_cols, tile_rows, update_scalars, write_param)
 
     P_FOLD, P_ROWCOL, P_NORMS, P_MOMENTS, P_APPLY, P_CAUTIOUS_APPLY = (tl.constexpr(x) for x in range(6))
@@ -107,7 +107,7 @@ if runtime.available():
         if arrive(counters + t, nwork):  # every other program of the tensor has stored its partials
             tl.store(tsc + T_WIDTH * t + T_UPDATE_SQ, sum_partials(part0 + first, nwork, K_PB))
             psum = sum_partials(part1 + first, nwork, K_PB)
-            tl.store(chunk_ptr(row, X_RMS, tl.float32, False), tl.sqrt(psum) / tl.sqrt(geo[5].to(tl.float32)))
+            tl.store(chunk_ptr(row, X_RMS, tl.float32, False), rms_of(psum, geo[5]))
             tl.store(counters + t, 0)
 
     @triton.jit
@@ -237,5 +237,6 @@ if runtime.available():
         if amp_skip(inf_ptr, HAS_INF) == 0:
             run_phases(barrier, PASSES, 6, _item, _count,
                        ((ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr),
-                        (lr, eps, eps_scale, clip, decay_rate, beta1, wd), (n_fact, n_work),
+                        (fp64_arg(lr), fp64_arg(eps), fp64_arg(eps_scale), fp64_arg(clip), fp64_arg(decay_rate),
+                         fp64_arg(beta1), fp64_arg(wd)), (n_fact, n_work),
                         (FLAGS, P_DT, G_DT, S_DT, LR_TENSOR, HAS_SCALE)))

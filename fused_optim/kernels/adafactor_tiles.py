@@ -40,8 +40,8 @@ if runtime.available():
 
     @triton.jit
     def lerp(s, e, w):
-        # torch's lerp: exact at both ends (w = 1 on the first step)
-        return tl.where(w < 0.5, s + w * (e - s), e - (e - s) * (1.0 - w))
+        # torch's lerp, one rounding as its kernels (an fma): exact at both ends (w = 1 on the first step)
+        return tl.where(w < 0.5, tl.fma(w, e - s, s), tl.fma(w - 1.0, e - s, e))
 
     @triton.jit
     def locate(item, work, meta, ptrs):
@@ -83,11 +83,10 @@ if runtime.available():
     def step_scalars(row, hyp, lr_ptr, rms, FLAGS: tl.constexpr, LR_TENSOR: tl.constexpr):
         """fp64: the tensor's new step, the second moment's EMA weight step^decay_rate (= 1 - beta2t; fp32) and the
         step size. Every pass reads the old step; the last pass's last program of the tensor writes the new one.
-        Scalar arguments are plain Python floats under the interpreter: cast to fp64 everywhere."""
+        (hyp: fp64 values, adafactor_kernel's fp64_arg.)"""
         lr, eps, eps_scale, clip, decay_rate, beta1, wd = hyp
         step = tl.load(chunk_ptr(row, X_STEP, tl.float32, False)).to(tl.float64) + 1.0
-        keep = tl.exp2(tl.cast(decay_rate, tl.float64) * tl.log2(step))
-        lr = tl.cast(lr, tl.float64)
+        keep = tl.exp2(decay_rate * tl.log2(step))
         if LR_TENSOR:
             lr = tl.load(lr_ptr).to(tl.float64)
         if FLAGS & RELATIVE:
@@ -96,8 +95,13 @@ if runtime.available():
                 cap = 1e-6 * step
             lr = tl.minimum(cap, 1.0 / tl.sqrt(step))
             if FLAGS & SCALE_PARAM:  # max(eps_scale, RMS); a NaN RMS gives eps_scale
-                lr = lr * tl.where(rms > eps_scale, rms, tl.cast(eps_scale, tl.float64))
+                lr = lr * tl.where(rms > eps_scale, rms, eps_scale)
         return step, keep.to(tl.float32), lr
+
+    @triton.jit
+    def rms_of(sumsq, n):
+        """timm's _rms from an fp32 sum of squares, rounded as torch's ops: norm / (numel ** 0.5) in fp32."""
+        return tl.div_rn(tl.sqrt_rn(sumsq), tl.sqrt(n.to(tl.float64)).to(tl.float32))
 
     @triton.jit
     def param_rms(row):
@@ -150,15 +154,14 @@ if runtime.available():
     @triton.jit
     def update_scalars(row, mrow, t, tsc, hyp, lr_ptr, FLAGS: tl.constexpr, LR_TENSOR: tl.constexpr):
         """(new step, step size, -wd * step size; (EMA weight, eps, clip factor, step size, 1 - beta1) as fp32).
-        The clip factor is max(RMS(update) / clip_threshold, 1) from NORMS' sum."""
+        The clip factor is max(RMS(update) / clip_threshold, 1) from NORMS' sum, in fp32 as timm computes it."""
         lr, eps, eps_scale, clip, decay_rate, beta1, wd = hyp
         step, keep, lr_t = step_scalars(row, hyp, lr_ptr, param_rms(row), FLAGS, LR_TENSOR)
-        usq = tl.load(tsc + T_WIDTH * t + T_UPDATE_SQ, cache_modifier=".cg").to(tl.float64)
-        urms = tl.sqrt(usq) / tl.sqrt(tl.load(mrow + M_NUMEL).to(tl.float64))
-        clip_f = tl.maximum(urms / tl.cast(clip, tl.float64), 1.0).to(tl.float32)
-        one_minus_beta1 = (1.0 - tl.cast(beta1, tl.float64)).to(tl.float32)
+        urms = rms_of(tl.load(tsc + T_WIDTH * t + T_UPDATE_SQ, cache_modifier=".cg"), tl.load(mrow + M_NUMEL))
+        clip_f = tl.maximum(tl.div_rn(urms, clip.to(tl.float32)), 1.0)  # fp32 like timm's: a tie breaks the same
+        one_minus_beta1 = (1.0 - beta1).to(tl.float32)
         sc = (keep, tl.cast(eps, tl.float32), clip_f, lr_t.to(tl.float32), one_minus_beta1)
-        return step, lr_t, (-(tl.cast(wd, tl.float64) * lr_t)).to(tl.float32), sc
+        return step, lr_t, (-(wd * lr_t)).to(tl.float32), sc
 
     @triton.jit
     def write_param(p_ptr, offs, mask, upd, neg_decay, FLAGS: tl.constexpr):

@@ -23,7 +23,7 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .access import amp_skip, chunk_ptr, grad_inv_scale, store
+    from .access import amp_skip, chunk_ptr, fp64_arg, grad_inv_scale, store
     from .sync import arrive, run_phases
 
     NESTEROV, CAUTION, DECAY = mt.flag_bits(3)
@@ -217,7 +217,7 @@ if runtime.available():
             if FLAGS & CAUTION:
                 keep = mask & (d * (g - c[:, None] * p) > 0.0)
                 d = tl.where(keep, d * s, 0.0) - b[:, None] * p
-            store(p_ptr, offs, p * decay + neg_step * d, mask, False)
+            store(p_ptr, offs, tl.fma(neg_step, d, p * decay), mask, False)  # timm's p.add_(d, alpha=-lr): an fma
             store(s0_ptr, offs, s0, mask, False)
             if NS > 1:
                 store(s1_ptr, offs, s1, mask, False)
@@ -260,9 +260,8 @@ if runtime.available():
         """The passes in PASSES (bits) over the n_items work items: one pass is a plain launch, several a
         persistent one (runtime.launch_phases)."""
         if amp_skip(inf_ptr, HAS_INF) == 0:
-            hyps = (tl.cast(lr, tl.float64), tl.cast(eps, tl.float64), tl.cast(delta, tl.float64),
-                    tl.cast(wd_ratio, tl.float64), tl.cast(wd, tl.float64), tl.cast(h1, tl.float64),
-                    tl.cast(h2, tl.float64))  # plain Python floats under the interpreter
+            hyps = (fp64_arg(lr), fp64_arg(eps), fp64_arg(delta), fp64_arg(wd_ratio), fp64_arg(wd), fp64_arg(h1),
+                    fp64_arg(h2))
             # the args tuple is written out in the call: assigned to a name, its constexprs would become values
             run_phases(barrier, PASSES, 3, _item, _count,
                        (n_items, (ptrs, info, work, sptrs, scale_ptr),
