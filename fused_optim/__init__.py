@@ -14,6 +14,7 @@ from .optimizers.adam import Adam, AdamW
 from .optimizers.adamax import Adamax
 from .optimizers.asgd import ASGD
 from .optimizers.lbfgs import LBFGS
+from .optimizers.muon import Muon
 from .optimizers.nadam import NAdam
 from .optimizers.novograd import NovoGrad, NvNovoGrad
 from .optimizers.projection import SGDP, AdamP
@@ -25,7 +26,7 @@ from .optimizers.sparse_adam import SparseAdam
 
 __all__ = [
     "FusedOptimizer", "REGISTRY", "create_optimizer", "from_config", "optimizer_names",
-    "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adahessian", "Adam", "AdamP", "AdamW", "Adamax", "LBFGS", "NAdam",
-    "NovoGrad", "NvNovoGrad", "RAdam", "RMSprop", "Rprop", "SGD", "SGDP", "SparseAdam",
+    "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adahessian", "Adam", "AdamP", "AdamW", "Adamax", "LBFGS", "Muon",
+    "NAdam", "NovoGrad", "NvNovoGrad", "RAdam", "RMSprop", "Rprop", "SGD", "SGDP", "SparseAdam",
 ]
 __version__ = "0.1.0"

@@ -52,6 +52,12 @@ if runtime.available():
         return p, g
 
     @triton.jit
+    def lerp(a, b, w):
+        """torch's lerp, a + w * (b - a), from the nearer end (a weight >= 0.5 is exact at b too), fused as torch's."""
+        d = b - a
+        return tl.where(tl.abs(w) < 0.5, tl.fma(w, d, a), tl.fma(w - 1.0, d, b))
+
+    @triton.jit
     def bias_corrections(step, beta1, beta2):
         """(step + 1, 1 - beta1^(step + 1), 1 - beta2^(step + 1)): the new step and Adam's bias corrections, fp64."""
         step = step + 1.0

@@ -82,8 +82,8 @@ def option_variants(cls) -> list[dict]:
 
 
 def _rules_of(cls):
-    """(variant name, Rule, n states, n scalars) for each option variant of an optimizer class."""
-    probe = cls([torch.nn.Parameter(torch.ones(2))], fused=False, **({"lr": 0.1} if _lr_required(cls) else {}))
+    """(variant name, Rule, n states, n scalars, subvariant) for each option variant of an optimizer class."""
+    probe = cls([torch.nn.Parameter(torch.ones(2, 2))], fused=False, **({"lr": 0.1} if _lr_required(cls) else {}))
     seen, out = set(), []
     for variant in option_variants(cls):
         group = {**probe.param_groups[0], **variant}
@@ -93,7 +93,7 @@ def _rules_of(cls):
             if sig not in seen:
                 seen.add(sig)
                 label = ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
-                out.append((label + (f",variant={sub}" if sub is not None else ""), rule, len(keys), len(skeys)))
+                out.append((label + (f",variant={sub}" if sub is not None else ""), rule, len(keys), len(skeys), sub))
     return out
 
 
@@ -102,7 +102,8 @@ def _lr_required(cls) -> bool:
     return p is not None and (p.default is inspect.Parameter.empty or "required" in repr(p.default))
 
 
-# (param, grad, state) dtypes, aligned, AMP args (True: grad_scale and found_inf; "clip": grad_scale only, which is
+# (param, grad, state) dtypes, aligned, AMP args (True: grad_scale and found_inf; "inf": found_inf only, a launch
+# after the grads were unscaled; "clip": grad_scale only, which is
 # how max_grad_norm alone reaches the kernel). Every option variant is compiled for aligned fp32; the first
 # (defaults) and last (every option on) also for unaligned fp32, bf16, fp16 with AMP scaling, fp32 with clipping,
 # bf16 with an fp32 master copy (fp32 states), and bf16 with stochastic rounding.
@@ -121,13 +122,22 @@ def inventory() -> list[Entry]:
         if not cls._has_kernel():
             continue
         rules = _rules_of(cls)
-        for i, (label, rule, ns, nt) in enumerate(rules):
-            for dts, aligned, amp, master, sr in (DTYPE_VARIANTS if i in (0, len(rules) - 1) else [FP32]):
+        n_sub = len(getattr(cls, "kernel_subvariants", (None,)))  # the first and last option variant: every launch
+        seen = set()
+        for i, (label, rule, ns, nt, sub) in enumerate(rules):
+            for dts, aligned, amp, master, sr in (DTYPE_VARIANTS if i < n_sub or i >= len(rules) - n_sub else [FP32]):
                 if (master or sr) and not cls.precision_in_kernel:
                     continue
-                cx = mt.constexprs(rule, dts, ns, nt, lr_tensor=False, has_scale=bool(amp), has_inf=amp is True,
+                if hasattr(cls, "aot_launch"):  # a launch that sees other dtypes / AMP arguments than the group's
+                    dts, amp, master, sr = cls.aot_launch(sub, dts, amp, master, sr)
+                cx = mt.constexprs(rule, dts, ns, nt, lr_tensor=False, has_scale=amp in (True, "clip"),
+                                   has_inf=amp in (True, "inf"),
                                    aligned=aligned, master=master, sr=sr)
-                dname = str(dts[0]).replace("torch.", "")
+                key = (rule.update, rule.scalars, rule.flags, ns, nt, dts, aligned, amp, master, sr)
+                if key in seen:  # two group dtypes that make the same launch
+                    continue
+                seen.add(key)
+                dname = "/".join(str(d).replace("torch.", "") for d in (dts[:1] if len(set(dts)) == 1 else dts))
                 entries.append(Entry(f"{cls.__name__}[{label}] {dname}{'' if aligned else ' unaligned'}"
                                      f"{' ' + str(amp).replace('True', 'amp') if amp else ''}{' master' if master else ''}{' sr' if sr else ''}",
                                      mt.multi_tensor_apply_kernel, sig, cx,

@@ -43,7 +43,7 @@ def _shared(cls):
 
 
 def test_every_public_optimizer_is_listed():
-    assert len(OPTIMIZERS) == 19
+    assert len(OPTIMIZERS) == 20
     assert set(OPTIMIZERS) == {cls.__name__ for cls in fused_optim.REGISTRY.values()}
 
 
