@@ -43,10 +43,13 @@ STREAMS = {  # optimizer: (reads, writes) in whole-tensor passes, default option
     "SGDP": (4, 1), "AdamP": (6, 3), "Adahessian": (5, 3), "NovoGrad": (4, 2), "NvNovoGrad": (4, 2),
     "Adafactor": (3, 1), "Lion": (3, 2), "Adopt": (4, 3),
     "Lars": (5, 2), "Lamb": (9, 3),  # Lars: norms of g and p; Lamb: its statistics pass and the global clip's
+    "Muon": (4, 3),  # its two element-wise passes (the bf16 Newton-Schulz matmuls are compute, not counted)
 }
 TORCH_ANCHORS = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Rprop", "ASGD", "Adamax", "NAdam",
                  "RAdam"]
 TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
+TORCH_PLAIN = {"Muon"}  # torch anchors with no foreach / fused option: one row, `torch`
+MATRICES_ONLY = {"Muon"}  # takes 2-D params only: the workloads' matrices
 KW = {"SGD": {"lr": 0.01, "momentum": 0.9}, "SGDP": {"lr": 0.01, "momentum": 0.9},
       "Lars": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}}
 PRIME = {"torch-compile": 3}  # untimed steps before timing (default 1): compile, then recompile once state exists
@@ -136,6 +139,8 @@ def implementations(name, device, compile_torch=False):
     if device == "cuda":  # where fused=True is refused, its row says why
         impls["ours-fused"] = lambda ps, **kw: ours(ps, fused=True, **kw)
     impls["ours-reference"] = lambda ps, **kw: ours(ps, fused=False, **kw)
+    if name in TORCH_PLAIN:
+        impls["torch"] = lambda ps, **kw: getattr(torch.optim, name)(ps, **kw)
     if name in TORCH_ANCHORS:
         cls = getattr(torch.optim, name)
         impls["torch-forloop"] = lambda ps, **kw: cls(ps, foreach=False, **kw)
@@ -179,6 +184,10 @@ def main(argv=None):
     items = list(itertools.product(workloads(device, args.workload).items(), args.dtype, names))
     for (wname, shapes), dtype_name, name in progress(items, lambda it: f"{it[0][0]} {it[1]} {it[2]}"):
         dtype = getattr(torch, dtype_name)
+        if name in MATRICES_ONLY:
+            shapes = [s for s in shapes if len(s) == 2]
+            if not shapes:
+                continue
         numel = sum(torch.Size(s).numel() for s in shapes)
         reads, writes = STREAMS[name]
         nbytes = numel * (reads + writes) * dtype.itemsize

@@ -19,6 +19,7 @@ from .optimizers.lamb import Lamb
 from .optimizers.lars import Lars
 from .optimizers.lbfgs import LBFGS
 from .optimizers.lion import Lion
+from .optimizers.muon import Muon
 from .optimizers.nadam import NAdam
 from .optimizers.novograd import NovoGrad, NvNovoGrad
 from .optimizers.projection import SGDP, AdamP
@@ -30,8 +31,8 @@ from .optimizers.sparse_adam import SparseAdam
 
 __all__ = [
     "FusedOptimizer", "REGISTRY", "create_optimizer", "from_config", "optimizer_names",
-    "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adahessian", "Adam", "AdamP", "AdamW", "Adamax", "Adopt", "LBFGS", "Lion", "NAdam",
-    "Lamb", "Lars",
-    "NovoGrad", "NvNovoGrad", "RAdam", "RMSprop", "Rprop", "SGD", "SGDP", "SparseAdam",
+    "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adahessian", "Adam", "AdamP", "AdamW", "Adamax", "Adopt", "LBFGS",
+    "Lamb", "Lars", "Lion", "Muon", "NAdam", "NovoGrad", "NvNovoGrad", "RAdam", "RMSprop", "Rprop", "SGD", "SGDP",
+    "SparseAdam",
 ]
 __version__ = "0.1.0"

@@ -296,10 +296,13 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
         cache = self._kernel_caches.setdefault((id(group), variant), TableCache())
         mt.apply(rule, cache, params, grads, columns, [list(map(operator.itemgetter(k), states)) for k in skeys],
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None,
-                 grad_scale=grad_scale, found_inf=found_inf,
-                 masters=[local(st.get("master_param")) for st in states] if self.master_weights else None,
-                 stochastic_rounding=self.stochastic_rounding, who=type(self).__name__,
-                 # host RNG (torch.manual_seed makes it reproducible); no device sync
-                 seed=int(torch.randint(0, 2**31 - 1, ())) if self.stochastic_rounding else 0)
+                 grad_scale=grad_scale, found_inf=found_inf, **self._precision_args(states))
+
+    def _precision_args(self, states) -> dict:
+        """mt.apply's master_weights / stochastic_rounding arguments for a launch that writes the params."""
+        return dict(masters=[local(st.get("master_param")) for st in states] if self.master_weights else None,
+                    stochastic_rounding=self.stochastic_rounding, who=type(self).__name__,
+                    # host RNG (torch.manual_seed makes it reproducible); no device sync
+                    seed=int(torch.randint(0, 2**31 - 1, ())) if self.stochastic_rounding else 0)
 
 

@@ -61,10 +61,10 @@ def timm_class(module: str, cls: str):
 def optimizer_class(name: str) -> type:
     """The fused_optim class a factory name or alias builds (case-insensitive, timm-style aliases); ValueError
     listing the valid names otherwise. Asks the factory itself, the one place that knows the aliases (a probe
-    built with fused=False, which every device accepts, and an lr, which SGDP requires)."""
+    built with fused=False, which every device accepts, an lr, which SGDP requires, and a matrix, which Muon requires)."""
     import fused_optim
 
-    return type(fused_optim.create_optimizer([torch.zeros(1, requires_grad=True)], name, lr=0.1,
+    return type(fused_optim.create_optimizer([torch.zeros(1, 1, requires_grad=True)], name, lr=0.1,
                                                 fused=False))
 
 

@@ -7,6 +7,9 @@ Names are case-insensitive and ignore '_' and '-': every registered class name p
 (``sgd``/``nesterov`` = SGD with Nesterov momentum, ``momentum`` = SGD with plain momentum, ...). Given a model,
 biases, norm weights (every param with fewer than 2 dims) and names in ``no_weight_decay`` go in a group without
 weight decay, as timm does.
+
+``muon`` is torch.optim.Muon's algorithm (2-D params only): timm's factory maps 'muon' to timm's own Muon, which
+also runs AdamW on the 1-D params; here give those to another optimizer.
 """
 from __future__ import annotations
 

@@ -55,6 +55,14 @@ if runtime.available():
         return p, g
 
     @triton.jit
+    def lerp(a, b, w):
+        """torch's lerp, a + w * (b - a), in ATen's two forms: from the nearer end (a weight >= 0.5 is exact at b
+        too), fused as torch's; w a scalar (cast to a's dtype)."""
+        w = w.to(a.dtype)
+        d = b - a
+        return tl.where(tl.abs(w) < 0.5, tl.fma(w, d, a), tl.fma(w - 1.0, d, b))
+
+    @triton.jit
     def bias_corrections(step, beta1, beta2):
         """(step + 1, 1 - beta1^(step + 1), 1 - beta2^(step + 1)): the new step and Adam's bias corrections, fp64."""
         step = step + 1.0
@@ -72,12 +80,6 @@ if runtime.available():
         m = m + (1.0 - beta1).to(g.dtype) * (g - m)
         v = v * beta2.to(g.dtype) + (1.0 - beta2).to(g.dtype) * g * g
         return m, v
-
-    @triton.jit
-    def lerp(a, b, w):
-        """torch.lerp(a, b, w) for a scalar weight, in ATen's two forms (from a where |w| < 0.5, else from b)."""
-        w = w.to(a.dtype)
-        return tl.where(tl.abs(w) < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
 
     @triton.jit
     def caution_mask(u, g):

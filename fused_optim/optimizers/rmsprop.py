@@ -15,7 +15,7 @@ if runtime.available():
     import triton.language as tl
 
     from ..kernels.access import div_rn, sqrt_rn  # IEEE-rounded in either compute dtype
-    from .common import count_step, effective_grad
+    from .common import count_step, effective_grad, lerp
 
     CENTERED, MOMENTUM = mt.flag_bits(2, first=GRAD_BITS)
 
@@ -28,9 +28,7 @@ if runtime.available():
         neg_lr = -lr.to(p.dtype)
         sq = tl.fma(w * g, g, sq * alpha.to(p.dtype))
         if FLAGS & CENTERED:
-            # torch's lerp: from the nearer end, so a weight >= 0.5 is exact too
-            d = g - s1
-            s1 = tl.where(one_minus_alpha < 0.5, tl.fma(w, d, s1), tl.fma(w - 1.0, d, g))
+            s1 = lerp(s1, g, w)
             avg = sqrt_rn(tl.fma(-s1, s1, sq)) + eps.to(p.dtype)
         else:
             avg = sqrt_rn(sq) + eps.to(p.dtype)

@@ -84,8 +84,8 @@ def option_variants(cls) -> list[dict]:
 
 
 def _rules_of(cls):
-    """(variant name, Rule, n states, n scalars) for each option variant of an optimizer class."""
-    probe = cls([torch.nn.Parameter(torch.ones(2))], fused=False, **({"lr": 0.1} if _lr_required(cls) else {}))
+    """(variant name, Rule, n states, n scalars, subvariant) for each option variant of an optimizer class."""
+    probe = cls([torch.nn.Parameter(torch.ones(2, 2))], fused=False, **({"lr": 0.1} if _lr_required(cls) else {}))
     seen, out = set(), []
     for variant in option_variants(cls):
         group = {**probe.param_groups[0], **variant}
@@ -95,7 +95,7 @@ def _rules_of(cls):
             if sig not in seen:
                 seen.add(sig)
                 label = ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
-                out.append((label + (f",variant={sub}" if sub is not None else ""), rule, len(keys), len(skeys)))
+                out.append((label + (f",variant={sub}" if sub is not None else ""), rule, len(keys), len(skeys), sub))
     return out
 
 
@@ -104,7 +104,8 @@ def _lr_required(cls) -> bool:
     return p is not None and (p.default is inspect.Parameter.empty or "required" in repr(p.default))
 
 
-# (param, grad, state) dtypes, aligned, AMP args (True: grad_scale and found_inf; "clip": grad_scale only, which is
+# (param, grad, state) dtypes, aligned, AMP args (True: grad_scale and found_inf; "inf": found_inf only, a launch
+# after the grads were unscaled; "clip": grad_scale only, which is
 # how max_grad_norm alone reaches the kernel). Every option variant is compiled for aligned fp32; the first
 # (defaults) and last (every option on) also for unaligned fp32, bf16, fp16 with AMP scaling, fp32 with clipping,
 # bf16 with an fp32 master copy (fp32 states), bf16 with stochastic rounding, and fp64 (fp64 math), plain and with
@@ -134,17 +135,27 @@ def inventory() -> list[Entry]:
         if not cls._has_kernel():
             continue
         rules = _rules_of(cls)
-        for i, (label, rule, ns, nt) in enumerate(rules):
+        n_sub = len(getattr(cls, "kernel_subvariants", (None,)))  # the first and last option variant: every launch
+        seen = set()
+        for i, (label, rule, ns, nt, sub) in enumerate(rules):
             # a rule with a statistics pass: its persistent launch, and each pass alone (the refused fallback)
             passes_of = [(mt.P_STATS, mt.P_APPLY), (mt.P_STATS,), (mt.P_APPLY,)] if rule.stats else [(mt.P_APPLY,)]
-            for (dts, aligned, amp, master, sr), passes in itertools.product(
-                    DTYPE_VARIANTS if i in (0, len(rules) - 1) else [FP32], passes_of):
+            variants = DTYPE_VARIANTS if i < n_sub or i >= len(rules) - n_sub else [FP32]
+            for (dts, aligned, amp, master, sr), passes in itertools.product(variants, passes_of):
                 if (master or sr) and not cls.precision_in_kernel:
                     continue
+                if hasattr(cls, "aot_launch"):  # a launch that sees other dtypes / AMP arguments than the group's
+                    dts, amp, master, sr = cls.aot_launch(sub, dts, amp, master, sr)
                 for f64 in _scalar_f64_variants(dts, nt, amp):
-                    cx = mt.constexprs(rule, dts, ns, nt, lr_tensor=False, has_scale=bool(amp), has_inf=amp is True,
-                                       aligned=aligned, master=master, sr=sr, passes=passes, scalar_f64=f64)
-                    dname = str(dts[0]).replace("torch.", "")
+                    key = (rule.update, rule.scalars, rule.stats, rule.flags, ns, nt, dts, aligned, amp, master, sr,
+                           passes, f64)
+                    if key in seen:  # two group dtypes that make the same launch
+                        continue
+                    seen.add(key)
+                    cx = mt.constexprs(rule, dts, ns, nt, lr_tensor=False, has_scale=amp in (True, "clip"),
+                                       has_inf=amp in (True, "inf"), aligned=aligned, master=master, sr=sr,
+                                       passes=passes, scalar_f64=f64)
+                    dname = "/".join(str(d).replace("torch.", "") for d in (dts[:1] if len(set(dts)) == 1 else dts))
                     pname = f" pass {'+'.join(map(str, passes))}" if rule.stats else ""
                     # the clip scale of fp64 grads is fp64
                     esig = {**sig, "scale_ptr": "*fp64"} if amp == "clip" and dts[0] == torch.float64 else sig

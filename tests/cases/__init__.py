@@ -44,6 +44,8 @@ class Case:
     # drifts ~1e-8 from the unreloaded one (torch -> torch too); with float32 params the cast changes nothing.
     ckpt_dtype: torch.dtype = torch.float64
     launches: int = 1                           # kernel launches per param group and step (reduction passes count)
+    kernel_rtol: float = 1e-5                   # fused vs reference in fp32 (test_kernels.py): float32 rounding, unless
+    kernel_atol: float = 1e-6                   # the reference's own math is low precision (Muon's bf16 matmuls)
     requires_grad: bool = False                 # params are leaves that require grad from the start (drivers that
                                                 # differentiate the grads w.r.t. them, e.g. Adahessian's Hessian)
 

@@ -66,9 +66,9 @@ def test_same_defaults_and_group_keys(case):
         d_ours, d_theirs = ours[name].default, par.default
         if d_theirs is not inspect.Parameter.empty and "required" not in repr(d_theirs):
             assert d_ours == d_theirs, f"{name}: default {d_ours!r} != {d_theirs!r}"
-    p = [torch.nn.Parameter(torch.randn(3))]
+    p = [torch.nn.Parameter(torch.randn(2, 3))]  # 2-D: Muon takes only matrices
     kw = {"lr": 0.1} if "required" in repr(theirs.get("lr").default if "lr" in theirs else None) else {}
-    g_ours = case.cls([torch.nn.Parameter(torch.randn(3))], **kw).param_groups[0]
+    g_ours = case.cls([torch.nn.Parameter(torch.randn(2, 3))], **kw).param_groups[0]
     g_theirs = anchor(p, **kw).param_groups[0]
     assert set(g_theirs) <= set(g_ours) and set(g_ours) - set(g_theirs) <= {"fused"}
     for k in g_theirs:

@@ -130,3 +130,13 @@ def test_host_overhead_stubs_every_launch_and_restores_them(tmp_path):
     assert ho._count.engine - engine_launches == 3 * 4
     assert ho._no_torch_kernel.calls > 0  # torch's kernels were stubbed too
     assert (runtime.dispatch, torch._fused_adam_) == before
+
+
+def test_muon_runs_on_the_matrices_against_torchs(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "workloads", lambda device, which: {"mini": [(64,), (16, 8), (8, 16)]})
+    rows = _bench(tmp_path, "--only", "muon", "--dtype", "float32", "--no-compile")
+    assert {r["impl"] for r in rows} == {"ours-reference", "torch"}  # torch's Muon has no foreach / fused option
+    for r in rows:
+        assert "error" not in r, r
+        assert r["tensors"] == 2 and r["numel"] == 256  # its matrices only
+        _check_timed(r)

@@ -44,7 +44,7 @@ def _shared(cls):
 
 
 def test_every_public_optimizer_is_listed():
-    assert len(OPTIMIZERS) == 23  # the 19, Lion, Adopt, Lamb, Lars
+    assert len(OPTIMIZERS) == 24  # the 19, Lion, Adopt, Lamb, Lars, Muon
     assert set(OPTIMIZERS) == {cls.__name__ for cls in fused_optim.REGISTRY.values()}
 
 
