@@ -15,9 +15,29 @@ fused=None
     kernels when every param of the group is on CUDA and Triton imports, else the reference path. True: demand
     the kernels (RuntimeError at construction without Triton, or for a param not on CUDA; CPU params only under
     TRITON_INTERPRET=1, Triton's interpreter). False: the reference path, plain torch math that defines the
-    numbers (tested against the anchor every step). The kernels need contiguous params and grads. Launches per
-    param group and step: as stated above, for a group whose params share one dtype. Where the anchor has a
-    ``fused`` flag of its own (torch's Adam, AdamW, SGD, Adagrad), this one takes its place, with its values."""
+    numbers (tested against the anchor every step). Launches per param group and step: as stated above, for a
+    group whose params share one dtype. Where the anchor has a ``fused`` flag of its own (torch's Adam, AdamW,
+    SGD, Adagrad), this one takes its place, with its values.
+{layouts}"""
+
+# how the fused path takes non-contiguous tensors, by the class's kernel_layout
+_COPIES = ("a grad in another layout or expanded costs a copy of the grad per step (and one back with AMP or "
+           "max_grad_norm, which write the unscaled grad; an expanded grad is replaced by it); a state of other "
+           "strides, a copy in and back (a checkpoint's states are relaid like their param at load).")
+_LAYOUTS = {
+    "storage": "Layouts: any. The kernels walk storage: a dense param (contiguous, channels_last, transposed) "
+               "whose grad and states share its strides runs as it is, in the same launch. A param that is not "
+               "dense (a strided slice) goes through a contiguous copy (in and back each step); " + _COPIES,
+    "rows": "Layouts: any. The kernels read rows (dim 0) as blocks of storage: a dense param with dim 0 outermost "
+            "(contiguous, channels_last) whose grad and states share its strides runs as it is, in the same "
+            "launch; another param (transposed, a strided slice) goes through contiguous copies of it and its "
+            "states (in and back each step); " + _COPIES,
+    "contiguous": "Layouts: any. The kernels read logical rows and columns: a non-contiguous param (channels_last "
+                  "included) goes through contiguous copies of it, its grad and its states of its shape (in and "
+                  "back each step: about two extra reads and writes of each).",
+    "flat": "Layouts: any: the flat vectors gather each grad in logical order (torch's view(-1); a copy where "
+            "torch's view would refuse, e.g. a channels_last grad).",
+}
 
 _MASTER = """\
 master_weights=False
@@ -70,7 +90,8 @@ def options_doc(cls) -> str:
     if getattr(cls, "anchor_max_grad_norm", False):  # the anchor's own argument, documented above
         return "\n\n".join((HEADER, _FUSED, *precision))
     clip = _CLIP if cls.supports_max_grad_norm else _REFUSED_CLIP
-    return "\n\n".join((HEADER, _FUSED, *precision, clip))
+    layouts = textwrap.fill(_LAYOUTS[cls.kernel_layout], 116, initial_indent="    ", subsequent_indent="    ")
+    return "\n\n".join((HEADER, _FUSED.format(layouts=layouts), *precision, clip))
 
 
 def document(cls):

@@ -93,6 +93,63 @@ IS_SPARSE = operator.attrgetter("is_sparse")
 _DTYPE = operator.attrgetter("dtype")
 
 
+def _spans(t: torch.Tensor):
+    """(stride, size) of t's dims of size > 1, innermost first."""
+    return sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1)
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Every element of t has its own place in one gap-free block of storage from ``t.data_ptr()`` (torch's
+    non-overlapping and dense: contiguous, channels_last, any permutation): a kernel may walk its ``numel()``
+    elements in storage order."""
+    if t.is_contiguous():
+        return True
+    extent = 1
+    for st, n in _spans(t):
+        if st != extent:
+            return False
+        extent *= n
+    return True
+
+
+def overlapping(t: torch.Tensor) -> bool:
+    """Some elements of t may share memory (an expanded, stride-0 tensor): it cannot be written in place.
+    Conservative: a layout too odd to tell counts as overlapping."""
+    extent = 0
+    for st, n in _spans(t):
+        if st <= extent:
+            return True
+        extent += st * (n - 1)
+    return False
+
+
+def writable_grads(params, grads) -> list:
+    """The grads, each one whose elements share memory (an expanded grad: no in-place unscaling or clipping)
+    replaced by a dense copy, which becomes its param's ``.grad``."""
+    if all(map(torch.Tensor.is_contiguous, grads)):
+        return grads
+    out = []
+    for p, g in zip(params, grads):
+        if g.layout == torch.strided and overlapping(g):
+            g = p.grad = g.contiguous()
+        out.append(g)
+    return out
+
+
+def same_order(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b (of one shape) lay their elements out in the same storage order (size-1 dims do not count)."""
+    return a.stride() == b.stride() or all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+
+
+def like_param(v, p: torch.Tensor):
+    """A state value laid out like its (dense) param, as torch creates them: a loaded checkpoint keeps the saved
+    strides, and the fused kernels walk a param and its states in one storage order. Else v itself."""
+    if (isinstance(v, torch.Tensor) and v.shape == p.shape and v.layout == torch.strided and not is_dtensor(p)
+            and not (dense(v) and same_order(v, p)) and dense(p)):
+        return torch.empty_like(p, dtype=v.dtype).copy_(v)
+    return v
+
+
 def zeros_like(p: torch.Tensor) -> torch.Tensor:
     """A fresh element-wise state buffer, laid out like the param (as torch's optimizers make them)."""
     return torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -114,4 +171,4 @@ def restore_state_dtypes(opt: Optimizer, state_dict: dict, dtypes_of: Callable) 
             saved = state_dict["state"].get(pid, {})
             for key, dtype in dtypes_of(group, p).items():
                 if dtype is not None and isinstance(saved.get(key), torch.Tensor):
-                    opt.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
+                    opt.state[p][key] = like_param(saved[key].to(device=p.device, dtype=dtype, copy=True), p)

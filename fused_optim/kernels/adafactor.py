@@ -23,6 +23,8 @@ if runtime.available():
 CSRC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the C++ engine's grad dtypes
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
 _MOMENT_SET = frozenset(MOMENT_KEYS)
+_FACTORED_KEYS = frozenset(MOMENT_KEYS[2:])
+PARAM_SHAPED_KEYS = MOMENT_KEYS[:2]  # moments of the param's shape (the others: factored rows / columns)
 HYPERS = ("lr", "eps", "eps_scale", "clip", "decay_rate", "beta1", "wd")  # the kernel's fp64 arguments, in order
 PLAIN, CAUTIOUS = (NORMS, APPLY), (NORMS, MOMENTS, CAUTIOUS_APPLY)  # the passes after the factored statistics
 PASS_NAMES = ("fold", "rowcol", "norms", "moments", "apply", "cautious")
@@ -123,27 +125,29 @@ def launches(passes, has_factored: bool, csrc_stats: bool) -> list:
     return [[FOLD, *passes]] if csrc_stats else [[ROWCOL], list(passes)]
 
 
-def _moment_dtypes(states, grads, device) -> list:
-    """Each tensor's moment dtype (fp32 for fp16 / bf16 grads); its moments are made contiguous on the device in it
-    (a loaded checkpoint may hold others): the kernel reads them by address."""
+def prepare_moments(states, grads, device) -> list:
+    """Each tensor's moment dtype (fp32 for fp16 / bf16 grads); its moments are moved to the device in it (a loaded
+    checkpoint may hold others), the factored row / column moments made contiguous (the kernel reads them by
+    address; those of the param's shape go through the optimizer's layout fitting instead)."""
     index = device_index(device)
     sdts = [torch.float32 if dt in LOW_PRECISION else dt for dt in map(dtype_of, grads)]
     for st, sdt in zip(states, sdts):
         for k in _MOMENT_SET.intersection(st):
             v = st[k]
-            if v.dtype != sdt or v.get_device() != index or not v.is_contiguous():
-                st[k] = v.to(device=device, dtype=sdt).contiguous()
+            if v.dtype != sdt or v.get_device() != index or (k in _FACTORED_KEYS and not v.is_contiguous()):
+                v = v.to(device=device, dtype=sdt)
+                st[k] = v.contiguous() if k in _FACTORED_KEYS else v
     return sdts
 
 
-def step(spec: Spec, caches: dict, slot, params, grads, states, grad_scale=None, found_inf=None):
+def step(spec: Spec, caches: dict, slot, params, grads, states, sdts, grad_scale=None, found_inf=None):
     """One param group's fused step; per (param, grad, moment) dtype bucket at most 2 launches. Its tables live in
-    ``caches[slot]`` (the optimizer's storage). Returns the last tensor's step size as a 0-d device view (timm leaves
-    it in group['lr'])."""
+    ``caches[slot]`` (the optimizer's storage); ``sdts``: prepare_moments' dtypes. Returns the last tensor's step
+    size as a 0-d device view (timm leaves it in group['lr'])."""
     dev = params[0].device
     cache = caches.setdefault(slot, TableCache())
     hypers = tuple(spec.hypers[k] for k in HYPERS)
-    keys = list(zip(map(dtype_of, params), map(dtype_of, grads), _moment_dtypes(states, grads, dev)))
+    keys = list(zip(map(dtype_of, params), map(dtype_of, grads), sdts))
     last_lr = None
     for dts, idx in buckets(keys).items():
         ps, gs, sts = pick(idx, params, grads, states)

@@ -28,7 +28,7 @@ sets the FLAGS bit ``SCALAR_F64[k]`` for a float64 slot k, so a SCALARS that rou
 Tables (tables.py caches them): ``ptrs`` int64 [T, S_COL + NS (+1 master)] the addresses of param, grad and each
 state of tensor t; ``numels`` [T]; ``work`` int32 [W, W_WIDTH] (tensor, chunk) pairs, every tensor >= 1 chunk so
 0-element tensors still advance their scalars; ``sptrs`` int64 [T, NT] addresses of the per-tensor 0-d
-states; ``counters`` int32 [T]; with a statistics pass also ``partials`` fp32 [W], ``stats`` fp32 [T] and a grid
+states; ``counters`` int32 [T]; with a statistics pass also ``partials`` fp64 [W], ``stats`` fp64 [T] and a grid
 barrier. See Note [last program writes scalars] in kernels/README.md.
 """
 from __future__ import annotations
@@ -174,7 +174,7 @@ if runtime.available():
         p, g, s0, s1, s2, s3 = _inputs(offs, mask, FULL, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr,
                                        inv_scale, NS, HAS_SCALE, MASTER, False)
         x = STATS(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
-        return acc + tl.where(mask, x, 0.0).to(tl.float32)
+        return acc + tl.where(mask, x, 0.0).to(acc.dtype)
 
     @triton.jit
     def _run_pass(item, PASS: tl.constexpr, ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, hp, seed,
@@ -221,7 +221,7 @@ if runtime.available():
         inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
         nwork = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
         if PASS == STATS_PASS:
-            acc = over_chunk(_stats_block, tl.zeros([BLOCK], tl.float32), chunk * (BLOCK * ITERS), n,
+            acc = over_chunk(_stats_block, to_compute(tl.zeros([BLOCK], tl.float32), p_ptr), chunk * (BLOCK * ITERS), n,
                              (p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, inv_scale,
                               c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, STATS, FLAGS, NS, HAS_SCALE, MASTER),
                              BLOCK, ITERS)
@@ -229,7 +229,8 @@ if runtime.available():
             # Note [statistics pass]: the tensor's last program sums its chunks' partials in chunk order
             if arrive(counters + t, nwork):
                 total = sum_partials(partials + (item - chunk), nwork, PB)
-                tl.store(stats + t, total / tl.maximum(n, 1).to(tl.float32))
+                # the mean in the compute dtype, as the reference's mean(); kept in an fp64 buffer
+                tl.store(stats + t, to_compute(total, p_ptr) / to_compute(tl.maximum(n, 1), p_ptr))
                 tl.store(counters + t, 0)
         else:
             over_chunk(_block, tl.cast(0, tl.int32), chunk * (BLOCK * ITERS), n,
@@ -366,8 +367,8 @@ class _Tables(Tables):
     hp: torch.Tensor = None     # fp64 [N_HYPER] hyper-parameters on the device
     hkey: tuple = ()            # the values hp holds
     fdummy: torch.Tensor = None  # an fp32 stand-in for absent lr / grad_scale / found_inf
-    partials: torch.Tensor = None  # the statistics pass (made on its first use): fp32 [W] per work item,
-    stats: torch.Tensor = None     # fp32 [T] per-tensor means,
+    partials: torch.Tensor = None  # the statistics pass (made on its first use): fp64 [W] per work item,
+    stats: torch.Tensor = None     # fp64 [T] per-tensor means,
     barrier: sync.GridBarrier = None  # and the grid barrier of its persistent launch
 
 
@@ -446,15 +447,16 @@ def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=Fal
     n_items = tab.work.shape[0]
     if rule.stats is not None and tab.partials is None:
         dev = tab.work.device
-        tab.partials = torch.zeros(n_items, dtype=torch.float32, device=dev)
-        tab.stats = torch.zeros(tab.numels.shape[0], dtype=torch.float32, device=dev)
+        tab.partials = torch.zeros(n_items, dtype=torch.float64, device=dev)
+        tab.stats = torch.zeros(tab.numels.shape[0], dtype=torch.float64, device=dev)
         tab.barrier = sync.GridBarrier(dev)
     args = (tab.ptrs, tab.numels, tab.work, tab.sptrs, tab.counters,
             lr_tensor if lr_tensor is not None else dummy,
             grad_scale if grad_scale is not None else dummy,
             found_inf if found_inf is not None else dummy,
             tab.hp, seed,
-            dummy if tab.partials is None else tab.partials, dummy if tab.stats is None else tab.stats,
+            # hp: an fp64 stand-in for the absent statistics buffers (never read)
+            tab.hp if tab.partials is None else tab.partials, tab.hp if tab.stats is None else tab.stats,
             tab.counters if tab.barrier is None else tab.barrier.words, n_items)
 
     def constexprs_of(passes):

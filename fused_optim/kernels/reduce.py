@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import runtime
+from .._tensors import dense
 from .tables import Tables, TableCache, all_aligned, buckets, dtype_of, numel, pick, ptr, to_device
 
 BACKEND = os.environ.get("FUSED_OPTIM_REDUCTIONS", "auto")
@@ -120,8 +121,12 @@ def use_csrc(device: torch.device) -> bool:
 
 
 def sumsq(cache: dict, grads, grad_scale=None, found_inf=None) -> torch.Tensor:
-    """[T] device buffer: sum((g / grad_scale)^2) of every grad (contiguous, real dtype); fp32, fp64 if any grad is
-    fp64. The buffer is cached in ``cache`` per list of sizes and dtypes, so its address is the same every step."""
+    """[T] device buffer: sum((g / grad_scale)^2) of every grad (real dtype); fp32, fp64 if any grad is fp64. The
+    buffer is cached in ``cache`` per list of sizes and dtypes, so its address is the same every step. A grad that is
+    not dense (a strided slice, an expanded grad) is summed from a contiguous copy; any dense layout is walked as it
+    is."""
+    if not all(map(torch.Tensor.is_contiguous, grads)):
+        grads = [g if dense(g) else g.contiguous() for g in grads]
     dev = grads[0].device
     key = (tuple(map(numel, grads)), tuple(map(dtype_of, grads)), str(dev))
     out = cache.get(("out", key))

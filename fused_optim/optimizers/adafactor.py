@@ -110,6 +110,7 @@ class Adafactor(FusedOptimizer):
     supports_complex = False
     scalar_keys = ("step", "RMS")
     elementwise = False  # row/column means and update RMS over whole tensors
+    kernel_layout = "contiguous"  # factored rows / columns: other layouts go through contiguous copies
     precision_in_kernel = False  # its own kernels: master_weights / stochastic_rounding use the reference path
     float64_in_kernel = False  # its kernels' statistics and coefficients are fp32: float64 params use the reference
     kernel_variants = ()  # no shared-kernel rule: tools/aot.py takes the dedicated kernel from aot_kernels()
@@ -172,9 +173,15 @@ class Adafactor(FusedOptimizer):
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         scalars_on_device(states, self.scalar_keys, params[0].device, keep_f64=False)  # its kernels read fp32
-        self._require_contiguous(params, grads)
-        last_lr = af.step(_kernel_spec(group), self._kernel_caches, id(group), params, grads, states, grad_scale,
-                          found_inf)
+        sdts = af.prepare_moments(states, grads, params[0].device)
+        keys = af.PARAM_SHAPED_KEYS  # not every tensor has both: columns with None
+        params, grads, columns, back = self._kernel_tensors(
+            params, grads, states, (), grad_scale, extra=[[st.get(k) for st in states] for k in keys])
+        if back:  # the kernel reads states from the dicts: ones holding the copies
+            states = [{**st, **{k: v for k, v in zip(keys, vs) if v is not None}} for st, *vs in zip(states, *columns)]
+        last_lr = af.step(_kernel_spec(group), self._kernel_caches, id(group), params, grads, states, sdts,
+                          grad_scale, found_inf)
+        self._write_back(back)
         if group["relative_step"] and last_lr is not None:
             group["lr"] = last_lr  # timm leaves the last param's step size here; a device view, no sync
 

@@ -179,10 +179,12 @@ class Lamb(FusedOptimizer):
                        trust_clip=group["trust_clip"])
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
-        self._require_contiguous(params, grads)  # (no DTensor or complex params here: refused before)
+        # (no DTensor or complex params here: refused before)
+        params, grads, (m, v), back = self._kernel_tensors(params, grads, states, ("exp_avg", "exp_avg_sq"), grad_scale)
         clip = self._clip
         if clip is not None and clip.device != params[0].device:
             clip = clip.to(params[0].device)
         kl.step(self.lamb_spec(group), self._kernel_caches.setdefault(id(group), TableCache()), params, grads,
-                [(st["exp_avg"], st["exp_avg_sq"]) for st in states], group["step"], grad_scale, clip, found_inf,
+                list(zip(m, v)), group["step"], grad_scale, clip, found_inf,
                 type(self).__name__)
+        self._write_back(back)

@@ -130,7 +130,7 @@ class Lars(FusedOptimizer):
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
         launches = momentum_launches(params, states) if group["momentum"] != 0 else [(range(len(params)), None)]
         keys = ("momentum_buffer",) if group["momentum"] != 0 else ()
-        params, grads, columns = self._kernel_tensors(params, grads, states, keys)
+        params, grads, columns, back = self._kernel_tensors(params, grads, states, keys, grad_scale)
         slots = ()
         if self._adapts(group):
             cache = self._kernel_caches.setdefault((id(group), "sumsq"), {})
@@ -150,3 +150,4 @@ class Lars(FusedOptimizer):
                      cols[:len(columns)], cols[len(columns):],
                      lr_tensor=lr if isinstance(lr, torch.Tensor) else None, grad_scale=grad_scale,
                      found_inf=found_inf)
+        self._write_back(back)

@@ -47,6 +47,7 @@ class LBFGS(FusedOptimizer):
     supports_precision_options = False  # line search and history assume the params' own precision
     supports_max_grad_norm = False  # the line search and the curvature pairs need the true gradient
     scalar_keys = ()
+    kernel_layout = "flat"  # the flat vectors gather the grads in logical order
     _step_supports_amp_scaling = False
     kernel_variants = ()  # no multi-tensor rule: kernels/lbfgs.py's aot_kernels() lists the direction kernel
     host_syncs = 0        # device -> host transfers made by the fused path (tests count them)

@@ -193,7 +193,7 @@ def gather_flat_grad(params):
         elif p.grad.is_sparse:
             v = p.grad.to_dense().view(-1)
         else:
-            v = p.grad.view(-1)
+            v = p.grad.reshape(-1)  # torch's view(-1), which refuses grads it cannot view (channels_last)
         views.append(torch.view_as_real(v).view(-1) if v.is_complex() else v)
     return torch.cat(views, 0)
 

@@ -154,6 +154,7 @@ class Muon(FusedOptimizer):
 
     supports_complex = False
     elementwise = False  # Newton-Schulz needs whole matrices: FSDP2 shards are refused
+    kernel_layout = "contiguous"  # the momentum launch writes the Newton-Schulz stacks in the params' logical order
     scalar_keys = ()
     kernel_subvariants = ("momentum", "update")  # the two launches of a step (the AOT inventory compiles both)
     kernel_variants = ({}, {"nesterov": False}, {"nesterov": False, "adjust_lr_fn": "match_rms_adamw"})  # AOT
@@ -225,7 +226,9 @@ class Muon(FusedOptimizer):
         ws = caches.get((id(group), "workspace"))
         if ws is None or ws.key != key:
             ws = caches[(id(group), "workspace")] = _workspace(key, params)
-        params, grads, (bufs,) = self._kernel_tensors(params, grads, states, ("momentum_buffer",))
+        masters = [st.get("master_param") for st in states] if self.master_weights else None
+        params, grads, (bufs, *masters), back = self._kernel_tensors(params, grads, states, ("momentum_buffer",),
+                                                                     grad_scale, extra=[masters] if masters else ())
         rule, _, _ = self._kernel_rule(group, "momentum")
         mt.apply(rule, caches.setdefault((id(group), "momentum"), TableCache()), ws.inputs, grads, [bufs], [],
                  grad_scale=grad_scale, found_inf=found_inf)
@@ -237,4 +240,5 @@ class Muon(FusedOptimizer):
         lr = group["lr"]
         mt.apply(rule, caches.setdefault((id(group), "update"), TableCache()), params, ws.results, [],
                  [ws.rows, ws.cols], lr_tensor=lr if isinstance(lr, torch.Tensor) else None, found_inf=found_inf,
-                 **self._precision_args(states))
+                 **self._precision_args(masters[0] if masters else None))
+        self._write_back(back)

@@ -175,7 +175,7 @@ class _LayerwiseMoments(FusedOptimizer):
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         rule, keys, skeys = self._kernel_rule(group)
         scalars_on_device(states, [k for k in skeys if k != _NORM], params[0].device)
-        params, grads, columns = self._kernel_tensors(params, grads, states, keys)
+        params, grads, columns, back = self._kernel_tensors(params, grads, states, keys, grad_scale)
         cache = self._kernel_caches.setdefault((id(group), "sumsq"), {})
         # 0-d views of a buffer at a fixed address (the apply's tables stay valid), made once per buffer
         buf = reduce.sumsq(cache, grads, grad_scale, found_inf)
@@ -186,6 +186,7 @@ class _LayerwiseMoments(FusedOptimizer):
         scalars = [norms if k == _NORM else list(map(operator.itemgetter(k), states)) for k in skeys]
         mt.apply(rule, self._kernel_caches.setdefault((id(group), None), TableCache()), params, grads, columns, scalars,
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None, grad_scale=grad_scale, found_inf=found_inf)
+        self._write_back(back)
 
 
 @register

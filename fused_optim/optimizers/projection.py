@@ -145,6 +145,7 @@ class _Projected(FusedOptimizer):
     """What SGDP and AdamP share: validation and the fused path."""
     supports_complex = False
     elementwise = False  # per-row / per-tensor reductions: FSDP2 shards are refused by the base class
+    kernel_layout = "rows"  # per-row statistics: rows must be blocks of storage (see FusedOptimizer)
     precision_in_kernel = False  # master_weights / stochastic_rounding run on the reference path
     float64_in_kernel = False  # the C++ engine's row statistics are fp32: float64 params use the reference path
     kernel_variants = ()  # no generic-kernel rule: kernels/projection.py lists this kernel's AOT entries
@@ -166,10 +167,12 @@ class _Projected(FusedOptimizer):
         spec = self.projection_spec(group)
         if spec.adam:
             scalars_on_device(states, ("step",), params[0].device, keep_f64=False)  # its kernels read fp32
-        self._require_contiguous(params, grads)  # (no DTensor or complex params here: refused before)
+        steps = [st["step"] for st in states] if spec.adam else None
+        # (no DTensor or complex params here: refused before)
+        params, grads, columns, back = self._kernel_tensors(params, grads, states, spec.state_keys, grad_scale)
         kp.step(spec, self._kernel_caches.setdefault(id(group), TableCache()), params, grads,
-                [[st[k] for k in spec.state_keys] for st in states],
-                [st["step"] for st in states] if spec.adam else None, grad_scale, found_inf, type(self).__name__)
+                list(map(list, zip(*columns))), steps, grad_scale, found_inf, type(self).__name__)
+        self._write_back(back)
 
 
 @register

@@ -90,6 +90,7 @@ class SparseAdam(FusedOptimizer):
     supports_max_grad_norm = False  # torch.nn.utils.clip_grad_norm_ has no sparse-grad counterpart to match
     supports_complex = False
     scalar_keys = ()
+    kernel_layout = "contiguous"  # its kernel indexes rows
     precision_in_kernel = False  # its row kernel has no master copy / stochastic rounding: reference path
     # like torch: GradScaler unscales sparse grads itself (unscale_) and then calls a plain step()
     _step_supports_amp_scaling = False
@@ -148,20 +149,23 @@ class SparseAdam(FusedOptimizer):
             return  # AMP overflow: nothing advances (the host sync is free: coalescing syncs anyway)
         rule, keys, _ = self._kernel_rule(group)
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        if not all(p.is_contiguous() and all(st[k].is_contiguous() for k in keys) for p, st in zip(params, states)):
-            raise RuntimeError("SparseAdam: fused=True needs contiguous params")
+        originals = params
+        # the kernel indexes rows of contiguous tensors: others go through contiguous copies (sparse grads are
+        # read as coalesced values, whatever the param's layout)
+        params, _, (exp_avgs, exp_avg_sqs), back = self._kernel_tensors(params, grads, states, keys)
         buckets: dict = {}
-        for p, grad, st in zip(params, grads, states):
+        for p, orig, grad, st, m, v in zip(params, originals, grads, states, exp_avgs, exp_avg_sqs):
             st["step"] += 1
             g = grad.coalesce()
             if grad_scale is not None and g is not grad:
-                p.grad = g  # the kernel unscales the coalesced values in place: make them p.grad
+                orig.grad = g  # the kernel unscales the coalesced values in place: make them p.grad
             vals = g._values()
             if vals.numel() == 0:
                 continue
             vals = vals.contiguous()
             rows = _linear_rows(g)
-            item = (p, st["exp_avg"], st["exp_avg_sq"], vals, rows, _step_size(lr, beta1, beta2, st["step"]))
+            item = (p, m, v, vals, rows, _step_size(lr, beta1, beta2, st["step"]))
             buckets.setdefault((p.dtype, vals.dtype), []).append(item)
         for dts, items in buckets.items():
             sparse_rows.launch_rows(rule, dts, items, grad_scale)
+        self._write_back(back)

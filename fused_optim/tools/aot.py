@@ -60,7 +60,7 @@ def multi_tensor_signature() -> dict:
     """Runtime argument types of the shared kernel (constexprs filled separately)."""
     ptr = {"ptrs": "*i64", "numels": "*i64", "work": "*i32", "sptrs": "*i64", "counters": "*i32",
            "lr_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32", "hp": "*fp64", "seed": "i32",
-           "partials": "*fp32", "stats": "*fp32", "barrier": "*i32", "n_items": "i32"}
+           "partials": "*fp64", "stats": "*fp64", "barrier": "*i32", "n_items": "i32"}
     sig = {}
     for name in mt.multi_tensor_apply_kernel.arg_names:
         if name in ptr:
