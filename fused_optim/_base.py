@@ -14,20 +14,17 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
+from ._layouts import KernelTensors
 from ._precision import PrecisionOptions
-from ._tensors import (GRAD, IS_SPARSE, LOW_PRECISION, any_dtensor, as_real, dense, like_param, local, same_order,
-                       scalars_on_device, writable_grads)
+from ._tensors import GRAD, IS_SPARSE, LOW_PRECISION, any_dtensor, as_real, like_param, scalars_on_device, writable_grads
 from .kernels import multi_tensor as mt
 from .kernels import runtime
 from .kernels.tables import TableCache
 
-_IS_CONTIGUOUS = torch.Tensor.is_contiguous
-
-
 _FLOAT64 = (torch.float64, torch.complex128)
 
 
-class FusedOptimizer(PrecisionOptions, Optimizer):
+class FusedOptimizer(KernelTensors, PrecisionOptions, Optimizer):
     """Base class. Subclasses set the class attributes below and implement ``_init_state`` and ``_reference``.
 
     Attributes:
@@ -38,11 +35,7 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
         scalar_keys: per-param 0-d float32 states (``step``, ...) in kernel order.
         float64_in_kernel: the fused kernels compute float64 params in float64; False for a family whose kernels
             compute in float32 only: its float64 (and complex128) params take the reference path, never fp32 math.
-        kernel_layout: what the fused kernels can walk in place. "storage" (element-wise kernels): any dense layout
-            (contiguous, channels_last, transposed) that the param's grad and states share; "rows": the same, with
-            dim 0 outermost (per-row statistics: channels_last conv weights qualify); "contiguous": the kernels read
-            logical structure; "flat" (LBFGS): gathered into flat vectors. Other tensors go through copies
-            (``_fit_layouts``), never wrong numbers.
+        kernel_layout: what the fused kernels can walk in place (see _layouts.KernelTensors).
     """
 
     dense_only = True
@@ -52,7 +45,6 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
     elementwise = True  # the fused update is element-wise (so it may run on FSDP2 shards); False for reductions
     scalar_keys: tuple = ("step",)
     float64_in_kernel = True
-    kernel_layout = "storage"
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf (unscale inside the step)
 
     def __init__(self, params, defaults: dict, *, fused: bool | None = None):
@@ -284,71 +276,6 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
                 if old.get(k) is not v:
                     st[k] = v
 
-    def _kernel_tensors(self, params, grads, states, keys, grad_scale=None, extra=()):
-        """(params, grads, one column [st[k] of every param] per state key, write-backs) as the kernels take them:
-        only addresses, sizes and dtypes are read, so no per-tensor views in the common case (at thousands of
-        tensors, per-tensor Python work is the step's host cost). FSDP2 / DTensor: the local shards (an element-wise
-        update of the shard is the update of the whole tensor); complex: the real views. A tensor whose layout the
-        kernels cannot walk is replaced by a copy they can (``_fit_layouts``): after the launch, ``write_back``.
-        ``extra``: more columns of param-shaped tensors or None (master copies), returned after the states'."""
-        columns = [list(map(operator.itemgetter(k), states)) for k in keys]
-        if any_dtensor(params):
-            params, grads = [local(p) for p in params], [local(g) for g in grads]
-            columns = [[local(s) for s in col] for col in columns]
-            extra = [[local(s) for s in col] for col in extra]
-        back = ()
-        if not (all(map(_IS_CONTIGUOUS, params)) and all(map(_IS_CONTIGUOUS, grads))
-                and all(all(map(_IS_CONTIGUOUS, col)) for col in columns)
-                and all(s is None or s.is_contiguous() for col in extra for s in col)):
-            params, grads, columns, back = self._fit_layouts(params, grads, [*columns, *extra], grad_scale is not None)
-        else:
-            columns = [*columns, *extra]
-        if any(map(torch.Tensor.is_complex, params)):
-            params, grads = [as_real(p) for p in params], [as_real(g) for g in grads]
-            columns = [[as_real(s) for s in col] for col in columns]
-        return params, grads, columns, back
-
-    def _fit_layouts(self, params, grads, columns, grad_written: bool):
-        """The kernels' view of tensors that are not all contiguous (``kernel_layout`` says what they can walk).
-        A param the kernels cannot walk, and a grad or state (of the param's shape) not laid out like the param the
-        kernels see, is replaced by a copy that is: (params, grads, columns, write-backs), the write-backs being
-        (tensor, copy) pairs to copy back after the launch (the param, its states, and the grad when the kernels
-        write the unscaled grad to it). Each copy costs a read and a write of the tensor per step (twice for a param
-        or state: in and back)."""
-        params, grads, columns = list(params), list(grads), [list(col) for col in columns]
-        back = []
-        for i, p in enumerate(params):
-            if not self._walkable(p):
-                params[i] = p.contiguous()
-                back.append((p, params[i]))
-            like = params[i]
-            if grads[i].layout == torch.strided and not (dense(grads[i]) and same_order(grads[i], like)):
-                g, grads[i] = grads[i], torch.empty_like(like, dtype=grads[i].dtype).copy_(grads[i])
-                if grad_written:
-                    back.append((g, grads[i]))
-            for col in columns:
-                s = col[i]
-                if s is not None and s.shape == p.shape and not (dense(s) and same_order(s, like)):
-                    col[i] = torch.empty_like(like, dtype=s.dtype).copy_(s)
-                    back.append((s, col[i]))
-        return params, grads, columns, back
-
-    def _walkable(self, p) -> bool:
-        """Whether the kernels can update p in place (see ``kernel_layout``)."""
-        if self.kernel_layout == "contiguous":
-            return p.is_contiguous()
-        if not dense(p):
-            return False
-        # rows: dim 0 outermost, so each row is one block of storage (channels_last conv weights are)
-        return self.kernel_layout == "storage" or p.dim() < 2 or p.shape[0] <= 1 or (
-            p.stride(0) * p.shape[0] == p.numel())
-
-    @staticmethod
-    def _write_back(back) -> None:
-        """After a launch on copies (``_fit_layouts``): copy them back."""
-        for dst, src in back:
-            dst.copy_(src)
-
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         rule, keys, skeys = self._kernel_rule(group, variant)
         dev = params[0].device
@@ -366,11 +293,3 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None,
                  grad_scale=grad_scale, found_inf=found_inf, **self._precision_args(masters))
         self._write_back(back)
-
-    def _precision_args(self, masters) -> dict:
-        """mt.apply's master_weights / stochastic_rounding arguments for a launch that writes the params (masters:
-        the master copies the kernels see, or None)."""
-        return dict(masters=masters, stochastic_rounding=self.stochastic_rounding, who=type(self).__name__,
-                    # host RNG (torch.manual_seed makes it reproducible); no device sync
-                    seed=int(torch.randint(0, 2**31 - 1, ())) if self.stochastic_rounding else 0)
-

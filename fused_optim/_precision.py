@@ -127,3 +127,10 @@ class PrecisionOptions:
                 p.copy_(stochastic_round_bf16(wp))
             elif wp is not p:
                 p.copy_(wp)
+
+    def _precision_args(self, masters) -> dict:
+        """mt.apply's master_weights / stochastic_rounding arguments for a launch that writes the params (masters:
+        the master copies the kernels see, or None)."""
+        return dict(masters=masters, stochastic_rounding=self.stochastic_rounding, who=type(self).__name__,
+                    # host RNG (torch.manual_seed makes it reproducible); no device sync
+                    seed=int(torch.randint(0, 2**31 - 1, ())) if self.stochastic_rounding else 0)
