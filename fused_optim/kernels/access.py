@@ -61,7 +61,7 @@ if runtime.available():
 
     @triton.jit
     def to_bf16_rtne(x):
-        bits = x.to(tl.uint32, bitcast=True)
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)  # (fp64: via fp32, a double rounding the GPU skips)
         bits = bits + (0x7FFF + ((bits >> 16) & 1))
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
@@ -84,7 +84,7 @@ if runtime.available():
         # stochastic rounding to bf16: add 16 random bits below the kept mantissa, then truncate, so the stored
         # value is unbiased (E[stored] = val) and small updates survive on average
         r = tl.randint(seed, offs.to(tl.uint32))
-        bits = val.to(tl.uint32, bitcast=True) + (r & 0xFFFF)
+        bits = val.to(tl.float32).to(tl.uint32, bitcast=True) + (r & 0xFFFF)
         out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         if FULL:
             tl.store(ptr + offs, out)

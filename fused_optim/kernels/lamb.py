@@ -1,15 +1,12 @@
 """LAMB's kernel family: the jit code of its two passes, their tables, the launcher and the AOT entries.
 
-Pass 0 (STATS) recomputes this step's moments and Adam direction u per element (nothing is stored) and sums, per
-work item, what the trust ratio needs: |p|^2 (the decoupled-decayed p), and |u + wd * p|^2 (with caution: the
-cautious mask's count, and |u|^2 and <u, p> over the kept elements). The last program of a tensor adds its items'
-partials in a fixed order and writes the tensor's two coefficients a, b. Pass 1 (APPLY) recomputes the moments,
-stores them and p <- decayed p + a * (kept) u + b * p, and advances the group's step. The two passes run as phases
-of one persistent cooperative launch (runtime.launch_phases), or as two launches where the device refuses one; with
-neither adaptation nor caution, pass 1 alone (a = -lr, b = 0).
-
-Grads are read as g / grad_scale (AMP; written back so, like every fused step) and divided once more by the
-global clip factor (``clip``: a device scalar, max(|g| / max_grad_norm, 1) with AMP's scale folded in).
+Pass 0 (STATS) recomputes the step's moments and Adam direction u per element (nothing stored) and sums per work item
+what the trust ratio needs: |p|^2 (decoupled-decayed p) and |u + wd * p|^2 (with caution: the mask's count, |u|^2 and
+<u, p> over kept elements); a tensor's last program adds its partials in fixed order into its coefficients a, b.
+Pass 1 (APPLY) recomputes the moments, stores them and p <- decayed p + a * (kept) u + b * p, and advances the step.
+One persistent cooperative launch runs both (runtime.launch_phases), or two where the device refuses; with neither
+adaptation nor caution, pass 1 alone (a = -lr, b = 0). Grads are read as g / grad_scale (AMP; written back so) and
+divided by the global clip factor ``clip`` (a device scalar, max(|g| / max_grad_norm, 1), AMP's scale folded in).
 """
 from __future__ import annotations
 
@@ -23,7 +20,6 @@ from . import multi_tensor as mt
 from . import runtime, sync
 from .tables import Tables, TableCache, all_aligned, buckets, dtype_of, fields, numel, pick, ptr, to_device
 
-__all__ = ["Spec", "step", "aot_kernels"]
 STATS, APPLY = 0, 1
 E_PARAM, E_GRAD, E_EXP_AVG, E_EXP_AVG_SQ, E_W = fields("param", "grad", "exp_avg", "exp_avg_sq")  # ptrs columns
 P_PP, P_A, P_B, P_KEPT, P_W = fields("pp", "a", "b", "kept")  # partials: one [W] column per statistic
@@ -35,7 +31,7 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .access import amp_skip, chunk_ptr, grad_inv_scale, load, over_chunk, store
+    from .access import amp_skip, chunk_ptr, fp64_arg, grad_inv_scale, load, over_chunk, store
     from .sync import arrive, run_phases, sum_partials
 
     # STATS_ON: pass 0 runs this step (adapt or caution), in this launch or the one before
@@ -61,10 +57,9 @@ if runtime.available():
     def _stats_block(acc, offs, mask, FULL: tl.constexpr, el, scales, bc, hyps, FLAGS: tl.constexpr):
         """over_chunk's BODY for pass 0: acc [4, BLOCK] += this block's |p|^2, a, b, kept (P_* rows)."""
         p_ptr, g_ptr, m_ptr, v_ptr = el
-        inv_math, inv_scale = scales
-        lr, beta1, beta2, eps, l2, decay = hyps
+        l2 = hyps[4]
         p0 = load(p_ptr, offs, mask, FULL)
-        g = load(g_ptr, offs, mask, FULL) * inv_math
+        g = load(g_ptr, offs, mask, FULL) * scales[0]
         p, m, v, u, keep = _direction(p0, g, load(m_ptr, offs, mask, FULL), load(v_ptr, offs, mask, FULL),
                                       bc[0], bc[1], hyps, FLAGS)
         keep = keep & mask
@@ -86,7 +81,6 @@ if runtime.available():
         """over_chunk's BODY for pass 1: the update of one block."""
         p_ptr, g_ptr, m_ptr, v_ptr = el
         inv_math, inv_scale = scales
-        lr, beta1, beta2, eps, l2, decay = hyps
         p0 = load(p_ptr, offs, mask, FULL)
         raw = load(g_ptr, offs, mask, FULL)
         g = raw * inv_math
@@ -105,7 +99,7 @@ if runtime.available():
     def _coefs(sums, n, hyps, FLAGS: tl.constexpr):
         """(a, b) of a tensor from its statistics (fp64): timm's trust ratio |p| / |update| (1 where either is 0,
         at most 1 with trust_clip), the cautious mask's scale."""
-        lr, beta1, beta2, eps, l2, decay = hyps
+        lr, l2 = hyps[0], hyps[4]
         pp, sa, sb, kept = sums
         s = tl.cast(1.0, tl.float64)
         uu = sa
@@ -123,15 +117,14 @@ if runtime.available():
 
     @triton.jit
     def _item(item, PASS: tl.constexpr, args):
-        """run_phases' ITEM: pass PASS over work item `item` (a chunk of a tensor)."""
-        _run_pass(item, PASS, *args)  # flat: triton 3.6 unpacks a flat tuple into constexpr parameters
+        _run_pass(item, PASS, *args)  # run_phases' ITEM (flat args: triton 3.6 unpacks a flat tuple into constexprs)
 
     @triton.jit
     def _run_pass(item, PASS: tl.constexpr, n_items, tables, scalars, hyps, FLAGS, P_DT, G_DT, S_DT,
                   HAS_SCALE, HAS_CLIP, WRITE_STEP, ALIGNED, BLOCK, ITERS, PB):
         ptrs, numels, work, first, counters, partials, coefs = tables
         step_ptr, step_counter, scale_ptr, clip_ptr = scalars
-        lr, beta1, beta2, eps, l2, decay = hyps
+        lr, beta1, beta2 = hyps[0], hyps[1], hyps[2]
         t = tl.load(work + 2 * item)
         chunk = tl.load(work + 2 * item + 1).to(tl.int64)
         n = tl.load(numels + t)
@@ -143,8 +136,7 @@ if runtime.available():
         if HAS_CLIP:  # the clip factor, AMP's scale folded in
             inv_math = 1.0 / tl.load(clip_ptr).to(tl.float32)
         step = tl.load(step_ptr).to(tl.float64) + 1.0
-        bc1 = tl.cast(1.0, tl.float64)
-        bc2 = tl.cast(1.0, tl.float64)
+        bc1, bc2 = tl.cast(1.0, tl.float64), tl.cast(1.0, tl.float64)
         if FLAGS & BIAS_CORRECTION:
             bc1 = 1.0 - tl.exp2(step * tl.log2(beta1))
             bc2 = 1.0 - tl.exp2(step * tl.log2(beta2))
@@ -165,8 +157,7 @@ if runtime.available():
                 tl.store(coefs + t * C_W + C_B, b.to(tl.float32))
                 tl.store(counters + t, 0)
         else:
-            a = (-lr).to(tl.float32)
-            b = tl.cast(0.0, tl.float32)
+            a, b = (-lr).to(tl.float32), tl.cast(0.0, tl.float32)
             if FLAGS & STATS_ON:  # written by pass 0, maybe by another program of this launch
                 a = tl.load(coefs + t * C_W + C_A, cache_modifier=".cg")
                 b = tl.load(coefs + t * C_W + C_B, cache_modifier=".cg")
@@ -183,17 +174,16 @@ if runtime.available():
 
     @triton.jit
     def lamb_kernel(ptrs, numels, work, first, counters, partials, coefs, barrier, step_ptr, step_counter,
-                    scale_ptr, clip_ptr, inf_ptr, n_items, lr: tl.float64, beta1: tl.float64, beta2: tl.float64, eps: tl.float64,
-                    l2: tl.float64, decay: tl.float64,
-                    FLAGS: tl.constexpr, PASSES: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr,
-                    S_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_INF: tl.constexpr,
-                    WRITE_STEP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                    PB: tl.constexpr):
+                    scale_ptr, clip_ptr, inf_ptr, n_items, lr: tl.float64, beta1: tl.float64, beta2: tl.float64,
+                    eps: tl.float64, l2: tl.float64, decay: tl.float64, FLAGS: tl.constexpr, PASSES: tl.constexpr,
+                    P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    HAS_CLIP: tl.constexpr, HAS_INF: tl.constexpr, WRITE_STEP: tl.constexpr, ALIGNED: tl.constexpr,
+                    BLOCK: tl.constexpr, ITERS: tl.constexpr, PB: tl.constexpr):
         """The passes in PASSES (bits) over the n_items work items: one pass is a plain launch, both a persistent
         one (runtime.launch_phases)."""
         if amp_skip(inf_ptr, HAS_INF) == 0:
-            hyps = (tl.cast(lr, tl.float64), tl.cast(beta1, tl.float64), tl.cast(beta2, tl.float64),
-                    tl.cast(eps, tl.float64), tl.cast(l2, tl.float64), tl.cast(decay, tl.float64))
+            # every bit of the fp64 arguments (access.fp64_arg: the interpreter would round them through fp32)
+            hyps = (fp64_arg(lr), fp64_arg(beta1), fp64_arg(beta2), fp64_arg(eps), fp64_arg(l2), fp64_arg(decay))
             # the args tuple is written out in the call: assigned to a name, its constexprs would become values
             run_phases(barrier, PASSES, 2, _item, _count,
                        (n_items, (ptrs, numels, work, first, counters, partials, coefs),
@@ -235,7 +225,6 @@ class LambTables(Tables):
     partials: torch.Tensor = None  # fp32 [P_W, W]
     coefs: torch.Tensor = None     # fp32 [T, C_W]
     barrier: sync.GridBarrier = None
-    fdummy: torch.Tensor = None    # stands for an absent grad_scale / clip / found_inf
 
 
 def _build(key, params, grads, states) -> LambTables:
@@ -249,7 +238,7 @@ def _build(key, params, grads, states) -> LambTables:
         numels=to_device(list(map(numel, params)), torch.int64, dev), work=to_device(work, torch.int32, dev),
         first=to_device([0, *itertools.accumulate(chunks[:-1])], torch.int32, dev),
         counters=zeros(len(params) + 1, dtype=torch.int32), partials=zeros(int(P_W), len(work)),
-        coefs=zeros(len(params), int(C_W)), barrier=sync.GridBarrier(dev), fdummy=zeros(1))
+        coefs=zeros(len(params), int(C_W)), barrier=sync.GridBarrier(dev))
 
 
 def constexprs(spec: Spec, passes, dts, *, has_scale, has_clip, has_inf, write_step, aligned) -> dict:
@@ -269,7 +258,7 @@ def step(spec: Spec, cache: TableCache, params, grads, states, step_t, grad_scal
         key = (tuple(map(ptr, ps)), tuple(map(ptr, itertools.chain.from_iterable(sts))), tuple(map(numel, ps)))
         tab = cache.lookup(dts, key, gs, lambda: _build(key, ps, gs, sts))
         n_items = tab.work.shape[0]
-        dummy = tab.fdummy
+        dummy = tab.coefs  # an fp32 stand-in for an absent grad_scale / clip / found_inf (never read)
         args = (tab.ptrs, tab.numels, tab.work, tab.first, tab.counters, tab.partials, tab.coefs, tab.barrier.words,
                 step_t, tab.counters[-1:], dummy if grad_scale is None else grad_scale, dummy if clip is None else clip,
                 dummy if found_inf is None else found_inf, n_items,
@@ -290,17 +279,16 @@ def aot_kernels() -> list:
     off and all on, fp32 (and bf16 / fp16 with AMP and clipping for all options on)."""
     if not runtime.available():
         return []
-    ptr_args = {"ptrs": "*i64", "numels": "*i64", "work": "*i32", "first": "*i32", "counters": "*i32",
-                "barrier": "*i32", "step_counter": "*i32", "n_items": "i32"}
+    ptr_args = dict(ptrs="*i64", numels="*i64", work="*i32", first="*i32", counters="*i32", barrier="*i32",
+                    step_counter="*i32", n_items="i32")
     sig = {a: ptr_args.get(a, "constexpr" if a.isupper() else "fp64" if a in HYPERS else "*fp32")
            for a in lamb_kernel.arg_names}
     out = []
     for label, spec in (("plain", Spec(1e-3, 0.9, 0.999, 1e-6, 0.0, 0.0, True, True, False, False, False)),
                         ("default", Spec(1e-3, 0.9, 0.999, 1e-6, 0.01, 0.0, True, True, False, True, False)),
                         ("all", Spec(1e-3, 0.9, 0.999, 1e-6, 0.0, 1e-5, False, False, True, True, True))):
-        variants = [((torch.float32,) * 3, False)]
-        if label == "all":
-            variants += [((torch.bfloat16,) * 3, True), ((torch.float16,) * 3, True)]
+        variants = [((torch.float32,) * 3, False)] + (
+            [((torch.bfloat16,) * 3, True), ((torch.float16,) * 3, True)] if label == "all" else [])
         runs = [[APPLY]] if spec.passes() == [APPLY] else [[STATS, APPLY], [STATS], [APPLY]]
         for dts, amp in variants:
             for run in runs:

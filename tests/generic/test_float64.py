@@ -63,7 +63,10 @@ def test_fused_float64_matches_reference(case, config, request):
         assert runtime.launch_count == n0, "float64 params of an fp32-only family must take the reference path"
     assert all(p.dtype == torch.float64 for p in pa)
     assert any(not torch.equal(p, s) for p, s in zip(pb, start)), "the reference did not move the params"
-    assert_states_close(fused, pa, ref, pb, rtol=RTOL, atol=ATOL)
+    # a reference whose own math is low precision whatever the params' dtype (Muon's bf16 Newton-Schulz, as
+    # torch's) keeps its case's bounds; everything else agrees to float64 rounding
+    low = case.kernel_atol > 1e-6
+    assert_states_close(fused, pa, ref, pb, rtol=case.kernel_rtol if low else RTOL, atol=case.kernel_atol if low else ATOL)
 
 
 CKPT = [(c, c.configs[-1]) for c in {c.name: c for _, c, _ in KERNEL}.values() if c.name in ("NAdam", "ASGD")]
