@@ -65,8 +65,8 @@ def test_fused_float64_matches_reference(case, config, request):
     assert any(not torch.equal(p, s) for p, s in zip(pb, start)), "the reference did not move the params"
     # a reference whose own math is low precision whatever the params' dtype (Muon's bf16 Newton-Schulz, as
     # torch's) keeps its case's bounds; everything else agrees to float64 rounding
-    low = case.kernel_atol > 1e-6
-    assert_states_close(fused, pa, ref, pb, rtol=case.kernel_rtol if low else RTOL, atol=case.kernel_atol if low else ATOL)
+    rtol, atol = (case.kernel_rtol, case.kernel_atol) if case.kernel_atol > 1e-6 else (RTOL, ATOL)
+    assert_states_close(fused, pa, ref, pb, rtol=rtol, atol=atol)
 
 
 CKPT = [(c, c.configs[-1]) for c in {c.name: c for _, c, _ in KERNEL}.values() if c.name in ("NAdam", "ASGD")]
