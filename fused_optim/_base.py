@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
+from . import _sharded as sharded
 from ._precision import PrecisionOptions
 from ._tensors import GRAD, IS_SPARSE, LOW_PRECISION, any_dtensor, as_real, local, scalars_on_device
 from .kernels import multi_tensor as mt
@@ -37,6 +38,9 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
     supports_complex = True
     requires_closure = False
     elementwise = True  # the fused update is element-wise (so it may run on FSDP2 shards); False for reductions
+    shardable = True  # reductions (elementwise False): per-tensor statistics via _full_sums, so FSDP2 shards run
+    sharded_kernel = True  # False: over DTensor shards, the reference math runs on the local shards
+    _shards = None  # the sharded.Layout of the group being stepped (reductions over DTensor params), else None
     scalar_keys: tuple = ("step",)
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf (unscale inside the step)
 
@@ -180,11 +184,7 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(group, *self._grads_of(group)) for group in self.param_groups]  # validate everything first
-        if not self.elementwise and any(any_dtensor(params) for _, params, _ in work):
-            raise NotImplementedError(
-                f"{type(self).__name__} reduces over whole tensors (norms / projections / factored moments), "
-                f"which FSDP2 shards across ranks: not supported on DTensor params; use DDP, or an element-wise "
-                f"optimizer under FSDP2")
+        self._check_shards(work)
         grad_scale, skip = self._clip_grads(work, grad_scale, found_inf)
         if skip:
             return loss
@@ -193,10 +193,31 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
                 self._step_group(group, params, grads, grad_scale, found_inf)
         return loss
 
+    def _check_shards(self, work) -> None:
+        """DTensor params: refuse, before anything changes, the placements whose whole-tensor statistics (this
+        optimizer's, max_grad_norm's) the local shards cannot give exactly (fused_optim/_sharded.py)."""
+        groups = [params for _, params, _ in work]
+        if not any(map(any_dtensor, groups)):
+            return
+        who = type(self).__name__
+        if not self.elementwise:
+            if not self.shardable:
+                raise NotImplementedError(f"{who}: not supported on DTensor (FSDP2) params; use DDP")
+            sharded.check_placements(who, groups)
+        if self.max_grad_norm is not None:
+            sharded.check_placements(f"{who} (max_grad_norm)", groups, any_shard_dim=True)
+
+    def _full_sums(self, partials: torch.Tensor) -> torch.Tensor:
+        """Per-tensor partial sums over the local shards of the group being stepped -> the full tensors' sums (one
+        collective; the identity without DTensor params). Reductions call it once per statistic they need."""
+        shards = self._shards
+        return partials if shards is None else shards.full_sums(partials)
+
     def _kernel_path(self, group, params) -> bool:
         """Whether this group's step runs the fused kernels."""
         return self._use_kernel(group, params) and (
-            self.precision_in_kernel or not self._low_precision_options(params))
+            self.precision_in_kernel or not self._low_precision_options(params)) and (
+            self.sharded_kernel or self.elementwise or not any_dtensor(params))
 
     def _state_of(self, p, group) -> dict:
         st = self.state[p]
@@ -227,9 +248,22 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
 
     def _step_group(self, group, params, grads, grad_scale, found_inf):
         states = self._states_of(group, params)
+        # reductions over DTensor shards: local statistics, combined by self._full_sums
+        self._shards = None if self.elementwise else sharded.layout(params)
         if self._kernel_path(group, params):
             self._kernel_step(group, params, grads, states, grad_scale, found_inf)
             return
+        if self._shards is None:
+            self._reference_path(group, params, grads, states, grad_scale, found_inf)
+            return
+        # the reference on the local shards (their update is the full tensor's); replaced entries are written back
+        work_states = [{k: local(v) for k, v in st.items()} for st in states]
+        before = [dict(ws) for ws in work_states]
+        self._reference_path(group, list(map(local, params)), list(map(local, grads)), work_states, grad_scale,
+                             found_inf)
+        _write_back(states, work_states, before)
+
+    def _reference_path(self, group, params, grads, states, grad_scale, found_inf):
         low = self._low_precision_options(params)
         if found_inf is not None and found_inf.item() != 0:
             return  # AMP overflow: skip, advance nothing (like torch's fused optimizers)
@@ -253,10 +287,7 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
         entry the reference replaced rather than mutated in place."""
         before = [dict(ws) for ws in work_states]
         self._reference(group, params, grads, work_states)
-        for st, ws, old in zip(states, work_states, before):
-            for k, v in ws.items():
-                if old.get(k) is not v:
-                    st[k] = v
+        _write_back(states, work_states, before)
 
     def _require_contiguous(self, params, grads) -> None:
         """The kernels read params and grads by address and size: both must be contiguous."""
@@ -296,3 +327,11 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
                  seed=int(torch.randint(0, 2**31 - 1, ())) if self.stochastic_rounding else 0)
 
 
+
+
+def _write_back(states, work_states, before) -> None:
+    """Copy into ``states`` the entries a reference replaced (rather than mutated in place) in ``work_states``."""
+    for st, ws, old in zip(states, work_states, before):
+        for k, v in ws.items():
+            if old.get(k) is not v:
+                st[k] = v

@@ -151,10 +151,14 @@ def _sumsq_constexprs(g_dtype, has_scale, has_inf, aligned) -> dict:
                 BLOCK=runtime.BLOCK, ITERS=runtime.ITERS, PB=_PB)
 
 
-def clip_scale(cache: dict, grads, max_norm: float, grad_scale=None) -> torch.Tensor:
+def clip_scale(cache: dict, grads, max_norm: float, grad_scale=None, full_sums=None) -> torch.Tensor:
     """fp32 [2] device tensor: (global L2 norm of the unscaled grads, effective grad scale). Passing ``out[1:]`` as
-    the kernels' grad_scale multiplies every grad by clip_grad_norm_'s min(1, max_norm / (norm + 1e-6)) / scale."""
+    the kernels' grad_scale multiplies every grad by clip_grad_norm_'s min(1, max_norm / (norm + 1e-6)) / scale.
+    Sharded grads (local shards): ``full_sums`` turns the per-shard sums into the full tensors' (a collective
+    between the two launches, none inside a kernel)."""
     sq = sumsq(cache.setdefault("sumsq", {}), grads, grad_scale)
+    if full_sums is not None:
+        sq = full_sums(sq)
     out = cache.get("out")
     if out is None or out.device != sq.device:
         out = cache["out"] = torch.zeros(2, dtype=torch.float32, device=sq.device)

@@ -1,0 +1,107 @@
+"""FSDP2 (DTensor) params for the steps that reduce over whole tensors: the placements they handle exactly, and the
+one collective that turns per-tensor partial sums over the local shards into the sums over the full tensors.
+
+A statistic that is a sum over a tensor's elements (a squared norm, a dot product, a column sum, a count) is the
+sum of that statistic over the tensor's shards. So a step computes its partial sums on the local shards, packs
+them into one buffer, and ``Layout.full_sums`` combines the buffer across the shards' process group with one
+collective: an all-gather of every rank's buffer, then a sum over the ranks in rank order. Every rank gets the
+same bits, and the result does not depend on the collective's algorithm (ring, tree) nor on timing. Entries of
+replicated params (and of plain tensors) are taken from the local buffer: every rank holds the whole tensor.
+
+Handled: Shard(0) on a 1-D mesh (FSDP2's fully_shard, uneven shards included: a rank's shard may be empty) and
+Replicate. Everything else (another dim, 2-D meshes as with tensor parallelism, Partial) is refused before any
+state changes, naming the param and its placement.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ._tensors import is_dtensor
+
+# torch 2.13 renamed all_gather_into_tensor (the old name warns there)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _placement_ok(t, any_shard_dim: bool) -> bool:
+    if t.device_mesh.ndim != 1:
+        return False
+    (pl,) = t.placements
+    return pl.is_replicate() or (pl.is_shard() and (any_shard_dim or pl.dim == 0))
+
+
+def check_placements(who: str, groups, *, any_shard_dim: bool = False) -> None:
+    """Raise NotImplementedError naming the first DTensor param of ``groups`` (lists of params, one per param
+    group) whose placement is not handled: Shard(0) (any Shard(d) with any_shard_dim) on a 1-D mesh, or
+    Replicate. Params of one step must share one process group."""
+    pgs = set()
+    for gi, params in enumerate(groups):
+        for i, p in enumerate(params):
+            if not is_dtensor(p):
+                continue
+            if not _placement_ok(p, any_shard_dim):
+                allowed = "Shard(d)" if any_shard_dim else "Shard(0)"
+                raise NotImplementedError(
+                    f"{who}: param {i} of param group {gi} (shape {tuple(p.shape)}) is a DTensor with placements "
+                    f"{p.placements} on a mesh of shape {tuple(p.device_mesh.shape)}; its statistics over the whole "
+                    f"tensor are exact only for {allowed} on a 1-D mesh (FSDP2's fully_shard) or Replicate")
+            pgs.add(p.device_mesh.get_group())
+    if len(pgs) > 1:
+        raise NotImplementedError(f"{who}: DTensor params on {len(pgs)} different process groups; the statistics "
+                                  f"over whole tensors need them all on one mesh")
+
+
+class Layout:
+    """Which tensors of a list are sharded, and over which process group."""
+
+    def __init__(self, params):
+        self.sharded = [is_dtensor(p) and p.placements[0].is_shard() for p in params]
+        self.shapes = [tuple(p.shape) for p in params]  # the full tensors' (a DTensor's shape is the global one)
+        first = next((p for p, s in zip(params, self.sharded) if s), None)
+        self.group = None if first is None else first.device_mesh.get_group()
+        self.world = 1 if first is None else first.device_mesh.size()
+        self._mask = None
+
+    def full_sums(self, partials):
+        """partials [T, ...] (row t: tensor t's sums over its local shard) -> the sums over the full tensors; or a
+        list of T 1-D tensors of any lengths (packed into one buffer) -> a list. One collective per call (none when
+        nothing is sharded); no host sync."""
+        if self.group is None or self.world == 1:
+            return partials
+        if isinstance(partials, (list, tuple)):
+            lengths = [t.numel() for t in partials]
+            mask = torch.tensor(self.sharded, device=partials[0].device).repeat_interleave(
+                torch.tensor(lengths, device=partials[0].device))
+            return list(self._combine(torch.cat(partials), mask).split(lengths))
+        if all(self.sharded):
+            return self._combine(partials, None)
+        if self._mask is None or self._mask.device != partials.device:
+            self._mask = torch.tensor(self.sharded, device=partials.device)
+        return self._combine(partials, self._mask.view(-1, *([1] * (partials.dim() - 1))))
+
+    def _combine(self, partials, mask):
+        flat = partials.detach().contiguous()
+        gathered = torch.empty((self.world, *flat.shape), dtype=flat.dtype, device=flat.device)
+        _all_gather(gathered.view(-1), flat.view(-1), group=self.group)
+        total = gathered[0].clone()
+        for r in range(1, self.world):  # rank order: the same bits on every rank, every run
+            total += gathered[r]
+        # replicated: every rank already holds the full sums
+        return total if mask is None else torch.where(mask, total, flat)
+
+
+def layout(params) -> Layout | None:
+    """The Layout of ``params`` when some are DTensors, else None (nothing to combine)."""
+    return Layout(params) if any(map(is_dtensor, params)) else None
+
+
+def zeros_reduced(p, shape, dtype, keeps_dim0: bool):
+    """A fresh state of the full ``shape`` for param p, placed like p: a DTensor param's state is a DTensor too (so
+    checkpoints reshard it), sharded on dim 0 like p when it keeps p's dim 0 (a row statistic), else replicated (a
+    statistic over dim 0: every rank holds all of it)."""
+    if not is_dtensor(p):
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+    from torch.distributed.tensor import Replicate, zeros
+
+    placements = p.placements if keeps_dim0 else [Replicate()]
+    return zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=placements)
