@@ -248,19 +248,25 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
 
     def _step_group(self, group, params, grads, grad_scale, found_inf):
         states = self._states_of(group, params)
+        dtensors = any_dtensor(params)
         # reductions over DTensor shards: local statistics, combined by self._full_sums
-        self._shards = None if self.elementwise else sharded.layout(params)
+        self._shards = sharded.layout(params) if dtensors and not self.elementwise else None
         if self._kernel_path(group, params):
             self._kernel_step(group, params, grads, states, grad_scale, found_inf)
             return
-        if self._shards is None:
+        if not dtensors:
             self._reference_path(group, params, grads, states, grad_scale, found_inf)
             return
-        # the reference on the local shards (their update is the full tensor's); replaced entries are written back
+        # DTensor params: the reference on the local shards (an element-wise update of the shard is the full
+        # tensor's; reductions combine through _full_sums); replaced entries are written back
         work_states = [{k: local(v) for k, v in st.items()} for st in states]
         before = [dict(ws) for ws in work_states]
-        self._reference_path(group, list(map(local, params)), list(map(local, grads)), work_states, grad_scale,
-                             found_inf)
+        local_params = list(map(local, params))
+        self._reference_path(group, local_params, list(map(local, grads)), work_states, grad_scale, found_inf)
+        for p, lp, ws, old in zip(params, local_params, work_states, before):
+            for k, v in ws.items():  # a state made now (e.g. SGD's first momentum buffer) is a shard like p
+                if old.get(k) is not v and isinstance(v, torch.Tensor) and v.shape == lp.shape and v.dim():
+                    ws[k] = sharded.like(p, v)
         _write_back(states, work_states, before)
 
     def _reference_path(self, group, params, grads, states, grad_scale, found_inf):

@@ -63,6 +63,11 @@ class PrecisionOptions:
             check(isinstance(norm, (int, float)) and not isinstance(norm, bool) and 0.0 < norm < math.inf,
                   f"Invalid max_grad_norm value: {norm} (expected a positive finite number)")
             self.max_grad_norm = float(norm)
+            if sharded.built_by_zero():
+                raise ValueError(f"{type(self).__name__}: max_grad_norm is not supported under "
+                                 f"ZeroRedundancyOptimizer: each rank's optimizer holds only its partition of the "
+                                 f"params, so its norm would not be the global one; call "
+                                 f"torch.nn.utils.clip_grad_norm_ before step() instead")
 
     def _clip_grads(self, work, grad_scale, found_inf):
         """max_grad_norm: clip the global norm of all grads as torch.nn.utils.clip_grad_norm_ does (eps 1e-6), on

@@ -105,3 +105,26 @@ def zeros_reduced(p, shape, dtype, keeps_dim0: bool):
 
     placements = p.placements if keeps_dim0 else [Replicate()]
     return zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=placements)
+
+
+def built_by_zero() -> bool:
+    """Whether torch's ZeroRedundancyOptimizer is constructing this optimizer (as its per-rank local optimizer, over
+    the rank's partition of the params only): a look up the few frames above the constructor."""
+    import sys
+
+    frame = sys._getframe(1)
+    for _ in range(8):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        owner = frame.f_locals.get("self")
+        if type(owner).__name__ == "ZeroRedundancyOptimizer":
+            return True
+    return False
+
+
+def like(p, shard: torch.Tensor):
+    """``shard`` (laid out like p's local shard) as a DTensor placed like the DTensor p."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(shard, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())

@@ -235,6 +235,15 @@ class Adafactor(FusedOptimizer):
         st["RMS"] = 0
         return st
 
+    def state_dict(self):
+        # a relative step leaves its last step size in group['lr'] as a 0-d tensor (timm's, a device view on the
+        # fused path): saved as a float, like the None it replaces, so DCP's loading optimizer agrees on its type
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            if group["relative_step"] and isinstance(group["lr"], torch.Tensor):
+                group["lr"] = group["lr"].item()
+        return sd
+
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         # moments stay fp32 for fp16/bf16 params, as timm keeps them
