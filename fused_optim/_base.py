@@ -15,8 +15,10 @@ import torch
 from torch.optim import Optimizer
 
 from ._layouts import KernelTensors
+from ._sharded import ShardedSteps, layout
 from ._precision import PrecisionOptions
-from ._tensors import GRAD, IS_SPARSE, LOW_PRECISION, any_dtensor, as_real, like_param, scalars_on_device, writable_grads
+from ._tensors import (GRAD, IS_SPARSE, LOW_PRECISION, any_dtensor, as_real, keep_replaced, like_param,
+                       scalars_on_device, writable_grads)
 from .kernels import multi_tensor as mt
 from .kernels import runtime
 from .kernels.tables import TableCache
@@ -24,7 +26,7 @@ from .kernels.tables import TableCache
 _FLOAT64 = (torch.float64, torch.complex128)
 
 
-class FusedOptimizer(KernelTensors, PrecisionOptions, Optimizer):
+class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
     """Base class. Subclasses set the class attributes below and implement ``_init_state`` and ``_reference``.
 
     Attributes:
@@ -195,11 +197,7 @@ class FusedOptimizer(KernelTensors, PrecisionOptions, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(group, *self._grads_of(group)) for group in self.param_groups]  # validate everything first
-        if not self.elementwise and any(any_dtensor(params) for _, params, _ in work):
-            raise NotImplementedError(
-                f"{type(self).__name__} reduces over whole tensors (norms / projections / factored moments), "
-                f"which FSDP2 shards across ranks: not supported on DTensor params; use DDP, or an element-wise "
-                f"optimizer under FSDP2")
+        self._check_shards(work)
         if grad_scale is not None or self.max_grad_norm is not None:  # the step writes the unscaled grads
             work = [(group, params, writable_grads(params, grads)) for group, params, grads in work]
         grad_scale, skip = self._clip_grads(work, grad_scale, found_inf)
@@ -214,7 +212,8 @@ class FusedOptimizer(KernelTensors, PrecisionOptions, Optimizer):
         """Whether this group's step runs the fused kernels."""
         return self._use_kernel(group, params) and (
             self.precision_in_kernel or not self._low_precision_options(params)) and (
-            self.float64_in_kernel or not any(p.dtype in _FLOAT64 for p in params))
+            self.float64_in_kernel or not any(p.dtype in _FLOAT64 for p in params)) and (
+            self.sharded_kernel or self.elementwise or not any_dtensor(params))
 
     def _state_of(self, p, group) -> dict:
         st = self.state[p]
@@ -245,9 +244,18 @@ class FusedOptimizer(KernelTensors, PrecisionOptions, Optimizer):
 
     def _step_group(self, group, params, grads, grad_scale, found_inf):
         states = self._states_of(group, params)
+        dtensors = any_dtensor(params)
+        # reductions over DTensor shards: local statistics, combined by self._full_sums
+        self._shards = layout(params) if dtensors and not self.elementwise else None
         if self._kernel_path(group, params):
             self._kernel_step(group, params, grads, states, grad_scale, found_inf)
             return
+        if not dtensors:
+            self._reference_path(group, params, grads, states, grad_scale, found_inf)
+            return
+        self._reference_on_shards(group, params, grads, states, grad_scale, found_inf)
+
+    def _reference_path(self, group, params, grads, states, grad_scale, found_inf):
         low = self._low_precision_options(params)
         if found_inf is not None and found_inf.item() != 0:
             return  # AMP overflow: skip, advance nothing (like torch's fused optimizers)
@@ -271,10 +279,7 @@ class FusedOptimizer(KernelTensors, PrecisionOptions, Optimizer):
         entry the reference replaced rather than mutated in place."""
         before = [dict(ws) for ws in work_states]
         self._reference(group, params, grads, work_states)
-        for st, ws, old in zip(states, work_states, before):
-            for k, v in ws.items():
-                if old.get(k) is not v:
-                    st[k] = v
+        keep_replaced(states, work_states, before)
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         rule, keys, skeys = self._kernel_rule(group, variant)

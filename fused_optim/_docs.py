@@ -71,8 +71,10 @@ max_grad_norm=None
     all dtypes; with the Triton fallback, where the engine is not built, one per grad dtype), then a one-program
     launch that folds the clip coefficient into the grad scale the kernels apply anyway: no host sync, no extra
     pass over the grads.
-    Reference path: unscale, then clip_grad_norm_ itself. All grads must be on one device; DTensor (FSDP2)
-    params are refused (call clip_grad_norm_ before ``step()``)."""
+    Reference path: unscale, then clip_grad_norm_ itself. All grads must be on one device. DTensor (FSDP2)
+    params (Shard(d) on a 1-D mesh, or Replicate): the sums of squares of the local shards, one collective for
+    the global norm, equal to clip_grad_norm_ on the full model (other placements raise NotImplementedError).
+    Refused under ZeroRedundancyOptimizer (each rank's optimizer holds only its partition)."""
 
 _REFUSED_CLIP = """\
 max_grad_norm=None

@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from ._tensors import LOW_PRECISION, any_dtensor, as_real, check, stochastic_round_bf16
+from . import _sharded as sharded
+from ._tensors import LOW_PRECISION, as_real, check, local, stochastic_round_bf16
 from .kernels import reduce
 
 
@@ -70,6 +71,11 @@ class PrecisionOptions:
             check(isinstance(norm, (int, float)) and not isinstance(norm, bool) and 0.0 < norm < math.inf,
                   f"Invalid max_grad_norm value: {norm} (expected a positive finite number)")
             self.max_grad_norm = float(norm)
+            if sharded.built_by_zero():
+                raise ValueError(f"{type(self).__name__}: max_grad_norm is not supported under "
+                                 f"ZeroRedundancyOptimizer: each rank's optimizer holds only its partition of the "
+                                 f"params, so its norm would not be the global one; call "
+                                 f"torch.nn.utils.clip_grad_norm_ before step() instead")
 
     def _clip_grads(self, work, grad_scale, found_inf):
         """max_grad_norm: clip the global norm of all grads as torch.nn.utils.clip_grad_norm_ does (eps 1e-6), on
@@ -86,23 +92,31 @@ class PrecisionOptions:
         grads = [g for _, _, gs in work for g in gs]
         if not grads:
             return grad_scale, False
-        if any_dtensor(grads):
-            raise NotImplementedError(f"{type(self).__name__}: max_grad_norm needs the norm over all ranks' shards; "
-                                      f"with DTensor params use torch.nn.utils.clip_grad_norm_ before step()")
         if len(set(map(torch.Tensor.get_device, grads))) > 1:  # -1 on CPU, the index on CUDA
             raise ValueError(f"{type(self).__name__}: max_grad_norm needs all grads on one device, got "
                              f"{sorted({str(g.device) for g in grads})}")
+        # DTensor (FSDP2) grads: per-tensor sums of squares of the local shards, one collective for the full sums
+        shards = sharded.layout(params)
+        if shards is not None:
+            grads = list(map(local, grads))
         if all(self._kernel_path(group, ps) for group, ps, _ in work if ps):
             if any(map(torch.Tensor.is_complex, grads)):
                 grads = [as_real(g) for g in grads]
-            out = reduce.clip_scale(self._kernel_caches.setdefault("clip", {}), grads, self.max_grad_norm, grad_scale)
+            out = reduce.clip_scale(self._kernel_caches.setdefault("clip", {}), grads, self.max_grad_norm, grad_scale,
+                                    full_sums=shards and shards.full_sums)
             self.last_grad_norm = out[0]
             return out[1:], False
         if found_inf is not None and found_inf.item() != 0:
             return None, True
         if grad_scale is not None:
             torch._foreach_div_(grads, grad_scale.to(grads[0].device))
-        self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if shards is None:
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        else:  # clip_grad_norm_'s math on the local shards, with the norm over all of them
+            sq = torch.stack(torch._foreach_norm([as_real(g) for g in grads])).float().square()
+            self.last_grad_norm = shards.full_sums(sq).sum().sqrt()
+            coef = (self.max_grad_norm / (self.last_grad_norm + reduce.CLIP_EPS)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
         return None, False
 
     def _low_precision_options(self, params) -> bool:

@@ -172,3 +172,11 @@ def restore_state_dtypes(opt: Optimizer, state_dict: dict, dtypes_of: Callable) 
             for key, dtype in dtypes_of(group, p).items():
                 if dtype is not None and isinstance(saved.get(key), torch.Tensor):
                     opt.state[p][key] = like_param(saved[key].to(device=p.device, dtype=dtype, copy=True), p)
+
+
+def keep_replaced(states, work_states, before) -> None:
+    """Copy into ``states`` the entries a reference replaced (rather than mutated in place) in ``work_states``."""
+    for st, ws, old in zip(states, work_states, before):
+        for k, v in ws.items():
+            if old.get(k) is not v:
+                st[k] = v

@@ -163,12 +163,16 @@ def _sumsq_constexprs(g_dtype, has_scale, has_inf, aligned) -> dict:
                 BLOCK=runtime.BLOCK, ITERS=runtime.ITERS, PB=_PB)
 
 
-def clip_scale(cache: dict, grads, max_norm: float, grad_scale=None, eps: float = CLIP_EPS) -> torch.Tensor:
+def clip_scale(cache: dict, grads, max_norm: float, grad_scale=None, eps: float = CLIP_EPS,
+               full_sums=None) -> torch.Tensor:
     """[2] device tensor: (global L2 norm of the unscaled grads, effective grad scale), fp32, fp64 if any grad is
     fp64 (as clip_grad_norm_'s norm and coefficient). Passing ``out[1:]`` as the kernels' grad_scale multiplies every
     grad by clip_grad_norm_'s min(1, max_norm / (norm + eps)) / scale (eps 0: timm's Lamb's
-    1 / max(norm / max_norm, 1))."""
+    1 / max(norm / max_norm, 1)). Sharded grads (local shards): ``full_sums`` turns the per-shard sums into the full
+    tensors' (a collective between the two launches, none inside a kernel)."""
     sq = sumsq(cache.setdefault("sumsq", {}), grads, grad_scale)
+    if full_sums is not None:
+        sq = full_sums(sq)
     key = (sq.device, sq.dtype, float(max_norm), float(eps))
     if cache.get("out_key") != key:  # max_norm and eps ride in out[2:4], uploaded once
         cache["out"] = torch.tensor([0.0, 0.0, float(max_norm), float(eps)], dtype=sq.dtype).to(sq.device)

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from .. import _sharded as sharded
 from .._base import FusedOptimizer
 from .._tensors import LOW_PRECISION, check, check_nonneg, restore_state_dtypes, scalar, scalars_on_device
 from .._registry import register
@@ -92,6 +93,78 @@ def adafactor_reference(group, params, grads, states):
             p.copy_(w)
 
 
+def adafactor_shards(group, params, grads, states, shards):
+    """adafactor_reference on dim-0 shards (local slices; shards: sharded.Layout, the full shapes and full_sums).
+    What spans dim 0 is summed over the shards, one collective per dependent stage: (1) |w|^2 (RMS) and, where dim 0
+    is a factored dim, the column sums of g^2 + eps and the row moment's sums over dim 0 (rows of a dim-0 shard are
+    local); (2) |update|^2 (the clipping RMS); (3) with caution, the mask's count."""
+    beta1, rate = group["beta1"], group["decay_rate"]
+    n_full = [math.prod(shape) for shape in shards.shapes]
+    dims = [factored_dims(shape, group["min_dim_size_to_factor"]) for shape in shards.shapes]
+    work, stage1 = [], []
+    for p, g, st, d in zip(params, grads, states, dims):
+        grad = g.float() if g.dtype in LOW_PRECISION else g
+        for k in af.MOMENT_KEYS:
+            if k in st:
+                st[k] = st[k].to(grad)
+        w = p.float() if p.dtype in LOW_PRECISION else p
+        st["step"] += 1
+        beta2t = 1.0 - math.pow(float(st["step"]), rate)
+        sq = grad.square().add_(group["eps"])
+        part = [(w * w).sum().reshape(1)]
+        if d is None:
+            st["exp_avg_sq"].lerp_(sq, 1.0 - beta2t)
+        else:
+            st["exp_avg_sq_row"].lerp_(sq.mean(dim=d[1]), 1.0 - beta2t)
+            if d[0] == 0:  # the column means and the rows' mean span dim 0
+                part += [sq.sum(dim=0).flatten(), st["exp_avg_sq_row"].sum(dim=0).flatten()]
+            else:
+                st["exp_avg_sq_col"].lerp_(sq.mean(dim=d[0]), 1.0 - beta2t)
+        work.append((w, grad, beta2t))
+        stage1.append(torch.cat(part))
+    updates, stage2 = [], []
+    for (w, grad, beta2t), st, d, n, shape, sums in zip(work, states, dims, n_full, shards.shapes,
+                                                         shards.full_sums(stage1)):
+        st["RMS"] = sums[0].div(n).sqrt()
+        if d is None:
+            update = st["exp_avg_sq"].rsqrt().mul_(grad)
+        else:
+            da, db = d
+            rows, cols = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+            if da == 0:
+                k = cols.numel()
+                cols.lerp_(sums[1:1 + k].view(cols.shape) / shape[0], 1.0 - beta2t)
+                row_mean = (sums[1 + k:] / shape[0]).view(1, *rows.shape[1:])
+            else:
+                row_mean = rows.mean(dim=da, keepdim=True)
+            r = (rows / row_mean).rsqrt_().unsqueeze(db)
+            update = torch.mul(r, cols.unsqueeze(da).rsqrt()).mul_(grad)
+        updates.append(update)
+        stage2.append(update.square().sum())
+    lrs = []
+    for (w, grad, _), update, st, n, usq in zip(work, updates, states, n_full, shards.full_sums(torch.stack(stage2))):
+        lr = adafactor_lr(group, float(st["step"]), st["RMS"])
+        update.div_((usq.div(n).sqrt() / group["clip_threshold"]).clamp_(min=1.0))
+        update.mul_(lr)
+        lrs.append(lr)
+        if beta1 is not None:
+            st["exp_avg"].lerp_(update, 1 - beta1)
+    if beta1 is not None:
+        masks = None
+        if group["caution"]:
+            masks = [(st["exp_avg"] * grad > 0).to(grad.dtype) for (_, grad, _), st in zip(work, states)]
+            counts = shards.full_sums(torch.stack([m.sum() for m in masks]))
+            masks = [m.div_((c / n).clamp_(min=1e-3)) for m, c, n in zip(masks, counts, n_full)]
+        updates = [st["exp_avg"] if masks is None else st["exp_avg"] * m for st, m in
+                   zip(states, masks or [None] * len(states))]
+    for p, (w, _, _), update, lr in zip(params, work, updates, lrs):
+        if group["weight_decay"] != 0:
+            w.add_(w, alpha=-group["weight_decay"] * lr)
+        w.add_(-update)
+        if w is not p:
+            p.copy_(w)
+
+
 @register
 class Adafactor(FusedOptimizer):
     """Adafactor: a second moment factored into row and column means of g^2 for matrices (element-wise otherwise),
@@ -111,6 +184,7 @@ class Adafactor(FusedOptimizer):
     scalar_keys = ("step", "RMS")
     elementwise = False  # row/column means and update RMS over whole tensors
     kernel_layout = "contiguous"  # factored rows / columns: other layouts go through contiguous copies
+    sharded_kernel = False  # its persistent launch reduces inside; over DTensor shards: adafactor_shards
     precision_in_kernel = False  # its own kernels: master_weights / stochastic_rounding use the reference path
     float64_in_kernel = False  # its kernels' statistics and coefficients are fp32: float64 params use the reference
     kernel_variants = ()  # no shared-kernel rule: tools/aot.py takes the dedicated kernel from aot_kernels()
@@ -155,12 +229,22 @@ class Adafactor(FusedOptimizer):
         dims = factored_dims(p.shape, group["min_dim_size_to_factor"])
         if dims is not None:
             da, db = dims
-            st["exp_avg_sq_row"] = torch.zeros(p.shape[:db] + p.shape[db + 1:], dtype=dtype, device=p.device)
-            st["exp_avg_sq_col"] = torch.zeros(p.shape[:da] + p.shape[da + 1:], dtype=dtype, device=p.device)
+            # (DTensor params: DTensor states, sharded like p where they keep its dim 0)
+            st["exp_avg_sq_row"] = sharded.zeros_reduced(p, p.shape[:db] + p.shape[db + 1:], dtype, True)
+            st["exp_avg_sq_col"] = sharded.zeros_reduced(p, p.shape[:da] + p.shape[da + 1:], dtype, da != 0)
         else:
             st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
         st["RMS"] = 0
         return st
+
+    def state_dict(self):
+        # a relative step leaves its last step size in group['lr'] as a 0-d tensor (timm's, a device view on the
+        # fused path): saved as a float, like the None it replaces, so DCP's loading optimizer agrees on its type
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            if group["relative_step"] and isinstance(group["lr"], torch.Tensor):
+                group["lr"] = group["lr"].item()
+        return sd
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
@@ -169,7 +253,10 @@ class Adafactor(FusedOptimizer):
             k: torch.float32 for k in af.MOMENT_KEYS} if p.dtype in LOW_PRECISION else {})
 
     def _reference(self, group, params, grads, states):
-        adafactor_reference(group, params, grads, states)
+        if self._shards is not None:
+            adafactor_shards(group, params, grads, states, self._shards)
+        else:
+            adafactor_reference(group, params, grads, states)
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         scalars_on_device(states, self.scalar_keys, params[0].device, keep_f64=False)  # its kernels read fp32

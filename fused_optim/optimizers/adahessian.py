@@ -60,6 +60,7 @@ class Adahessian(FusedOptimizer):
 
     supports_complex = False
     elementwise = False  # the Hutchinson estimate (and avg_conv_kernel) is not written for DTensor shards
+    shardable = False  # (its Hessian-vector products differentiate through FSDP2's all-gathers)
     _step_supports_amp_scaling = False  # the Hessian estimate would need unscaling too: not supported
     kernel_variants = ({}, {"hessian_power": 0.5})  # AOT: the power-1 shortcut and the general power
 
@@ -146,6 +147,7 @@ class Adahessian(FusedOptimizer):
                 loss = closure()
         with torch.no_grad():
             work = [(group, *self._grads_of(group)) for group in self.param_groups]  # validate before any change
+        self._check_shards(work)
         self._due()
         self.zero_hessian()
         self.set_hessian()

@@ -44,6 +44,7 @@ class LBFGS(FusedOptimizer):
     """
     requires_closure = True
     elementwise = False  # dot products over the whole flat vector
+    shardable = False  # its line search and history are not written for DTensor shards
     supports_precision_options = False  # line search and history assume the params' own precision
     supports_max_grad_norm = False  # the line search and the curvature pairs need the true gradient
     scalar_keys = ()
@@ -95,6 +96,7 @@ class LBFGS(FusedOptimizer):
         if closure is None:
             raise RuntimeError("LBFGS.step() requires a closure that re-evaluates the loss (and its grads)")
         group, closure = self.param_groups[0], torch.enable_grad()(closure)
+        self._check_shards([(group, group["params"], None)])
         if self._use_kernel(group, group["params"]):
             return self._fused_step(group, closure)
         self.device_history = None  # the reference path edits the state's lists: the buffers no longer mirror them

@@ -92,14 +92,18 @@ def layer_second_moment_(v, norm, beta2, first) -> None:
 
 
 def novograd_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, grad_averaging, amsgrad,
-                       first_of, decoupled_scale=None):
+                       first_of, decoupled_scale=None, full_sums=None):
     """Both NovoGrads, tensor by tensor. first_of(state) says whether this is the layer's first step (evaluated
-    before the update); decoupled_scale: None for L2 decay inside the moment, else p *= 1 - scale * weight_decay."""
-    for p, g, st in zip(params, grads, states):
+    before the update); decoupled_scale: None for L2 decay inside the moment, else p *= 1 - scale * weight_decay.
+    Sharded tensors (local shards): ``full_sums`` turns the shards' stacked ||g||^2 into the full tensors'."""
+    norms = [torch.sum(torch.pow(g, 2)) for g in grads]
+    if full_sums is not None:
+        norms = full_sums(torch.stack(norms)).to(norms[0].dtype).unbind()
+    for p, g, st, norm in zip(params, grads, states, norms):
         first = first_of(st)
         st["step"] += 1
         v = st["exp_avg_sq"]
-        layer_second_moment_(v, torch.sum(torch.pow(g, 2)), beta2, first)
+        layer_second_moment_(v, norm, beta2, first)
         if amsgrad:
             vmax = st["max_exp_avg_sq"]
             torch.maximum(vmax, v, out=vmax)
@@ -122,7 +126,7 @@ class _LayerwiseMoments(FusedOptimizer):
     """What NovoGrad and NvNovoGrad share: validation, reference, kernel rule and the fused step."""
 
     scalar_keys = ("step", "exp_avg_sq", "max_exp_avg_sq")
-    elementwise = False  # per-layer grad norms
+    elementwise = False  # per-layer grad norms (over DTensor shards: local sums, one collective)
     precision_in_kernel = False  # the apply launch carries no master copy: reference path for those options
     _slots = ("step", "exp_avg_sq", _NORM, "max_exp_avg_sq")  # the apply's per-tensor scalars, in SCALARS' order
     first_if_zero = False  # NvNovoGrad: a layer starts over whenever its moment is 0 (timm); else: at step 1
@@ -157,7 +161,8 @@ class _LayerwiseMoments(FusedOptimizer):
         novograd_reference(params, grads, states, lr=scalar(group["lr"]), beta1=beta1, beta2=beta2,
                            eps=group["eps"], weight_decay=group["weight_decay"],
                            grad_averaging=group["grad_averaging"], amsgrad=group["amsgrad"], first_of=first_of,
-                           decoupled_scale=self._decoupled_scale(group))
+                           decoupled_scale=self._decoupled_scale(group),
+                           full_sums=None if self._shards is None else self._full_sums)
 
     def _kernel_rule(self, group, variant=None):
         beta1, beta2 = group["betas"]
@@ -179,6 +184,8 @@ class _LayerwiseMoments(FusedOptimizer):
         cache = self._kernel_caches.setdefault((id(group), "sumsq"), {})
         # 0-d views of a buffer at a fixed address (the apply's tables stay valid), made once per buffer
         buf = reduce.sumsq(cache, grads, grad_scale, found_inf)
+        if self._shards is not None:
+            buf.copy_(self._full_sums(buf))  # in place: the apply's tables hold its address
         if cache.get("views", (None,))[0] != buf.data_ptr():
             cache["views"] = (buf.data_ptr(), buf.unbind())
         norms = cache["views"][1]

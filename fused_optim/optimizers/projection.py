@@ -63,14 +63,75 @@ def project(p, g, perturb, *, delta, wd_ratio, eps, caution):
     return perturb, wd_ratio
 
 
-def _project_all(params, grads, perturbs, **kw):
+def _project_all(params, grads, perturbs, shards=None, **kw):
+    if shards is not None:
+        return project_shards(params, grads, perturbs, shards, **kw)
     out = [project(p, g, d, **kw) for p, g, d in zip(params, grads, perturbs)]
     return [o[0] for o in out], [o[1] for o in out]
 
 
+def project_shards(params, grads, perturbs, shards, *, delta, wd_ratio, eps, caution):
+    """``project`` of every tensor, on dim-0 shards (local rows; ``shards``: the base class's sharded.Layout with
+    the full shapes, whose ``full_sums`` combines across ranks). A row's statistics are local; what spans rows goes
+    through one collective of packed per-tensor sums: the count of rows that fail the channel test (timm: the max
+    row |cos| below the threshold), <p,g>, |g|^2, |p|^2 and <p,d> over the tensor; with caution a second one (the
+    mask depends on the decision): the mask's count and <p, masked d>."""
+    shapes = shards.shapes
+    n_full = [math.prod(shape) for shape in shapes]
+    cands = [len(shape) > 1 and n > 0 for shape, n in zip(shapes, n_full)]
+    width = [n // shape[0] if c else 1 for shape, n, c in zip(shapes, n_full, cands)]
+    view = lambda x, t: x.reshape(x.size(0), width[t])  # noqa: E731  (an empty shard keeps its row length)
+    stats = []
+    for t, (p, g, d) in enumerate(zip(params, grads, perturbs)):
+        pv, gv = view(p, t), view(g, t)
+        cos = F.cosine_similarity(gv, pv, dim=1, eps=eps).abs() if cands[t] else p.new_zeros(0)
+        fails = (cos >= delta / math.sqrt(width[t])).sum().to(p.dtype)
+        stats.append(torch.stack([fails, (p * g).sum(), (g * g).sum(), (p * p).sum(), (p * d).sum()]))
+    stats = shards.full_sums(torch.stack(stats)).tolist() if stats else []  # the decision is made on the host,
+    # as timm's (a sync per step here, per tensor there)
+    modes, ratios, units = [], [], []
+    for t, (p, st) in enumerate(zip(params, stats)):
+        fails, pg, gg, pp, pd = st
+        mode = NONE
+        if cands[t] and fails == 0:
+            mode = CHANNEL
+        elif cands[t] and abs(pg) / (max(math.sqrt(gg), eps) * max(math.sqrt(pp), eps)) < delta / math.sqrt(n_full[t]):
+            mode = LAYER
+        modes.append(mode)
+        ratios.append(1.0 if mode == NONE else wd_ratio)
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        units.append(p / view(p, t).norm(p=2, dim=1).add_(eps).reshape(shape) if mode == CHANNEL else
+                     p / (math.sqrt(pp) + eps) if mode == LAYER else None)
+
+    def radials(xs, layer_dots):  # the component of each x along its unit weight (layer_dots: <p_n, x> of LAYER)
+        out = []
+        for t, (x, p_n) in enumerate(zip(xs, units)):
+            if modes[t] == CHANNEL:
+                out.append(p_n * view(p_n * x, t).sum(dim=1).reshape((-1,) + (1,) * (x.dim() - 1)))
+            else:
+                out.append(None if modes[t] == NONE else p_n * layer_dots[t])
+        return out
+
+    layer = [st[4] / (math.sqrt(st[3]) + eps) for st in stats]
+    perturbs = [d if r is None else d - r for d, r in zip(perturbs, radials(perturbs, layer))]
+    if not caution:
+        return perturbs, ratios
+    # the cautious mask (against the tangential grad where projected), its kept fraction over the whole tensor
+    refs = [g if r is None else g - r for g, r in zip(grads, radials(grads, [st[1] / (math.sqrt(st[3]) + eps)
+                                                                           for st in stats]))]
+    keeps = [(d * ref > 0).to(d.dtype) for d, ref in zip(perturbs, refs)]
+    masked = [d * k for d, k in zip(perturbs, keeps)]
+    sums = shards.full_sums(torch.stack([torch.stack([k.sum(), (p * m).sum()])
+                                         for p, k, m in zip(params, keeps, masked)])).tolist()
+    perturbs = [m / max(k / max(n, 1), 1e-3) for m, (k, _), n in zip(masked, sums, n_full)]
+    return [d if r is None else d - r for d, r in zip(perturbs, radials(
+        perturbs, [pm / max(k / max(n, 1), 1e-3) / (math.sqrt(st[3]) + eps)
+                   for (k, pm), st, n in zip(sums, stats, n_full)]))], ratios
+
+
 def sgdp_reference(params, grads, bufs, *, lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio,
-                   caution):
-    """timm's SGDP step on lists; bufs: the momentum buffers (updated in place)."""
+                   caution, shards=None):
+    """timm's SGDP step on lists; bufs: the momentum buffers (updated in place). shards: see project_shards."""
     torch._foreach_mul_(bufs, momentum)
     torch._foreach_add_(bufs, grads, alpha=1 - dampening)
     if nesterov:  # g + momentum * buf, rounded like timm (no fused multiply-add)
@@ -78,7 +139,7 @@ def sgdp_reference(params, grads, bufs, *, lr, momentum, dampening, weight_decay
         torch._foreach_add_(perturbs, grads)
     else:
         perturbs = [b.clone() for b in bufs]
-    perturbs, ratios = _project_all(params, grads, perturbs, delta=delta, wd_ratio=wd_ratio, eps=eps,
+    perturbs, ratios = _project_all(params, grads, perturbs, shards, delta=delta, wd_ratio=wd_ratio, eps=eps,
                                     caution=caution)
     for p, d, ratio in zip(params, perturbs, ratios):
         if weight_decay != 0:
@@ -86,8 +147,10 @@ def sgdp_reference(params, grads, bufs, *, lr, momentum, dampening, weight_decay
         p.add_(d, alpha=-lr)
 
 
-def adamp_reference(params, grads, states, *, lr, betas, eps, weight_decay, delta, wd_ratio, nesterov, caution):
-    """timm's AdamP step on lists; states: the param states (step, exp_avg, exp_avg_sq; updated in place)."""
+def adamp_reference(params, grads, states, *, lr, betas, eps, weight_decay, delta, wd_ratio, nesterov, caution,
+                    shards=None):
+    """timm's AdamP step on lists; states: the param states (step, exp_avg, exp_avg_sq; updated in place).
+    shards: see project_shards."""
     beta1, beta2 = betas
     m, v, steps = timm_moments_(states, grads, grads, beta1, beta2)
     denom = torch._foreach_sqrt(v)
@@ -98,7 +161,8 @@ def adamp_reference(params, grads, states, *, lr, betas, eps, weight_decay, delt
         torch._foreach_add_(num, torch._foreach_mul(grads, 1 - beta1))
     else:
         num = m
-    perturbs, ratios = _project_all(params, grads, torch._foreach_div(num, denom), delta=delta, wd_ratio=wd_ratio,
+    perturbs, ratios = _project_all(params, grads, torch._foreach_div(num, denom), shards, delta=delta,
+                                    wd_ratio=wd_ratio,
                                     eps=eps, caution=caution)
     for p, d, ratio, s in zip(params, perturbs, ratios, steps):
         if weight_decay > 0:
@@ -144,7 +208,8 @@ if runtime.available():
 class _Projected(FusedOptimizer):
     """What SGDP and AdamP share: validation and the fused path."""
     supports_complex = False
-    elementwise = False  # per-row / per-tensor reductions: FSDP2 shards are refused by the base class
+    elementwise = False  # per-row / per-tensor reductions (FSDP2 shards: project_shards)
+    sharded_kernel = False  # the kernel decides inside the launch; over DTensor shards the reference math runs
     kernel_layout = "rows"  # per-row statistics: rows must be blocks of storage (see FusedOptimizer)
     precision_in_kernel = False  # master_weights / stochastic_rounding run on the reference path
     float64_in_kernel = False  # the C++ engine's row statistics are fp32: float64 params use the reference path
@@ -188,7 +253,9 @@ class SGDP(_Projected):
     number of tensors: the per-row projection statistics and decision (C++/CUDA engine, or Triton where it is not
     built; none when no tensor has 2+ dims), then the apply (with caution, the cautious statistics and the apply
     as phases of one persistent launch). timm decides on the host, a sync per tensor; this step never syncs.
-    DTensor (FSDP2) params are refused; float64 params take the reference path (the statistics are fp32)."""
+    DTensor (FSDP2) dim-0 shards: the reference math on the local shards, the statistics that span rows combined
+    by one collective (two with caution), on either path (``project_shards``); float64 params take the reference
+    path (the statistics are fp32)."""
 
     scalar_keys = ()
 
@@ -208,7 +275,7 @@ class SGDP(_Projected):
         return {"momentum": torch.zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
-        sgdp_reference(params, grads, [st["momentum"] for st in states], lr=scalar(group["lr"]),
+        sgdp_reference(params, grads, [st["momentum"] for st in states], lr=scalar(group["lr"]), shards=self._shards,
                        **{k: group[k] for k in ("momentum", "dampening", "weight_decay", "nesterov", "eps", "delta",
                                                 "wd_ratio", "caution")})
 
@@ -233,7 +300,9 @@ class AdamP(_Projected):
     number of tensors: the per-row projection statistics and decision (C++/CUDA engine, or Triton where it is not
     built; none when no tensor has 2+ dims), then the apply (with caution, the cautious statistics and the apply
     as phases of one persistent launch). timm decides on the host, a sync per tensor; this step never syncs.
-    DTensor (FSDP2) params are refused; float64 params take the reference path (the statistics are fp32)."""
+    DTensor (FSDP2) dim-0 shards: the reference math on the local shards, the statistics that span rows combined
+    by one collective (two with caution), on either path (``project_shards``); float64 params take the reference
+    path (the statistics are fp32)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, delta=0.1, wd_ratio=0.1,
                  nesterov=False, caution=False, *, fused=None):
@@ -250,7 +319,7 @@ class AdamP(_Projected):
         return {"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
-        adamp_reference(params, grads, states, lr=scalar(group["lr"]),
+        adamp_reference(params, grads, states, lr=scalar(group["lr"]), shards=self._shards,
                         **{k: group[k] for k in ("betas", "eps", "weight_decay", "delta", "wd_ratio", "nesterov",
                                                  "caution")})
 

@@ -1,0 +1,172 @@
+"""FSDP2 (DTensor) params for the steps that reduce over whole tensors: the placements they handle exactly, and the
+one collective that turns per-tensor partial sums over the local shards into the sums over the full tensors.
+
+A statistic that is a sum over a tensor's elements (a squared norm, a dot product, a column sum, a count) is the
+sum of that statistic over the tensor's shards. So a step computes its partial sums on the local shards, packs
+them into one buffer, and ``Layout.full_sums`` combines the buffer across the shards' process group with one
+collective: an all-gather of every rank's buffer, then a sum over the ranks in rank order. Every rank gets the
+same bits, and the result does not depend on the collective's algorithm (ring, tree) nor on timing. Entries of
+replicated params (and of plain tensors) are taken from the local buffer: every rank holds the whole tensor.
+
+Handled: Shard(0) on a 1-D mesh (FSDP2's fully_shard, uneven shards included: a rank's shard may be empty) and
+Replicate. Everything else (another dim, 2-D meshes as with tensor parallelism, Partial) is refused before any
+state changes, naming the param and its placement.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ._tensors import any_dtensor, is_dtensor, keep_replaced, local
+
+# torch 2.13 renamed all_gather_into_tensor (the old name warns there)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _placement_ok(t, any_shard_dim: bool) -> bool:
+    if t.device_mesh.ndim != 1:
+        return False
+    (pl,) = t.placements
+    return pl.is_replicate() or (pl.is_shard() and (any_shard_dim or pl.dim == 0))
+
+
+def check_placements(who: str, groups, *, any_shard_dim: bool = False) -> None:
+    """Raise NotImplementedError naming the first DTensor param of ``groups`` (lists of params, one per param
+    group) whose placement is not handled: Shard(0) (any Shard(d) with any_shard_dim) on a 1-D mesh, or
+    Replicate. Params of one step must share one process group."""
+    pgs = set()
+    for gi, params in enumerate(groups):
+        for i, p in enumerate(params):
+            if not is_dtensor(p):
+                continue
+            if not _placement_ok(p, any_shard_dim):
+                allowed = "Shard(d)" if any_shard_dim else "Shard(0)"
+                raise NotImplementedError(
+                    f"{who}: param {i} of param group {gi} (shape {tuple(p.shape)}) is a DTensor with placements "
+                    f"{p.placements} on a mesh of shape {tuple(p.device_mesh.shape)}; its statistics over the whole "
+                    f"tensor are exact only for {allowed} on a 1-D mesh (FSDP2's fully_shard) or Replicate")
+            pgs.add(p.device_mesh.get_group())
+    if len(pgs) > 1:
+        raise NotImplementedError(f"{who}: DTensor params on {len(pgs)} different process groups; the statistics "
+                                  f"over whole tensors need them all on one mesh")
+
+
+class Layout:
+    """Which tensors of a list are sharded, and over which process group."""
+
+    def __init__(self, params):
+        self.sharded = [is_dtensor(p) and p.placements[0].is_shard() for p in params]
+        self.shapes = [tuple(p.shape) for p in params]  # the full tensors' (a DTensor's shape is the global one)
+        first = next((p for p, s in zip(params, self.sharded) if s), None)
+        self.group = None if first is None else first.device_mesh.get_group()
+        self.world = 1 if first is None else first.device_mesh.size()
+        self._mask = None
+
+    def full_sums(self, partials):
+        """partials [T, ...] (row t: tensor t's sums over its local shard) -> the sums over the full tensors; or a
+        list of T 1-D tensors of any lengths (packed into one buffer) -> a list. One collective per call (none when
+        nothing is sharded); no host sync."""
+        if self.group is None or self.world == 1:
+            return partials
+        if isinstance(partials, (list, tuple)):
+            lengths = [t.numel() for t in partials]
+            mask = torch.tensor(self.sharded, device=partials[0].device).repeat_interleave(
+                torch.tensor(lengths, device=partials[0].device))
+            return list(self._combine(torch.cat(partials), mask).split(lengths))
+        if all(self.sharded):
+            return self._combine(partials, None)
+        if self._mask is None or self._mask.device != partials.device:
+            self._mask = torch.tensor(self.sharded, device=partials.device)
+        return self._combine(partials, self._mask.view(-1, *([1] * (partials.dim() - 1))))
+
+    def _combine(self, partials, mask):
+        flat = partials.detach().contiguous()
+        gathered = torch.empty((self.world, *flat.shape), dtype=flat.dtype, device=flat.device)
+        _all_gather(gathered.view(-1), flat.view(-1), group=self.group)
+        total = gathered[0].clone()
+        for r in range(1, self.world):  # rank order: the same bits on every rank, every run
+            total += gathered[r]
+        # replicated: every rank already holds the full sums
+        return total if mask is None else torch.where(mask, total, flat)
+
+
+def layout(params) -> Layout | None:
+    """The Layout of ``params`` when some are DTensors, else None (nothing to combine)."""
+    return Layout(params) if any(map(is_dtensor, params)) else None
+
+
+def zeros_reduced(p, shape, dtype, keeps_dim0: bool):
+    """A fresh state of the full ``shape`` for param p, placed like p: a DTensor param's state is a DTensor too (so
+    checkpoints reshard it), sharded on dim 0 like p when it keeps p's dim 0 (a row statistic), else replicated (a
+    statistic over dim 0: every rank holds all of it)."""
+    if not is_dtensor(p):
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+    from torch.distributed.tensor import Replicate, zeros
+
+    placements = p.placements if keeps_dim0 else [Replicate()]
+    return zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=placements)
+
+
+def built_by_zero() -> bool:
+    """Whether torch's ZeroRedundancyOptimizer is constructing this optimizer (as its per-rank local optimizer, over
+    the rank's partition of the params only): a look up the few frames above the constructor."""
+    import sys
+
+    frame = sys._getframe(1)
+    for _ in range(8):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        owner = frame.f_locals.get("self")
+        if type(owner).__name__ == "ZeroRedundancyOptimizer":
+            return True
+    return False
+
+
+def like(p, shard: torch.Tensor):
+    """``shard`` (laid out like p's local shard) as a DTensor placed like the DTensor p."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(shard, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+class ShardedSteps:
+    """FusedOptimizer's DTensor (FSDP2) params: placement checks, whole-tensor sums of local statistics, the
+    reference math on the local shards."""
+
+    shardable = True  # reductions (elementwise False): per-tensor statistics via _full_sums, so FSDP2 shards run
+    sharded_kernel = True  # False: over DTensor shards, the reference math runs on the local shards
+    _shards = None  # the Layout of the group being stepped (reductions over DTensor params), else None
+
+    def _check_shards(self, work) -> None:
+        """DTensor params: refuse, before anything changes, the placements whose whole-tensor statistics (this
+        optimizer's, max_grad_norm's) the local shards cannot give exactly (fused_optim/_sharded.py)."""
+        groups = [params for _, params, _ in work]
+        if not any(map(any_dtensor, groups)):
+            return
+        who = type(self).__name__
+        if not self.elementwise:
+            if not self.shardable:
+                raise NotImplementedError(f"{who}: not supported on DTensor (FSDP2) params; use DDP")
+            check_placements(who, groups)
+        if self.max_grad_norm is not None:
+            check_placements(f"{who} (max_grad_norm)", groups, any_shard_dim=True)
+
+    def _full_sums(self, partials: torch.Tensor) -> torch.Tensor:
+        """Per-tensor partial sums over the local shards of the group being stepped -> the full tensors' sums (one
+        collective; the identity without DTensor params). Reductions call it once per statistic they need."""
+        shards = self._shards
+        return partials if shards is None else shards.full_sums(partials)
+
+    def _reference_on_shards(self, group, params, grads, states, grad_scale, found_inf):
+        """The reference on the local shards (an element-wise update of the shard is the full tensor's; reductions
+        combine through _full_sums); replaced entries are written back."""
+        work_states = [{k: local(v) for k, v in st.items()} for st in states]
+        before = [dict(ws) for ws in work_states]
+        local_params = list(map(local, params))
+        self._reference_path(group, local_params, list(map(local, grads)), work_states, grad_scale, found_inf)
+        for p, lp, ws, old in zip(params, local_params, work_states, before):
+            for k, v in ws.items():  # a state made now (e.g. SGD's first momentum buffer) is a shard like p
+                if old.get(k) is not v and isinstance(v, torch.Tensor) and v.shape == lp.shape and v.dim():
+                    ws[k] = like(p, v)
+        keep_replaced(states, work_states, before)
