@@ -76,6 +76,8 @@ def _layout_case(case):
     """The case on MIXED's params (SparseAdam: SPARSE's), and each param's (param, grad) transforms."""
     slots, slots2 = (SPARSE, [((5,), None, None)]) if case.name == "SparseAdam" else (MIXED, MIXED_2)
     slots = [s for s in slots if s[0] in case.shapes or s[0] != (0,)]  # Adafactor: NaN RMS for empty tensors
+    dims = {len(shape) for shape in case.shapes}  # what the case takes (Muon: matrices only)
+    slots, slots2 = ([s for s in ss if len(s[0]) in dims] for ss in (slots, slots2))
     case = dataclasses.replace(case, shapes=[s for s, _, _ in slots], shapes2=[s for s, _, _ in slots2])
     return case, [(pf, gf) for _, pf, gf in slots + slots2]
 
