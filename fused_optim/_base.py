@@ -99,6 +99,7 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
         for i, group in enumerate(self.param_groups[:len(saved)]):
             saved[i] = dict(saved[i], fused=group["fused"])
         super().load_state_dict({**state_dict, "param_groups": saved})
+        self._restore_lean_states(state_dict)
 
     def __setstate__(self, state):
         defaults = state.get("defaults", self.__dict__.get("defaults", {}))
@@ -120,6 +121,7 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
         for p in group["params"]:
             if p.is_complex() and not self.supports_complex:
                 raise ValueError(f"{type(self).__name__} does not support complex params (got {p.dtype})")
+        self._check_lean_params(group)
 
     @classmethod
     def _has_kernel(cls) -> bool:
@@ -202,11 +204,8 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
         st = self.state[p]
         if not st:
             st.update(self._init_state(p, group))
+            self._lean_state(st, p)  # the element-wise states' dtypes, the remainder
             if self.master_weights and p.dtype in LOW_PRECISION:
-                # fp32 master copy, and fp32 element-wise states alongside it
-                for k, v in st.items():
-                    if isinstance(v, torch.Tensor) and v.dtype in LOW_PRECISION:
-                        st[k] = v.float()
                 st["master_param"] = p.detach().float().clone()
         return st
 
@@ -290,8 +289,10 @@ class FusedOptimizer(PrecisionOptions, Optimizer):
         mt.apply(rule, cache, params, grads, columns, [list(map(operator.itemgetter(k), states)) for k in skeys],
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None,
                  grad_scale=grad_scale, found_inf=found_inf,
-                 masters=[local(st.get("master_param")) for st in states] if self.master_weights else None,
+                 masters=[local(st.get("master_param")) for st in states] if self.master_weights else
+                 [local(st.get("param_remainder")) for st in states] if self.param_remainders else None,
                  stochastic_rounding=self.stochastic_rounding,
+                 state_stochastic_rounding=self.stochastic_rounding and self.state_dtype == torch.bfloat16,
                  # host RNG (torch.manual_seed makes it reproducible); no device sync
                  seed=int(torch.randint(0, 2**31 - 1, ())) if self.stochastic_rounding else 0)
 

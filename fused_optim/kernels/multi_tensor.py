@@ -31,6 +31,8 @@ from .runtime import BLOCK, ITERS
 from .tables import Tables, TableCache, all_aligned, buckets, dtype_of, fields, numel, pick, ptr, to_device
 
 MAX_STATES = 4
+# MASTER: what the slot after the states holds for a bf16/fp16 param
+NO_MASTER, MASTER_FP32, REMAINDER = 0, 1, 2  # none, an fp32 master copy, an int16 remainder (kernels/lean.py)
 MAX_SCALARS = 4
 N_HYPER = 8
 
@@ -40,9 +42,11 @@ if runtime.available():
 
     from .access import (amp_skip, chunk_ptr, grad_inv_scale, load, load_unscaled_grad, over_chunk, store,
                          store_bf16_stochastic)
+    from .lean import load_joined, store_split
     from .sync import arrive
 
     P_COL, G_COL, S_COL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # ptrs columns (states from S_COL)
+    REMAINDER_K = tl.constexpr(REMAINDER)
     W_TENSOR, W_CHUNK, W_WIDTH = fields("tensor", "chunk")
 
     @triton.jit
@@ -65,9 +69,13 @@ if runtime.available():
             return tl.zeros_like(like)
 
     @triton.jit
-    def _store_slot(ON: tl.constexpr, ptr, offs, val, mask, FULL: tl.constexpr):
+    def _store_slot(ON: tl.constexpr, ptr, offs, val, mask, FULL: tl.constexpr, SR: tl.constexpr, seed):
+        # SR: bf16 states stored with stochastic rounding (state_dtype=bf16 with stochastic_rounding)
         if ON:
-            store(ptr, offs, val, mask, FULL)
+            if SR:
+                store_bf16_stochastic(ptr, offs, val, mask, seed, FULL)
+            else:
+                store(ptr, offs, val, mask, FULL)
 
     @triton.jit
     def _load_scalar(ON: tl.constexpr, srow, k: tl.constexpr):
@@ -86,9 +94,11 @@ if runtime.available():
     def _block(carry, offs, mask, FULL: tl.constexpr, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr,
                inv_scale, seed, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7,
                UPDATE: tl.constexpr, FLAGS: tl.constexpr, NS: tl.constexpr,
-               HAS_SCALE: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr):
+               HAS_SCALE: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, STATE_SR: tl.constexpr):
         # over_chunk's BODY: nothing to carry, the carry (a tensor: loops carry no constants) passes through
-        if MASTER:
+        if MASTER == REMAINDER_K:
+            p = load_joined(p_ptr, m_ptr, offs, mask, FULL)  # the exact fp32 master: bf16 param + int16 remainder
+        elif MASTER:
             p = load(m_ptr, offs, mask, FULL)  # the fp32 master copy is the param the math updates
         else:
             p = load(p_ptr, offs, mask, FULL)
@@ -98,23 +108,27 @@ if runtime.available():
         s2 = _load_slot(NS > 2, s2_ptr, offs, mask, FULL, p)
         s3 = _load_slot(NS > 3, s3_ptr, offs, mask, FULL, p)
         p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
-        if MASTER:
-            store(m_ptr, offs, p, mask, FULL)
-        if SR:
-            store_bf16_stochastic(p_ptr, offs, p, mask, seed, FULL)
+        if MASTER == REMAINDER_K:
+            store_split(p_ptr, m_ptr, offs, p, mask, FULL)
         else:
-            store(p_ptr, offs, p, mask, FULL)
-        _store_slot(NS > 0, s0_ptr, offs, s0, mask, FULL)
-        _store_slot(NS > 1, s1_ptr, offs, s1, mask, FULL)
-        _store_slot(NS > 2, s2_ptr, offs, s2, mask, FULL)
-        _store_slot(NS > 3, s3_ptr, offs, s3, mask, FULL)
+            if MASTER:
+                store(m_ptr, offs, p, mask, FULL)
+            if SR:
+                store_bf16_stochastic(p_ptr, offs, p, mask, seed, FULL)
+            else:
+                store(p_ptr, offs, p, mask, FULL)
+        # each state its own random bits (the param's stream is seed itself)
+        _store_slot(NS > 0, s0_ptr, offs, s0, mask, FULL, STATE_SR, seed ^ 0x5A5A0001)
+        _store_slot(NS > 1, s1_ptr, offs, s1, mask, FULL, STATE_SR, seed ^ 0x5A5A0002)
+        _store_slot(NS > 2, s2_ptr, offs, s2, mask, FULL, STATE_SR, seed ^ 0x5A5A0003)
+        _store_slot(NS > 3, s3_ptr, offs, s3, mask, FULL, STATE_SR, seed ^ 0x5A5A0004)
         return carry
 
     @triton.jit
     def multi_tensor_apply_kernel(
         ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, inf_ptr, hp, seed,
         UPDATE: tl.constexpr, SCALARS: tl.constexpr, FLAGS: tl.constexpr,
-        NS: tl.constexpr, NT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+        NS: tl.constexpr, NT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, STATE_SR: tl.constexpr,
         P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
         LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
         ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
@@ -124,14 +138,17 @@ if runtime.available():
             t = tl.load(work + W_WIDTH * pid + W_TENSOR)
             chunk = tl.load(work + W_WIDTH * pid + W_CHUNK).to(tl.int64)
             n = tl.load(numels + t)
-            row = ptrs + t.to(tl.int64) * (S_COL + NS + MASTER)
+            row = ptrs + t.to(tl.int64) * (S_COL + NS + (1 if MASTER else 0))
             p_ptr = chunk_ptr(row, P_COL, P_DT, ALIGNED)
             g_ptr = chunk_ptr(row, G_COL, G_DT, ALIGNED)
             s0_ptr = _slot_ptr(NS > 0, row, S_COL + 0, S_DT, ALIGNED, p_ptr)  # absent slots: never dereferenced
             s1_ptr = _slot_ptr(NS > 1, row, S_COL + 1, S_DT, ALIGNED, p_ptr)
             s2_ptr = _slot_ptr(NS > 2, row, S_COL + 2, S_DT, ALIGNED, p_ptr)
             s3_ptr = _slot_ptr(NS > 3, row, S_COL + 3, S_DT, ALIGNED, p_ptr)
-            m_ptr = _slot_ptr(MASTER, row, S_COL + NS, tl.float32, ALIGNED, p_ptr)
+            if MASTER == REMAINDER_K:
+                m_ptr = _slot_ptr(True, row, S_COL + NS, tl.int16, ALIGNED, p_ptr)
+            else:
+                m_ptr = _slot_ptr(MASTER, row, S_COL + NS, tl.float32, ALIGNED, p_ptr)
 
             srow = sptrs + t.to(tl.int64) * NT
             t0 = _load_scalar(NT > 0, srow, 0)
@@ -158,7 +175,8 @@ if runtime.available():
             inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
             over_chunk(_block, tl.cast(0, tl.int32), chunk * (BLOCK * ITERS), n,
                        (p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, inv_scale, seed + t,
-                        c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, UPDATE, FLAGS, NS, HAS_SCALE, MASTER, SR),
+                        c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, UPDATE, FLAGS, NS, HAS_SCALE, MASTER, SR,
+                        STATE_SR),
                        BLOCK, ITERS)
 
             if NT > 0:
@@ -260,14 +278,17 @@ def _build_tables(key, params, grads, columns, scalars, device) -> _Tables:
 
 
 def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_tensor=None,
-          grad_scale=None, found_inf=None, masters=None, stochastic_rounding=False, seed=0) -> None:
+          grad_scale=None, found_inf=None, masters=None, stochastic_rounding=False, seed=0,
+          state_stochastic_rounding=False) -> None:
     """Update one param group in one launch per (param, grad, state) dtype combination.
 
     ``columns``: one list per element-wise state (``columns[k][i]``: state k of tensor i); ``scalars``: one list per
     per-tensor 0-d float32 scalar state. Tensors are read by address and size only: each tensor and its states must
     be dense in one storage order (the caller checks). ``masters[i]``: an fp32 master copy of a bf16/fp16 param (the
-    math updates it, the param gets its rounding), or None. ``stochastic_rounding``: bf16 params are stored with
-    stochastic rounding, random bits drawn from ``seed`` (vary it every step).
+    math updates it, the param gets its rounding), an int16 remainder of a bf16 param (param_remainders: the
+    two are the exact fp32 master, kernels/lean.py), or None. ``stochastic_rounding``: bf16 params are stored with
+    stochastic rounding, random bits drawn from ``seed`` (vary it every step); ``state_stochastic_rounding``: bf16
+    states too.
     """
     has_master = masters is not None and any(m is not None for m in masters)
     # every address and size the tables hold but the grads': any change (a loaded state, a replaced param's .data)
@@ -277,7 +298,7 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
     plan = cache.plan
     if plan is None or plan[0] != key:
         keys = list(zip(map(dtype_of, params), map(dtype_of, grads), map(dtype_of, columns[0] if columns else params),
-                        [m is not None for m in masters] if has_master else repeat(False)))
+                        list(map(_master_kind, masters)) if has_master else repeat(NO_MASTER)))
         plan = cache.plan = (key, buckets(keys))
     for (*dts, master), idx in plan[1].items():
         dts = tuple(dts)
@@ -286,21 +307,28 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
         if master:  # the master copy rides in the table as one more element-wise slot, after the states
             cols = [*cols, [masters[i] for i in idx]]
         tab = cache.lookup((dts, master), key, gs, lambda: _build_tables(key, ps, gs, cols, scs, ps[0].device))
-        sr = stochastic_rounding and dts[0] == torch.bfloat16
-        _launch(rule, tab, dts, len(cols) - master, len(scs), lr_tensor, grad_scale, found_inf, master, sr, seed)
+        sr = stochastic_rounding and dts[0] == torch.bfloat16 and master != REMAINDER
+        state_sr = state_stochastic_rounding and dts[2] == torch.bfloat16 and bool(columns)
+        _launch(rule, tab, dts, len(cols) - bool(master), len(scs), lr_tensor, grad_scale, found_inf, master, sr,
+                seed, state_sr)
+
+
+def _master_kind(m) -> int:
+    return NO_MASTER if m is None else REMAINDER if m.dtype == torch.int16 else MASTER_FP32
 
 
 def constexprs(rule: Rule, dts, ns: int, nt: int, *, lr_tensor: bool, has_scale: bool, has_inf: bool,
-               aligned: bool, master: bool = False, sr: bool = False) -> dict:
+               aligned: bool, master: int = NO_MASTER, sr: bool = False, state_sr: bool = False) -> dict:
     """The kernel's compile-time arguments for one launch: the launcher and the AOT inventory both use this."""
     assert ns <= MAX_STATES and nt <= MAX_SCALARS
     return dict(UPDATE=rule.update, SCALARS=rule.scalars or _no_scalars, FLAGS=rule.flags, NS=ns, NT=nt,
                 P_DT=runtime.tl_dtype(dts[0]), G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]),
                 LR_TENSOR=lr_tensor, HAS_SCALE=has_scale, HAS_INF=has_inf, ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
-                MASTER=master, SR=sr)
+                MASTER=int(master), SR=sr, STATE_SR=state_sr)
 
 
-def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=False, sr=False, seed=0):
+def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=NO_MASTER, sr=False, seed=0,
+            state_sr=False):
     hypers = rule.hyper_values()
     if tab.hkey != hypers:  # uploads only when a hyper-parameter changed (e.g. an LR schedule step)
         tab.hp.copy_(torch.tensor(hypers, dtype=torch.float64), non_blocking=True)
@@ -314,4 +342,4 @@ def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=Fal
         found_inf if found_inf is not None else dummy,
         tab.hp, seed,
         **constexprs(rule, dts, ns, nt, lr_tensor=lr_tensor is not None, has_scale=grad_scale is not None,
-                     has_inf=found_inf is not None, aligned=tab.aligned, master=master, sr=sr))
+                     has_inf=found_inf is not None, aligned=tab.aligned, master=master, sr=sr, state_sr=state_sr))

@@ -7,7 +7,7 @@ from itertools import repeat
 import torch
 
 from .._base import FusedOptimizer
-from .._tensors import GRAD, IS_SPARSE, check_nonneg, scalar, zeros_like
+from .._tensors import GRAD, IS_SPARSE, check_nonneg, scalar
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
@@ -130,7 +130,7 @@ class SGD(FusedOptimizer):
             return super()._kernel_step(group, params, grads, states, grad_scale, found_inf, variant=False)
         fresh = [i for i, st in enumerate(states) if "momentum_buffer" not in st]
         for i in fresh:
-            states[i]["momentum_buffer"] = zeros_like(params[i])
+            states[i]["momentum_buffer"] = self._new_state_buffer(params[i])
         for subset, first in ((fresh, True), (sorted(set(range(len(params))) - set(fresh)), False)):
             if subset:
                 super()._kernel_step(group, [params[i] for i in subset], [grads[i] for i in subset],

@@ -105,13 +105,19 @@ def _lr_required(cls) -> bool:
 # (param, grad, state) dtypes, aligned, AMP args (True: grad_scale and found_inf; "clip": grad_scale only, which is
 # how max_grad_norm alone reaches the kernel). Every option variant is compiled for aligned fp32; the first
 # (defaults) and last (every option on) also for unaligned fp32, bf16, fp16 with AMP scaling, fp32 with clipping,
-# bf16 with an fp32 master copy (fp32 states), and bf16 with stochastic rounding.
+# bf16 with an fp32 master copy (fp32 states), bf16 with stochastic rounding, bf16 with int16 remainders
+# (param_remainders, fp32 states), and fp32 with bf16 states (state_dtype) rounded to nearest and stochastically.
+# master: mt.MASTER_FP32 / mt.REMAINDER; sr: True (params) or "states".
 FP32 = ((torch.float32,) * 3, True, False, False, False)
 BF16 = torch.bfloat16
 DTYPE_VARIANTS = [FP32, ((torch.float32,) * 3, False, False, False, False), ((BF16,) * 3, True, False, False, False),
                   ((torch.float16,) * 3, True, True, False, False), ((torch.float32,) * 3, True, "clip", False, False),
-                  ((BF16, BF16, torch.float32), True, False, True, False),
-                  ((BF16,) * 3, True, False, False, True)]
+                  ((BF16, BF16, torch.float32), True, False, mt.MASTER_FP32, False),
+                  ((BF16,) * 3, True, False, False, True),
+                  ((BF16, BF16, torch.float32), True, False, mt.REMAINDER, False),
+                  ((torch.float32, torch.float32, BF16), True, False, False, False),
+                  ((torch.float32, torch.float32, BF16), True, False, False, "states")]
+_MASTER_NAMES = {mt.MASTER_FP32: " master", mt.REMAINDER: " remainders"}
 
 
 def inventory() -> list[Entry]:
@@ -125,11 +131,16 @@ def inventory() -> list[Entry]:
             for dts, aligned, amp, master, sr in (DTYPE_VARIANTS if i in (0, len(rules) - 1) else [FP32]):
                 if (master or sr) and not cls.precision_in_kernel:
                     continue
+                if dts[0] != dts[2] == BF16 and not ns:  # no states: the state dtype changes nothing
+                    continue
                 cx = mt.constexprs(rule, dts, ns, nt, lr_tensor=False, has_scale=bool(amp), has_inf=amp is True,
-                                   aligned=aligned, master=master, sr=sr)
-                dname = str(dts[0]).replace("torch.", "")
+                                   aligned=aligned, master=int(master), sr=sr is True, state_sr=sr == "states")
+                dname = str(dts[0]).replace("torch.", "") + ("" if dts[2] in (dts[0], torch.float32) else
+                                                             f"/{str(dts[2]).replace('torch.', '')} states")
                 entries.append(Entry(f"{cls.__name__}[{label}] {dname}{'' if aligned else ' unaligned'}"
-                                     f"{' ' + str(amp).replace('True', 'amp') if amp else ''}{' master' if master else ''}{' sr' if sr else ''}",
+                                     f"{' ' + str(amp).replace('True', 'amp') if amp else ''}"
+                                     f"{_MASTER_NAMES.get(int(master), '')}{' sr' if sr is True else ''}"
+                                     f"{' sr-states' if sr == 'states' else ''}",
                                      mt.multi_tensor_apply_kernel, sig, cx,
                                      runtime.compile_options(), vector_check=aligned))
     # every kernel family module (kernels/*.py) and every optimizer module may list dedicated kernels
