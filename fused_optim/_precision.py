@@ -144,6 +144,21 @@ class PrecisionOptions:
         if self.param_remainders:
             st["param_remainder"] = torch.zeros_like(p, dtype=lean.REMAINDER_DTYPE)
 
+    def anchor_state_dict(self) -> dict:
+        """``state_dict()`` in the anchor's layout, for torch/timm to load: element-wise states in fp32 (torch casts
+        them to its params' dtype on load) and no remainders (the params hold the masters rounded). The way back
+        is ``load_state_dict``: an anchor checkpoint loads into lean states (rounded to state_dtype, remainders 0)."""
+        sd = self.state_dict()
+        sd["state"] = {i: dict(st) for i, st in sd["state"].items()}  # state_dict() shares the state dicts
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, st in sd["state"].items():
+            st.pop("param_remainder", None)
+            if self.state_dtype is not None:
+                for k, v in st.items():
+                    if self._is_elementwise_state(k, v, params[i]):
+                        st[k] = v.float()
+        return sd
+
     def _restore_lean_states(self, state_dict) -> None:
         """After Optimizer.load_state_dict (which casts every state to its param's dtype): the master copy back to
         fp32, the remainder to int16, element-wise states to the dtypes _lean_state gives, re-read from the saved

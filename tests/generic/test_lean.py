@@ -157,28 +157,28 @@ def test_bf16_states_fused_matches_reference(case):
     for p, q in zip(pa, pb):
         sa, sb = _elementwise_states(fused, p), _elementwise_states(ref, q)
         assert sa.keys() == sb.keys() and p.dtype == torch.float32
-        assert all(v.dtype == BF16 for v in (*sa.values(), *sb.values())) and (not p.numel() or sa)
+        assert all(v.dtype == BF16 for v in (*sa.values(), *sb.values()))
     assert_states_close(fused, pa, ref, pb, rtol=2 ** -7, atol=1e-3)
 
 
 @PATHS
 def test_bf16_states_stochastic_rounding_is_unbiased(fused):
-    """RMSprop (alpha 0.999) on a constant grad 1: square_avg = 1 - 0.999^t. Each step adds (1 - s) / 1000, below
-    half a bf16 ulp once s > 1/4, so round-to-nearest stalls there; stochastic rounding keeps the mean on track.
-    Measured over 4096 elements after 400 steps (exact 0.3297): RN 0.2500, SR mean within 0.5%."""
+    """RMSprop (alpha 0.99) on a constant grad 1: square_avg = 1 - 0.99^t. Each step adds (1 - s) / 100, below half
+    a bf16 ulp once s > 0.8, so round-to-nearest stalls there; stochastic rounding keeps the mean on track.
+    Measured (reference path, 512 elements, 150 steps, exact 0.7785): RN 0.8047 (every element), SR mean 0.7783."""
     def run_(sr):
         torch.manual_seed(0)
-        p = torch.nn.Parameter(torch.zeros(4096, device=DEVICE))
-        opt = fused_optim.RMSprop([p], lr=0.0, alpha=0.999, fused=fused, state_dtype=BF16, stochastic_rounding=sr)
+        p = torch.nn.Parameter(torch.zeros(512, device=DEVICE))
+        opt = fused_optim.RMSprop([p], lr=0.0, alpha=0.99, fused=fused, state_dtype=BF16, stochastic_rounding=sr)
         p.grad = torch.ones_like(p)
-        for _ in range(400):
+        for _ in range(150):
             opt.step()
         return opt.state[p]["square_avg"]
-    exact = 1 - 0.999 ** 400
+    exact = 1 - 0.99 ** 150
     rn, sr = run_(False), run_(True)
     assert rn.dtype == sr.dtype == BF16
-    assert abs(rn.float().mean().item() - exact) > 0.05
-    assert abs(sr.float().mean().item() - exact) < 0.005 * exact
+    assert abs(rn.float().mean().item() - exact) > 0.02
+    assert abs(sr.float().mean().item() - exact) < 0.002
     assert sr.unique().numel() > 1  # rounded each way
 
 
@@ -215,3 +215,27 @@ def test_bf16_states_one_launch_and_checkpoint(fused):
     lean.load_state_dict(anchor.state_dict())
     for st_lean, st_anchor in zip(lean.state.values(), anchor.state.values()):
         assert torch.equal(st_lean["exp_avg"].cpu(), st_anchor["exp_avg"].to(BF16))
+
+
+def test_anchor_state_dict_moves_to_torch_and_back():
+    gen = torch.Generator().manual_seed(0)
+    pa = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (5, 60)]
+    lean = fused_optim.AdamW(pa, lr=1e-2, state_dtype=BF16)
+    for p in pa:
+        p.grad = torch.randn(p.shape, generator=gen)
+    lean.step()
+    sd = lean.anchor_state_dict()
+    assert sd["state"][1]["exp_avg"].dtype == torch.float32 and lean.state[pa[1]]["exp_avg"].dtype == BF16
+    anchor = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in pa], lr=1e-2)
+    anchor.load_state_dict(saved(sd))
+    back = fused_optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in pa], lr=1e-2, state_dtype=BF16)
+    back.load_state_dict(saved(anchor.state_dict()))
+    for p, q, r in zip(pa, anchor.param_groups[0]["params"], back.param_groups[0]["params"]):
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(anchor.state[q][k], lean.state[p][k].float())
+            assert torch.equal(back.state[r][k], lean.state[p][k])
+    rem = fused_optim.SGD([torch.nn.Parameter(torch.randn(8).to(BF16))], lr=0.1, momentum=0.9, param_remainders=True)
+    rem.param_groups[0]["params"][0].grad = torch.randn(8).to(BF16)
+    rem.step()
+    assert "param_remainder" not in rem.anchor_state_dict()["state"][0]
+    assert "param_remainder" in rem.state_dict()["state"][0]
