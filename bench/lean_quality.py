@@ -65,9 +65,9 @@ def main():
             lines.append(f"| {name} | {path} | " + " | ".join(f"{v:.5f}" for v in loss.values()) + " | " +
                          " | ".join(f"{r:.4f}" for r in ratios) + " |")
             print(lines[-1], flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            if args.out:  # after every row: a long fused run keeps what it measured
+                with open(args.out, "w") as f:
+                    f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

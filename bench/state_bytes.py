@@ -47,9 +47,10 @@ def state_bytes(name, dtype, opts):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--only", nargs="+", help="registry names (default: every optimizer that takes the options)")
     args = ap.parse_args()
     rows = []
-    for name in sorted(fused_optim.REGISTRY):
+    for name in args.only or sorted(fused_optim.REGISTRY):
         if not fused_optim.REGISTRY[name].supports_precision_options:
             continue
         for label, (dtype, opts) in SETTINGS.items():
