@@ -112,6 +112,7 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
             if isinstance(p, torch.Tensor):
                 for k, v in st.items():
                     st[k] = like_param(v, p)
+        self._restore_lean_states(state_dict)
 
     def __setstate__(self, state):
         defaults = state.get("defaults", self.__dict__.get("defaults", {}))
@@ -137,6 +138,7 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
                 raise ValueError(f"{type(self).__name__}: a param of shape {tuple(p.shape)} has stride-0 dims "
                                  f"{p.stride()} (expanded): its elements share memory and cannot be updated in "
                                  f"place; make it a tensor of its own (.contiguous())")
+        self._check_lean_params(group)
 
     @classmethod
     def _has_kernel(cls) -> bool:
@@ -219,11 +221,8 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
         st = self.state[p]
         if not st:
             st.update(self._init_state(p, group))
+            self._lean_state(st, p)  # the element-wise states' dtypes, the remainder
             if self.master_weights and p.dtype in LOW_PRECISION:
-                # fp32 master copy, and fp32 element-wise states alongside it
-                for k, v in st.items():
-                    if isinstance(v, torch.Tensor) and v.dtype in LOW_PRECISION:
-                        st[k] = v.float()
                 st["master_param"] = p.detach().float().clone()
         return st
 
@@ -286,7 +285,7 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
         dev = params[0].device
         scalars_on_device(states, skeys, dev)
         self._prepare(group, params, grads, states)
-        masters = [st.get("master_param") for st in states] if self.master_weights else None
+        masters = self._masters(states)
         params, grads, columns, back = self._kernel_tensors(params, grads, states, keys, grad_scale,
                                                             extra=[masters] if masters else ())
         if masters:

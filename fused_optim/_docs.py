@@ -1,5 +1,5 @@
 """The documentation every optimizer shares: its keyword-only options beyond the anchor (``fused``,
-``master_weights``, ``stochastic_rounding``, ``max_grad_norm``). ``register`` appends it to each public class's
+``master_weights``, ``stochastic_rounding``, ``max_grad_norm``, ``param_remainders``, ``state_dtype``). ``register`` appends it to each public class's
 docstring, worded from the class's attributes (where the precision options run, which options it refuses), so
 ``help(fused_optim.AdamW)`` shows it and each class's own docstring keeps only its algorithm, anchor and notes."""
 from __future__ import annotations
@@ -76,6 +76,28 @@ max_grad_norm=None
     the global norm, equal to clip_grad_norm_ on the full model (other placements raise NotImplementedError).
     Refused under ZeroRedundancyOptimizer (each rank's optimizer holds only its partition)."""
 
+_LEAN = """\
+param_remainders=False
+    True (bf16 params only; not with master_weights): an int16 remainder per element in
+    ``state['param_remainder']`` holds the low 16 bits of an exact fp32 master, which the math updates, at 2 bytes
+    per param element instead of master_weights' 4, with the same fp32 masters bit for bit. The bf16 param is the
+    master rounded to nearest, ties rounded up in magnitude (so the remainder fits 16 bits; at exact ties it is
+    master_weights' param's neighbour, 1 ulp); element-wise states are fp32 unless state_dtype says otherwise;
+    stochastic_rounding then applies to bf16 states only.
+{where}
+
+state_dtype=None
+    The dtype of every element-wise state buffer (momentum, exp_avg, exp_avg_sq, square_avg, ...; not per-tensor
+    scalars). None: the anchor's. ``torch.bfloat16``: 2 bytes per element; the math is fp32 on the loaded
+    values, stored rounded to nearest, or stochastically under stochastic_rounding=True. Saved as is in the state
+    dict; a checkpoint with fp32 states loads into bf16 ones. Complex params are refused.
+{where}"""
+
+_REFUSED_LEAN = """\
+param_remainders=False, state_dtype=None
+    Memory-lean params and states: not supported by this optimizer (other values raise ValueError at
+    construction)."""
+
 _REFUSED_CLIP = """\
 max_grad_norm=None
     Not supported by this optimizer: a number raises ValueError at construction."""
@@ -87,13 +109,16 @@ def options_doc(cls) -> str:
         where = textwrap.fill(_IN_KERNEL if cls.precision_in_kernel else _ON_REFERENCE, 116,
                               initial_indent="    ", subsequent_indent="    ")
         precision = (_MASTER.format(where=where), _ROUNDING.format(where=where))
+        lean = _LEAN.format(where=where)
     else:
         precision = (_REFUSED_PRECISION,)
-    if getattr(cls, "anchor_max_grad_norm", False):  # the anchor's own argument, documented above
-        return "\n\n".join((HEADER, _FUSED, *precision))
-    clip = _CLIP if cls.supports_max_grad_norm else _REFUSED_CLIP
+        lean = _REFUSED_LEAN
     layouts = textwrap.fill(_LAYOUTS[cls.kernel_layout], 116, initial_indent="    ", subsequent_indent="    ")
-    return "\n\n".join((HEADER, _FUSED.format(layouts=layouts), *precision, clip))
+    fused = _FUSED.format(layouts=layouts)
+    if getattr(cls, "anchor_max_grad_norm", False):  # the anchor's own argument, documented above
+        return "\n\n".join((HEADER, fused, *precision, lean))
+    clip = _CLIP if cls.supports_max_grad_norm else _REFUSED_CLIP
+    return "\n\n".join((HEADER, fused, *precision, clip, lean))
 
 
 def document(cls):

@@ -1,6 +1,7 @@
 """The options beyond the anchors that every optimizer takes keyword-only: ``master_weights``,
-``stochastic_rounding`` and ``max_grad_norm`` (global grad-norm clipping). They are optimizer attributes, not
-param-group keys, so checkpoints keep the anchor's group layout."""
+``stochastic_rounding``, ``max_grad_norm`` (global grad-norm clipping), and the memory-lean ``param_remainders`` and
+``state_dtype``. They are optimizer attributes, not param-group keys, so checkpoints keep the anchor's group
+layout."""
 from __future__ import annotations
 
 import functools
@@ -11,7 +12,13 @@ import torch
 
 from . import _sharded as sharded
 from ._tensors import LOW_PRECISION, as_real, check, local, stochastic_round_bf16
-from .kernels import reduce
+from .kernels import lean, reduce
+
+# the keyword options and their defaults, in signature order
+_OPTIONS = (("master_weights", False), ("stochastic_rounding", False), ("max_grad_norm", None),
+            ("param_remainders", False), ("state_dtype", None))
+_SWITCHES = {"master_weights", "stochastic_rounding", "param_remainders"}  # stored as bools
+STATE_DTYPES = (None, torch.bfloat16)
 
 
 class PrecisionOptions:
@@ -29,6 +36,11 @@ class PrecisionOptions:
     supports_max_grad_norm = True  # False: refused (SparseAdam's sparse grads, LBFGS's line search)
     last_grad_norm: torch.Tensor | None = None
     anchor_max_grad_norm = False  # True: max_grad_norm is the anchor's own constructor argument (timm's Lamb)
+    # bf16 params: an int16 remainder (state['param_remainder']) holds the low bits of an exact fp32 master, which
+    # the math updates (kernels/lean.py), at 2 bytes per param instead of master_weights' 4
+    param_remainders = False
+    # the dtype of every element-wise state buffer (None: the anchor's); see _lean_state
+    state_dtype = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -44,26 +56,28 @@ class PrecisionOptions:
 
         @functools.wraps(init)
         def __init__(self, *args, **kw):
-            options = {n: kw.pop(n) for n in ("master_weights", "stochastic_rounding", "max_grad_norm")
-                       if n not in own and n in kw}
-            if options.get("master_weights") is not None:  # None: keep what an outer constructor already set
-                self.master_weights = bool(options["master_weights"])
-            if options.get("stochastic_rounding") is not None:
-                self.stochastic_rounding = bool(options["stochastic_rounding"])
-            if options.get("max_grad_norm") is not None:
-                self.max_grad_norm = options["max_grad_norm"]
+            options = {n: kw.pop(n) for n, _ in _OPTIONS if n not in own and n in kw}
+            for n, v in options.items():
+                if v is not None:  # None: keep what an outer (subclass) constructor already set
+                    setattr(self, n, bool(v) if n in _SWITCHES else v)
             init(self, *args, **kw)
 
         extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=default)
-                 for n, default in (("master_weights", False), ("stochastic_rounding", False),
-                                    ("max_grad_norm", None)) if n not in sig.parameters]
+                 for n, default in _OPTIONS if n not in sig.parameters]
         __init__.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
         cls.__init__ = __init__
 
     def _check_precision_options(self) -> None:
         """The constructor's checks of the options (before any state exists)."""
-        if (self.master_weights or self.stochastic_rounding) and not self.supports_precision_options:
-            raise ValueError(f"{type(self).__name__} does not support master_weights / stochastic_rounding")
+        name = type(self).__name__
+        lean_opts = self.param_remainders or self.state_dtype is not None
+        if (self.master_weights or self.stochastic_rounding or lean_opts) and not self.supports_precision_options:
+            raise ValueError(f"{name} does not support master_weights / stochastic_rounding / param_remainders / "
+                             f"state_dtype")
+        check(any(self.state_dtype is d or self.state_dtype == d for d in STATE_DTYPES),
+              f"{name}: invalid state_dtype {self.state_dtype!r} (expected None or torch.bfloat16)")
+        check(not (self.param_remainders and self.master_weights),
+              f"{name}: param_remainders and master_weights are two ways of keeping an exact fp32 master: pick one")
         if self.max_grad_norm is not None:
             if not self.supports_max_grad_norm:
                 raise ValueError(f"{type(self).__name__} does not support max_grad_norm")
@@ -119,32 +133,132 @@ class PrecisionOptions:
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))
         return None, False
 
+    def _check_lean_params(self, group) -> None:
+        """param_remainders needs bf16 params, state_dtype real ones (checked as each group is added)."""
+        name = type(self).__name__
+        if self.param_remainders:
+            bad = sorted({str(p.dtype) for p in group["params"] if p.dtype != torch.bfloat16})
+            check(not bad, f"{name}: param_remainders holds the low 16 bits of an fp32 master under a bf16 param; "
+                           f"got params of dtype {', '.join(bad)}")
+        if self.state_dtype is not None:
+            check(not any(p.is_complex() for p in group["params"]),
+                  f"{name}: state_dtype={self.state_dtype} does not support complex params")
+
+    def _lean_state(self, st: dict, p) -> None:
+        """A fresh state dict made lean in place: master_weights / param_remainders give a low-precision param fp32
+        states (what the exact master is updated with), then state_dtype sets every element-wise state's dtype
+        (floating, shaped like the param; not the per-tensor scalars); the remainder starts at 0."""
+        for k, v in st.items():
+            if (self.master_weights or self.param_remainders) and isinstance(v, torch.Tensor) and \
+                    v.dtype in LOW_PRECISION:
+                st[k] = v = v.float()
+            if self.state_dtype is not None and self._is_elementwise_state(k, v, p):
+                st[k] = v.to(self.state_dtype)
+        if self.param_remainders:
+            st["param_remainder"] = torch.zeros_like(p, dtype=lean.REMAINDER_DTYPE)
+
+    def anchor_state_dict(self) -> dict:
+        """``state_dict()`` in the anchor's layout, for torch/timm to load: element-wise states in fp32 (torch casts
+        them to its params' dtype on load) and no remainders (the params hold the masters rounded). The way back
+        is ``load_state_dict``: an anchor checkpoint loads into lean states (rounded to state_dtype, remainders 0)."""
+        sd = self.state_dict()
+        sd["state"] = {i: dict(st) for i, st in sd["state"].items()}  # state_dict() shares the state dicts
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, st in sd["state"].items():
+            st.pop("param_remainder", None)
+            if self.state_dtype is not None:
+                for k, v in st.items():
+                    if self._is_elementwise_state(k, v, params[i]):
+                        st[k] = v.float()
+        return sd
+
+    def _restore_lean_states(self, state_dict) -> None:
+        """After Optimizer.load_state_dict (which casts every state to its param's dtype): the master copy back to
+        fp32, the remainder to int16, element-wise states to the dtypes _lean_state gives, re-read from the saved
+        values. A checkpoint without remainders (torch's, timm's) starts them at 0: the bf16 param is the master."""
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for p, pid in zip(group["params"], saved_group["params"]):
+                saved = state_dict["state"].get(pid)
+                if not saved:
+                    continue
+                st = self.state[p]
+                fresh = {k: v.to(p.device, copy=True) if isinstance(v, torch.Tensor) and k != "step" else v
+                         for k, v in saved.items() if k in st}
+                if "master_param" in fresh:
+                    st["master_param"] = fresh.pop("master_param").float()
+                if "param_remainder" in fresh:
+                    st["param_remainder"] = fresh.pop("param_remainder").to(lean.REMAINDER_DTYPE)
+                elif self.param_remainders:
+                    st["param_remainder"] = torch.zeros_like(p, dtype=lean.REMAINDER_DTYPE)
+                lean_dtype = self._lean_dtype(p)
+                if lean_dtype is not None:
+                    for k, v in fresh.items():
+                        if self._is_elementwise_state(k, v, p):
+                            st[k] = v.to(lean_dtype)
+
+    def _new_state_buffer(self, p) -> torch.Tensor:
+        """A zero element-wise state made after the first step (SGD's momentum buffer), in the dtype _lean_state
+        gives the others."""
+        return torch.zeros_like(p, dtype=self._lean_dtype(p) or p.dtype, memory_format=torch.preserve_format)
+
+    def _lean_dtype(self, p):
+        """The dtype of p's element-wise states: state_dtype, else fp32 for a low-precision param with an exact
+        master (master_weights / param_remainders), else None (the anchor's)."""
+        exact_master = (self.master_weights or self.param_remainders) and p.dtype in LOW_PRECISION
+        return self.state_dtype or (torch.float32 if exact_master else None)
+
+    def _is_elementwise_state(self, key, v, p) -> bool:
+        return (isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape
+                and key not in self.scalar_keys and key not in ("step", "master_param"))
+
     def _low_precision_options(self, params) -> bool:
-        """master_weights / stochastic_rounding apply to some param of this list."""
-        return (self.master_weights or self.stochastic_rounding) and any(p.dtype in LOW_PRECISION for p in params)
+        """master_weights / stochastic_rounding apply to some param of this list, or the lean options are on."""
+        return ((self.master_weights or self.stochastic_rounding) and any(p.dtype in LOW_PRECISION for p in params)
+                or self.param_remainders or self.state_dtype is not None)
 
     def _reference_low_precision(self, group, params, grads, states):
         """master_weights / stochastic_rounding on the reference path: fp32 math on the master copy (or an fp32
         copy of the param), low-precision states rounded to nearest, the param rounded to nearest or
-        stochastically. The fused path does the same in one pass."""
-        work_p = [st["master_param"] if "master_param" in st else p.float() for p, st in zip(params, states)]
+        stochastically; with param_remainders the master is the param joined with its remainder, and split back.
+        state_dtype=bf16 states are rounded stochastically under stochastic_rounding. The fused path does the same
+        in one pass."""
+        lean_keys = ("master_param", "param_remainder")
+        work_p = [st["master_param"] if "master_param" in st else
+                  lean.join_remainder(p, st["param_remainder"]) if "param_remainder" in st else p.float()
+                  for p, st in zip(params, states)]
         work_st = [{k: v.float() if isinstance(v, torch.Tensor) and v.dtype in LOW_PRECISION else v
-                    for k, v in st.items() if k != "master_param"} for st in states]
+                    for k, v in st.items() if k not in lean_keys} for st in states]
         self._reference(group, work_p, [g.float() for g in grads], work_st)
+        sr_states = self.stochastic_rounding and self.state_dtype == torch.bfloat16
         for p, wp, st, ws in zip(params, work_p, states, work_st):
             for k, v in ws.items():
-                if isinstance(st[k], torch.Tensor) and st[k].dtype in LOW_PRECISION:
-                    st[k].copy_(v)  # low-precision state: round to nearest
-                elif st[k] is not v:
-                    st[k] = v
-            if p.dtype == torch.bfloat16 and self.stochastic_rounding:
+                old = st.get(k)
+                if isinstance(old, torch.Tensor) and old.dtype in LOW_PRECISION:
+                    # low-precision state: round to nearest (or stochastically for state_dtype=bf16)
+                    old.copy_(stochastic_round_bf16(v) if sr_states and self._is_elementwise_state(k, v, p) else v)
+                elif old is not v:
+                    # a state the reference made (SGD's first momentum buffer) or replaced
+                    st[k] = v.to(self.state_dtype) if (self.state_dtype is not None and old is None and
+                                                        self._is_elementwise_state(k, v, p)) else v
+            if "param_remainder" in st:
+                hi, lo = lean.split_remainder(wp)
+                p.copy_(hi)
+                st["param_remainder"].copy_(lo)
+            elif p.dtype == torch.bfloat16 and self.stochastic_rounding:
                 p.copy_(stochastic_round_bf16(wp))
             elif wp is not p:
                 p.copy_(wp)
 
+    def _masters(self, states):
+        """The master slot of each param's launch: its fp32 master copy (master_weights), its int16 remainder
+        (param_remainders), or None."""
+        key = "master_param" if self.master_weights else "param_remainder" if self.param_remainders else None
+        return None if key is None else [st.get(key) for st in states]
+
     def _precision_args(self, masters) -> dict:
-        """mt.apply's master_weights / stochastic_rounding arguments for a launch that writes the params (masters:
-        the master copies the kernels see, or None)."""
+        """mt.apply's master / rounding arguments for a launch that writes the params (masters: the master slots
+        the kernels see, or None)."""
         return dict(masters=masters, stochastic_rounding=self.stochastic_rounding, who=type(self).__name__,
+                    state_stochastic_rounding=self.stochastic_rounding and self.state_dtype == torch.bfloat16,
                     # host RNG (torch.manual_seed makes it reproducible); no device sync
                     seed=int(torch.randint(0, 2**31 - 1, ())) if self.stochastic_rounding else 0)

@@ -46,6 +46,9 @@ from .runtime import BLOCK, ITERS
 from .tables import Tables, TableCache, all_aligned, buckets, dtype_of, fields, numel, pick, ptr, to_device
 
 MAX_STATES = 4
+# MASTER: what the slot after the states holds for a bf16/fp16 param
+NO_MASTER, MASTER_FP32, REMAINDER = 0, 1, 2  # none, an fp32 master copy, an int16 remainder (kernels/lean.py)
+SR_PARAM, SR_STATES = 1, 2  # SR bits: bf16 params / bf16 states stored with stochastic rounding
 MAX_SCALARS = 4
 N_HYPER = 8
 P_STATS, P_APPLY = 0, 1  # the passes of a launch (PASSES bits): the statistics pass, the update
@@ -58,9 +61,11 @@ if runtime.available():
 
     from .access import (amp_skip, chunk_ptr, grad_inv_scale, load, load_unscaled_grad, over_chunk, store,
                          store_bf16_stochastic, to_compute)
+    from .lean import load_joined, store_split
     from .sync import arrive, run_phases, sum_partials
 
     P_COL, G_COL, S_COL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # ptrs columns (states from S_COL)
+    REMAINDER_K = tl.constexpr(REMAINDER)
     W_TENSOR, W_CHUNK, W_WIDTH = fields("tensor", "chunk")
     STATS_PASS, APPLY_PASS = tl.constexpr(P_STATS), tl.constexpr(P_APPLY)
 
@@ -84,9 +89,13 @@ if runtime.available():
             return tl.zeros_like(like)
 
     @triton.jit
-    def _store_slot(ON: tl.constexpr, ptr, offs, val, mask, FULL: tl.constexpr):
+    def _store_slot(ON: tl.constexpr, ptr, offs, val, mask, FULL: tl.constexpr, SR: tl.constexpr, seed):
+        # SR: bf16 states stored with stochastic rounding (state_dtype=bf16 with stochastic_rounding)
         if ON:
-            store(ptr, offs, val, mask, FULL)
+            if SR:
+                store_bf16_stochastic(ptr, offs, val, mask, seed, FULL)
+            else:
+                store(ptr, offs, val, mask, FULL)
 
     @triton.jit
     def _scalar_ptr(srow, k: tl.constexpr, F64: tl.constexpr):
@@ -128,7 +137,9 @@ if runtime.available():
                 NS: tl.constexpr, HAS_SCALE: tl.constexpr, MASTER: tl.constexpr, WRITE_BACK: tl.constexpr):
         """An element block's (p, g, s0..s3) as both passes read them; WRITE_BACK: the update's read, which stores
         the unscaled grad back (the statistics pass only reads)."""
-        if MASTER:
+        if MASTER == REMAINDER_K:
+            p = load_joined(p_ptr, m_ptr, offs, mask, FULL)  # the exact fp32 master: bf16 param + int16 remainder
+        elif MASTER:
             p = load(m_ptr, offs, mask, FULL)  # the fp32 master copy is the param the math updates
         else:
             p = load(p_ptr, offs, mask, FULL)
@@ -153,16 +164,20 @@ if runtime.available():
         p, g, s0, s1, s2, s3 = _inputs(offs, mask, FULL, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr,
                                        inv_scale, NS, HAS_SCALE, MASTER, True)
         p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
-        if MASTER:
-            store(m_ptr, offs, p, mask, FULL)
-        if SR:
-            store_bf16_stochastic(p_ptr, offs, p, mask, seed, FULL)
+        if MASTER == REMAINDER_K:
+            store_split(p_ptr, m_ptr, offs, p, mask, FULL)
         else:
-            store(p_ptr, offs, p, mask, FULL)
-        _store_slot(NS > 0, s0_ptr, offs, s0, mask, FULL)
-        _store_slot(NS > 1, s1_ptr, offs, s1, mask, FULL)
-        _store_slot(NS > 2, s2_ptr, offs, s2, mask, FULL)
-        _store_slot(NS > 3, s3_ptr, offs, s3, mask, FULL)
+            if MASTER:
+                store(m_ptr, offs, p, mask, FULL)
+            if SR & SR_PARAM:
+                store_bf16_stochastic(p_ptr, offs, p, mask, seed, FULL)
+            else:
+                store(p_ptr, offs, p, mask, FULL)
+        # each state its own random bits (the param's stream is seed itself)
+        _store_slot(NS > 0, s0_ptr, offs, s0, mask, FULL, SR & SR_STATES, seed ^ 0x5A5A0001)
+        _store_slot(NS > 1, s1_ptr, offs, s1, mask, FULL, SR & SR_STATES, seed ^ 0x5A5A0002)
+        _store_slot(NS > 2, s2_ptr, offs, s2, mask, FULL, SR & SR_STATES, seed ^ 0x5A5A0003)
+        _store_slot(NS > 3, s3_ptr, offs, s3, mask, FULL, SR & SR_STATES, seed ^ 0x5A5A0004)
         return carry
 
     @triton.jit
@@ -187,14 +202,17 @@ if runtime.available():
         t = tl.load(work + W_WIDTH * item + W_TENSOR)
         chunk = tl.load(work + W_WIDTH * item + W_CHUNK).to(tl.int64)
         n = tl.load(numels + t)
-        row = ptrs + t.to(tl.int64) * (S_COL + NS + MASTER)
+        row = ptrs + t.to(tl.int64) * (S_COL + NS + (1 if MASTER else 0))
         p_ptr = chunk_ptr(row, P_COL, P_DT, ALIGNED)
         g_ptr = chunk_ptr(row, G_COL, G_DT, ALIGNED)
         s0_ptr = _slot_ptr(NS > 0, row, S_COL + 0, S_DT, ALIGNED, p_ptr)  # absent slots: never dereferenced
         s1_ptr = _slot_ptr(NS > 1, row, S_COL + 1, S_DT, ALIGNED, p_ptr)
         s2_ptr = _slot_ptr(NS > 2, row, S_COL + 2, S_DT, ALIGNED, p_ptr)
         s3_ptr = _slot_ptr(NS > 3, row, S_COL + 3, S_DT, ALIGNED, p_ptr)
-        m_ptr = _slot_ptr(MASTER, row, S_COL + NS, tl.float32, ALIGNED, p_ptr)
+        if MASTER == REMAINDER_K:
+            m_ptr = _slot_ptr(True, row, S_COL + NS, tl.int16, ALIGNED, p_ptr)
+        else:
+            m_ptr = _slot_ptr(MASTER, row, S_COL + NS, tl.float32, ALIGNED, p_ptr)
 
         srow = sptrs + t.to(tl.int64) * NT
         t0 = _scalar_in(0, NT, HAS_STATS, srow, stats + t, FLAGS & F64_0)
@@ -389,15 +407,19 @@ def _build_tables(key, params, grads, columns, scalars, device) -> _Tables:
 
 
 def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_tensor=None,
-          grad_scale=None, found_inf=None, masters=None, stochastic_rounding=False, seed=0, who="fused_optim") -> None:
-    """Update one param group in one launch per (param, grad, state, scalar state) dtype combination (a rule with ``stats``: one
-    persistent launch, or two where the device refuses it; ``who`` names the optimizer in a grid barrier's report).
+          grad_scale=None, found_inf=None, masters=None, stochastic_rounding=False, seed=0,
+          state_stochastic_rounding=False, who="fused_optim") -> None:
+    """Update one param group in one launch per (param, grad, state, scalar state) dtype combination (a rule with
+    ``stats``: one persistent launch, or two where the device refuses it; ``who`` names the optimizer in a grid
+    barrier's report).
 
     ``columns``: one list per element-wise state (``columns[k][i]``: state k of tensor i); ``scalars``: one list per
     per-tensor 0-d scalar state (float32, or float64: see SCALAR_F64). Tensors are read by address and size only:
     each tensor and its states must be dense in one storage order (the caller checks). ``masters[i]``: an fp32 master
-    copy of a bf16/fp16 param (the math updates it, the param gets its rounding), or None. ``stochastic_rounding``:
-    bf16 params are stored with stochastic rounding, random bits drawn from ``seed`` (vary it every step).
+    copy of a bf16/fp16 param (the math updates it, the param gets its rounding), an int16 remainder of a bf16 param
+    (param_remainders: the two are the exact fp32 master, kernels/lean.py), or None. ``stochastic_rounding``: bf16
+    params are stored with stochastic rounding, random bits drawn from ``seed`` (vary it every step);
+    ``state_stochastic_rounding``: bf16 states too.
     """
     has_master = masters is not None and any(m is not None for m in masters)
     # every address and size the tables hold but the grads': any change (a loaded state, a replaced param's .data)
@@ -407,7 +429,7 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
     plan = cache.plan
     if plan is None or plan[0] != key:
         keys = list(zip(map(dtype_of, params), map(dtype_of, grads), map(dtype_of, columns[0] if columns else params),
-                        [m is not None for m in masters] if has_master else repeat(False),
+                        list(map(_master_kind, masters)) if has_master else repeat(NO_MASTER),
                         zip(*(map(dtype_of, col) for col in scalars)) if scalars else repeat(())))
         plan = cache.plan = (key, buckets(keys))
     for (*dts, master, sdts), idx in plan[1].items():
@@ -417,16 +439,22 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
         if master:  # the master copy rides in the table as one more element-wise slot, after the states
             cols = [*cols, [masters[i] for i in idx]]
         tab = cache.lookup((dts, master, sdts), key, gs, lambda: _build_tables(key, ps, gs, cols, scs, ps[0].device))
-        sr = stochastic_rounding and dts[0] == torch.bfloat16
-        _launch(rule, tab, dts, len(cols) - master, len(scs), lr_tensor, grad_scale, found_inf, master, sr, seed, who,
-                scalar_f64_flags(scs))
+        sr = (SR_PARAM if stochastic_rounding and dts[0] == torch.bfloat16 and master != REMAINDER else 0) | (
+            SR_STATES if state_stochastic_rounding and dts[2] == torch.bfloat16 and columns else 0)
+        _launch(rule, tab, dts, len(cols) - bool(master), len(scs), lr_tensor, grad_scale, found_inf, master, sr, seed,
+                who, scalar_f64_flags(scs))
+
+
+def _master_kind(m) -> int:
+    return NO_MASTER if m is None else REMAINDER if m.dtype == torch.int16 else MASTER_FP32
 
 
 def constexprs(rule: Rule, dts, ns: int, nt: int, *, lr_tensor: bool, has_scale: bool, has_inf: bool,
-               aligned: bool, master: bool = False, sr: bool = False, passes=(P_APPLY,), scalar_f64: int = 0) -> dict:
+               aligned: bool, master: int = NO_MASTER, sr: int = 0, passes=(P_APPLY,), scalar_f64: int = 0) -> dict:
     """The kernel's compile-time arguments for one launch running ``passes`` (one of rule.launches(), or one pass
-    of it): the launcher and the AOT inventory both use this. ``scalar_f64``: the SCALAR_F64 bits of the float64
-    scalar slots."""
+    of it): the launcher and the AOT inventory both use this. ``master``: NO_MASTER, MASTER_FP32 or REMAINDER;
+    ``sr``: SR_PARAM / SR_STATES bits (True: SR_PARAM); ``scalar_f64``: the SCALAR_F64 bits of the float64 scalar
+    slots."""
     has_stats = rule.stats is not None
     assert ns <= MAX_STATES and nt + has_stats <= MAX_SCALARS
     return dict(UPDATE=rule.update, SCALARS=rule.scalars or _no_scalars, STATS=rule.stats or _no_stats,
@@ -434,10 +462,10 @@ def constexprs(rule: Rule, dts, ns: int, nt: int, *, lr_tensor: bool, has_scale:
                 P_DT=runtime.tl_dtype(dts[0]), G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]),
                 LR_TENSOR=lr_tensor, HAS_SCALE=has_scale, HAS_INF=has_inf, HAS_STATS=has_stats,
                 PASSES=sum(1 << p for p in passes), ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS, PB=_PB,
-                MASTER=master, SR=sr)
+                MASTER=int(master), SR=int(sr))
 
 
-def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=False, sr=False, seed=0,
+def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=NO_MASTER, sr=0, seed=0,
             who="fused_optim", scalar_f64=0):
     hypers = rule.hyper_values()
     if tab.hkey != hypers:  # uploads only when a hyper-parameter changed (e.g. an LR schedule step)

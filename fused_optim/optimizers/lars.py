@@ -128,7 +128,8 @@ class Lars(FusedOptimizer):
         return rule, (("momentum_buffer",) if momentum != 0 else ()), (_SLOTS if self._adapts(group) else ())
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
-        launches = momentum_launches(params, states) if group["momentum"] != 0 else [(range(len(params)), None)]
+        launches = (momentum_launches(params, states, self._new_state_buffer) if group["momentum"] != 0
+                    else [(range(len(params)), None)])
         keys = ("momentum_buffer",) if group["momentum"] != 0 else ()
         params, grads, columns, back = self._kernel_tensors(params, grads, states, keys, grad_scale)
         slots = ()

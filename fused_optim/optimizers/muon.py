@@ -226,7 +226,7 @@ class Muon(FusedOptimizer):
         ws = caches.get((id(group), "workspace"))
         if ws is None or ws.key != key:
             ws = caches[(id(group), "workspace")] = _workspace(key, params)
-        masters = [st.get("master_param") for st in states] if self.master_weights else None
+        masters = self._masters(states)
         params, grads, (bufs, *masters), back = self._kernel_tensors(params, grads, states, ("momentum_buffer",),
                                                                      grad_scale, extra=[masters] if masters else ())
         rule, _, _ = self._kernel_rule(group, "momentum")

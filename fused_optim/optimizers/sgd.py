@@ -7,7 +7,7 @@ from itertools import repeat
 import torch
 
 from .._base import FusedOptimizer
-from .._tensors import GRAD, IS_SPARSE, check_nonneg, scalar, zeros_like
+from .._tensors import GRAD, IS_SPARSE, check_nonneg, scalar
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
@@ -59,16 +59,16 @@ def momentum_reference(grads, states, *, momentum, dampening, nesterov):
     return torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
 
 
-def momentum_launches(params, states):
+def momentum_launches(params, states, new_buffer):
     """[(param indices, first)]: the launches of a fused momentum step. A param's first momentum step copies the
-    grad into a new buffer (made here, zero): those params go in a launch of their own (only on the step where they
+    grad into a new buffer (made here by new_buffer(param), zero): those params go in a launch of their own (only on the step where they
     first get a grad). The buffer starts at zero, so if AMP skips that step the next one is an ordinary momentum
     step (identical to torch unless dampening != 0)."""
     if all(map(operator.contains, states, repeat("momentum_buffer"))):  # the steady state: one launch
         return [(range(len(params)), False)]
     fresh = [i for i, st in enumerate(states) if "momentum_buffer" not in st]
     for i in fresh:
-        states[i]["momentum_buffer"] = zeros_like(params[i])
+        states[i]["momentum_buffer"] = new_buffer(params[i])
     rest = sorted(set(range(len(params))) - set(fresh))
     return [(fresh, True)] + ([(rest, False)] if rest else [])
 
@@ -151,7 +151,7 @@ class SGD(FusedOptimizer):
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
         if group["momentum"] == 0:
             return super()._kernel_step(group, params, grads, states, grad_scale, found_inf)
-        for idx, first in momentum_launches(params, states):
+        for idx, first in momentum_launches(params, states, self._new_state_buffer):
             if len(idx) == len(params):
                 super()._kernel_step(group, params, grads, states, grad_scale, found_inf, variant=first)
             else:

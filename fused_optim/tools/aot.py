@@ -108,17 +108,23 @@ def _lr_required(cls) -> bool:
 # after the grads were unscaled; "clip": grad_scale only, which is
 # how max_grad_norm alone reaches the kernel). Every option variant is compiled for aligned fp32; the first
 # (defaults) and last (every option on) also for unaligned fp32, bf16, fp16 with AMP scaling, fp32 with clipping,
-# bf16 with an fp32 master copy (fp32 states), bf16 with stochastic rounding, and fp64 (fp64 math), plain and with
-# clipping (an fp64 clip scale). Plain fp64 entries of rules with per-tensor scalars beyond ``step`` also come with
-# those scalars fp64 (a checkpoint loaded into fp64 params; NovoGrad's moments and norms).
+# bf16 with an fp32 master copy (fp32 states), bf16 with stochastic rounding, bf16 with int16 remainders
+# (param_remainders, fp32 states), fp32 with bf16 states (state_dtype) rounded to nearest and stochastically, and
+# fp64 (fp64 math), plain and with clipping (an fp64 clip scale). Plain fp64 entries of rules with per-tensor scalars
+# beyond ``step`` also come with those scalars fp64 (a checkpoint loaded into fp64 params; NovoGrad's moments and
+# norms). master: mt.MASTER_FP32 / mt.REMAINDER; sr: True (params) or "states".
 FP32 = ((torch.float32,) * 3, True, False, False, False)
 BF16 = torch.bfloat16
 FP64 = (torch.float64,) * 3
 DTYPE_VARIANTS = [FP32, ((torch.float32,) * 3, False, False, False, False), ((BF16,) * 3, True, False, False, False),
                   ((torch.float16,) * 3, True, True, False, False), ((torch.float32,) * 3, True, "clip", False, False),
-                  ((BF16, BF16, torch.float32), True, False, True, False),
+                  ((BF16, BF16, torch.float32), True, False, mt.MASTER_FP32, False),
                   ((BF16,) * 3, True, False, False, True),
+                  ((BF16, BF16, torch.float32), True, False, mt.REMAINDER, False),
+                  ((torch.float32, torch.float32, BF16), True, False, False, False),
+                  ((torch.float32, torch.float32, BF16), True, False, False, "states"),
                   (FP64, True, False, False, False), (FP64, True, "clip", False, False)]
+_MASTER_NAMES = {mt.MASTER_FP32: " master", mt.REMAINDER: " remainders"}
 
 
 def _scalar_f64_variants(dts, nt: int, amp) -> tuple:
@@ -146,14 +152,17 @@ def inventory() -> list[Entry]:
                     continue
                 if hasattr(cls, "aot_launch"):  # a launch that sees other dtypes / AMP arguments than the group's
                     dts, amp, master, sr = cls.aot_launch(sub, dts, amp, master, sr)
+                if dts[0] != dts[2] == BF16 and not ns:  # no states: the state dtype changes nothing
+                    continue
+                sr_bits = (mt.SR_PARAM if sr is True else 0) | (mt.SR_STATES if sr == "states" else 0)
                 for f64 in _scalar_f64_variants(dts, nt, amp):
-                    key = (rule.update, rule.scalars, rule.stats, rule.flags, ns, nt, dts, aligned, amp, master, sr,
-                           passes, f64)
+                    key = (rule.update, rule.scalars, rule.stats, rule.flags, ns, nt, dts, aligned, amp, int(master),
+                           sr_bits, passes, f64)
                     if key in seen:  # two group dtypes that make the same launch
                         continue
                     seen.add(key)
                     cx = mt.constexprs(rule, dts, ns, nt, lr_tensor=False, has_scale=amp in (True, "clip"),
-                                       has_inf=amp in (True, "inf"), aligned=aligned, master=master, sr=sr,
+                                       has_inf=amp in (True, "inf"), aligned=aligned, master=int(master), sr=sr_bits,
                                        passes=passes, scalar_f64=f64)
                     dname = "/".join(str(d).replace("torch.", "") for d in (dts[:1] if len(set(dts)) == 1 else dts))
                     pname = f" pass {'+'.join(map(str, passes))}" if rule.stats else ""
@@ -161,8 +170,8 @@ def inventory() -> list[Entry]:
                     esig = {**sig, "scale_ptr": "*fp64"} if amp == "clip" and dts[0] == torch.float64 else sig
                     entries.append(Entry(f"{cls.__name__}[{label}]{pname} {dname}{'' if aligned else ' unaligned'}"
                                          f"{' ' + str(amp).replace('True', 'amp') if amp else ''}"
-                                         f"{' master' if master else ''}{' sr' if sr else ''}"
-                                         f"{' f64 scalars' if f64 else ''}",
+                                         f"{_MASTER_NAMES.get(int(master), '')}{' sr' if sr is True else ''}"
+                                         f"{' sr-states' if sr == 'states' else ''}{' f64 scalars' if f64 else ''}",
                                          mt.multi_tensor_apply_kernel, esig, cx,
                                          runtime.compile_options(), vector_check=aligned and mt.P_APPLY in passes))
     # every kernel family module (kernels/*.py) and every optimizer module may list dedicated kernels

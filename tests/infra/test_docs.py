@@ -1,5 +1,5 @@
 """Every public optimizer documents itself: ``help(fused_optim.X)`` names its anchor, states its fused path's
-launches and its class-specific requirements, and documents the four keyword-only options beyond the anchor with
+launches and its class-specific requirements, and documents the keyword-only options beyond the anchor with
 their defaults, in the signature and in the text (the shared part, fused_optim/_docs.py, worded for the class).
 A class that loses its docstring, or an option that loses its documentation, fails here."""
 import inspect
@@ -12,7 +12,8 @@ import fused_optim
 from fused_optim import _docs
 from fused_optim.anchors import REFERENCE_ANCHORED, TIMM, anchor
 
-OPTIONS = {"fused": None, "master_weights": False, "stochastic_rounding": False, "max_grad_norm": None}
+OPTIONS = {"fused": None, "master_weights": False, "stochastic_rounding": False, "max_grad_norm": None,
+           "param_remainders": False, "state_dtype": None}
 OPTIMIZERS = [n for n in fused_optim.__all__ if isinstance(getattr(fused_optim, n), type)
               and issubclass(getattr(fused_optim, n), torch.optim.Optimizer) and n != "FusedOptimizer"]
 CLASSES = [pytest.param(getattr(fused_optim, n), id=n) for n in OPTIMIZERS]
@@ -107,4 +108,5 @@ def test_shared_text_is_worded_for_the_class(cls):
     else:
         assert "state['master_param']" in shared and "4 bytes per param element" in shared
         where = _docs._IN_KERNEL if cls.precision_in_kernel else _docs._ON_REFERENCE
-        assert shared.count(_flat(where)) == 2  # master_weights and stochastic_rounding
+        # master_weights, stochastic_rounding, param_remainders, state_dtype
+        assert shared.count(_flat(where)) == 4
