@@ -107,7 +107,8 @@ def _lr_required(cls) -> bool:
 # (param, grad, state) dtypes, aligned, AMP args (True: grad_scale and found_inf; "inf": found_inf only, a launch
 # after the grads were unscaled; "clip": grad_scale only, which is
 # how max_grad_norm alone reaches the kernel). Every option variant is compiled for aligned fp32; the first
-# (defaults) and last (every option on) also for unaligned fp32, bf16, fp16 with AMP scaling, fp32 with clipping,
+# (defaults) also for bf16, fp16 with AMP scaling and fp64 (FIRST_VARIANTS); the last (every option on, the most
+# code) for all of DTYPE_VARIANTS: unaligned fp32, bf16, fp16 with AMP scaling, fp32 with clipping,
 # bf16 with an fp32 master copy (fp32 states), bf16 with stochastic rounding, bf16 with int16 remainders
 # (param_remainders, fp32 states), fp32 with bf16 states (state_dtype) rounded to nearest and stochastically, and
 # fp64 (fp64 math), plain and with clipping (an fp64 clip scale). Plain fp64 entries of rules with per-tensor scalars
@@ -124,6 +125,7 @@ DTYPE_VARIANTS = [FP32, ((torch.float32,) * 3, False, False, False, False), ((BF
                   ((torch.float32, torch.float32, BF16), True, False, False, False),
                   ((torch.float32, torch.float32, BF16), True, False, False, "states"),
                   (FP64, True, False, False, False), (FP64, True, "clip", False, False)]
+FIRST_VARIANTS = [DTYPE_VARIANTS[i] for i in (0, 2, 3, -2)]
 _MASTER_NAMES = {mt.MASTER_FP32: " master", mt.REMAINDER: " remainders"}
 
 
@@ -146,7 +148,7 @@ def inventory() -> list[Entry]:
         for i, (label, rule, ns, nt, sub) in enumerate(rules):
             # a rule with a statistics pass: its persistent launch, and each pass alone (the refused fallback)
             passes_of = [(mt.P_STATS, mt.P_APPLY), (mt.P_STATS,), (mt.P_APPLY,)] if rule.stats else [(mt.P_APPLY,)]
-            variants = DTYPE_VARIANTS if i < n_sub or i >= len(rules) - n_sub else [FP32]
+            variants = (DTYPE_VARIANTS if i >= len(rules) - n_sub else FIRST_VARIANTS if i < n_sub else [FP32])
             for (dts, aligned, amp, master, sr), passes in itertools.product(variants, passes_of):
                 if (master or sr) and not cls.precision_in_kernel:
                     continue
