@@ -17,6 +17,7 @@ from .._base import FusedOptimizer
 from .._tensors import LOW_PRECISION, check, check_nonneg, restore_state_dtypes, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import adafactor as af
+from .common import OwnKernels
 
 
 def factored_dims(shape, min_size):
@@ -93,7 +94,7 @@ def adafactor_reference(group, params, grads, states):
 
 
 @register
-class Adafactor(FusedOptimizer):
+class Adafactor(OwnKernels, FusedOptimizer):
     """Adafactor: a second moment factored into row and column means of g^2 for matrices (element-wise otherwise),
     a relative step size when lr=None, update RMS clipping, an optional first moment (betas[0]) and cautious
     masking. Anchor: timm.optim.Adafactor (same signature, defaults, state and group keys; `betas` is stored as
@@ -127,10 +128,6 @@ class Adafactor(FusedOptimizer):
                         relative_step=relative_step, warmup_init=warmup_init,
                         min_dim_size_to_factor=min_dim_size_to_factor, caution=caution)
         super().__init__(params, defaults, fused=fused)
-
-    @classmethod
-    def _has_kernel(cls) -> bool:
-        return True
 
     def _validate(self, group):
         if not group["relative_step"]:

@@ -98,6 +98,14 @@ if runtime.available():
         return u * (caution_mask(u, g) / scale.to(u.dtype))
 
 
+class OwnKernels:
+    """Mixin for the optimizers whose fused path runs kernels of their own rather than a generic _kernel_rule."""
+
+    @classmethod
+    def _has_kernel(cls) -> bool:
+        return True
+
+
 def cautious_updates(updates, grads):
     """timm's caution (Cautious Optimizers, arXiv:2411.16085), per tensor, in its op order: mask = (u * g > 0) in
     the grad's dtype, mask /= max(mean(mask), 1e-3), returns the new tensors u * mask."""

@@ -13,6 +13,7 @@ from .._registry import register
 from ..kernels import lamb as kl
 from ..kernels import reduce
 from ..kernels.tables import TableCache
+from .common import OwnKernels
 
 __all__ = ["Lamb", "lamb_clip", "lamb_trust_ratio", "lamb_reference"]
 
@@ -66,7 +67,7 @@ def lamb_reference(params, grads, exp_avgs, exp_avg_sqs, clip, *, lr, beta1, bet
 
 
 @register
-class Lamb(FusedOptimizer):
+class Lamb(OwnKernels, FusedOptimizer):
     """LAMB: Adam's bias-corrected direction m^ / (sqrt(v^) + eps) (``grad_averaging``: m averages (1 - beta1) g,
     else sums g) plus L2 weight decay (or, ``decoupled_decay``, p *= 1 - lr * weight_decay, with
     ``corrected_weight_decay`` lr**2 / max_lr, max_lr the constructor's lr), scaled per tensor by the trust ratio
@@ -105,10 +106,6 @@ class Lamb(FusedOptimizer):
                         corrected_weight_decay=corrected_weight_decay, max_lr_snapshot=max_lr, foreach=foreach)
         super().__init__(params, defaults, fused=fused)
         self._clip = None  # this step's clip factor (device scalar), made by _clip_grads
-
-    @classmethod
-    def _has_kernel(cls) -> bool:
-        return True
 
     def _validate(self, group):
         # timm's wording; NaN and infinity are refused too (timm lets them through)

@@ -16,7 +16,7 @@ from ..kernels import projection as kp
 from ..kernels import runtime
 from ..kernels.projection import CHANNEL, LAYER, NONE
 from ..kernels.tables import TableCache
-from .common import timm_moments_
+from .common import OwnKernels, timm_moments_
 
 __all__ = ["SGDP", "AdamP", "NONE", "CHANNEL", "LAYER", "projection_mode", "project", "sgdp_reference",
            "adamp_reference"]
@@ -141,7 +141,7 @@ if runtime.available():
 
 
 # ---- the optimizers -------------------------------------------------------------------------------------------
-class _Projected(FusedOptimizer):
+class _Projected(OwnKernels, FusedOptimizer):
     """What SGDP and AdamP share: validation and the fused path."""
     supports_complex = False
     elementwise = False  # per-row / per-tensor reductions: FSDP2 shards are refused by the base class
@@ -149,10 +149,6 @@ class _Projected(FusedOptimizer):
     precision_in_kernel = False  # master_weights / stochastic_rounding run on the reference path
     float64_in_kernel = False  # the C++ engine's row statistics are fp32: float64 params use the reference path
     kernel_variants = ()  # no generic-kernel rule: kernels/projection.py lists this kernel's AOT entries
-
-    @classmethod
-    def _has_kernel(cls) -> bool:
-        return True
 
     def _validate(self, group):
         check_nonneg(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"], delta=group["delta"],
