@@ -122,6 +122,12 @@ def grad_flags(group, decoupled: bool = False) -> int:
     return mt.pack((MAXIMIZE, group.get("maximize", False)), (WD, wd), (DECOUPLED, wd and decoupled))
 
 
+def adam_hyper(group, **extra):
+    """The HYPER of an Adam-style kernel rule: lr, betas, eps and weight decay under the kernels' names, then extra."""
+    beta1, beta2 = (scalar(b) for b in group["betas"])
+    return dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"], **extra)
+
+
 def effective_grads(grads, params, maximize: bool, weight_decay: float):
     """The grads the update sees: negated for maximize, plus L2 weight decay fused (foreach add with alpha). New
     tensors where changed: p.grad is never modified."""
