@@ -52,6 +52,18 @@ def assert_unchanged(opt, params, snap):
             assert (torch.equal(now[k], v) if isinstance(v, torch.Tensor) else now[k] == v), f"state {k} changed"
 
 
+def twin_groups(cls, cfg, group2, shapes, shapes_2, device):
+    """A fused and a reference cls (options cfg) on the same random params (from a generator seeded 0) in two
+    groups: shapes, then shapes_2 with group2's options. Returns (fused, its params, ref, its params, the generator)."""
+    gen = torch.Generator().manual_seed(0)
+    pa = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    qa = [torch.randn(s, generator=gen).to(device) for s in shapes_2]
+    pb, qb = [p.clone() for p in pa], [q.clone() for q in qa]
+    fused = cls([{"params": pa}, {"params": qa, **group2}], fused=True, **cfg)
+    ref = cls([{"params": pb}, {"params": qb, **group2}], fused=False, **cfg)
+    return fused, pa + qa, ref, pb + qb, gen
+
+
 def step_twins(opt_a, params_a, opt_b, params_b, gen=None):
     """One step of two optimizers on the same random grads (drawn from gen, in params_b's dtypes)."""
     for p, q in zip(params_a, params_b):

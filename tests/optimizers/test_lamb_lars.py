@@ -6,7 +6,7 @@ import torch
 
 import fused_optim
 from conftest import DEVICE
-from helpers import assert_kernels_idle, assert_states_close
+from helpers import assert_kernels_idle, assert_states_close, twin_groups
 from fused_optim.kernels import runtime
 
 SHAPES = [(7,), (), (0,), (1300,), (67, 33)]
@@ -14,13 +14,7 @@ SHAPES_2 = [(11,), (3, 4, 2, 2)]
 
 
 def _pair(cls, cfg, group2):
-    gen = torch.Generator().manual_seed(0)
-    pa = [torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES]
-    qa = [torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES_2]
-    pb, qb = [p.clone() for p in pa], [q.clone() for q in qa]
-    fused = cls([{"params": pa}, {"params": qa, **group2}], fused=True, **cfg)
-    ref = cls([{"params": pb}, {"params": qb, **group2}], fused=False, **cfg)
-    return fused, pa + qa, ref, pb + qb, gen
+    return twin_groups(cls, cfg, group2, SHAPES, SHAPES_2, DEVICE)
 
 
 def _steps(fused, pa, ref, pb, gen, steps, per_step):
