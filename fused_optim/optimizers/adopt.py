@@ -8,7 +8,7 @@ from .._tensors import check, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .common import GRAD_BITS, adam_hyper, cautious_updates, effective_grads
+from .common import GRAD_BITS, adam_hyper, cautious_updates, effective_grads, step_params_
 from .lion import TimmCautious, max_lr_snapshot
 
 if runtime.available():
@@ -98,10 +98,7 @@ def adopt_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_deca
         torch._foreach_minimum_(normed, clip)
     torch._foreach_lerp_(exp_avgs, normed, 1 - beta1)
     updates = cautious_updates(exp_avgs, grads) if caution else exp_avgs
-    if isinstance(lr, torch.Tensor):
-        torch._foreach_add_(params, torch._foreach_mul(updates, -lr))
-    else:
-        torch._foreach_add_(params, updates, alpha=-lr)
+    step_params_(params, updates, lr)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
 

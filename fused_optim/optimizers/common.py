@@ -116,6 +116,14 @@ def cautious_updates(updates, grads):
     return torch._foreach_mul(updates, masks)
 
 
+def step_params_(params, updates, lr):
+    """params -= lr * updates, in place; a Tensor lr is multiplied in (foreach alpha takes numbers only)."""
+    if isinstance(lr, torch.Tensor):
+        torch._foreach_add_(params, torch._foreach_mul(updates, -lr))
+    else:
+        torch._foreach_add_(params, updates, alpha=-lr)
+
+
 def grad_flags(group, decoupled: bool = False) -> int:
     """FLAGS bits read by effective_grad / decayed_grad for a group's maximize and weight decay options."""
     wd = scalar(group.get("weight_decay", 0)) != 0
