@@ -14,10 +14,10 @@ import math
 import torch
 
 from .._base import FusedOptimizer
-from .._tensors import LOW_PRECISION, check, check_nonneg, restore_state_dtypes, scalar, scalars_on_device
+from .._tensors import LOW_PRECISION, check, check_nonneg, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import adafactor as af
-from .common import OwnKernels
+from .common import KeptStateDtypes, OwnKernels
 
 
 def factored_dims(shape, min_size):
@@ -94,7 +94,7 @@ def adafactor_reference(group, params, grads, states):
 
 
 @register
-class Adafactor(OwnKernels, FusedOptimizer):
+class Adafactor(KeptStateDtypes, OwnKernels, FusedOptimizer):
     """Adafactor: a second moment factored into row and column means of g^2 for matrices (element-wise otherwise),
     a relative step size when lr=None, update RMS clipping, an optional first moment (betas[0]) and cautious
     masking. Anchor: timm.optim.Adafactor (same signature, defaults, state and group keys; `betas` is stored as
@@ -159,11 +159,9 @@ class Adafactor(OwnKernels, FusedOptimizer):
         st["RMS"] = 0
         return st
 
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
+    def _kept_dtypes(self, group, p):
         # moments stay fp32 for fp16/bf16 params, as timm keeps them
-        restore_state_dtypes(self, state_dict, lambda group, p: {
-            k: torch.float32 for k in af.MOMENT_KEYS} if p.dtype in LOW_PRECISION else {})
+        return {k: torch.float32 for k in af.MOMENT_KEYS} if p.dtype in LOW_PRECISION else {}
 
     def _reference(self, group, params, grads, states):
         adafactor_reference(group, params, grads, states)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._tensors import scalar
+from .._tensors import restore_state_dtypes, scalar
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
 
@@ -104,6 +104,15 @@ class OwnKernels:
     @classmethod
     def _has_kernel(cls) -> bool:
         return True
+
+
+class KeptStateDtypes:
+    """Mixin for the optimizers that keep some states in a dtype other than their param's (as timm does):
+    ``_kept_dtypes(group, p)`` maps those state keys to their dtype, which a loaded checkpoint keeps too."""
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict, self._kept_dtypes)
 
 
 def cautious_updates(updates, grads):

@@ -16,12 +16,13 @@ import operator
 import torch
 
 from .._base import FusedOptimizer
-from .._tensors import check, check_betas, check_nonneg, new_step, restore_state_dtypes, scalar, scalars_on_device
+from .._tensors import check, check_betas, check_nonneg, new_step, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
 from ..kernels.tables import TableCache
 from ..kernels import reduce
+from .common import KeptStateDtypes
 
 _LOW = (torch.float16, torch.bfloat16)
 _NORM = "||g||^2"  # the scalar slot fed from the reduction pass, not a state
@@ -118,7 +119,7 @@ def novograd_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_d
         p.add_(st["exp_avg"], alpha=-lr)
 
 
-class _LayerwiseMoments(FusedOptimizer):
+class _LayerwiseMoments(KeptStateDtypes, FusedOptimizer):
     """What NovoGrad and NvNovoGrad share: validation, reference, kernel rule and the fused step."""
 
     scalar_keys = ("step", "exp_avg_sq", "max_exp_avg_sq")
@@ -142,10 +143,8 @@ class _LayerwiseMoments(FusedOptimizer):
             st["max_exp_avg_sq"] = zero()
         return st
 
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict, lambda group, p: {
-            k: self._moment_dtype(p) for k in ("exp_avg_sq", "max_exp_avg_sq")})
+    def _kept_dtypes(self, group, p):
+        return {k: self._moment_dtype(p) for k in ("exp_avg_sq", "max_exp_avg_sq")}
 
     def _decoupled_scale(self, group):
         return None
