@@ -148,14 +148,7 @@ def adam_hyper(group, **extra):
 def effective_grads(grads, params, maximize: bool, weight_decay: float):
     """The grads the update sees: negated for maximize, plus L2 weight decay fused (foreach add with alpha). New
     tensors where changed: p.grad is never modified."""
-    if maximize:
-        grads = torch._foreach_neg(grads)
-    if weight_decay != 0:
-        if maximize:
-            torch._foreach_add_(grads, params, alpha=weight_decay)  # already a copy
-        else:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    return grads
+    return decayed_grads(params, grads, lr=None, weight_decay=weight_decay, maximize=maximize)
 
 
 def decayed_grads(params, grads, *, lr, weight_decay, maximize, decoupled=False):
@@ -166,6 +159,8 @@ def decayed_grads(params, grads, *, lr, weight_decay, maximize, decoupled=False)
     if weight_decay != 0:
         if decoupled:
             torch._foreach_mul_(params, scalar(1 - lr * weight_decay))
+        elif maximize:
+            torch._foreach_add_(grads, params, alpha=weight_decay)  # already a copy
         else:
             grads = torch._foreach_add(grads, params, alpha=weight_decay)
     return grads
