@@ -12,7 +12,8 @@ import torch
 import fused_optim
 from conftest import DEVICE
 from fused_optim import csrc
-from helpers import assert_kernels_idle, assert_states_close, kernel_tables, launches, train_mlp, twin_groups
+from helpers import (assert_kernels_idle, assert_states_close, kernel_tables, launches, refuse_persistent_launch,
+                     train_mlp, twin_groups)
 from fused_optim.kernels import multi_tensor as mt
 from fused_optim.kernels import runtime
 from fused_optim.optimizers.projection import CHANNEL, LAYER, projection_mode
@@ -71,11 +72,7 @@ def test_refused_persistent_launch_runs_one_launch_per_phase(name, reductions, m
     gen = torch.Generator().manual_seed(1)
     pa = [torch.randn(s, generator=gen).to(DEVICE) for s in [(7,), (5, 3), (13, 5), (3, 4, 2, 2)]]
     pb = [p.clone() for p in pa]
-    if DEVICE == "cpu":  # the interpreter refuses a cooperative grid of 2: the refusal itself is exercised
-        monkeypatch.setattr(runtime, "persistent_grid", lambda n_items, device: 2)
-        monkeypatch.setattr(runtime, "refused_devices", set())
-    else:  # a GPU makes 2 programs resident: start from a device that refused
-        monkeypatch.setattr(runtime, "refused_devices", {str(pa[0].device)})
+    refuse_persistent_launch(monkeypatch, DEVICE)
     fused = cls(pa, fused=True, caution=True, **CONFIGS[name])
     ref = cls(pb, fused=False, caution=True, **CONFIGS[name])
     modes = set()
