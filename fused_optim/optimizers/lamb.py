@@ -14,6 +14,7 @@ from ..kernels import lamb as kl
 from ..kernels import reduce
 from ..kernels.tables import TableCache
 from .common import OwnKernels
+from .lion import max_lr_snapshot
 
 __all__ = ["Lamb", "lamb_clip", "lamb_trust_ratio", "lamb_reference"]
 
@@ -94,10 +95,7 @@ class Lamb(OwnKernels, FusedOptimizer):
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  grad_averaging=True, max_grad_norm=1.0, trust_clip=False, always_adapt=False, caution=False,
                  decoupled_decay=False, corrected_weight_decay=False, foreach=None, *, fused=None):
-        max_lr = float(lr)
-        check(not corrected_weight_decay or max_lr > 0,
-              f"Corrected weight decay requires a positive max lr, got {max_lr}. Construct the optimizer with the "
-              f"peak lr.")
+        max_lr = max_lr_snapshot(lr, corrected_weight_decay)
         check(max_grad_norm is None or (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf),
               f"Invalid max_grad_norm value: {max_grad_norm}")
         defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
