@@ -225,11 +225,9 @@ class AdamP(_Projected):
     of 2+ dims are candidates (Heo et al. 2021, arXiv 2006.08217). ``caution``: timm's cautious masking.
     Anchor: timm.optim.AdamP (``step`` a Python int as in timm; the fused path keeps a float32 0-d device tensor).
 
-    Fused path: 2 launches per param group, step and dtype combination, with or without caution, whatever the
-    number of tensors: the per-row projection statistics and decision (C++/CUDA engine, or Triton where it is not
-    built; none when no tensor has 2+ dims), then the apply (with caution, the cautious statistics and the apply
-    as phases of one persistent launch). timm decides on the host, a sync per tensor; this step never syncs.
-    DTensor (FSDP2) params are refused; float64 params take the reference path (the statistics are fp32)."""
+    Fused path: SGDP's, 2 launches per param group, step and dtype combination, with or without caution, whatever
+    the number of tensors (the projection statistics and decision, then the apply); it never syncs. DTensor (FSDP2)
+    params are refused; float64 params take the reference path (the statistics are fp32)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, delta=0.1, wd_ratio=0.1,
                  nesterov=False, caution=False, *, fused=None):
