@@ -44,7 +44,7 @@ if runtime.available():
     @triton.jit
     def decayed_grad(p, g, decay, wd, FLAGS: tl.constexpr):
         """maximize, then L2 (into g, unfused as torch's single-tensor ops) or decoupled (p * decay,
-        decay = 1 - lr * wd) weight decay (the Adam family, Adamax, NAdam, RAdam, ASGD, SGD)."""
+        decay = 1 - lr * wd) weight decay (the Adam family, Adamax, NAdam, RAdam, ASGD, SGD, NovoGrad)."""
         if FLAGS & MAXIMIZE:
             g = -g
         if FLAGS & WD:

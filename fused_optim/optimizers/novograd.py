@@ -22,7 +22,7 @@ from ..kernels import multi_tensor as mt
 from ..kernels import runtime
 from ..kernels.tables import TableCache
 from ..kernels import reduce
-from .common import KeptStateDtypes
+from .common import GRAD_BITS, KeptStateDtypes
 
 _LOW = (torch.float16, torch.bfloat16)
 _NORM = "||g||^2"  # the scalar slot fed from the reduction pass, not a state
@@ -31,7 +31,9 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    AMSGRAD, WD, DECOUPLED, CORRECTED, GRAD_AVG, FIRST_IF_ZERO = mt.flag_bits(6)
+    from .common import DECOUPLED, WD, decayed_grad  # no maximize option: MAXIMIZE is never set
+
+    AMSGRAD, CORRECTED, GRAD_AVG, FIRST_IF_ZERO = mt.flag_bits(4, first=GRAD_BITS)
     MOMENT_F64 = mt.SCALAR_F64[1]  # the 0-d moments (slots 1 and 3) are float64
 
     @triton.jit
@@ -69,12 +71,7 @@ if runtime.available():
     @triton.jit
     def _novograd_update(p, g, m, s1, s2, s3, denom, decay, c2, c3, lr, beta1, beta2, eps, wd, max_lr, h6, h7,
                          FLAGS: tl.constexpr):
-        u = g / denom
-        if FLAGS & WD:
-            if FLAGS & DECOUPLED:
-                p = p * decay
-            else:
-                u = u + wd.to(p.dtype) * p
+        p, u = decayed_grad(p, g / denom, decay, wd, FLAGS)  # L2 decay adds to the normalised grad
         if FLAGS & GRAD_AVG:
             u = u * (1.0 - beta1).to(p.dtype)
         m = m * beta1.to(p.dtype) + u
