@@ -216,9 +216,7 @@ class NovoGrad(_LayerwiseMoments):
                         amsgrad=amsgrad)
         super().__init__(params, defaults, fused=fused)
 
-    @staticmethod
-    def _new_step(p, group):
-        return new_step(p, group)
+    _new_step = staticmethod(new_step)  # torch's step state
 
     def _moment_dtype(self, p):
         dt = p.dtype.to_real()
