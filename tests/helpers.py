@@ -52,11 +52,28 @@ def assert_unchanged(opt, params, snap):
             assert (torch.equal(now[k], v) if isinstance(v, torch.Tensor) else now[k] == v), f"state {k} changed"
 
 
-def step_twins(opt_a, params_a, opt_b, params_b, gen=None):
-    """One step of two optimizers on the same random grads (drawn from gen, in params_b's dtypes)."""
+def twin_groups(cls, cfg, group2, shapes, shapes_2, device):
+    """A fused and a reference cls (options cfg) on the same random params (from a generator seeded 0) in two
+    groups: shapes, then shapes_2 with group2's options. Returns (fused, its params, ref, its params, the generator)."""
+    gen = torch.Generator().manual_seed(0)
+    pa = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    qa = [torch.randn(s, generator=gen).to(device) for s in shapes_2]
+    pb, qb = [p.clone() for p in pa], [q.clone() for q in qa]
+    fused = cls([{"params": pa}, {"params": qa, **group2}], fused=True, **cfg)
+    ref = cls([{"params": pb}, {"params": qb, **group2}], fused=False, **cfg)
+    return fused, pa + qa, ref, pb + qb, gen
+
+
+def twin_grads(params_a, params_b, gen=None):
+    """The same random grads on two lists of params (drawn from gen for params_b, in their dtypes)."""
     for p, q in zip(params_a, params_b):
         q.grad = torch.randn(q.shape, dtype=q.dtype, generator=gen).to(q.device)
         p.grad = q.grad.clone().to(p.device)
+
+
+def step_twins(opt_a, params_a, opt_b, params_b, gen=None):
+    """One step of two optimizers on the same random grads (drawn from gen, in params_b's dtypes)."""
+    twin_grads(params_a, params_b, gen)
     opt_a.step()
     opt_b.step()
 
@@ -140,6 +157,18 @@ def train_mlp(make_opt, device, scaler=None, steps=6, inf_at=None, dims=(6, 16),
         else:
             opt.step()
     return model, opt, snaps
+
+
+def refuse_persistent_launch(monkeypatch, device):
+    """The fused path meets a device that refuses the cooperative (persistent) launch. The interpreter refuses a
+    cooperative grid of 2: on the CPU the refusal itself is exercised. A GPU makes 2 programs resident: there the
+    step starts from a device that refused (cuda:0, where the tests' params live)."""
+    from fused_optim.kernels import runtime
+    if device == "cpu":
+        monkeypatch.setattr(runtime, "persistent_grid", lambda n_items, device: 2)
+        monkeypatch.setattr(runtime, "refused_devices", set())
+    else:
+        monkeypatch.setattr(runtime, "refused_devices", {"cuda:0"})
 
 
 def kernel_tables(opt):

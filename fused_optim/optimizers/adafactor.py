@@ -15,9 +15,10 @@ import torch
 
 from .. import _sharded as sharded
 from .._base import FusedOptimizer
-from .._tensors import LOW_PRECISION, check, check_nonneg, restore_state_dtypes, scalar, scalars_on_device
+from .._tensors import LOW_PRECISION, check, check_nonneg, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import adafactor as af
+from .common import KeptStateDtypes, OwnKernels
 
 
 def factored_dims(shape, min_size):
@@ -166,7 +167,7 @@ def adafactor_shards(group, params, grads, states, shards):
 
 
 @register
-class Adafactor(FusedOptimizer):
+class Adafactor(KeptStateDtypes, OwnKernels, FusedOptimizer):
     """Adafactor: a second moment factored into row and column means of g^2 for matrices (element-wise otherwise),
     a relative step size when lr=None, update RMS clipping, an optional first moment (betas[0]) and cautious
     masking. Anchor: timm.optim.Adafactor (same signature, defaults, state and group keys; `betas` is stored as
@@ -201,10 +202,6 @@ class Adafactor(FusedOptimizer):
                         relative_step=relative_step, warmup_init=warmup_init,
                         min_dim_size_to_factor=min_dim_size_to_factor, caution=caution)
         super().__init__(params, defaults, fused=fused)
-
-    @classmethod
-    def _has_kernel(cls) -> bool:
-        return True
 
     def _validate(self, group):
         if not group["relative_step"]:
@@ -246,11 +243,9 @@ class Adafactor(FusedOptimizer):
                 group["lr"] = group["lr"].item()
         return sd
 
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
+    def _kept_dtypes(self, group, p):
         # moments stay fp32 for fp16/bf16 params, as timm keeps them
-        restore_state_dtypes(self, state_dict, lambda group, p: {
-            k: torch.float32 for k in af.MOMENT_KEYS} if p.dtype in LOW_PRECISION else {})
+        return {k: torch.float32 for k in af.MOMENT_KEYS} if p.dtype in LOW_PRECISION else {}
 
     def _reference(self, group, params, grads, states):
         if self._shards is not None:

@@ -8,7 +8,7 @@ from .._tensors import check_betas, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .common import GRAD_BITS, adam_moments_, begin_step
+from .common import GRAD_BITS, adam_hyper, adam_moments_, begin_step
 
 if runtime.available():
     import triton
@@ -93,12 +93,10 @@ class Adam(AdamFamily):
                        decoupled=group["decoupled_weight_decay"])
 
     def _kernel_rule(self, group, variant=None):
-        beta1, beta2 = map(scalar, group["betas"])
         flags = mt.pack((MAXIMIZE, group["maximize"]), (AMSGRAD, group["amsgrad"]), (WD, group["weight_decay"] != 0),
                         (DECOUPLED, group["decoupled_weight_decay"]))
         keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
-        rule = mt.Rule(_adam_update, adam_scalars, flags,
-                       dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"]))
+        rule = mt.Rule(_adam_update, adam_scalars, flags, adam_hyper(group))
         return rule, keys, ("step",)
 
 

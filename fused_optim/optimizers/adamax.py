@@ -8,7 +8,7 @@ from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
 from .adam import AdamFamily
-from .common import decayed_grads, grad_flags
+from .common import adam_hyper, decayed_grads, grad_flags
 
 if runtime.available():
     import triton
@@ -60,7 +60,5 @@ class Adamax(AdamFamily):
         torch._foreach_addcdiv_(params, m, u, [scalar(-lr / (1 - beta1 ** s.item())) for s in steps])
 
     def _kernel_rule(self, group, variant=None):
-        beta1, beta2 = (scalar(b) for b in group["betas"])
-        rule = mt.Rule(_adamax_update, adam_scalars, grad_flags(group),
-                       dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"]))
+        rule = mt.Rule(_adamax_update, adam_scalars, grad_flags(group), adam_hyper(group))
         return rule, ("exp_avg", "exp_inf"), ("step",)

@@ -8,7 +8,7 @@ from .._tensors import check, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .common import GRAD_BITS, cautious_updates, effective_grads
+from .common import GRAD_BITS, adam_hyper, cautious_updates, effective_grads, step_params_
 from .lion import TimmCautious, max_lr_snapshot
 
 if runtime.available():
@@ -98,10 +98,7 @@ def adopt_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_deca
         torch._foreach_minimum_(normed, clip)
     torch._foreach_lerp_(exp_avgs, normed, 1 - beta1)
     updates = cautious_updates(exp_avgs, grads) if caution else exp_avgs
-    if isinstance(lr, torch.Tensor):
-        torch._foreach_add_(params, torch._foreach_mul(updates, -lr))
-    else:
-        torch._foreach_add_(params, updates, alpha=-lr)
+    step_params_(params, updates, lr)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
 
@@ -156,15 +153,13 @@ class Adopt(TimmCautious):
                         max_lr=group["max_lr_snapshot"] if group["corrected_weight_decay"] else None)
 
     def _kernel_rule(self, group, variant=None):
-        beta1, beta2 = (scalar(b) for b in group["betas"])
         wd = group["weight_decay"] != 0
         decoupled, clip_exp = group["decoupled"], group["clip_exp"]
         flags = mt.pack((MAXIMIZE, group["maximize"]), (WD, wd and not decoupled), (DECAY, wd and decoupled),
                         (CORRECTED, group["corrected_weight_decay"]), (CLIP, clip_exp is not None),
                         (CAUTION, group["caution"]))
         rule = mt.Rule(_adopt_update, _adopt_scalars, flags,
-                       dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                            wd=group["weight_decay"], clip_exp=0.0 if clip_exp is None else clip_exp,
-                            max_lr=group["max_lr_snapshot"]),
+                       adam_hyper(group, clip_exp=0.0 if clip_exp is None else clip_exp,
+                                  max_lr=group["max_lr_snapshot"]),
                        stats=_adopt_caution_stats if group["caution"] else None)
         return rule, ("exp_avg", "exp_avg_sq"), ("step",)

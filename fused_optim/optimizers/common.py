@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._tensors import scalar
+from .._tensors import restore_state_dtypes, scalar
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
 
@@ -44,7 +44,7 @@ if runtime.available():
     @triton.jit
     def decayed_grad(p, g, decay, wd, FLAGS: tl.constexpr):
         """maximize, then L2 (into g, unfused as torch's single-tensor ops) or decoupled (p * decay,
-        decay = 1 - lr * wd) weight decay (the Adam family, Adamax, NAdam, RAdam, ASGD, SGD)."""
+        decay = 1 - lr * wd) weight decay (the Adam family, Adamax, NAdam, RAdam, ASGD, SGD, NovoGrad)."""
         if FLAGS & MAXIMIZE:
             g = -g
         if FLAGS & WD:
@@ -98,6 +98,23 @@ if runtime.available():
         return u * (caution_mask(u, g) / scale.to(u.dtype))
 
 
+class OwnKernels:
+    """Mixin for the optimizers whose fused path runs kernels of their own rather than a generic _kernel_rule."""
+
+    @classmethod
+    def _has_kernel(cls) -> bool:
+        return True
+
+
+class KeptStateDtypes:
+    """Mixin for the optimizers that keep some states in a dtype other than their param's (as timm does):
+    ``_kept_dtypes(group, p)`` maps those state keys to their dtype, which a loaded checkpoint keeps too."""
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict, self._kept_dtypes)
+
+
 def cautious_updates(updates, grads):
     """timm's caution (Cautious Optimizers, arXiv:2411.16085), per tensor, in its op order: mask = (u * g > 0) in
     the grad's dtype, mask /= max(mean(mask), 1e-3), returns the new tensors u * mask."""
@@ -108,23 +125,30 @@ def cautious_updates(updates, grads):
     return torch._foreach_mul(updates, masks)
 
 
+def step_params_(params, updates, lr):
+    """params -= lr * updates, in place; a Tensor lr is multiplied in (foreach alpha takes numbers only)."""
+    if isinstance(lr, torch.Tensor):
+        torch._foreach_add_(params, torch._foreach_mul(updates, -lr))
+    else:
+        torch._foreach_add_(params, updates, alpha=-lr)
+
+
 def grad_flags(group, decoupled: bool = False) -> int:
     """FLAGS bits read by effective_grad / decayed_grad for a group's maximize and weight decay options."""
     wd = scalar(group.get("weight_decay", 0)) != 0
     return mt.pack((MAXIMIZE, group.get("maximize", False)), (WD, wd), (DECOUPLED, wd and decoupled))
 
 
+def adam_hyper(group, **extra):
+    """The HYPER of an Adam-style kernel rule: lr, betas, eps and weight decay under the kernels' names, then extra."""
+    beta1, beta2 = (scalar(b) for b in group["betas"])
+    return dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"], **extra)
+
+
 def effective_grads(grads, params, maximize: bool, weight_decay: float):
     """The grads the update sees: negated for maximize, plus L2 weight decay fused (foreach add with alpha). New
     tensors where changed: p.grad is never modified."""
-    if maximize:
-        grads = torch._foreach_neg(grads)
-    if weight_decay != 0:
-        if maximize:
-            torch._foreach_add_(grads, params, alpha=weight_decay)  # already a copy
-        else:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    return grads
+    return decayed_grads(params, grads, lr=None, weight_decay=weight_decay, maximize=maximize)
 
 
 def decayed_grads(params, grads, *, lr, weight_decay, maximize, decoupled=False):
@@ -135,6 +159,8 @@ def decayed_grads(params, grads, *, lr, weight_decay, maximize, decoupled=False)
     if weight_decay != 0:
         if decoupled:
             torch._foreach_mul_(params, scalar(1 - lr * weight_decay))
+        elif maximize:
+            torch._foreach_add_(grads, params, alpha=weight_decay)  # already a copy
         else:
             grads = torch._foreach_add(grads, params, alpha=weight_decay)
     return grads

@@ -13,6 +13,8 @@ from .._registry import register
 from ..kernels import lamb as kl
 from ..kernels import reduce
 from ..kernels.tables import TableCache
+from .common import OwnKernels
+from .lion import max_lr_snapshot
 
 __all__ = ["Lamb", "lamb_clip", "lamb_trust_ratio", "lamb_reference"]
 
@@ -66,7 +68,7 @@ def lamb_reference(params, grads, exp_avgs, exp_avg_sqs, clip, *, lr, beta1, bet
 
 
 @register
-class Lamb(FusedOptimizer):
+class Lamb(OwnKernels, FusedOptimizer):
     """LAMB: Adam's bias-corrected direction m^ / (sqrt(v^) + eps) (``grad_averaging``: m averages (1 - beta1) g,
     else sums g) plus L2 weight decay (or, ``decoupled_decay``, p *= 1 - lr * weight_decay, with
     ``corrected_weight_decay`` lr**2 / max_lr, max_lr the constructor's lr), scaled per tensor by the trust ratio
@@ -93,10 +95,7 @@ class Lamb(FusedOptimizer):
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  grad_averaging=True, max_grad_norm=1.0, trust_clip=False, always_adapt=False, caution=False,
                  decoupled_decay=False, corrected_weight_decay=False, foreach=None, *, fused=None):
-        max_lr = float(lr)
-        check(not corrected_weight_decay or max_lr > 0,
-              f"Corrected weight decay requires a positive max lr, got {max_lr}. Construct the optimizer with the "
-              f"peak lr.")
+        max_lr = max_lr_snapshot(lr, corrected_weight_decay)
         check(max_grad_norm is None or (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf),
               f"Invalid max_grad_norm value: {max_grad_norm}")
         defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -105,10 +104,6 @@ class Lamb(FusedOptimizer):
                         corrected_weight_decay=corrected_weight_decay, max_lr_snapshot=max_lr, foreach=foreach)
         super().__init__(params, defaults, fused=fused)
         self._clip = None  # this step's clip factor (device scalar), made by _clip_grads
-
-    @classmethod
-    def _has_kernel(cls) -> bool:
-        return True
 
     def _validate(self, group):
         # timm's wording; NaN and infinity are refused too (timm lets them through)

@@ -11,7 +11,7 @@ from .._tensors import check, check_betas, check_nonneg, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .common import GRAD_BITS, cautious_updates
+from .common import GRAD_BITS, cautious_updates, step_params_
 
 if runtime.available():
     import triton
@@ -85,10 +85,7 @@ def lion_reference(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, c
     torch._foreach_sign_(updates)
     if caution:
         updates = cautious_updates(updates, grads)
-    if isinstance(lr, torch.Tensor):
-        torch._foreach_add_(params, torch._foreach_mul(updates, -lr))
-    else:
-        torch._foreach_add_(params, updates, alpha=-lr)
+    step_params_(params, updates, lr)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta2)
 
 

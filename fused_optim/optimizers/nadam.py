@@ -11,13 +11,13 @@ from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
 from .adam import AdamFamily
-from .common import adam_moments_, begin_step
+from .common import adam_hyper, adam_moments_, begin_step, grad_flags
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    from .common import DECOUPLED, MAXIMIZE, WD, adam_moments, decayed_grad
+    from .common import adam_moments, decayed_grad
 
     LOG2_096 = tl.constexpr(math.log2(0.96))
     MU_PRODUCT_F64 = mt.SCALAR_F64[1]  # scalar slot 1 (mu_product) is float64
@@ -97,10 +97,6 @@ class NAdam(AdamFamily):
         torch._foreach_addcdiv_(params, m, denom, [scalar((-lr * mn) / (1.0 - q * mn)) for mn, q in zip(mus_next, mp)])
 
     def _kernel_rule(self, group, variant=None):
-        beta1, beta2 = (scalar(b) for b in group["betas"])
-        wd = group["weight_decay"] != 0
-        flags = mt.pack((MAXIMIZE, group["maximize"]), (WD, wd), (DECOUPLED, wd and group["decoupled_weight_decay"]))
-        rule = mt.Rule(_nadam_update, _nadam_scalars, flags,
-                       dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"],
-                            momentum_decay=group["momentum_decay"]))
+        rule = mt.Rule(_nadam_update, _nadam_scalars, grad_flags(group, group["decoupled_weight_decay"]),
+                       adam_hyper(group, momentum_decay=group["momentum_decay"]))
         return rule, ("exp_avg", "exp_avg_sq"), self.scalar_keys

@@ -16,12 +16,13 @@ import operator
 import torch
 
 from .._base import FusedOptimizer
-from .._tensors import check, check_betas, check_nonneg, new_step, restore_state_dtypes, scalar, scalars_on_device
+from .._tensors import check, check_betas, check_nonneg, new_step, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
 from ..kernels.tables import TableCache
 from ..kernels import reduce
+from .common import GRAD_BITS, KeptStateDtypes
 
 _LOW = (torch.float16, torch.bfloat16)
 _NORM = "||g||^2"  # the scalar slot fed from the reduction pass, not a state
@@ -30,7 +31,9 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    AMSGRAD, WD, DECOUPLED, CORRECTED, GRAD_AVG, FIRST_IF_ZERO = mt.flag_bits(6)
+    from .common import DECOUPLED, WD, decayed_grad  # no maximize option: MAXIMIZE is never set
+
+    AMSGRAD, CORRECTED, GRAD_AVG, FIRST_IF_ZERO = mt.flag_bits(4, first=GRAD_BITS)
     MOMENT_F64 = mt.SCALAR_F64[1]  # the 0-d moments (slots 1 and 3) are float64
 
     @triton.jit
@@ -68,12 +71,7 @@ if runtime.available():
     @triton.jit
     def _novograd_update(p, g, m, s1, s2, s3, denom, decay, c2, c3, lr, beta1, beta2, eps, wd, max_lr, h6, h7,
                          FLAGS: tl.constexpr):
-        u = g / denom
-        if FLAGS & WD:
-            if FLAGS & DECOUPLED:
-                p = p * decay
-            else:
-                u = u + wd.to(p.dtype) * p
+        p, u = decayed_grad(p, g / denom, decay, wd, FLAGS)  # L2 decay adds to the normalised grad
         if FLAGS & GRAD_AVG:
             u = u * (1.0 - beta1).to(p.dtype)
         m = m * beta1.to(p.dtype) + u
@@ -122,7 +120,7 @@ def novograd_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_d
         p.add_(st["exp_avg"], alpha=-lr)
 
 
-class _LayerwiseMoments(FusedOptimizer):
+class _LayerwiseMoments(KeptStateDtypes, FusedOptimizer):
     """What NovoGrad and NvNovoGrad share: validation, reference, kernel rule and the fused step."""
 
     scalar_keys = ("step", "exp_avg_sq", "max_exp_avg_sq")
@@ -146,10 +144,8 @@ class _LayerwiseMoments(FusedOptimizer):
             st["max_exp_avg_sq"] = zero()
         return st
 
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict, lambda group, p: {
-            k: self._moment_dtype(p) for k in ("exp_avg_sq", "max_exp_avg_sq")})
+    def _kept_dtypes(self, group, p):
+        return {k: self._moment_dtype(p) for k in ("exp_avg_sq", "max_exp_avg_sq")}
 
     def _decoupled_scale(self, group):
         return None
@@ -227,9 +223,7 @@ class NovoGrad(_LayerwiseMoments):
                         amsgrad=amsgrad)
         super().__init__(params, defaults, fused=fused)
 
-    @staticmethod
-    def _new_step(p, group):
-        return new_step(p, group)
+    _new_step = staticmethod(new_step)  # torch's step state
 
     def _moment_dtype(self, p):
         dt = p.dtype.to_real()

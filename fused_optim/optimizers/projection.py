@@ -16,7 +16,7 @@ from ..kernels import projection as kp
 from ..kernels import runtime
 from ..kernels.projection import CHANNEL, LAYER, NONE
 from ..kernels.tables import TableCache
-from .common import timm_moments_
+from .common import OwnKernels, timm_moments_
 from .projection_shards import project_shards
 
 __all__ = ["SGDP", "AdamP", "NONE", "CHANNEL", "LAYER", "projection_mode", "project", "sgdp_reference",
@@ -147,7 +147,7 @@ if runtime.available():
 
 
 # ---- the optimizers -------------------------------------------------------------------------------------------
-class _Projected(FusedOptimizer):
+class _Projected(OwnKernels, FusedOptimizer):
     """What SGDP and AdamP share: validation and the fused path."""
     supports_complex = False
     elementwise = False  # per-row / per-tensor reductions (FSDP2 shards: project_shards)
@@ -156,10 +156,6 @@ class _Projected(FusedOptimizer):
     precision_in_kernel = False  # master_weights / stochastic_rounding run on the reference path
     float64_in_kernel = False  # the C++ engine's row statistics are fp32: float64 params use the reference path
     kernel_variants = ()  # no generic-kernel rule: kernels/projection.py lists this kernel's AOT entries
-
-    @classmethod
-    def _has_kernel(cls) -> bool:
-        return True
 
     def _validate(self, group):
         check_nonneg(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"], delta=group["delta"],
@@ -238,13 +234,9 @@ class AdamP(_Projected):
     of 2+ dims are candidates (Heo et al. 2021, arXiv 2006.08217). ``caution``: timm's cautious masking.
     Anchor: timm.optim.AdamP (``step`` a Python int as in timm; the fused path keeps a float32 0-d device tensor).
 
-    Fused path: 2 launches per param group, step and dtype combination, with or without caution, whatever the
-    number of tensors: the per-row projection statistics and decision (C++/CUDA engine, or Triton where it is not
-    built; none when no tensor has 2+ dims), then the apply (with caution, the cautious statistics and the apply
-    as phases of one persistent launch). timm decides on the host, a sync per tensor; this step never syncs.
-    DTensor (FSDP2) dim-0 shards: the reference math on the local shards, the statistics that span rows combined
-    by one collective (two with caution), on either path (``project_shards``); float64 params take the reference
-    path (the statistics are fp32)."""
+    Fused path: SGDP's, 2 launches per param group, step and dtype combination, with or without caution, whatever
+    the number of tensors (the projection statistics and decision, then the apply); it never syncs. DTensor (FSDP2)
+    dim-0 shards and float64 params: as SGDP."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, delta=0.1, wd_ratio=0.1,
                  nesterov=False, caution=False, *, fused=None):

@@ -9,13 +9,13 @@ from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
 from .adam import AdamFamily
-from .common import adam_moments_, begin_step
+from .common import adam_hyper, adam_moments_, begin_step, grad_flags
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    from .common import DECOUPLED, MAXIMIZE, WD, adam_moments, decayed_grad
+    from .common import adam_moments, decayed_grad
 
     @triton.jit
     def _radam_scalars(step, t1, t2, t3, lr, beta1, beta2, eps, wd, h5, h6, h7, FLAGS: tl.constexpr):
@@ -84,9 +84,6 @@ class RAdam(AdamFamily):
         torch._foreach_addcmul_(params, m, coef)
 
     def _kernel_rule(self, group, variant=None):
-        beta1, beta2 = (scalar(b) for b in group["betas"])
-        wd = group["weight_decay"] != 0
-        flags = mt.pack((MAXIMIZE, group["maximize"]), (WD, wd), (DECOUPLED, wd and group["decoupled_weight_decay"]))
-        rule = mt.Rule(_radam_update, _radam_scalars, flags,
-                       dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"]))
+        rule = mt.Rule(_radam_update, _radam_scalars, grad_flags(group, group["decoupled_weight_decay"]),
+                       adam_hyper(group))
         return rule, ("exp_avg", "exp_avg_sq"), ("step",)

@@ -10,7 +10,7 @@ import torch
 
 import fused_optim
 from conftest import DEVICE
-from helpers import assert_kernels_idle, assert_states_close, launches, train_mlp
+from helpers import assert_kernels_idle, assert_states_close, launches, train_mlp, twin_grads
 from fused_optim import csrc
 from fused_optim.kernels import multi_tensor as mt
 from fused_optim.kernels import runtime
@@ -28,9 +28,7 @@ def _fused_vs_reference(shapes, config, n_launches, engine_launches):
     fused = fused_optim.Adafactor(pa, fused=True, **config)
     ref = fused_optim.Adafactor(pb, fused=False, **config)
     for _ in range(4):
-        for a, b in zip(pa, pb):
-            a.grad = torch.randn(a.shape, generator=gen).to(DEVICE)
-            b.grad = a.grad.clone()
+        twin_grads(pb, pa, gen)
         assert launches(fused.step, ref.step) == (n_launches, engine_launches)
     assert_states_close(fused, pa, ref, pb, rtol=1e-5, atol=1e-6)
     assert_kernels_idle(fused)

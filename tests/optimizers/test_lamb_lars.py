@@ -6,7 +6,7 @@ import torch
 
 import fused_optim
 from conftest import DEVICE
-from helpers import assert_kernels_idle, assert_states_close
+from helpers import assert_kernels_idle, assert_states_close, refuse_persistent_launch, twin_groups
 from fused_optim.kernels import runtime
 
 SHAPES = [(7,), (), (0,), (1300,), (67, 33)]
@@ -14,13 +14,7 @@ SHAPES_2 = [(11,), (3, 4, 2, 2)]
 
 
 def _pair(cls, cfg, group2):
-    gen = torch.Generator().manual_seed(0)
-    pa = [torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES]
-    qa = [torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES_2]
-    pb, qb = [p.clone() for p in pa], [q.clone() for q in qa]
-    fused = cls([{"params": pa}, {"params": qa, **group2}], fused=True, **cfg)
-    ref = cls([{"params": pb}, {"params": qb, **group2}], fused=False, **cfg)
-    return fused, pa + qa, ref, pb + qb, gen
+    return twin_groups(cls, cfg, group2, SHAPES, SHAPES_2, DEVICE)
 
 
 def _steps(fused, pa, ref, pb, gen, steps, per_step):
@@ -41,11 +35,7 @@ def test_lamb_launches_and_numbers(refused, reductions, monkeypatch):
     """Per group 1 launch (stats and apply as the phases of one persistent launch) or, where the cooperative launch
     is refused, 2; plus 2 per step for the global clip: the reference's numbers either way, caution and L2 on."""
     if refused:
-        if DEVICE == "cpu":  # the interpreter refuses a cooperative grid of 2: the refusal itself is exercised
-            monkeypatch.setattr(runtime, "persistent_grid", lambda n_items, device: 2)
-            monkeypatch.setattr(runtime, "refused_devices", set())
-        else:  # a GPU makes 2 programs resident: start from a device that refused
-            monkeypatch.setattr(runtime, "refused_devices", {"cuda:0"})
+        refuse_persistent_launch(monkeypatch, DEVICE)
     cfg = {"lr": 0.01, "weight_decay": 0.1, "caution": True, "max_grad_norm": 20.0}
     fused, pa, ref, pb, gen = _pair(fused_optim.Lamb, cfg, {"lr": 3e-3, "always_adapt": True})
     _steps(fused, pa, ref, pb, gen, 3, 2 + 2 * (2 if refused else 1))

@@ -8,8 +8,7 @@ from torch.optim._muon import _zeropower_via_newtonschulz as torch_newton_schulz
 
 import fused_optim
 from conftest import DEVICE
-from helpers import assert_unchanged, snapshot
-from fused_optim.kernels import runtime
+from helpers import assert_unchanged, launches, snapshot, twin_grads
 from fused_optim.optimizers.muon import NS_COEFFICIENTS, adjusted_ratio, newton_schulz
 
 
@@ -107,14 +106,9 @@ def test_fused_step_launches_and_element_math(nesterov):
     gen = torch.Generator().manual_seed(1)
     builds = None
     for step in range(4):
-        for p, q in zip(pa, pb):
-            q.grad = torch.randn(q.shape, generator=gen).to(DEVICE)
-            p.grad = q.grad.clone()
+        twin_grads(pa, pb, gen)
         before = [p.detach().clone() for p in pa]
-        n0 = runtime.launch_count
-        fused.step()
-        ref.step()
-        assert runtime.launch_count - n0 == 2
+        assert launches(fused.step, ref.step)[0] == 2
         ws = fused._kernel_caches[(id(fused.param_groups[0]), "workspace")]
         assert len(ws.stacks) == 4  # one Newton-Schulz chain per distinct shape, not per param
         for p, q, p0, o in zip(pa, pb, before, ws.results):

@@ -12,7 +12,8 @@ import torch
 import fused_optim
 from conftest import DEVICE
 from fused_optim import csrc
-from helpers import assert_kernels_idle, assert_states_close, kernel_tables, launches, train_mlp
+from helpers import (assert_kernels_idle, assert_states_close, kernel_tables, launches, refuse_persistent_launch,
+                     train_mlp, twin_groups)
 from fused_optim.kernels import multi_tensor as mt
 from fused_optim.kernels import runtime
 from fused_optim.optimizers.projection import CHANNEL, LAYER, projection_mode
@@ -42,17 +43,11 @@ def _grad(p, kind, gen):
 @pytest.mark.parametrize("name", ["SGDP", "AdamP"])
 def test_two_launches_and_reference(name, caution, reductions):
     cls = getattr(fused_optim, name)
-    gen = torch.Generator().manual_seed(0)
-    pa = [torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES]
-    qa = [torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES_2]
-    pb, qb = [p.clone() for p in pa], [q.clone() for q in qa]
     cfg = {**CONFIGS[name], "caution": caution}
-    group2 = {"lr": 0.02, "weight_decay": 0.0}
-    fused = cls([{"params": pa}, {"params": qa, **group2}], fused=True, **cfg)
-    ref = cls([{"params": pb}, {"params": qb, **group2}], fused=False, **cfg)
+    fused, pa, ref, pb, gen = twin_groups(cls, cfg, {"lr": 0.02, "weight_decay": 0.0}, SHAPES, SHAPES_2, DEVICE)
     modes = set()
     for step in range(5):
-        for i, (a, b) in enumerate(zip(pa + qa, pb + qb)):
+        for i, (a, b) in enumerate(zip(pa, pb)):
             g = _grad(a, (step + i) % 3, gen)
             a.grad = g.to(a.dtype).to(DEVICE)
             b.grad = a.grad.clone()
@@ -60,12 +55,12 @@ def test_two_launches_and_reference(name, caution, reductions):
         # kernel's pass 0
         groups = len(fused.param_groups)
         assert launches(fused.step, ref.step) == (2 * groups, groups if reductions == "csrc" else 0)
-        for a, b in zip(pa + qa, pb + qb):
+        for a, b in zip(pa, pb):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step}")
         for tab in kernel_tables(fused):
             modes.update(tab.tmode.tolist())
     assert {float(CHANNEL), float(LAYER)} <= modes  # both projections happened on the fused path
-    assert_states_close(fused, pa + qa, ref, pb + qb, rtol=1e-5, atol=1e-6)
+    assert_states_close(fused, pa, ref, pb, rtol=1e-5, atol=1e-6)
     assert_kernels_idle(fused)
 
 
@@ -77,11 +72,7 @@ def test_refused_persistent_launch_runs_one_launch_per_phase(name, reductions, m
     gen = torch.Generator().manual_seed(1)
     pa = [torch.randn(s, generator=gen).to(DEVICE) for s in [(7,), (5, 3), (13, 5), (3, 4, 2, 2)]]
     pb = [p.clone() for p in pa]
-    if DEVICE == "cpu":  # the interpreter refuses a cooperative grid of 2: the refusal itself is exercised
-        monkeypatch.setattr(runtime, "persistent_grid", lambda n_items, device: 2)
-        monkeypatch.setattr(runtime, "refused_devices", set())
-    else:  # a GPU makes 2 programs resident: start from a device that refused
-        monkeypatch.setattr(runtime, "refused_devices", {str(pa[0].device)})
+    refuse_persistent_launch(monkeypatch, DEVICE)
     fused = cls(pa, fused=True, caution=True, **CONFIGS[name])
     ref = cls(pb, fused=False, caution=True, **CONFIGS[name])
     modes = set()

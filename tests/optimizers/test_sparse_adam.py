@@ -208,23 +208,25 @@ def test_fused_checkpoint_moves_both_ways(direction):
     assert_states_close(loaded, _params(new_m), src, _params(src_m), rtol=1e-5, atol=1e-6)
 
 
+def _three_steps(opt_a, a, opt_b, b, grad):
+    """Three steps of two optimizers of one param each, on copies of the same grad."""
+    for _ in range(3):
+        a.grad, b.grad = grad.clone(), grad.clone()
+        opt_a.step()
+        opt_b.step()
+
+
 def test_non_contiguous_param():
     """Both paths take any strides (like torch): the rows kernel runs on a contiguous copy, written back."""
     base = torch.randn(4, 7, dtype=torch.float64)
     p, q = base.t(), base.t().clone()  # (7, 4) views with column-major strides
     ours, theirs = fused_optim.SparseAdam([p], lr=0.1, fused=False), torch.optim.SparseAdam([q], lr=0.1)
     g = torch.sparse_coo_tensor(torch.tensor([[1, 5, 1]]), torch.randn(3, 4, dtype=torch.float64), (7, 4))
-    for _ in range(3):
-        p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
+    _three_steps(ours, p, theirs, q, g)
     torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
     if DEVICE == "cpu":
         f, r = base.float().t(), base.float().t().contiguous()
         fused, ref = fused_optim.SparseAdam([f], fused=True), fused_optim.SparseAdam([r], fused=False)
-        for _ in range(3):
-            f.grad, r.grad = g.float(), g.float()
-            fused.step()
-            ref.step()
+        _three_steps(fused, f, ref, r, g.float())
         assert not f.is_contiguous() and fused.state[f]["exp_avg"].stride() == f.stride()
         assert_states_close(fused, [f], ref, [r], rtol=1e-6, atol=1e-7)
