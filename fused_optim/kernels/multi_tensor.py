@@ -169,15 +169,15 @@ if runtime.available():
         else:
             if MASTER:
                 store(m_ptr, offs, p, mask, FULL)
-            if SR & SR_PARAM:
+            if SR & SR_PARAM_BIT:
                 store_bf16_stochastic(p_ptr, offs, p, mask, seed, FULL)
             else:
                 store(p_ptr, offs, p, mask, FULL)
         # each state its own random bits (the param's stream is seed itself)
-        _store_slot(NS > 0, s0_ptr, offs, s0, mask, FULL, SR & SR_STATES, seed ^ 0x5A5A0001)
-        _store_slot(NS > 1, s1_ptr, offs, s1, mask, FULL, SR & SR_STATES, seed ^ 0x5A5A0002)
-        _store_slot(NS > 2, s2_ptr, offs, s2, mask, FULL, SR & SR_STATES, seed ^ 0x5A5A0003)
-        _store_slot(NS > 3, s3_ptr, offs, s3, mask, FULL, SR & SR_STATES, seed ^ 0x5A5A0004)
+        _store_slot(NS > 0, s0_ptr, offs, s0, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0001)
+        _store_slot(NS > 1, s1_ptr, offs, s1, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0002)
+        _store_slot(NS > 2, s2_ptr, offs, s2, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0003)
+        _store_slot(NS > 3, s3_ptr, offs, s3, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0004)
         return carry
 
     @triton.jit
@@ -303,6 +303,8 @@ if runtime.available():
 
         def __rand__(self, other):
             return tl.constexpr(int(getattr(other, "value", other)) & self.value)
+
+    SR_PARAM_BIT, SR_STATES_BIT = _Bit(SR_PARAM), _Bit(SR_STATES)  # the SR bits as the kernels read them
 
 
 def flag_bits(n: int, first: int = 0):
