@@ -41,7 +41,8 @@ def register_timm(prefix: str = TIMM_PREFIX, registry=None) -> list[str]:
     ``fomomentum``, ``foadamw``, ``foradamw``, ``foadamp``, ``focadamp`` (cautious), ``foadafactor``,
     ``fonovograd`` (timm's novograd is NvNovoGrad), ... Our classes that timm does not register get
     ``prefix + our registry name`` if they take weight_decay, which timm's factory always passes (``foasgd``);
-    Rprop, LBFGS and SparseAdam do not, and our paper NovoGrad would clash with timm's ``novograd``.
+    Rprop, LBFGS and SparseAdam do not, and our paper NovoGrad would clash with timm's ``novograd``. Muon (torch's,
+    2-D params only) is left out: timm's factory hands an optimizer every param, biases included.
     Calling it again is harmless; a name already taken by another optimizer raises ValueError.
     """
     if not prefix or "_" in prefix:
@@ -63,7 +64,8 @@ def register_timm(prefix: str = TIMM_PREFIX, registry=None) -> list[str]:
                                              description=f"fused_optim.{cls.__name__}: {info.description}"))
     taken = {info.name for info in infos}
     for key, cls in sorted(REGISTRY.items()):
-        if cls not in twinned and _accepts(cls, "weight_decay") and prefix + key not in taken:
+        if (cls not in twinned and _accepts(cls, "weight_decay") and prefix + key not in taken
+                and not getattr(cls, "matrices_only", False)):
             infos.append(factory.OptimInfo(name=prefix + key, opt_class=cls, description=f"fused_optim.{cls.__name__}",
                                            has_eps=_accepts(cls, "eps"), has_momentum=_accepts(cls, "momentum"),
                                            has_betas=_accepts(cls, "betas")))

@@ -12,6 +12,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("FUSED_OPTIM_BLOCK", "256")
     os.environ.setdefault("FUSED_OPTIM_ITERS", "2")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+if not torch.cuda.is_available():
+    # the tests' tensors are tiny: intra-op threads only contend with the other pytest worker for the cores
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 

@@ -155,6 +155,7 @@ class Muon(FusedOptimizer):
     supports_complex = False
     elementwise = False  # Newton-Schulz needs whole matrices: FSDP2 shards are refused
     kernel_layout = "contiguous"  # the momentum launch writes the Newton-Schulz stacks in the params' logical order
+    matrices_only = True  # 2-D params only, as torch's Muon (so not registered as a timm factory twin)
     scalar_keys = ()
     kernel_subvariants = ("momentum", "update")  # the two launches of a step (the AOT inventory compiles both)
     kernel_variants = ({}, {"nesterov": False}, {"nesterov": False, "adjust_lr_fn": "match_rms_adamw"})  # AOT
