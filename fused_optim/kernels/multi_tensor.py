@@ -185,7 +185,7 @@ if runtime.available():
                      inv_scale, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7,
                      STATS: tl.constexpr, FLAGS: tl.constexpr, NS: tl.constexpr,
                      HAS_SCALE: tl.constexpr, MASTER: tl.constexpr):
-        # over_chunk's BODY of the statistics pass: acc += STATS over the block's elements (fp32 lanes)
+        # over_chunk's BODY of the statistics pass: acc += STATS over the block's elements (compute-dtype lanes)
         p, g, s0, s1, s2, s3 = _inputs(offs, mask, FULL, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr,
                                        inv_scale, NS, HAS_SCALE, MASTER, False)
         x = STATS(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
