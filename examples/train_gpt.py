@@ -122,6 +122,9 @@ def train_fsdp(cfg, checkpoint: str | None, save_every: int):
             model_sd, optim_sd = get_state_dict(model, opt)
             dcp.save({"model": model_sd, "optim": optim_sd, "step": torch.tensor(step + 1)},
                      checkpoint_id=checkpoint)
+    # every rank done with its collectives before any tears its process group down: a rank leaving while a peer's
+    # gloo thread still waits on it aborts the peer at exit ('terminate called without an active exception')
+    dist.barrier()
     dist.destroy_process_group()
 
 

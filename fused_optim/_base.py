@@ -23,7 +23,8 @@ from .kernels import multi_tensor as mt
 from .kernels import runtime
 from .kernels.tables import TableCache
 
-_FLOAT64 = (torch.float64, torch.complex128)
+_FLOAT64 = frozenset((torch.float64, torch.complex128))
+_DTYPE = operator.attrgetter("dtype")
 
 
 class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
@@ -177,10 +178,12 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
             raise RuntimeError(f"{name} does not support sparse gradients")
         if self.sparse_only and not all(sparse):
             raise RuntimeError(f"{name} supports only sparse gradients (e.g. nn.Embedding(sparse=True))")
-        get_device = torch.Tensor.get_device
-        if list(map(get_device, grads)) != list(map(get_device, params)):
-            p, g = next((p, g) for p, g in zip(params, grads) if g.device != p.device)
-            raise RuntimeError(f"{name}: grad on {g.device} for a param on {p.device}")
+        # torch refuses a grad on another device than its param (assignment and autograd alike); a param whose
+        # .data moved keeps its old grad, which this finds: one whole-list look at the grads' devices
+        if params and set(map(torch.Tensor.get_device, grads)) != {params[0].get_device()}:
+            bad = next(((p, g) for p, g in zip(params, grads) if g.device != p.device), None)
+            if bad is not None:
+                raise RuntimeError(f"{name}: grad on {bad[1].device} for a param on {bad[0].device}")
         return params, grads
 
     # step() runs eagerly: under torch.compile, dynamo does not trace into it (the kernels are launched as they
@@ -214,7 +217,7 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
         """Whether this group's step runs the fused kernels."""
         return self._use_kernel(group, params) and (
             self.precision_in_kernel or not self._low_precision_options(params)) and (
-            self.float64_in_kernel or not any(p.dtype in _FLOAT64 for p in params)) and (
+            self.float64_in_kernel or _FLOAT64.isdisjoint(map(_DTYPE, params))) and (
             self.sharded_kernel or self.elementwise or not any_dtensor(params))
 
     def _state_of(self, p, group) -> dict:

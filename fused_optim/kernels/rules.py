@@ -83,15 +83,12 @@ _PLACEHOLDER = re.compile(r"h\d+$")
 
 
 @lru_cache(maxsize=None)
-def _slot_names(fn, first: int) -> tuple:
-    return tuple(inspect.signature(fn.fn).parameters)[first:first + N_HYPER]
-
-
 def _check_hypers(fn, first: int, names: tuple) -> None:
-    """The slots ``lr, h1..h7`` of ``fn`` start at argument ``first``: each slot ``fn`` names must get that name."""
+    """The slots ``lr, h1..h7`` of ``fn`` start at argument ``first``: each slot ``fn`` names must get that name
+    (cached: a Rule is made every step, from a handful of (function, names) pairs; a failed check is not cached)."""
     if fn is None:
         return
-    slots = _slot_names(fn, first)
+    slots = tuple(inspect.signature(fn.fn).parameters)[first:first + N_HYPER]
     for i, slot in enumerate(slots):
         given = names[i] if i < len(names) else None
         if not _PLACEHOLDER.match(slot) and slot != given:
