@@ -14,15 +14,14 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .common import DECOUPLED, MAXIMIZE, WD, adam_moments, adam_scalars, decayed_grad
+    from .common import DECOUPLED, MAXIMIZE, WD, adam_scalars, adam_start
 
     (AMSGRAD,) = mt.flag_bits(1, first=GRAD_BITS)
 
     @triton.jit
     def _adam_update(p, g, m, v, vmax, s3, step_size, bc2_sqrt, decay, c3, lr, beta1, beta2, eps, wd, h5, h6, h7,
                      FLAGS: tl.constexpr):
-        p, g = decayed_grad(p, g, decay, wd, FLAGS)
-        m, v = adam_moments(g, m, v, beta1, beta2)
+        p, g, m, v = adam_start(p, g, m, v, decay, wd, beta1, beta2, FLAGS)
         if FLAGS & AMSGRAD:
             vmax = tl.maximum(vmax, v)
             denom = tl.sqrt(vmax) / bc2_sqrt + eps.to(p.dtype)

@@ -82,6 +82,14 @@ if runtime.available():
         return m, v
 
     @triton.jit
+    def adam_start(p, g, m, v, decay, wd, beta1, beta2, FLAGS: tl.constexpr):
+        """The start of an Adam-style update (Adam, NAdam, RAdam): decayed_grad, then adam_moments. Returns the
+        (decayed) p, the prepared g and the new moments."""
+        p, g = decayed_grad(p, g, decay, wd, FLAGS)
+        m, v = adam_moments(g, m, v, beta1, beta2)
+        return p, g, m, v
+
+    @triton.jit
     def caution_mask(u, g):
         """timm's cautious mask: 1 where the update agrees in sign with the grad, else 0. The per-tensor mean of
         it is a Rule's ``stats``."""

@@ -17,7 +17,7 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .common import adam_moments, decayed_grad
+    from .common import adam_start
 
     LOG2_096 = tl.constexpr(math.log2(0.96))
     MU_PRODUCT_F64 = mt.SCALAR_F64[1]  # scalar slot 1 (mu_product) is float64
@@ -45,8 +45,7 @@ if runtime.available():
     @triton.jit
     def _nadam_update(p, g, m, v, s2, s3, grad_coef, avg_coef, bc2, decay, lr, beta1, beta2, eps, wd, h5, h6, h7,
                       FLAGS: tl.constexpr):
-        p, g = decayed_grad(p, g, decay, wd, FLAGS)
-        m, v = adam_moments(g, m, v, beta1, beta2)
+        p, g, m, v = adam_start(p, g, m, v, decay, wd, beta1, beta2, FLAGS)
         denom = tl.sqrt(v / bc2) + eps.to(p.dtype)
         p = p + grad_coef * (g / denom)
         p = p + avg_coef * (m / denom)
