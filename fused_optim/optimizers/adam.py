@@ -8,7 +8,7 @@ from .._tensors import check_betas, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .common import GRAD_BITS, adam_hyper, adam_moments_, begin_step
+from .common import GRAD_BITS, adam_hyper, adam_moments_, begin_step, reference_hypers
 
 if runtime.available():
     import triton
@@ -86,10 +86,8 @@ class Adam(AdamFamily):
         return st
 
     def _reference(self, group, params, grads, states):
-        beta1, beta2 = group["betas"]
-        adam_reference(params, grads, states, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                       weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
-                       decoupled=group["decoupled_weight_decay"])
+        adam_reference(params, grads, states,
+                       **reference_hypers(group, "eps", "amsgrad", decoupled=group["decoupled_weight_decay"]))
 
     def _kernel_rule(self, group, variant=None):
         flags = mt.pack((MAXIMIZE, group["maximize"]), (AMSGRAD, group["amsgrad"]), (WD, group["weight_decay"] != 0),

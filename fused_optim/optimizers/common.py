@@ -153,6 +153,14 @@ def adam_hyper(group, **extra):
     return dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"], **extra)
 
 
+def reference_hypers(group, *keys, **extra):
+    """The keyword arguments of a reference function (adam_hyper's reference half): lr, the betas as beta1 and beta2
+    (as given: floats or 0-d Tensors), weight_decay and maximize, then the group's entries named in keys, then extra."""
+    beta1, beta2 = group["betas"]
+    return dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                maximize=group["maximize"], **{k: group[k] for k in keys}, **extra)
+
+
 def effective_grads(grads, params, maximize: bool, weight_decay: float):
     """The grads the update sees: negated for maximize, plus L2 weight decay fused (foreach add with alpha). New
     tensors where changed: p.grad is never modified."""

@@ -11,7 +11,7 @@ from .._tensors import check, check_betas, check_nonneg, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .common import GRAD_BITS, cautious_updates, step_params_
+from .common import GRAD_BITS, cautious_updates, reference_hypers, step_params_
 
 if runtime.available():
     import triton
@@ -63,6 +63,11 @@ def max_lr_snapshot(lr, corrected_weight_decay: bool) -> float:
           f"Corrected weight decay requires a positive max lr, got {max_lr}. Construct the optimizer with the "
           f"peak lr.")
     return max_lr
+
+
+def corrected_max_lr(group):
+    """The max_lr a reference takes: the snapshot with corrected weight decay, else None (decay scaled by lr)."""
+    return group["max_lr_snapshot"] if group["corrected_weight_decay"] else None
 
 
 def check_lr(lr) -> None:
@@ -132,10 +137,8 @@ class Lion(TimmCautious):
         return {"exp_avg": zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
-        beta1, beta2 = group["betas"]
-        lion_reference(params, grads, [st["exp_avg"] for st in states], lr=group["lr"], beta1=beta1, beta2=beta2,
-                       weight_decay=group["weight_decay"], caution=group["caution"], maximize=group["maximize"],
-                       max_lr=group["max_lr_snapshot"] if group["corrected_weight_decay"] else None)
+        lion_reference(params, grads, [st["exp_avg"] for st in states],
+                       **reference_hypers(group, "caution", max_lr=corrected_max_lr(group)))
 
     def _kernel_rule(self, group, variant=None):
         beta1, beta2 = (scalar(b) for b in group["betas"])
