@@ -15,14 +15,12 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .common import adam_start
+    from .common import adam_start, bias_corrections
 
     @triton.jit
     def _radam_scalars(step, t1, t2, t3, lr, beta1, beta2, eps, wd, h5, h6, h7, FLAGS: tl.constexpr):
-        step = step + 1.0
-        beta2_t = tl.exp2(step * tl.log2(beta2))
-        bc1 = 1.0 - tl.exp2(step * tl.log2(beta1))
-        bc2 = 1.0 - beta2_t
+        step, bc1, bc2 = bias_corrections(step, beta1, beta2)
+        beta2_t = tl.exp2(step * tl.log2(beta2))  # beta2^step itself, as torch (1 - bc2 would round)
         rho_inf = 2.0 / (1.0 - beta2) - 1.0
         rho_t = rho_inf - 2.0 * step * beta2_t / bc2
         # the branch is per tensor (its own step). Unrectified, the term is undefined (sqrt < 0, rho_inf == 4): it is
