@@ -141,6 +141,16 @@ def step_params_(params, updates, lr):
         torch._foreach_add_(params, updates, alpha=-lr)
 
 
+def amp_unscale_(grads, grad_scale, found_inf) -> bool:
+    """AMP on a reference path: True when found_inf is set (skip the step: nothing changes), else False with the
+    grads divided by grad_scale in place (p.grad holds the unscaled grads afterwards)."""
+    if found_inf is not None and found_inf.item() != 0:
+        return True
+    if grad_scale is not None:
+        torch._foreach_div_(grads, grad_scale.to(grads[0].device))
+    return False
+
+
 def grad_flags(group, decoupled: bool = False) -> int:
     """FLAGS bits read by effective_grad / decayed_grad for a group's maximize and weight decay options."""
     wd = scalar(group.get("weight_decay", 0)) != 0
