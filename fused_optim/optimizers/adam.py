@@ -8,13 +8,13 @@ from .._tensors import check_betas, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .common import GRAD_BITS, adam_hyper, adam_moments_, begin_step, reference_hypers
+from .common import GRAD_BITS, adam_hyper, adam_moments_, begin_step, grad_flags, reference_hypers
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    from .common import DECOUPLED, MAXIMIZE, WD, adam_scalars, adam_start
+    from .common import adam_scalars, adam_start
 
     (AMSGRAD,) = mt.flag_bits(1, first=GRAD_BITS)
 
@@ -90,8 +90,7 @@ class Adam(AdamFamily):
                        **reference_hypers(group, "eps", "amsgrad", decoupled=group["decoupled_weight_decay"]))
 
     def _kernel_rule(self, group, variant=None):
-        flags = mt.pack((MAXIMIZE, group["maximize"]), (AMSGRAD, group["amsgrad"]), (WD, group["weight_decay"] != 0),
-                        (DECOUPLED, group["decoupled_weight_decay"]))
+        flags = grad_flags(group, group["decoupled_weight_decay"]) | mt.pack((AMSGRAD, group["amsgrad"]))
         keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
         rule = mt.Rule(_adam_update, adam_scalars, flags, adam_hyper(group))
         return rule, keys, ("step",)
