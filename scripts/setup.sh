@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install fused_optim with its test and example dependencies into the active python (a venv's, CI's, a GPU
 # image's). What gets installed is what setup.py and pyproject.toml declare; only torch and timm are special.
+# Run it, or source it (main.sh, test.sh): it leaves the shell at the repository root with $PY set.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
 PIP=("$PY" -m pip install -q)
 # torch: keep an installed build (GPU images ship their own); else the CPU build (a local file on the CI image):

@@ -6,9 +6,7 @@
 #   bash scripts/test.sh tests/generic/test_amp.py -x   install, then pytest with these arguments only (no compile
 #                                                       checks)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-PY=${PYTHON:-python3}
+. "$(dirname "$0")/setup.sh"  # install; leaves this shell at the repository root with $PY set
 # two workers: the interpreter-bound kernel tests dominate and parallelize cleanly
 if [ $# -gt 0 ]; then
     exec "$PY" -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"

@@ -8,21 +8,20 @@ from .._tensors import check_betas, check_nonneg, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .common import GRAD_BITS, adam_hyper, adam_moments_, begin_step
+from .common import GRAD_BITS, adam_hyper, adam_moments_, begin_step, grad_flags, reference_hypers
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    from .common import DECOUPLED, MAXIMIZE, WD, adam_moments, adam_scalars, decayed_grad
+    from .common import adam_scalars, adam_start
 
     (AMSGRAD,) = mt.flag_bits(1, first=GRAD_BITS)
 
     @triton.jit
     def _adam_update(p, g, m, v, vmax, s3, step_size, bc2_sqrt, decay, c3, lr, beta1, beta2, eps, wd, h5, h6, h7,
                      FLAGS: tl.constexpr):
-        p, g = decayed_grad(p, g, decay, wd, FLAGS)
-        m, v = adam_moments(g, m, v, beta1, beta2)
+        p, g, m, v = adam_start(p, g, m, v, decay, wd, beta1, beta2, FLAGS)
         if FLAGS & AMSGRAD:
             vmax = tl.maximum(vmax, v)
             denom = tl.sqrt(vmax) / bc2_sqrt + eps.to(p.dtype)
@@ -87,14 +86,11 @@ class Adam(AdamFamily):
         return st
 
     def _reference(self, group, params, grads, states):
-        beta1, beta2 = group["betas"]
-        adam_reference(params, grads, states, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                       weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
-                       decoupled=group["decoupled_weight_decay"])
+        adam_reference(params, grads, states,
+                       **reference_hypers(group, "eps", "amsgrad", decoupled=group["decoupled_weight_decay"]))
 
     def _kernel_rule(self, group, variant=None):
-        flags = mt.pack((MAXIMIZE, group["maximize"]), (AMSGRAD, group["amsgrad"]), (WD, group["weight_decay"] != 0),
-                        (DECOUPLED, group["decoupled_weight_decay"]))
+        flags = grad_flags(group, group["decoupled_weight_decay"]) | mt.pack((AMSGRAD, group["amsgrad"]))
         keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
         rule = mt.Rule(_adam_update, adam_scalars, flags, adam_hyper(group))
         return rule, keys, ("step",)

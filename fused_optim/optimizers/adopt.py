@@ -8,8 +8,8 @@ from .._tensors import check, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .common import GRAD_BITS, adam_hyper, cautious_updates, effective_grads, step_params_
-from .lion import TimmCautious, max_lr_snapshot
+from .common import GRAD_BITS, adam_hyper, cautious_updates, effective_grads, reference_hypers, step_params_
+from .lion import TimmCautious, corrected_max_lr, max_lr_snapshot
 
 if runtime.available():
     import triton
@@ -146,11 +146,8 @@ class Adopt(TimmCautious):
         return {"step": step, "exp_avg": zeros_like(p), "exp_avg_sq": zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
-        beta1, beta2 = group["betas"]
-        adopt_reference(params, grads, states, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"], clip_exp=group["clip_exp"], decoupled=group["decoupled"],
-                        caution=group["caution"], maximize=group["maximize"],
-                        max_lr=group["max_lr_snapshot"] if group["corrected_weight_decay"] else None)
+        adopt_reference(params, grads, states, **reference_hypers(group, "eps", "clip_exp", "decoupled", "caution",
+                                                                  max_lr=corrected_max_lr(group)))
 
     def _kernel_rule(self, group, variant=None):
         wd = group["weight_decay"] != 0

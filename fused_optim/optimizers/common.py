@@ -82,6 +82,14 @@ if runtime.available():
         return m, v
 
     @triton.jit
+    def adam_start(p, g, m, v, decay, wd, beta1, beta2, FLAGS: tl.constexpr):
+        """The start of an Adam-style update (Adam, NAdam, RAdam): decayed_grad, then adam_moments. Returns the
+        (decayed) p, the prepared g and the new moments."""
+        p, g = decayed_grad(p, g, decay, wd, FLAGS)
+        m, v = adam_moments(g, m, v, beta1, beta2)
+        return p, g, m, v
+
+    @triton.jit
     def caution_mask(u, g):
         """timm's cautious mask: 1 where the update agrees in sign with the grad, else 0. The per-tensor mean of
         it is a Rule's ``stats``."""
@@ -133,6 +141,16 @@ def step_params_(params, updates, lr):
         torch._foreach_add_(params, updates, alpha=-lr)
 
 
+def amp_unscale_(grads, grad_scale, found_inf) -> bool:
+    """AMP on a reference path: True when found_inf is set (skip the step: nothing changes), else False with the
+    grads divided by grad_scale in place (p.grad holds the unscaled grads afterwards)."""
+    if found_inf is not None and found_inf.item() != 0:
+        return True
+    if grad_scale is not None:
+        torch._foreach_div_(grads, grad_scale.to(grads[0].device))
+    return False
+
+
 def grad_flags(group, decoupled: bool = False) -> int:
     """FLAGS bits read by effective_grad / decayed_grad for a group's maximize and weight decay options."""
     wd = scalar(group.get("weight_decay", 0)) != 0
@@ -143,6 +161,14 @@ def adam_hyper(group, **extra):
     """The HYPER of an Adam-style kernel rule: lr, betas, eps and weight decay under the kernels' names, then extra."""
     beta1, beta2 = (scalar(b) for b in group["betas"])
     return dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"], **extra)
+
+
+def reference_hypers(group, *keys, **extra):
+    """The keyword arguments of a reference function (adam_hyper's reference half): lr, the betas as beta1 and beta2
+    (as given: floats or 0-d Tensors), weight_decay and maximize, then the group's entries named in keys, then extra."""
+    beta1, beta2 = group["betas"]
+    return dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                maximize=group["maximize"], **{k: group[k] for k in keys}, **extra)
 
 
 def effective_grads(grads, params, maximize: bool, weight_decay: float):

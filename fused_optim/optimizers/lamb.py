@@ -13,7 +13,7 @@ from .._registry import register
 from ..kernels import lamb as kl
 from ..kernels import reduce
 from ..kernels.tables import TableCache
-from .common import OwnKernels
+from .common import OwnKernels, amp_unscale_
 from .lion import max_lr_snapshot
 
 __all__ = ["Lamb", "lamb_clip", "lamb_trust_ratio", "lamb_reference"]
@@ -143,10 +143,8 @@ class Lamb(OwnKernels, FusedOptimizer):
                 if not ps:  # the kernels advance the others', unless AMP skips the step
                     step.add_(1.0 if found_inf is None else (found_inf.to(dev) == 0).float().view(()))
             return grad_scale, False
-        if found_inf is not None and found_inf.item() != 0:
+        if amp_unscale_(grads, grad_scale, found_inf):
             return None, True
-        if grad_scale is not None:
-            torch._foreach_div_(grads, grad_scale.to(grads[0].device))
         self._clip = lamb_clip(grads, mgn)
         for group, _, _ in work:
             group.setdefault("step", torch.zeros((), dtype=_scalar_dtype())).add_(1)

@@ -11,13 +11,13 @@ from .._tensors import check, check_betas, check_nonneg, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .common import GRAD_BITS, cautious_updates, step_params_
+from .common import GRAD_BITS, cautious_updates, grad_flags, reference_hypers, step_params_
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    from .common import DECOUPLED, MAXIMIZE, WD, caution_mask, caution_scale, cautious, decayed_grad, lerp
+    from .common import caution_mask, caution_scale, cautious, decayed_grad, lerp
 
     CAUTION, CORRECTED = mt.flag_bits(2, first=GRAD_BITS)
 
@@ -63,6 +63,11 @@ def max_lr_snapshot(lr, corrected_weight_decay: bool) -> float:
           f"Corrected weight decay requires a positive max lr, got {max_lr}. Construct the optimizer with the "
           f"peak lr.")
     return max_lr
+
+
+def corrected_max_lr(group):
+    """The max_lr a reference takes: the snapshot with corrected weight decay, else None (decay scaled by lr)."""
+    return group["max_lr_snapshot"] if group["corrected_weight_decay"] else None
 
 
 def check_lr(lr) -> None:
@@ -132,16 +137,13 @@ class Lion(TimmCautious):
         return {"exp_avg": zeros_like(p)}
 
     def _reference(self, group, params, grads, states):
-        beta1, beta2 = group["betas"]
-        lion_reference(params, grads, [st["exp_avg"] for st in states], lr=group["lr"], beta1=beta1, beta2=beta2,
-                       weight_decay=group["weight_decay"], caution=group["caution"], maximize=group["maximize"],
-                       max_lr=group["max_lr_snapshot"] if group["corrected_weight_decay"] else None)
+        lion_reference(params, grads, [st["exp_avg"] for st in states],
+                       **reference_hypers(group, "caution", max_lr=corrected_max_lr(group)))
 
     def _kernel_rule(self, group, variant=None):
         beta1, beta2 = (scalar(b) for b in group["betas"])
-        wd = group["weight_decay"] != 0
-        flags = mt.pack((MAXIMIZE, group["maximize"]), (WD, wd), (DECOUPLED, wd), (CAUTION, group["caution"]),
-                        (CORRECTED, group["corrected_weight_decay"]))
+        flags = grad_flags(group, decoupled=True) | mt.pack((CAUTION, group["caution"]),
+                                                             (CORRECTED, group["corrected_weight_decay"]))
         rule = mt.Rule(_lion_update, _lion_scalars, flags,
                        dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, wd=group["weight_decay"],
                             max_lr=group["max_lr_snapshot"]),

@@ -17,7 +17,7 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .common import adam_moments, decayed_grad
+    from .common import adam_start, bias_corrections
 
     LOG2_096 = tl.constexpr(math.log2(0.96))
     MU_PRODUCT_F64 = mt.SCALAR_F64[1]  # scalar slot 1 (mu_product) is float64
@@ -30,7 +30,7 @@ if runtime.available():
     @triton.jit
     def _nadam_scalars(step, mu_product, t2, t3, lr, beta1, beta2, eps, wd, momentum_decay, h6, h7,
                        FLAGS: tl.constexpr):
-        step = step + 1.0
+        step, _, bc2 = bias_corrections(step, beta1, beta2)
         mu = _momentum(beta1, step, momentum_decay)
         mu_next = _momentum(beta1, step + 1.0, momentum_decay)
         if FLAGS & MU_PRODUCT_F64:  # float64 after a checkpoint load into float64 params: torch multiplies in float64
@@ -39,14 +39,12 @@ if runtime.available():
             mu_product = (mu_product.to(tl.float32) * mu.to(tl.float32)).to(tl.float64)
         grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product)
         avg_coef = -lr * mu_next / (1.0 - mu_product * mu_next)
-        bc2 = 1.0 - tl.exp2(step * tl.log2(beta2))
         return step, mu_product, t2, t3, grad_coef, avg_coef, bc2, 1.0 - lr * wd
 
     @triton.jit
     def _nadam_update(p, g, m, v, s2, s3, grad_coef, avg_coef, bc2, decay, lr, beta1, beta2, eps, wd, h5, h6, h7,
                       FLAGS: tl.constexpr):
-        p, g = decayed_grad(p, g, decay, wd, FLAGS)
-        m, v = adam_moments(g, m, v, beta1, beta2)
+        p, g, m, v = adam_start(p, g, m, v, decay, wd, beta1, beta2, FLAGS)
         denom = tl.sqrt(v / bc2) + eps.to(p.dtype)
         p = p + grad_coef * (g / denom)
         p = p + avg_coef * (m / denom)

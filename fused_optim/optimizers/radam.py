@@ -15,14 +15,12 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .common import adam_moments, decayed_grad
+    from .common import adam_start, bias_corrections
 
     @triton.jit
     def _radam_scalars(step, t1, t2, t3, lr, beta1, beta2, eps, wd, h5, h6, h7, FLAGS: tl.constexpr):
-        step = step + 1.0
-        beta2_t = tl.exp2(step * tl.log2(beta2))
-        bc1 = 1.0 - tl.exp2(step * tl.log2(beta1))
-        bc2 = 1.0 - beta2_t
+        step, bc1, bc2 = bias_corrections(step, beta1, beta2)
+        beta2_t = tl.exp2(step * tl.log2(beta2))  # beta2^step itself, as torch (1 - bc2 would round)
         rho_inf = 2.0 / (1.0 - beta2) - 1.0
         rho_t = rho_inf - 2.0 * step * beta2_t / bc2
         # the branch is per tensor (its own step). Unrectified, the term is undefined (sqrt < 0, rho_inf == 4): it is
@@ -36,8 +34,7 @@ if runtime.available():
     @triton.jit
     def _radam_update(p, g, m, v, s2, s3, step_size, bc2_sqrt, rectified, decay, lr, beta1, beta2, eps, wd, h5, h6,
                       h7, FLAGS: tl.constexpr):
-        p, g = decayed_grad(p, g, decay, wd, FLAGS)
-        m, v = adam_moments(g, m, v, beta1, beta2)
+        p, g, m, v = adam_start(p, g, m, v, decay, wd, beta1, beta2, FLAGS)
         adaptive = tl.where(rectified != 0.0, bc2_sqrt / (tl.sqrt(v) + eps.to(p.dtype)), 1.0)
         p = p - step_size * m * adaptive
         return p, m, v, s2, s3
