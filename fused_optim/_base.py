@@ -178,12 +178,11 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
             raise RuntimeError(f"{name} does not support sparse gradients")
         if self.sparse_only and not all(sparse):
             raise RuntimeError(f"{name} supports only sparse gradients (e.g. nn.Embedding(sparse=True))")
-        # torch refuses a grad on another device than its param (assignment and autograd alike); a param whose
-        # .data moved keeps its old grad, which this finds: one whole-list look at the grads' devices
+        # torch keeps a grad on its param's device; a param whose .data moved keeps its old grad (one look at all)
         if params and set(map(torch.Tensor.get_device, grads)) != {params[0].get_device()}:
-            bad = next(((p, g) for p, g in zip(params, grads) if g.device != p.device), None)
-            if bad is not None:
-                raise RuntimeError(f"{name}: grad on {bad[1].device} for a param on {bad[0].device}")
+            for p, g in zip(params, grads):
+                if g.device != p.device:
+                    raise RuntimeError(f"{name}: grad on {g.device} for a param on {p.device}")
         return params, grads
 
     # step() runs eagerly: under torch.compile, dynamo does not trace into it (the kernels are launched as they
@@ -195,12 +194,7 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
         # torch.amp.GradScaler hands these over as attributes (its contract for _step_supports_amp_scaling)
         grad_scale = getattr(self, "grad_scale", None) if grad_scale is None else grad_scale
         found_inf = getattr(self, "found_inf", None) if found_inf is None else found_inf
-        if closure is None and self.requires_closure:
-            raise RuntimeError(f"{type(self).__name__}.step() requires a closure that re-evaluates the loss")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         work = [(group, *self._grads_of(group)) for group in self.param_groups]  # validate everything first
         self._check_shards(work)
         if grad_scale is not None or self.max_grad_norm is not None:  # the step writes the unscaled grads
@@ -212,6 +206,13 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
             if params:
                 self._step_group(group, params, grads, grad_scale, found_inf)
         return loss
+
+    def _closure_loss(self, closure):
+        """The closure's loss (grad enabled), or None; a missing closure where one is needed is an error."""
+        if closure is None and self.requires_closure:
+            raise RuntimeError(f"{type(self).__name__}.step() requires a closure that re-evaluates the loss")
+        with torch.enable_grad():
+            return None if closure is None else closure()
 
     def _kernel_path(self, group, params) -> bool:
         """Whether this group's step runs the fused kernels."""
@@ -230,10 +231,8 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
         return st
 
     def _states_of(self, group, params) -> list:
-        """The state dicts of ``params`` (made on first use). Cached per group while ``self.state`` is the same dict
-        with the same number of entries and the params are the same objects: the lookup hashes every param, the
-        largest per-tensor host cost of a step (load_state_dict replaces self.state; replacing a state tensor in
-        place, ``state[p][k] = t``, is seen by the tables' address keys)."""
+        """The state dicts of ``params`` (made on first use), cached per group while ``self.state`` is the same dict
+        of the same size and the params the same objects (hashing every param is a large per-tensor host cost)."""
         ids = tuple(map(id, params))
         cached = self._state_lists.get(id(group))
         if cached is not None and cached[0] is self.state and cached[1] == len(self.state) and cached[2] == ids:
@@ -285,8 +284,7 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         rule, keys, skeys = self._kernel_rule(group, variant)
-        dev = params[0].device
-        scalars_on_device(states, skeys, dev)
+        scalars_on_device(states, skeys, params[0].device)
         self._prepare(group, params, grads, states)
         masters = self._masters(states)
         params, grads, columns, back = self._kernel_tensors(params, grads, states, keys, grad_scale,

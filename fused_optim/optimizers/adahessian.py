@@ -141,10 +141,7 @@ class Adahessian(FusedOptimizer):
         if grad_scale is not None or found_inf is not None:
             raise RuntimeError("Adahessian does not support AMP grad_scale / found_inf (the Hessian estimate is "
                                "not unscaled)")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         with torch.no_grad():
             work = [(group, *self._grads_of(group)) for group in self.param_groups]  # validate before any change
         self._check_shards(work)
