@@ -62,6 +62,15 @@ class Layout:
         self.world = 1 if first is None else first.device_mesh.size()
         self._mask = None
 
+    def pick(self, idx) -> "Layout":
+        """The Layout of the tensors at ``idx`` (e.g. one dtype bucket of them); no process group when none of them
+        is sharded (every rank decides alike: placements are the same on every rank)."""
+        sub = object.__new__(Layout)
+        sub.sharded, sub.shapes = [self.sharded[i] for i in idx], [self.shapes[i] for i in idx]
+        sub.group, sub.world = (self.group, self.world) if any(sub.sharded) else (None, 1)
+        sub._mask = None
+        return sub
+
     def full_sums(self, partials):
         """partials [T, ...] (row t: tensor t's sums over its local shard) -> the sums over the full tensors; or a
         list of T 1-D tensors of any lengths (packed into one buffer) -> a list. One collective per call (none when

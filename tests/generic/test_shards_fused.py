@@ -1,0 +1,102 @@
+"""The fused kernels of the reductions on FSDP2 (DTensor, dim-0, uneven) shards: with gloo processes on CPU, the
+params after every step match a single process on the full batch, and each step makes the launches and the
+collectives it states (fused_optim/_sharded.py; kernels/README.md, Note [projection shards]).
+
+The model (test_distributed._model) has weights of 20 rows (projected per layer), 3 rows (per channel; 2 + 1 rows
+on 2 ranks) and 1 row (an empty shard on every rank but the first), and 1-D biases.
+"""
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+from test_distributed import _data, _full, _model, _worker, _wrap
+
+# (name, kwargs, fused launches per step, collectives per step): one param group, one dtype
+CASES_2 = [
+    ("sgdp", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1), 2, 1),
+    ("sgdp", dict(lr=0.05, momentum=0.9, caution=True), 3, 2),
+    ("adamp", dict(lr=0.01, weight_decay=0.1, nesterov=True), 2, 1),
+    ("adamp", dict(lr=0.01, weight_decay=0.1, caution=True), 3, 2),
+]
+STEPS_2 = 10
+# one 4-rank job over several families (4 processes on 2 cores: few steps)
+CASES_4 = [
+    ("adam", dict(lr=0.01), None, 0),
+    ("novograd", dict(lr=0.01, weight_decay=0.1), None, 1),
+    ("sgdp", dict(lr=0.05, momentum=0.9, weight_decay=0.1), 2, 1),
+    ("adamp", dict(lr=0.01, caution=True), 3, 2),
+]
+STEPS_4 = 3
+
+
+def _run(model, opt, x, y, steps):
+    """The params after every step, and per step the launches and Layout.full_sums calls it made."""
+    from fused_optim._sharded import Layout
+    from fused_optim.kernels import runtime
+
+    calls = []
+    full_sums = Layout.full_sums
+
+    def counted(self, partials):
+        calls[-1][1] += 1
+        return full_sums(self, partials)
+
+    Layout.full_sums = counted
+    params = []
+    try:
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            before = runtime.launch_count
+            calls.append([0, 0])
+            opt.step()
+            calls[-1][0] = runtime.launch_count - before
+            params.append([_full(p) for p in model.parameters()])
+    finally:
+        Layout.full_sums = full_sums
+    return params, calls
+
+
+def _cases_work(rank, world, cases, steps, out):
+    import fused_optim
+    x, y = _data()
+    x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+    results, start = {}, time.perf_counter()
+    for i, (name, kw, _, _) in enumerate(cases):
+        model = _wrap(_model(), "fsdp2")
+        results[i] = _run(model, fused_optim.REGISTRY[name](model.parameters(), fused=True, **kw), x, y, steps)
+    results["seconds"] = time.perf_counter() - start
+    if rank == 0:
+        torch.save(results, out)
+
+
+def _check(tmp_path, world, cases, steps):
+    import fused_optim
+    out = str(tmp_path / "results.pt")
+    mp.spawn(_worker, args=(str(tmp_path / "store"), world, (cases, steps, out), None, _cases_work), nprocs=world,
+             join=True)
+    got = torch.load(out)
+    for i, (name, kw, launches, collectives) in enumerate(cases):
+        model = _model()
+        x, y = _data()
+        want, _ = _run(model, fused_optim.REGISTRY[name](model.parameters(), fused=False, **kw), x, y, steps)
+        params, calls = got[i]
+        assert len(params) == steps
+        for step, (a_list, b_list) in enumerate(zip(params, want)):
+            for a, b in zip(a_list, b_list):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} {kw}, {world} ranks, step {step}")
+        if launches is not None:  # the projection kernels: their stated launches, one collective per statistic
+            assert calls == [[launches, collectives]] * steps, (name, kw, calls)
+        else:
+            assert all(c[1] == collectives and c[0] > 0 for c in calls), (name, kw, calls)
+    return got["seconds"]
+
+
+def test_projection_fused_on_two_ranks(tmp_path):
+    _check(tmp_path, 2, CASES_2, STEPS_2)
+
+
+def test_families_fused_on_four_ranks(tmp_path):
+    """One spawn of 4 ranks: element-wise (Adam), per-tensor norms (NovoGrad) and projections (SGDP, AdamP)."""
+    _check(tmp_path, 4, CASES_4, STEPS_4)
