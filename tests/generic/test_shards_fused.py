@@ -5,9 +5,8 @@ collectives it states (fused_optim/_sharded.py; kernels/README.md, Note [project
 The model (test_distributed._model) has weights of 20 rows (projected per layer), 3 rows (per channel; 2 + 1 rows
 on 2 ranks) and 1 row (an empty shard on every rank but the first), and 1-D biases.
 """
-import time
-
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from test_distributed import _data, _full, _model, _worker, _wrap
@@ -18,14 +17,19 @@ CASES_2 = [
     ("sgdp", dict(lr=0.05, momentum=0.9, caution=True), 3, 2),
     ("adamp", dict(lr=0.01, weight_decay=0.1, nesterov=True), 2, 1),
     ("adamp", dict(lr=0.01, weight_decay=0.1, caution=True), 3, 2),
+    # factored weights 20 x 8 and 3 x 20 (columns span the shards), unfactored 1 x 3 and biases:
+    # ROWCOL, FOLD, NORMS, [MOMENTS,] APPLY; the combines after ROWCOL, NORMS[, MOMENTS]
+    ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99), caution=True), 5, 3),
+    ("adafactor", dict(lr=0.01, min_dim_size_to_factor=2, weight_decay=0.1), 4, 2),
 ]
-STEPS_2 = 10
+STEPS_2 = 6
 # one 4-rank job over several families (4 processes on 2 cores: few steps)
 CASES_4 = [
     ("adam", dict(lr=0.01), None, 0),
     ("novograd", dict(lr=0.01, weight_decay=0.1), None, 1),
     ("sgdp", dict(lr=0.05, momentum=0.9, weight_decay=0.1), 2, 1),
     ("adamp", dict(lr=0.01, caution=True), 3, 2),
+    ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99)), 4, 2),
 ]
 STEPS_4 = 3
 
@@ -58,15 +62,39 @@ def _run(model, opt, x, y, steps):
     return params, calls
 
 
+def _refusals():
+    """A placement the fused kernels cannot combine exactly (factored dims sharded on dim 1) is refused before any
+    change, naming the param and its placement."""
+    import fused_optim
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    out = {}
+    for name, kw in (("adafactor", dict(min_dim_size_to_factor=2)), ("sgdp", dict(lr=0.1))):
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(6, 8), mesh, [Shard(1)]))
+        w.grad = distribute_tensor(torch.randn(6, 8), mesh, [Shard(1)])
+        before = _full(w)
+        opt = fused_optim.REGISTRY[name]([torch.nn.Parameter(torch.randn(3)), w], fused=True, **kw)
+        opt.param_groups[0]["params"][0].grad = torch.ones(3)
+        try:
+            opt.step()
+            out[name] = "no error"
+        except NotImplementedError as exc:
+            out[name] = str(exc)
+        out[name, "unchanged"] = torch.equal(_full(w), before) and not opt.state
+    return out
+
+
 def _cases_work(rank, world, cases, steps, out):
     import fused_optim
     x, y = _data()
     x, y = x.chunk(world)[rank], y.chunk(world)[rank]
-    results, start = {}, time.perf_counter()
+    results = {}
     for i, (name, kw, _, _) in enumerate(cases):
         model = _wrap(_model(), "fsdp2")
         results[i] = _run(model, fused_optim.REGISTRY[name](model.parameters(), fused=True, **kw), x, y, steps)
-    results["seconds"] = time.perf_counter() - start
+    if world == 2:
+        results["refusals"] = _refusals()
     if rank == 0:
         torch.save(results, out)
 
@@ -90,13 +118,17 @@ def _check(tmp_path, world, cases, steps):
             assert calls == [[launches, collectives]] * steps, (name, kw, calls)
         else:
             assert all(c[1] == collectives and c[0] > 0 for c in calls), (name, kw, calls)
-    return got["seconds"]
+    for name in ("adafactor", "sgdp") if world == 2 else ():
+        msg = got["refusals"][name]
+        assert "param 1 of param group 0" in msg and "Shard(dim=1)" in msg, msg
+        assert got["refusals"][name, "unchanged"], name
 
 
-def test_projection_fused_on_two_ranks(tmp_path):
+def test_fused_on_two_ranks(tmp_path):
     _check(tmp_path, 2, CASES_2, STEPS_2)
 
 
 def test_families_fused_on_four_ranks(tmp_path):
-    """One spawn of 4 ranks: element-wise (Adam), per-tensor norms (NovoGrad) and projections (SGDP, AdamP)."""
+    """One spawn of 4 ranks: element-wise (Adam), per-tensor norms (NovoGrad), projections (SGDP, AdamP) and
+    Adafactor (the 3-row weight's shards: 1, 1, 1, 0 rows)."""
     _check(tmp_path, 4, CASES_4, STEPS_4)
