@@ -3,7 +3,8 @@ params after every step match a single process on the full batch, and each step 
 collectives it states (fused_optim/_sharded.py; kernels/README.md, Note [projection shards]).
 
 The model (test_distributed._model) has weights of 20 rows (projected per layer), 3 rows (per channel; 2 + 1 rows
-on 2 ranks) and 1 row (an empty shard on every rank but the first), and 1-D biases.
+on 2 ranks) and 1 row (an empty shard on every rank but the first), and 1-D biases; _Conv has 3-D weights that
+Adafactor factors over dims 0, 1 (5 rows, 3 planes) and over dims 1, 2 (2 planes, one per rank).
 """
 import torch
 import torch.distributed as dist
@@ -11,25 +12,51 @@ import torch.multiprocessing as mp
 
 from test_distributed import _data, _full, _model, _worker, _wrap
 
-# (name, kwargs, fused launches per step, collectives per step): one param group, one dtype
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv1d(4, 5, 3)
+        self.w = torch.nn.Parameter(torch.randn(2, 5, 6) * 0.3)
+
+    def forward(self, x):
+        return torch.einsum("bcl,kcl->bk", torch.tanh(self.conv(x)), self.w)
+
+
+def _conv_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 4, 8, generator=g), torch.randn(16, 2, generator=g)
+
+
+def _wrap_conv(model):
+    from torch.distributed.fsdp import fully_shard
+    fully_shard(model.conv)
+    return fully_shard(model)
+
+
+MODELS = {"mlp": (_model, _data, lambda m: _wrap(m, "fsdp2")), "conv": (_Conv, _conv_data, _wrap_conv)}
+# (name, kwargs, fused launches per step, collectives per step, model): one param group, one dtype
 CASES_2 = [
-    ("sgdp", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1), 2, 1),
-    ("sgdp", dict(lr=0.05, momentum=0.9, caution=True), 3, 2),
-    ("adamp", dict(lr=0.01, weight_decay=0.1, nesterov=True), 2, 1),
-    ("adamp", dict(lr=0.01, weight_decay=0.1, caution=True), 3, 2),
+    ("sgdp", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1), 2, 1, "mlp"),
+    ("sgdp", dict(lr=0.05, momentum=0.9, caution=True), 3, 2, "mlp"),
+    ("adamp", dict(lr=0.01, weight_decay=0.1, nesterov=True), 2, 1, "mlp"),
+    ("adamp", dict(lr=0.01, weight_decay=0.1, caution=True), 3, 2, "mlp"),
     # factored weights 20 x 8 and 3 x 20 (columns span the shards), unfactored 1 x 3 and biases:
     # ROWCOL, FOLD, NORMS, [MOMENTS,] APPLY; the combines after ROWCOL, NORMS[, MOMENTS]
-    ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99), caution=True), 5, 3),
-    ("adafactor", dict(lr=0.01, min_dim_size_to_factor=2, weight_decay=0.1), 4, 2),
+    ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99), caution=True), 5, 3, "mlp"),
+    ("adafactor", dict(lr=0.01, min_dim_size_to_factor=2, weight_decay=0.1), 4, 2, "mlp"),
+    ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99), caution=True), 5, 3, "conv"),
 ]
 STEPS_2 = 6
 # one 4-rank job over several families (4 processes on 2 cores: few steps)
 CASES_4 = [
-    ("adam", dict(lr=0.01), None, 0),
-    ("novograd", dict(lr=0.01, weight_decay=0.1), None, 1),
-    ("sgdp", dict(lr=0.05, momentum=0.9, weight_decay=0.1), 2, 1),
-    ("adamp", dict(lr=0.01, caution=True), 3, 2),
-    ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99)), 4, 2),
+    ("adam", dict(lr=0.01), None, 0, "mlp"),
+    ("novograd", dict(lr=0.01, weight_decay=0.1), None, 1, "mlp"),
+    ("sgdp", dict(lr=0.05, momentum=0.9, weight_decay=0.1), 2, 1, "mlp"),
+    ("adamp", dict(lr=0.01, caution=True), 3, 2, "mlp"),
+    ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99)), 4, 2, "mlp"),
 ]
 STEPS_4 = 3
 
@@ -87,11 +114,11 @@ def _refusals():
 
 def _cases_work(rank, world, cases, steps, out):
     import fused_optim
-    x, y = _data()
-    x, y = x.chunk(world)[rank], y.chunk(world)[rank]
     results = {}
-    for i, (name, kw, _, _) in enumerate(cases):
-        model = _wrap(_model(), "fsdp2")
+    for i, (name, kw, _, _, kind) in enumerate(cases):
+        make, data, wrap = MODELS[kind]
+        x, y = (t.chunk(world)[rank] for t in data())
+        model = wrap(make())
         results[i] = _run(model, fused_optim.REGISTRY[name](model.parameters(), fused=True, **kw), x, y, steps)
     if world == 2:
         results["refusals"] = _refusals()
@@ -105,16 +132,18 @@ def _check(tmp_path, world, cases, steps):
     mp.spawn(_worker, args=(str(tmp_path / "store"), world, (cases, steps, out), None, _cases_work), nprocs=world,
              join=True)
     got = torch.load(out)
-    for i, (name, kw, launches, collectives) in enumerate(cases):
-        model = _model()
-        x, y = _data()
+    for i, (name, kw, launches, collectives, kind) in enumerate(cases):
+        make, data, _ = MODELS[kind]
+        model = make()
+        x, y = data()
         want, _ = _run(model, fused_optim.REGISTRY[name](model.parameters(), fused=False, **kw), x, y, steps)
         params, calls = got[i]
         assert len(params) == steps
         for step, (a_list, b_list) in enumerate(zip(params, want)):
             for a, b in zip(a_list, b_list):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} {kw}, {world} ranks, step {step}")
-        if launches is not None:  # the projection kernels: their stated launches, one collective per statistic
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6,
+                                           msg=f"{name} {kw} {kind}, {world} ranks, step {step}")
+        if launches is not None:  # SGDP/AdamP, Adafactor: their stated launches, one collective per statistic
             assert calls == [[launches, collectives]] * steps, (name, kw, calls)
         else:
             assert all(c[1] == collectives and c[0] > 0 for c in calls), (name, kw, calls)
