@@ -64,6 +64,7 @@ class AdafactorTables(Tables):
     stats: torch.Tensor = None       # the csrc engine's whole fp32 output buffer (fixed address), once it has run
     stats_view: torch.Tensor = None  # its row / column means (meta's csrc_row / csrc_col index it)
     csrc_geo: tuple = None           # (factored tensor indices, their csrc geometry)
+    shards: object = None            # over DTensor shards: the bucket's sharded.Layout (kept: masks made once)
     span: tuple = (0, 0, ())         # over shards: rcpart's region of sums spanning them, each tensor's share
     span_div: torch.Tensor = None    # ... and what turns each full sum into a mean (the full tensor's A)
 
@@ -121,7 +122,7 @@ def _build_tables(key, ps, gs, sts, factored, device, shards=None) -> AdafactorT
                            rcpart=zeros(max(rc_size, 1), dtype=torch.float32, device=device),
                            counters=zeros(cnt_size, dtype=torch.int32, device=device),
                            barrier=sync.GridBarrier(device), fdummy=zeros(1, dtype=torch.float32, device=device),
-                           span=(span0, rc_size, lengths), span_div=to_device(div, torch.float32, device))
+                           shards=shards, span=(span0, rc_size, lengths), span_div=to_device(div, torch.float32, device))
 
 
 def constexprs(passes, flags, dts, *, lr_tensor=False, has_scale=False, has_inf=False, sharded=False) -> dict:
@@ -177,9 +178,9 @@ def step(spec: Spec, caches: dict, slot, params, grads, states, sdts, grad_scale
         # state is a tensor by now: the moments, and step and RMS on the device)
         key = (tuple(map(ptr, ps)), tuple(map(torch.Tensor.size, ps)), spec.factored_key,
                tuple(map(ptr, itertools.chain.from_iterable(map(dict.values, sts)))))
-        sub = None if shards is None else shards.pick(idx)
-        tab = cache.lookup(dts, key, gs, lambda: _build_tables(key, ps, gs, sts, spec.factored, dev, sub))
-        _launch(tab, spec, dts, gs, hypers, grad_scale, found_inf, sub)
+        tab = cache.lookup(dts, key, gs, lambda: _build_tables(key, ps, gs, sts, spec.factored, dev,
+                                                               None if shards is None else shards.pick(idx)))
+        _launch(tab, spec, dts, gs, hypers, grad_scale, found_inf, tab.shards)
         if idx[-1] == len(params) - 1:
             last_lr = tab.tsc[len(idx) - 1, int(T_LR)]
     return last_lr

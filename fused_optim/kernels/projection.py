@@ -74,6 +74,7 @@ class ProjectionTables(Tables):
     bc: int
     slots: list             # the bucket index of each mode slot: the projectable tensors first, in bucket order
     engine: EngineInputs | None = None  # None: nothing projectable
+    shards: object = None   # DTensor shards: the bucket's sharded.Layout (kept: its masks are made once)
     idx: object = ()        # this step's group param index of each bucket tensor
     dts: tuple = ()
 
@@ -94,11 +95,13 @@ def tile_shape(shapes) -> tuple[int, int]:
     return max(runtime.BLOCK // bc, 1), bc
 
 
-def _build(key, params, grads, states, steps, device, shapes) -> ProjectionTables:
-    """The tables of one bucket (rows laid out as the I_*, W_* and E_* columns name them). ``shapes``: the full
-    tensors' (DTensor shards: a local shard may be empty), None without shards (then the C++ engine's inputs too)."""
+def _build(key, params, grads, states, steps, device, shards) -> ProjectionTables:
+    """The tables of one bucket (rows laid out as the I_*, W_* and E_* columns name them). ``shards``: the bucket's
+    sharded.Layout (its full shapes: a local shard may be empty), None without shards (then the C++ engine's inputs
+    too)."""
     from .. import csrc
 
+    shapes = None if shards is None else shards.shapes
     rb, bc = tile_shape([torch.Size(s) for s in shapes or [p.shape for p in params]])
     proj = [projectable(s) for s in shapes or [p.shape for p in params]]
     slots = [i for i, f in enumerate(proj) if f] + [i for i, f in enumerate(proj) if not f]
@@ -124,7 +127,7 @@ def _build(key, params, grads, states, steps, device, shapes) -> ProjectionTable
         sptrs=to_device(list(map(ptr, steps)) or [0] * len(params), torch.int64, device),
         counters=zeros(len(params), dtype=torch.int32), rowstat=zeros(rows, int(S_W)),
         rowcoef=zeros(rows, int(C_W)), rowcaut=zeros(rows, int(K_W)), tmode=zeros(len(params)),
-        tscale=zeros(len(params)), tpart=zeros(len(params), int(T_W), dtype=torch.float64),
+        tscale=zeros(len(params)), shards=shards, tpart=zeros(len(params), int(T_W), dtype=torch.float64),
         ttot=zeros(len(params), int(T_W), dtype=torch.float64), barrier=sync.GridBarrier(device), fdummy=zeros(1), rb=rb, bc=bc, slots=slots)
     n_proj = sum(proj)
     if n_proj and shapes is None:
@@ -178,11 +181,11 @@ def step(spec: Spec, cache: TableCache, params, grads, states, steps, grad_scale
     for dts, idx in buckets(keys).items():
         ps, gs, sts = pick(idx, params, grads, states)
         scs = pick(idx, steps)[0] if steps else []
-        sub = None if shards is None else shards.pick(idx)
         key = (tuple(map(ptr, ps)), tuple(map(ptr, itertools.chain.from_iterable(sts))), tuple(map(ptr, scs)),
                tuple(map(torch.Tensor.size, ps)))
-        tab = cache.lookup(dts, key, gs, lambda: _build(key, ps, gs, sts, scs, ps[0].device, sub and sub.shapes))
-        tab.idx, tab.dts = idx, dts
+        tab = cache.lookup(dts, key, gs, lambda: _build(key, ps, gs, sts, scs, ps[0].device,
+                                                        None if shards is None else shards.pick(idx)))
+        tab.idx, tab.dts, sub = idx, dts, tab.shards
         engine = tab.engine is not None and set(dts) <= ENGINE_DTYPES and reduce.use_csrc(ps[0].device)
         if engine:
             _engine_stats(spec, tab, gs, grad_scale)
