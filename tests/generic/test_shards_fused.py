@@ -4,7 +4,8 @@ collectives it states (fused_optim/_sharded.py; kernels/README.md, Note [project
 
 The model (test_distributed._model) has weights of 20 rows (projected per layer), 3 rows (per channel; 2 + 1 rows
 on 2 ranks) and 1 row (an empty shard on every rank but the first), and 1-D biases; _Conv has 3-D weights that
-Adafactor factors over dims 0, 1 (5 rows, 3 planes) and over dims 1, 2 (2 planes, one per rank).
+Adafactor factors over dims 0, 1 (5 rows, 3 planes) and over dims 1, 2 (2 planes, one per rank); MIXED puts a
+Shard(0) and a Replicate weight in one group. Bad placements are refused before any change.
 """
 import torch
 import torch.distributed as dist
@@ -112,6 +113,34 @@ def _refusals():
     return out
 
 
+# Shard(0) and Replicate params in one group (the combine keeps the replicated tensors' local sums)
+MIXED = [("sgdp", dict(lr=0.05, momentum=0.9, caution=True)), ("adafactor", dict(min_dim_size_to_factor=2))]
+
+
+def _mixed_run(name, kw, wrap, fused):
+    """3 steps on a [7, 6] and a replicated [5, 4] weight with fixed grads: the full params after each."""
+    import fused_optim
+    g = torch.Generator().manual_seed(2)
+    full = [torch.randn(7, 6, generator=g), torch.randn(5, 4, generator=g)]
+    params = [torch.nn.Parameter(wrap(t, i)) for i, t in enumerate(full)]
+    opt = fused_optim.REGISTRY[name](params, fused=fused, **kw)
+    out = []
+    for _ in range(3):
+        for i, p in enumerate(params):
+            p.grad = wrap(torch.randn(p.shape, generator=g), i)
+        opt.step()
+        out.append([_full(p) for p in params])
+    return out
+
+
+def _mixed():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    wrap = lambda t, i: distribute_tensor(t, mesh, [Shard(0) if i == 0 else Replicate()])  # noqa: E731
+    return [_mixed_run(name, kw, wrap, True) for name, kw in MIXED]
+
+
 def _cases_work(rank, world, cases, steps, out):
     import fused_optim
     results = {}
@@ -122,6 +151,7 @@ def _cases_work(rank, world, cases, steps, out):
         results[i] = _run(model, fused_optim.REGISTRY[name](model.parameters(), fused=True, **kw), x, y, steps)
     if world == 2:
         results["refusals"] = _refusals()
+        results["mixed"] = _mixed()
     if rank == 0:
         torch.save(results, out)
 
@@ -147,6 +177,10 @@ def _check(tmp_path, world, cases, steps):
             assert calls == [[launches, collectives]] * steps, (name, kw, calls)
         else:
             assert all(c[1] == collectives and c[0] > 0 for c in calls), (name, kw, calls)
+    for (name, kw), steps_got in zip(MIXED, got["mixed"] if world == 2 else ()):
+        for a_list, b_list in zip(steps_got, _mixed_run(name, kw, lambda t, i: t, False)):
+            for a, b in zip(a_list, b_list):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} Shard(0) + Replicate")
     for name in ("adafactor", "sgdp") if world == 2 else ():
         msg = got["refusals"][name]
         assert "param 1 of param group 0" in msg and "Shard(dim=1)" in msg, msg
