@@ -60,7 +60,16 @@ class Layout:
         first = next((p for p, s in zip(params, self.sharded) if s), None)
         self.group = None if first is None else first.device_mesh.get_group()
         self.world = 1 if first is None else first.device_mesh.size()
-        self._mask = None
+        self._mask = self._packed = None  # masks of replicated entries, made once (an upload is a host sync)
+
+    def pick(self, idx) -> "Layout":
+        """The Layout of the tensors at ``idx`` (e.g. one dtype bucket of them); no process group when none of them
+        is sharded (every rank decides alike: placements are the same on every rank)."""
+        sub = object.__new__(Layout)
+        sub.sharded, sub.shapes = [self.sharded[i] for i in idx], [self.shapes[i] for i in idx]
+        sub.group, sub.world = (self.group, self.world) if any(sub.sharded) else (None, 1)
+        sub._mask = sub._packed = None
+        return sub
 
     def full_sums(self, partials):
         """partials [T, ...] (row t: tensor t's sums over its local shard) -> the sums over the full tensors; or a
@@ -70,9 +79,10 @@ class Layout:
             return partials
         if isinstance(partials, (list, tuple)):
             lengths = [t.numel() for t in partials]
-            mask = torch.tensor(self.sharded, device=partials[0].device).repeat_interleave(
-                torch.tensor(lengths, device=partials[0].device))
-            return list(self._combine(torch.cat(partials), mask).split(lengths))
+            if self._packed is None or self._packed[0] != lengths or self._packed[1].device != partials[0].device:
+                self._packed = lengths, torch.tensor(self.sharded, device=partials[0].device).repeat_interleave(
+                    torch.tensor(lengths, device=partials[0].device))
+            return list(self._combine(torch.cat(partials), self._packed[1]).split(lengths))
         if all(self.sharded):
             return self._combine(partials, None)
         if self._mask is None or self._mask.device != partials.device:

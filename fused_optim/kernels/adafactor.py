@@ -13,12 +13,12 @@ import torch
 from .._tensors import LOW_PRECISION, device_index
 from . import multi_tensor as mt, reduce, runtime, sync
 from .adafactor_passes import APPLY, CAUTIOUS_APPLY, FOLD, MOMENTS, NORMS, ROWCOL
-from .adafactor_tiles import META, M_CSRC_COL, M_CSRC_ROW, PTRS, T_LR, T_WIDTH, TA, TB, X_GRAD
+from .adafactor_tiles import META, M_CSRC_COL, M_CSRC_ROW, PTRS, T_LR, T_MASK_COUNT, T_PARAM_SQ, T_WIDTH, TA, TB, X_GRAD
 from .tables import Tables, TableCache, buckets, dtype_of, pick, ptr, to_device
 
 if runtime.available():
     from .adafactor_passes import adafactor_kernel
-    from .adafactor_tiles import BETA1, RELATIVE, SCALE_PARAM, WARMUP, WD
+    from .adafactor_tiles import BETA1, RELATIVE, SCALE_PARAM, SHARDED, WARMUP, WD
 
 CSRC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the C++ engine's grad dtypes
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
@@ -55,7 +55,7 @@ class AdafactorTables(Tables):
     work: torch.Tensor        # int32 [items, W_WIDTH]: (tensor, plane, A-block, B-block), factored tensors first
     n_factored_work: int
     dims: list                # each tensor's factored dims or None
-    tsc: torch.Tensor         # fp32 [T, T_WIDTH]: sum of update^2, caution mask count, step size
+    tsc: torch.Tensor         # fp32 [T, T_WIDTH]: sums of update^2 and p^2, caution mask count, step size
     part: torch.Tensor        # fp32 [2, items]: per-item partial sums
     rcpart: torch.Tensor      # ROWCOL's partial row / column sums
     counters: torch.Tensor    # int32: per tensor, then per row / column block
@@ -64,26 +64,34 @@ class AdafactorTables(Tables):
     stats: torch.Tensor = None       # the csrc engine's whole fp32 output buffer (fixed address), once it has run
     stats_view: torch.Tensor = None  # its row / column means (meta's csrc_row / csrc_col index it)
     csrc_geo: tuple = None           # (factored tensor indices, their csrc geometry)
+    shards: object = None            # over DTensor shards: the bucket's sharded.Layout (kept: masks made once)
+    span: tuple = (0, 0, ())         # over shards: rcpart's region of sums spanning them, each tensor's share
+    span_div: torch.Tensor = None    # ... and what turns each full sum into a mean (the full tensor's A)
 
 
 def _cdiv(a, b):
     return -(-a // b)
 
 
-def _build_tables(key, ps, gs, sts, factored, device) -> AdafactorTables:
-    dims = [factored(p.shape) for p in ps]
+def _build_tables(key, ps, gs, sts, factored, device, shards=None) -> AdafactorTables:
+    """``shards``: the bucket's sharded.Layout over DTensor shards (ps: the local shards; one may be empty)."""
+    shapes = [p.shape for p in ps] if shards is None else shards.shapes
+    dims = [factored(shape) for shape in shapes]
     entries = []  # per tensor: (unfactored, t, address row, meta row, work items)
-    rc_size, cnt_size = 0, len(ps)
+    rc_size, cnt_size, spans = 0, len(ps), []
     for t, (p, g, st, d) in enumerate(zip(ps, gs, sts, dims)):
         m = dict(numel=p.numel(), factored=int(d is not None), row_part=0, col_part=0, counters=0, csrc_row=0,
-                 csrc_col=0)
+                 csrc_col=0, total=math.prod(shapes[t]), span=int(d is not None and d[0] == 0 and shards is not None and shards.sharded[t]),
+                 span_row=0)
         if d is not None:  # viewed as [pre, A, B, post]: tiles of TA x TB of each (pre, post) plane
             da, db = d
             m.update(A=p.shape[da], B=p.shape[db], post=math.prod(p.shape[db + 1:]))
-            m.update(planes=math.prod(p.shape[:da]) * m["post"], nab=_cdiv(m["A"], TA), nbb=_cdiv(m["B"], TB))
+            m.update(planes=math.prod(p.shape[:da]) * m["post"], nab=max(_cdiv(m["A"], TA), 1), nbb=_cdiv(m["B"], TB))
             m.update(row_part=rc_size, col_part=rc_size + m["nbb"] * m["planes"] * m["A"], counters=cnt_size)
             rc_size += (m["nbb"] * m["A"] + m["nab"] * m["B"]) * m["planes"]
-            cnt_size += m["planes"] * (m["nab"] + m["nbb"])
+            cnt_size += m["planes"] * (m["nab"] + m["nbb"] + 1)
+            if m["span"]:  # (placed after the partials below) its column sums, then its planes' row moment sums
+                spans.append((t, m, (m["B"] + 1) * m["planes"], shapes[t][0]))
             row, col = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
         else:  # rows of TB elements, one plane
             m.update(A=max(1, _cdiv(p.numel(), TB)), B=TB, post=1, planes=1, nbb=1)
@@ -93,6 +101,12 @@ def _build_tables(key, ps, gs, sts, factored, device) -> AdafactorTables:
         addr = dict(param=p, grad=g, exp_avg=st.get("exp_avg", p), row=row, col=col, step=st["step"], rms=st["RMS"])
         items = [(t, pl, a, b) for pl in range(m["planes"]) for a in range(m["nab"]) for b in range(m["nbb"])]
         entries.append((d is None, t, [addr[k].data_ptr() for k in PTRS], m, items))
+    span0, lengths, div = rc_size, [0] * len(ps), []
+    for t, m, n, a_full in spans:
+        m.update(csrc_col=rc_size, span_row=rc_size + m["B"] * m["planes"])
+        lengths[t] = n
+        div += [a_full] * n
+        rc_size += n
     rows, meta, work, n_fact = [None] * len(ps), [None] * len(ps), [], 0
     for unfactored, t, row, m, items in sorted(entries, key=lambda e: e[:2]):
         m["first"] = len(work)
@@ -107,11 +121,13 @@ def _build_tables(key, ps, gs, sts, factored, device) -> AdafactorTables:
                            part=zeros(2, len(work), dtype=torch.float32, device=device),
                            rcpart=zeros(max(rc_size, 1), dtype=torch.float32, device=device),
                            counters=zeros(cnt_size, dtype=torch.int32, device=device),
-                           barrier=sync.GridBarrier(device), fdummy=zeros(1, dtype=torch.float32, device=device))
+                           barrier=sync.GridBarrier(device), fdummy=zeros(1, dtype=torch.float32, device=device),
+                           shards=shards, span=(span0, rc_size, lengths), span_div=to_device(div, torch.float32, device))
 
 
-def constexprs(passes, flags, dts, *, lr_tensor=False, has_scale=False, has_inf=False) -> dict:
+def constexprs(passes, flags, dts, *, lr_tensor=False, has_scale=False, has_inf=False, sharded=False) -> dict:
     """The compile-time arguments of a launch running ``passes`` (the launcher and the AOT inventory use this)."""
+    flags |= mt.pack((SHARDED, sharded))
     return dict(PASSES=sum(1 << int(x) for x in passes), FLAGS=flags, P_DT=runtime.tl_dtype(dts[0]),
                 G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]), LR_TENSOR=lr_tensor,
                 HAS_SCALE=has_scale, HAS_INF=has_inf)
@@ -123,6 +139,12 @@ def launches(passes, has_factored: bool, csrc_stats: bool) -> list:
     if not has_factored:
         return [list(passes)]
     return [[FOLD, *passes]] if csrc_stats else [[ROWCOL], list(passes)]
+
+
+def sharded_phases(passes, has_factored: bool, spans: bool) -> list:
+    """The passes of a step over DTensor shards, one launch each, the host's combine after ROWCOL (where column
+    statistics span the shards; FOLD then folds them), NORMS and MOMENTS (Note [adafactor shards])."""
+    return [ROWCOL] * has_factored + [FOLD] * spans + list(passes)
 
 
 def prepare_moments(states, grads, device) -> list:
@@ -140,10 +162,11 @@ def prepare_moments(states, grads, device) -> list:
     return sdts
 
 
-def step(spec: Spec, caches: dict, slot, params, grads, states, sdts, grad_scale=None, found_inf=None):
-    """One param group's fused step; per (param, grad, moment) dtype bucket at most 2 launches. Its tables live in
-    ``caches[slot]`` (the optimizer's storage); ``sdts``: prepare_moments' dtypes. Returns the last tensor's step
-    size as a 0-d device view (timm leaves it in group['lr'])."""
+def step(spec: Spec, caches: dict, slot, params, grads, states, sdts, grad_scale=None, found_inf=None, shards=None):
+    """One param group's fused step; per (param, grad, moment) dtype bucket at most 2 launches (over DTensor shards,
+    ``shards`` their sharded.Layout: sharded_phases). Its tables live in ``caches[slot]`` (the optimizer's storage);
+    ``sdts``: prepare_moments' dtypes. Returns the last tensor's step size as a 0-d device view (timm leaves it in
+    group['lr'])."""
     dev = params[0].device
     cache = caches.setdefault(slot, TableCache())
     hypers = tuple(spec.hypers[k] for k in HYPERS)
@@ -155,30 +178,45 @@ def step(spec: Spec, caches: dict, slot, params, grads, states, sdts, grad_scale
         # state is a tensor by now: the moments, and step and RMS on the device)
         key = (tuple(map(ptr, ps)), tuple(map(torch.Tensor.size, ps)), spec.factored_key,
                tuple(map(ptr, itertools.chain.from_iterable(map(dict.values, sts)))))
-        tab = cache.lookup(dts, key, gs, lambda: _build_tables(key, ps, gs, sts, spec.factored, dev))
-        _launch(tab, spec, dts, gs, hypers, grad_scale, found_inf)
+        tab = cache.lookup(dts, key, gs, lambda: _build_tables(key, ps, gs, sts, spec.factored, dev,
+                                                               None if shards is None else shards.pick(idx)))
+        _launch(tab, spec, dts, gs, hypers, grad_scale, found_inf, tab.shards)
         if idx[-1] == len(params) - 1:
             last_lr = tab.tsc[len(idx) - 1, int(T_LR)]
     return last_lr
 
 
-def _launch(tab, spec, dts, gs, hypers, grad_scale, found_inf) -> None:
+def _combine(tab, shards, phase) -> None:
+    """Between the phases of a sharded step: the local sums the phase wrote -> the full tensors' (one collective)."""
+    if phase == ROWCOL and tab.span[1] > tab.span[0]:  # column sums, row moment sums -> means over the full dim 0
+        region = tab.rcpart[tab.span[0]:tab.span[1]]
+        region.copy_(torch.cat(shards.full_sums(list(region.split(tab.span[2]))))).div_(tab.span_div)
+    elif phase in (NORMS, MOMENTS):  # sums of update^2 and p^2; the caution mask's count
+        cols = slice(0, int(T_PARAM_SQ) + 1) if phase == NORMS else slice(int(T_MASK_COUNT), int(T_MASK_COUNT) + 1)
+        tab.tsc[:, cols] = shards.full_sums(tab.tsc[:, cols])
+
+
+def _launch(tab, spec, dts, gs, hypers, grad_scale, found_inf, shards=None) -> None:
     has_factored = tab.n_factored_work > 0
     # the statistics on the C++ engine where it is built (fp32 / bf16 / fp16 grads), else Triton's ROWCOL pass
-    csrc_stats = has_factored and dts[1] in CSRC_DTYPES and reduce.use_csrc(gs[0].device)
+    csrc_stats = has_factored and dts[1] in CSRC_DTYPES and reduce.use_csrc(gs[0].device) and shards is None
     stats = _csrc_stats(tab, gs, spec.hypers["eps"], grad_scale) if csrc_stats else tab.rcpart
     n_work = tab.work.shape[0]
     args = (tab.ptrs, tab.meta, tab.work, tab.tsc, tab.part[0], tab.part[1], stats, tab.counters, tab.barrier.words,
             spec.lr_tensor if spec.lr_tensor is not None else tab.fdummy,
             grad_scale if grad_scale is not None else tab.fdummy, found_inf if found_inf is not None else tab.fdummy,
             tab.n_factored_work, n_work, *hypers)
-    for phases in launches(spec.passes, has_factored, csrc_stats):
+    runs = ([(phases, None) for phases in launches(spec.passes, has_factored, csrc_stats)] if shards is None else
+            [(sharded_phases(spec.passes, has_factored, tab.span[1] > tab.span[0]),
+              lambda phase: _combine(tab, shards, phase))])
+    for phases, between in runs:
         runtime.launch_phases(
-            adafactor_kernel, phases, *args, device=gs[0].device,
+            adafactor_kernel, phases, *args, device=gs[0].device, between=between,
             grid_of=lambda x: tab.n_factored_work if x in (ROWCOL, FOLD) else n_work,
             constexprs_of=lambda run: constexprs(run, spec.flags, dts, lr_tensor=spec.lr_tensor is not None,
-                                                 has_scale=grad_scale is not None, has_inf=found_inf is not None))
-        if len(phases) > 1:
+                                                 has_scale=grad_scale is not None, has_inf=found_inf is not None,
+                                                 sharded=shards is not None))
+        if len(phases) > 1 and between is None:
             tab.barrier.watch("Adafactor")
 
 
@@ -214,7 +252,8 @@ def _csrc_stats(tab, gs, eps, grad_scale):
 def aot_kernels():
     """Every launch of the kernel, for tools/aot.py: the Triton statistics (ROWCOL) and the persistent launches after
     it or after the csrc engine (FOLD first); relative step (default), and external lr with beta1, weight decay, with
-    and without caution; fp32, bf16 (fp32 states) and fp16 with AMP arguments."""
+    and without caution; fp32, bf16 (fp32 states) and fp16 with AMP arguments; and each pass of a cautious step
+    over DTensor shards, fp32."""
     types = {"ptrs": "*i64", "meta": "*i64", "work": "*i32", "counters": "*i32", "barrier": "*i32",
              "n_fact": "i32", "n_work": "i32", **{k: "fp64" for k in HYPERS}}
     cx_names = constexprs([], 0, (torch.float32,) * 3)
@@ -228,6 +267,8 @@ def aot_kernels():
                 for passes in launches(CAUTIOUS if cautious else PLAIN, True, csrc_stats):
                     if (flags, passes) not in [x[1:] for x in runs]:
                         runs.append((label + (",caution" if cautious else ""), flags, passes))
+    label, flags, _ = variants[1]  # over DTensor shards: one launch per pass, fp32
+    sharded = [(f"{label},caution,sharded", flags, [x]) for x in sharded_phases(CAUTIOUS, True, True)]
     dtypes = [((torch.float32,) * 3, False), ((torch.bfloat16, torch.bfloat16, torch.float32), False),
               ((torch.float16, torch.float16, torch.float32), True)]
     return [dict(name=f"Adafactor[{label},{'+'.join(PASS_NAMES[x] for x in passes)}] "
@@ -235,4 +276,7 @@ def aot_kernels():
                  fn=adafactor_kernel, signature=sig,
                  constexprs=constexprs(passes, flags, dts, has_scale=amp, has_inf=amp),
                  options=runtime.compile_options())
-            for label, flags, passes in runs for dts, amp in dtypes]
+            for label, flags, passes in runs for dts, amp in dtypes] + [
+        dict(name=f"Adafactor[{label},{PASS_NAMES[passes[0]]}] float32", fn=adafactor_kernel, signature=sig,
+             constexprs=constexprs(passes, flags, dtypes[0][0], sharded=True), options=runtime.compile_options())
+        for label, flags, passes in sharded]

@@ -14,10 +14,11 @@ if runtime.available():
     from .access import amp_skip, chunk_ptr, fp64_arg, grad_inv_scale, store
     from .sync import arrive, run_phases, sum_partials
     from .adafactor_tiles import (BETA1, K_ITERS, K_PB, K_SUB, K_TB, M_COL_PART, M_COUNTERS, M_CSRC_COL, M_CSRC_ROW,
-                                  M_FIRST, M_ITEMS, M_NAB, M_NBB, M_PLANES, M_ROW_PART, T_MASK_COUNT, T_UPDATE_SQ,
-                                  T_WIDTH, X_COL, X_EXP_AVG, X_GRAD, X_PARAM, X_RMS, X_ROW, finish_step, fold_into,
-                                  fold_sums, geometry, inv_root, lerp, locate, moment_ctx, rms_of, step_scalars,
-                                  sub_tile, tile_cols, tile_rows, update_scalars, write_param)
+                                  M_FIRST, M_ITEMS, M_NAB, M_NBB, M_PLANES, M_ROW_PART, M_SPAN, M_SPAN_ROW, M_TOTAL,
+                                  SHARDED, T_MASK_COUNT, T_PARAM_SQ, T_UPDATE_SQ, T_WIDTH, X_COL, X_EXP_AVG, X_GRAD,
+                                  X_PARAM, X_ROW, block_sums, finish_step, fold_into, geometry, inv_root, lerp, locate,
+                                  moment_ctx, row_state_sum, step_scalars, sub_tile, tile_cols, tile_rows,
+                                  update_scalars, write_param)
 
     P_FOLD, P_ROWCOL, P_NORMS, P_MOMENTS, P_APPLY, P_CAUTIOUS_APPLY = (tl.constexpr(x) for x in range(6))
     # the compile-time settings in run_phases' args (args[3])
@@ -25,28 +26,34 @@ if runtime.available():
         "flags", "p_dt", "g_dt", "s_dt", "lr_tensor", "has_scale")
 
     @triton.jit
-    def _fold(item, tabs, hyp, S_DT: tl.constexpr):
+    def _fold(item, tabs, hyp, FLAGS: tl.constexpr, S_DT: tl.constexpr):
         """FOLD: the csrc engine's row / column means into the moments. The items of A-block 0 fold the columns of
-        their B-block, those of B-block 0 the rows of their A-block (each exactly once)."""
+        their B-block, those of B-block 0 the rows of their A-block (each exactly once). Over shards: only the
+        columns whose means span them, the host's full means (ROWCOL folded the rest)."""
         ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr = tabs
         t, plane, ab, bb, mrow, row = locate(item, work, meta, ptrs)
         geo = geometry(mrow, plane)
         keep = step_scalars(row, hyp, lr_ptr, 0.0, 0, False)[1]
-        if bb == 0:
+        rows_too = 1
+        if FLAGS & SHARDED:
+            rows_too = 0
+        if (bb == 0) & (rows_too != 0):
             means = rcpart + tl.load(mrow + M_CSRC_ROW)  # [pre, A, post]: the row state's layout
             for it in range(K_ITERS):
                 rows, rmask, ridx = tile_rows(geo, ab, it)
                 mean = tl.load(means + ridx, mask=rmask, other=0.0)
                 fold_into(chunk_ptr(row, X_ROW, S_DT, False), ridx, mean, rmask, keep)
-        if ab == 0:
+        if (ab == 0) & ((rows_too != 0) | (tl.load(mrow + M_SPAN) != 0)):
             cols, cmask, cidx = tile_cols(geo, bb)
-            mean = tl.load(rcpart + tl.load(mrow + M_CSRC_COL) + cidx, mask=cmask, other=0.0)
+            mean = tl.load(rcpart + tl.load(mrow + M_CSRC_COL) + cidx, mask=cmask, other=0.0, cache_modifier=".cg")
             fold_into(chunk_ptr(row, X_COL, S_DT, False), cidx, mean, cmask, keep)
 
     @triton.jit
     def _rowcol(item, tabs, hyp, G_DT: tl.constexpr, S_DT: tl.constexpr, HAS_SCALE: tl.constexpr):
         """ROWCOL: partial row / column sums of (g / grad_scale)^2 + eps over the tile; the last tile of each row
-        (column) block folds the block's sums into exp_avg_sq_row (_col)."""
+        (column) block folds the block's sums into exp_avg_sq_row (_col). Where the columns span the shards (M_SPAN):
+        the column sums, and the plane's last row block the sum of its new row moments, go to the host's combine
+        instead (Note [adafactor shards])."""
         ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr = tabs
         lr, eps, eps_scale, clip, decay_rate, beta1, wd = hyp
         t, plane, ab, bb, mrow, row = locate(item, work, meta, ptrs)
@@ -68,14 +75,24 @@ if runtime.available():
         tl.store(cpart + ab * planes * B + cols, col_acc, mask=cmask)
         keep = step_scalars(row, hyp, lr_ptr, 0.0, 0, False)[1]
         cnt = counters + tl.load(mrow + M_COUNTERS)
+        span = tl.load(mrow + M_SPAN)
         if arrive(cnt + plane * nab + ab, nbb):  # every tile of this row block has stored its sums
+            s_row = chunk_ptr(row, X_ROW, S_DT, False)
             for it in range(K_ITERS):
                 rows, rmask, ridx = tile_rows(geo, ab, it)
-                fold_sums(chunk_ptr(row, X_ROW, S_DT, False), ridx, rpart + rows, planes * A, nbb, rmask, B, keep,
-                           K_SUB)
+                fold_into(s_row, ridx, block_sums(rpart + rows, planes * A, nbb, rmask, K_SUB) / B.to(tl.float32),
+                          rmask, keep)
             tl.store(cnt + plane * nab + ab, 0)
+            if span != 0:  # the plane's last row block: the sum of its new row moments (all folded by now)
+                if arrive(cnt + planes * (nab + nbb) + plane, nab):
+                    tl.store(rcpart + tl.load(mrow + M_SPAN_ROW) + plane, row_state_sum(s_row, geo, A))
+                    tl.store(cnt + planes * (nab + nbb) + plane, 0)
         if arrive(cnt + planes * nab + plane * nbb + bb, nab):  # ... of this column block
-            fold_sums(chunk_ptr(row, X_COL, S_DT, False), cidx, cpart + cols, planes * B, nab, cmask, A, keep, K_TB)
+            sums = block_sums(cpart + cols, planes * B, nab, cmask, K_TB)
+            if span != 0:
+                tl.store(rcpart + tl.load(mrow + M_CSRC_COL) + cidx, sums, mask=cmask)
+            else:
+                fold_into(chunk_ptr(row, X_COL, S_DT, False), cidx, sums / A.to(tl.float32), cmask, keep)
             tl.store(cnt + planes * nab + plane * nbb + bb, 0)
 
     @triton.jit
@@ -87,7 +104,7 @@ if runtime.available():
         lr, eps, eps_scale, clip, decay_rate, beta1, wd = hyp
         t, plane, ab, bb, mrow, row = locate(item, work, meta, ptrs)
         geo = geometry(mrow, plane)
-        ctx = moment_ctx(row, mrow, geo, S_DT)
+        ctx = moment_ctx(row, mrow, geo, plane, rcpart, S_DT)
         keep = step_scalars(row, hyp, lr_ptr, 0.0, 0, False)[1]
         p_ptr, g_ptr = chunk_ptr(row, X_PARAM, P_DT, False), chunk_ptr(row, X_GRAD, G_DT, False)
         inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
@@ -106,8 +123,7 @@ if runtime.available():
         nwork, first = tl.load(mrow + M_ITEMS), tl.load(mrow + M_FIRST)
         if arrive(counters + t, nwork):  # every other program of the tensor has stored its partials
             tl.store(tsc + T_WIDTH * t + T_UPDATE_SQ, sum_partials(part0 + first, nwork, K_PB))
-            psum = sum_partials(part1 + first, nwork, K_PB)
-            tl.store(chunk_ptr(row, X_RMS, tl.float32, False), rms_of(psum, geo[5]))
+            tl.store(tsc + T_WIDTH * t + T_PARAM_SQ, sum_partials(part1 + first, nwork, K_PB))
             tl.store(counters + t, 0)
 
     @triton.jit
@@ -135,8 +151,8 @@ if runtime.available():
         ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr = tabs
         t, plane, ab, bb, mrow, row = locate(item, work, meta, ptrs)
         geo = geometry(mrow, plane)
-        ctx = moment_ctx(row, mrow, geo, S_DT)
-        step, lr_t, neg_decay, sc = update_scalars(row, mrow, t, tsc, hyp, lr_ptr, FLAGS, LR_TENSOR)
+        ctx = moment_ctx(row, mrow, geo, plane, rcpart, S_DT)
+        step, lr_t, neg_decay, sc, rms = update_scalars(row, mrow, t, tsc, hyp, lr_ptr, FLAGS, LR_TENSOR)
         p_ptr, g_ptr = chunk_ptr(row, X_PARAM, P_DT, False), chunk_ptr(row, X_GRAD, G_DT, False)
         tile = (chunk_ptr(row, X_EXP_AVG, S_DT, False), g_ptr)
         inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
@@ -146,7 +162,7 @@ if runtime.available():
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
             upd = _new_moments(ctx, tile, g, offs, mask, rows, ridx, cols, cidx, sc, FLAGS, HAS_SCALE)
             write_param(p_ptr, offs, mask, upd, neg_decay, FLAGS)
-        finish_step(counters, t, mrow, row, tsc, step, lr_t)
+        finish_step(counters, t, mrow, row, tsc, step, lr_t, rms)
 
     @triton.jit
     def _moments(item, tabs, hyp, FLAGS: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
@@ -156,7 +172,7 @@ if runtime.available():
         ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr = tabs
         t, plane, ab, bb, mrow, row = locate(item, work, meta, ptrs)
         geo = geometry(mrow, plane)
-        ctx = moment_ctx(row, mrow, geo, S_DT)
+        ctx = moment_ctx(row, mrow, geo, plane, rcpart, S_DT)
         sc = update_scalars(row, mrow, t, tsc, hyp, lr_ptr, FLAGS, LR_TENSOR)[3]
         g_ptr = chunk_ptr(row, X_GRAD, G_DT, False)
         tile = (chunk_ptr(row, X_EXP_AVG, S_DT, False), g_ptr)
@@ -182,8 +198,9 @@ if runtime.available():
         ptrs, meta, work, tsc, part0, part1, rcpart, counters, lr_ptr, scale_ptr = tabs
         t, plane, ab, bb, mrow, row = locate(item, work, meta, ptrs)
         geo = geometry(mrow, plane)
-        step, lr_t, neg_decay, sc = update_scalars(row, mrow, t, tsc, hyp, lr_ptr, FLAGS, LR_TENSOR)
-        mask_mean = tl.load(tsc + T_WIDTH * t + T_MASK_COUNT, cache_modifier=".cg") / geo[5].to(tl.float32)
+        step, lr_t, neg_decay, sc, rms = update_scalars(row, mrow, t, tsc, hyp, lr_ptr, FLAGS, LR_TENSOR)
+        mask_mean = tl.load(tsc + T_WIDTH * t + T_MASK_COUNT, cache_modifier=".cg") / tl.load(mrow + M_TOTAL).to(
+            tl.float32)
         mask_scale = 1.0 / tl.maximum(mask_mean, 1e-3)
         p_ptr, g_ptr = chunk_ptr(row, X_PARAM, P_DT, False), chunk_ptr(row, X_GRAD, G_DT, False)
         m_ptr = chunk_ptr(row, X_EXP_AVG, S_DT, False)
@@ -193,14 +210,14 @@ if runtime.available():
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             write_param(p_ptr, offs, mask, tl.where(m * g > 0.0, m * mask_scale, 0.0), neg_decay, FLAGS)
-        finish_step(counters, t, mrow, row, tsc, step, lr_t)
+        finish_step(counters, t, mrow, row, tsc, step, lr_t, rms)
 
     @triton.jit
     def _item(item, PASS: tl.constexpr, args):
         """run_phases' ITEM: one pass over one work item. args = (tables, hypers, item counts, settings); the
         settings are read by index, never assigned: an assignment makes a tuple's constexprs run-time values."""
         if PASS == P_FOLD:
-            _fold(item, args[0], args[1], args[3][C_S_DT])
+            _fold(item, args[0], args[1], args[3][C_FLAGS], args[3][C_S_DT])
         elif PASS == P_ROWCOL:
             _rowcol(item, args[0], args[1], args[3][C_G_DT], args[3][C_S_DT], args[3][C_HAS_SCALE])
         elif PASS == P_NORMS:

@@ -19,13 +19,14 @@ PTRS = ("param", "grad", "exp_avg", "row", "col", "step", "rms")
 X_PARAM, X_GRAD, X_EXP_AVG, X_ROW, X_COL, X_STEP, X_RMS, X_WIDTH = fields(*PTRS)
 # meta[t]: tensor t viewed as [pre, A, B, post] (unfactored: [1, A, TB, 1]), planes = pre * post, nab / nbb tiles
 # along A / B, its partial row / column sums and block counters, its first work item and item count, the csrc
-# engine's row / column means
+# engine's row / column means; over DTensor shards: the full tensor's numel, whether the column statistics span the
+# shards (A is dim 0) and where the row moment's mean over A is (Note [adafactor shards])
 META = ("numel", "factored", "A", "B", "post", "planes", "nab", "nbb", "row_part", "col_part", "counters", "first",
-        "items", "csrc_row", "csrc_col")
+        "items", "csrc_row", "csrc_col", "total", "span", "span_row")
 (M_NUMEL, M_FACTORED, M_A, M_B, M_POST, M_PLANES, M_NAB, M_NBB, M_ROW_PART, M_COL_PART, M_COUNTERS, M_FIRST,
- M_ITEMS, M_CSRC_ROW, M_CSRC_COL, M_WIDTH) = fields(*META)
+ M_ITEMS, M_CSRC_ROW, M_CSRC_COL, M_TOTAL, M_SPAN, M_SPAN_ROW, M_WIDTH) = fields(*META)
 W_TENSOR, W_PLANE, W_ABLOCK, W_BBLOCK, W_WIDTH = fields("tensor", "plane", "ablock", "bblock")  # work[item]
-T_UPDATE_SQ, T_MASK_COUNT, T_LR, T_WIDTH = fields("update_sq", "mask_count", "lr")  # tsc[t], fp32
+T_UPDATE_SQ, T_PARAM_SQ, T_MASK_COUNT, T_LR, T_WIDTH = fields("update_sq", "param_sq", "mask_count", "lr")  # tsc[t]
 
 if runtime.available():
     import triton
@@ -35,7 +36,7 @@ if runtime.available():
     from .multi_tensor import flag_bits
     from .sync import arrive
 
-    RELATIVE, WARMUP, SCALE_PARAM, BETA1, WD = flag_bits(5)
+    RELATIVE, WARMUP, SCALE_PARAM, BETA1, WD, SHARDED = flag_bits(6)
     K_TB, K_SUB, K_ITERS, K_RB, K_PB = (tl.constexpr(x) for x in (TB, SUB, runtime.ITERS, RB, PB))
 
     @triton.jit
@@ -104,39 +105,43 @@ if runtime.available():
         return tl.div_rn(tl.sqrt_rn(sumsq), tl.sqrt(n.to(tl.float64)).to(tl.float32))
 
     @triton.jit
-    def param_rms(row):
-        # NORMS' result, written by another program in an earlier phase: load through L2 (.cg)
-        return tl.load(chunk_ptr(row, X_RMS, tl.float32, False), cache_modifier=".cg").to(tl.float64)
-
-    @triton.jit
     def fold_into(ptr, idx, mean, mask, keep):
         """A row / column moment <- lerp(old, this step's mean of g^2 + eps, 1 - beta2t)."""
         old = tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32)
         store(ptr, idx, lerp(old, mean, keep), mask, False)
 
     @triton.jit
-    def fold_sums(ptr, idx, part, stride, nblocks, mask, count, keep, N: tl.constexpr):
-        """The last tile of a row (column) block: its blocks' N-wide partial sums, in a fixed order, -> the mean."""
+    def block_sums(part, stride, nblocks, mask, N: tl.constexpr):
+        """The last tile of a row (column) block: its blocks' N-wide partial sums, in a fixed order."""
         tot = tl.zeros([N], tl.float32)
         for k in range(nblocks):
             tot += tl.load(part + k * stride, mask=mask, other=0.0, cache_modifier=".cg")
-        fold_into(ptr, idx, tot / count.to(tl.float32), mask, keep)
+        return tot
 
     @triton.jit
-    def moment_ctx(row, mrow, geo, S_DT: tl.constexpr):
+    def row_state_sum(s_row, geo, nrows):
+        """The sum of the plane's first nrows row moments (other programs folded them: loads through L2, .cg)."""
+        A, B, post, i, j, n = geo
+        acc = tl.zeros([K_RB], tl.float32)
+        for a0 in range(0, nrows, K_RB):
+            aa = a0 + tl.arange(0, K_RB)
+            acc += tl.load(s_row + (i * A + aa) * post + j, mask=aa < A, other=0.0, cache_modifier=".cg").to(tl.float32)
+        return tl.sum(acc, axis=0)
+
+    @triton.jit
+    def moment_ctx(row, mrow, geo, plane, rcpart, S_DT: tl.constexpr):
         """What a tile's second-moment estimate needs: (factored, row (or unfactored) state, column state, rows /
-        columns / elements that are of each kind, the plane's mean row moment). The extents are 0 for the kind
-        the tensor is not (a scalar bool in a mask trips Triton's interpreter: compare ranges instead)."""
+        columns / elements that are of each kind, the plane's mean row moment: over shards of a tensor whose A is
+        dim 0, the host's full mean). The extents are 0 for the kind the tensor is not (a scalar bool in a mask
+        trips Triton's interpreter: compare ranges instead)."""
         A, B, post, i, j, n = geo
         fac = tl.load(mrow + M_FACTORED) != 0
+        span = tl.load(mrow + M_SPAN) != 0
         s_row = chunk_ptr(row, X_ROW, S_DT, False)
         fa = tl.where(fac, A, 0)
-        acc = tl.zeros([K_RB], tl.float32)
-        for a0 in range(0, fa, K_RB):  # other programs may have folded these rows: load through L2 (.cg)
-            aa = a0 + tl.arange(0, K_RB)
-            acc += tl.load(s_row + (i * A + aa) * post + j, mask=aa < A, other=0.0,
-                           cache_modifier=".cg").to(tl.float32)
-        rmean = tl.where(fac, tl.sum(acc, axis=0) / A.to(tl.float32), 1.0)
+        rmean = tl.where(fac, row_state_sum(s_row, geo, tl.where(span, 0, fa)) / A.to(tl.float32), 1.0)
+        if span:
+            rmean = tl.load(rcpart + tl.load(mrow + M_SPAN_ROW) + plane, cache_modifier=".cg")
         return fac, s_row, chunk_ptr(row, X_COL, S_DT, False), fa, tl.where(fac, B, 0), tl.where(fac, 0, n), rmean
 
     @triton.jit
@@ -153,15 +158,18 @@ if runtime.available():
 
     @triton.jit
     def update_scalars(row, mrow, t, tsc, hyp, lr_ptr, FLAGS: tl.constexpr, LR_TENSOR: tl.constexpr):
-        """(new step, step size, -wd * step size; (EMA weight, eps, clip factor, step size, 1 - beta1) as fp32).
-        The clip factor is max(RMS(update) / clip_threshold, 1) from NORMS' sum, in fp32 as timm computes it."""
+        """(new step, step size, -wd * step size; (EMA weight, eps, clip factor, step size, 1 - beta1) as fp32;
+        RMS(p)). The clip factor is max(RMS(update) / clip_threshold, 1) from NORMS' sum (written by another
+        program: .cg), in fp32 as timm computes it."""
         lr, eps, eps_scale, clip, decay_rate, beta1, wd = hyp
-        step, keep, lr_t = step_scalars(row, hyp, lr_ptr, param_rms(row), FLAGS, LR_TENSOR)
-        urms = rms_of(tl.load(tsc + T_WIDTH * t + T_UPDATE_SQ, cache_modifier=".cg"), tl.load(mrow + M_NUMEL))
+        total = tl.load(mrow + M_TOTAL)
+        rms = rms_of(tl.load(tsc + T_WIDTH * t + T_PARAM_SQ, cache_modifier=".cg"), total)
+        step, keep, lr_t = step_scalars(row, hyp, lr_ptr, rms.to(tl.float64), FLAGS, LR_TENSOR)
+        urms = rms_of(tl.load(tsc + T_WIDTH * t + T_UPDATE_SQ, cache_modifier=".cg"), total)
         clip_f = tl.maximum(tl.div_rn(urms, clip.to(tl.float32)), 1.0)  # fp32 like timm's: a tie breaks the same
         one_minus_beta1 = (1.0 - beta1).to(tl.float32)
         sc = (keep, tl.cast(eps, tl.float32), clip_f, lr_t.to(tl.float32), one_minus_beta1)
-        return step, lr_t, (-(wd * lr_t)).to(tl.float32), sc
+        return step, lr_t, (-(wd * lr_t)).to(tl.float32), sc, rms
 
     @triton.jit
     def write_param(p_ptr, offs, mask, upd, neg_decay, FLAGS: tl.constexpr):
@@ -171,9 +179,11 @@ if runtime.available():
         store(p_ptr, offs, p - upd, mask, False)
 
     @triton.jit
-    def finish_step(counters, t, mrow, row, tsc, step, lr_t):
-        """The tensor's last program of the last pass advances its step (all others have read the old one)."""
+    def finish_step(counters, t, mrow, row, tsc, step, lr_t, rms):
+        """The tensor's last program of the last pass advances its step (all others have read the old one) and
+        stores RMS(p)."""
         if arrive(counters + t, tl.load(mrow + M_ITEMS)):
             tl.store(chunk_ptr(row, X_STEP, tl.float32, False), step.to(tl.float32))
+            tl.store(chunk_ptr(row, X_RMS, tl.float32, False), rms)
             tl.store(tsc + T_WIDTH * t + T_LR, lr_t.to(tl.float32))
             tl.store(counters + t, 0)

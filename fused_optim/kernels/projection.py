@@ -4,6 +4,7 @@ fused_optim/kernels/README.md, "Projection (SGDP, AdamP)"."""
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -12,11 +13,13 @@ import torch
 
 from . import multi_tensor as mt
 from . import reduce, runtime, sync
-from .projection_passes import APPLY, C_W, CAUTION_STATS, CHANNEL, E_GRAD, HYPERS, K_W, LAYER, NONE, S_W, STATS
+from .projection_passes import APPLY, CAUTION_STATS, HYPERS, STATS
+from .projection_rows import C_W, CHANNEL, E_GRAD, K_W, LAYER, NONE, S_W, T_W
 from .tables import Tables, TableCache, buckets, dtype_of, pick, ptr, to_device
 
 if runtime.available():
-    from .projection_passes import CAUTION, DECAY, NESTEROV, projection_kernel
+    from .projection_passes import projection_kernel
+    from .projection_rows import CAUTION, DECAY, NESTEROV, SHARDED
 
 __all__ = ["NONE", "CHANNEL", "LAYER", "Spec", "ProjectionTables", "projectable", "step", "aot_kernels"]
 ENGINE_DTYPES = {torch.float32, torch.bfloat16, torch.float16}  # what the C++ engine reads
@@ -63,12 +66,15 @@ class ProjectionTables(Tables):
     rowcaut: torch.Tensor   # [rows, K_W]
     tmode: torch.Tensor     # [T] NONE / CHANNEL / LAYER, by mode slot
     tscale: torch.Tensor    # [T] the cautious mask's scale
+    tpart: torch.Tensor     # [T, T_W] fp64: per-tensor sums over the local rows (DTensor shards)
+    ttot: torch.Tensor      # [T, T_W] fp64: the same over the full tensors (Layout.full_sums of tpart)
     barrier: sync.GridBarrier
     fdummy: torch.Tensor    # stands for an absent grad_scale / found_inf
     rb: int
     bc: int
     slots: list             # the bucket index of each mode slot: the projectable tensors first, in bucket order
     engine: EngineInputs | None = None  # None: nothing projectable
+    shards: object = None   # DTensor shards: the bucket's sharded.Layout (kept: its masks are made once)
     idx: object = ()        # this step's group param index of each bucket tensor
     dts: tuple = ()
 
@@ -78,8 +84,8 @@ class ProjectionTables(Tables):
         return tuple(self.idx[i] for i in self.slots)
 
 
-def projectable(p) -> bool:
-    return p.dim() > 1 and p.numel() > 0
+def projectable(shape) -> bool:
+    return len(shape) > 1 and math.prod(shape) > 0
 
 
 def tile_shape(shapes) -> tuple[int, int]:
@@ -89,18 +95,22 @@ def tile_shape(shapes) -> tuple[int, int]:
     return max(runtime.BLOCK // bc, 1), bc
 
 
-def _build(key, params, grads, states, steps, device) -> ProjectionTables:
-    """The tables of one bucket (rows laid out as the I_*, W_* and E_* columns name them)."""
+def _build(key, params, grads, states, steps, device, shards) -> ProjectionTables:
+    """The tables of one bucket (rows laid out as the I_*, W_* and E_* columns name them). ``shards``: the bucket's
+    sharded.Layout (its full shapes: a local shard may be empty), None without shards (then the C++ engine's inputs
+    too)."""
     from .. import csrc
 
-    rb, bc = tile_shape([p.shape for p in params])
-    proj = list(map(projectable, params))
+    shapes = None if shards is None else shards.shapes
+    rb, bc = tile_shape([torch.Size(s) for s in shapes or [p.shape for p in params]])
+    proj = [projectable(s) for s in shapes or [p.shape for p in params]]
     slots = [i for i, f in enumerate(proj) if f] + [i for i, f in enumerate(proj) if not f]
     info, work, rows = [None] * len(params), [], 0
     for s, i in enumerate(slots):  # row buffers and modes in slot order: the engine's tensors first
         n = params[i].numel()
-        # projected tensors: one row per output channel; the others only need whole-tensor sums: rows of BC
-        r, c = (params[i].shape[0], n // params[i].shape[0]) if proj[i] else (max(-(-n // bc), 1), bc)
+        # projected tensors: one row per output channel (an empty shard: one empty row); the others only need
+        # whole-tensor sums: rows of BC
+        r, c = (max(params[i].shape[0], 1), math.prod(params[i].shape[1:])) if proj[i] else (max(-(-n // bc), 1), bc)
         info[i] = [n, r, c, rows, int(proj[i]), s]
         rows += r
     for i, (n, r, *_) in enumerate(info):
@@ -117,9 +127,10 @@ def _build(key, params, grads, states, steps, device) -> ProjectionTables:
         sptrs=to_device(list(map(ptr, steps)) or [0] * len(params), torch.int64, device),
         counters=zeros(len(params), dtype=torch.int32), rowstat=zeros(rows, int(S_W)),
         rowcoef=zeros(rows, int(C_W)), rowcaut=zeros(rows, int(K_W)), tmode=zeros(len(params)),
-        tscale=zeros(len(params)), barrier=sync.GridBarrier(device), fdummy=zeros(1), rb=rb, bc=bc, slots=slots)
+        tscale=zeros(len(params)), shards=shards, tpart=zeros(len(params), int(T_W), dtype=torch.float64),
+        ttot=zeros(len(params), int(T_W), dtype=torch.float64), barrier=sync.GridBarrier(device), fdummy=zeros(1), rb=rb, bc=bc, slots=slots)
     n_proj = sum(proj)
-    if n_proj:
+    if n_proj and shapes is None:
         eng = slots[:n_proj]
         ps = [params[i] for i in eng]
         tab.engine = EngineInputs(
@@ -146,51 +157,71 @@ def launches(caution: bool, stats: bool) -> list:
     return ([[STATS]] if stats else []) + [[CAUTION_STATS, APPLY] if caution else [APPLY]]
 
 
-def constexprs(spec: Spec, passes, dts, *, rb: int, bc: int, has_scale: bool, has_inf: bool) -> dict:
-    flags = mt.pack((NESTEROV, spec.nesterov), (CAUTION, spec.caution), (DECAY, spec.decay))
+def sharded_phases(caution: bool, stats: bool) -> list:
+    """The passes of a step over DTensor shards, one launch each, the host's combine after each but the last
+    (Note [projection shards])."""
+    return [p for ps in launches(caution, stats) for p in ps]
+
+
+def constexprs(spec: Spec, passes, dts, *, rb: int, bc: int, has_scale: bool, has_inf: bool,
+               sharded: bool = False) -> dict:
+    flags = mt.pack((NESTEROV, spec.nesterov), (CAUTION, spec.caution), (DECAY, spec.decay), (SHARDED, sharded))
     return dict(DIRECTION=spec.direction, COEFS=spec.coefs, FLAGS=flags, PASSES=sum(1 << p for p in passes),
                 NS=len(spec.state_keys), HAS_STEP=spec.adam, P_DT=runtime.tl_dtype(dts[0]),
                 G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]), HAS_SCALE=has_scale, HAS_INF=has_inf,
                 RB=rb, BC=bc, FB=256)
 
 
-def step(spec: Spec, cache: TableCache, params, grads, states, steps, grad_scale, found_inf, who: str) -> None:
+def step(spec: Spec, cache: TableCache, params, grads, states, steps, grad_scale, found_inf, who: str,
+         shards=None) -> None:
     """One fused step of a param group. ``states``: each param's element-wise states (spec.state_keys);
-    ``steps``: their step tensors (spec.adam)."""
+    ``steps``: their step tensors (spec.adam); ``shards``: the group's sharded.Layout when its params are DTensor
+    shards (local tensors here), else None."""
     keys = list(zip(map(dtype_of, params), map(dtype_of, grads), map(dtype_of, map(operator.itemgetter(0), states))))
     for dts, idx in buckets(keys).items():
         ps, gs, sts = pick(idx, params, grads, states)
         scs = pick(idx, steps)[0] if steps else []
         key = (tuple(map(ptr, ps)), tuple(map(ptr, itertools.chain.from_iterable(sts))), tuple(map(ptr, scs)),
                tuple(map(torch.Tensor.size, ps)))
-        tab = cache.lookup(dts, key, gs, lambda: _build(key, ps, gs, sts, scs, ps[0].device))
-        tab.idx, tab.dts = idx, dts
+        tab = cache.lookup(dts, key, gs, lambda: _build(key, ps, gs, sts, scs, ps[0].device,
+                                                        None if shards is None else shards.pick(idx)))
+        tab.idx, tab.dts, sub = idx, dts, tab.shards
         engine = tab.engine is not None and set(dts) <= ENGINE_DTYPES and reduce.use_csrc(ps[0].device)
         if engine:
             _engine_stats(spec, tab, gs, grad_scale)
         n_items = tab.work.shape[0]
         args = (tab.ptrs, tab.info, tab.work, tab.sptrs, tab.counters, tab.rowstat, tab.rowcoef, tab.rowcaut,
-                tab.tmode, tab.tscale, tab.barrier.words, tab.fdummy if grad_scale is None else grad_scale,
-                tab.fdummy if found_inf is None else found_inf, n_items, float(spec.lr), float(spec.eps),
-                float(spec.delta), float(spec.wd_ratio), float(spec.wd), *map(float, spec.h))
-        for passes in launches(spec.caution, tab.engine is not None and not engine):
+                tab.tmode, tab.tscale, tab.tpart, tab.tpart if sub is None else tab.ttot, tab.barrier.words,
+                tab.fdummy if grad_scale is None else grad_scale, tab.fdummy if found_inf is None else found_inf,
+                n_items, float(spec.lr), float(spec.eps), float(spec.delta), float(spec.wd_ratio), float(spec.wd),
+                *map(float, spec.h))
+
+        def run(passes, between=None):
             runtime.launch_phases(
-                projection_kernel, passes, *args, grid_of=lambda _: n_items, device=ps[0].device,
-                constexprs_of=lambda run: constexprs(spec, run, dts, rb=tab.rb, bc=tab.bc,
+                projection_kernel, passes, *args, grid_of=lambda _: n_items, device=ps[0].device, between=between,
+                constexprs_of=lambda run: constexprs(spec, run, dts, rb=tab.rb, bc=tab.bc, sharded=sub is not None,
                                                      has_scale=grad_scale is not None, has_inf=found_inf is not None))
+
+        if sub is not None:  # the local sums of each statistics pass -> the full tensors' (one collective each)
+            run(sharded_phases(spec.caution, any(map(projectable, sub.shapes))),
+                between=lambda _: tab.ttot.copy_(sub.full_sums(tab.tpart)))
+            continue
+        for passes in launches(spec.caution, tab.engine is not None and not engine):
+            run(passes)
             if len(passes) > 1:
                 tab.barrier.watch(who)
 
 
 def aot_kernels() -> list:
     """Every launch of every optimizer with a ``projection_spec`` (pass 0; pass 2, or with caution the persistent
-    pass 1+2), options off and all on, fp32 (and bf16 / fp16 with AMP for all options on)."""
+    pass 1+2), options off and all on, fp32 (and bf16 / fp16 with AMP for all options on; and for all options on,
+    each pass of a step over DTensor shards, fp32)."""
     if not runtime.available():
         return []
     from .. import REGISTRY  # the optimizers import this module: look them up when asked
 
     ptr_args = {"ptrs": "*i64", "info": "*i64", "work": "*i32", "sptrs": "*i64", "counters": "*i32",
-                "barrier": "*i32", "n_items": "i32"}
+                "tpart": "*fp64", "ttot": "*fp64", "barrier": "*i32", "n_items": "i32"}
     sig = {a: ptr_args.get(a, "constexpr" if a.isupper() else "fp64" if a in HYPERS else "*fp32")
            for a in projection_kernel.arg_names}
     rb, bc = tile_shape([torch.Size((512, 4608))])
@@ -204,11 +235,13 @@ def aot_kernels() -> list:
             variants = [((torch.float32,) * 3, False)]
             if options:
                 variants += [((torch.bfloat16,) * 3, True), ((torch.float16,) * 3, True)]
-            for dts, amp in variants:
-                for passes in launches(spec.caution, True):
-                    out.append(dict(name=f"{cls.__name__}[{label}] pass {'+'.join(map(str, passes))} "
-                                         f"{str(dts[0])[6:]}{' amp' * amp}",
-                                    fn=projection_kernel, signature=sig, options=runtime.compile_options(),
-                                    constexprs=constexprs(spec, passes, dts, rb=rb, bc=bc, has_scale=amp,
-                                                          has_inf=amp)))
+            runs = [(dts, amp, passes, False) for dts, amp in variants for passes in launches(spec.caution, True)]
+            if options:  # over DTensor shards: one launch per pass
+                runs += [(variants[0][0], False, [p], True) for p in sharded_phases(spec.caution, True)]
+            for dts, amp, passes, sharded in runs:
+                out.append(dict(name=f"{cls.__name__}[{label}] pass {'+'.join(map(str, passes))} "
+                                     f"{str(dts[0])[6:]}{' amp' * amp}{' sharded' * sharded}",
+                                fn=projection_kernel, signature=sig, options=runtime.compile_options(),
+                                constexprs=constexprs(spec, passes, dts, rb=rb, bc=bc, has_scale=amp,
+                                                      has_inf=amp, sharded=sharded)))
     return out

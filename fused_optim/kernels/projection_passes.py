@@ -1,22 +1,15 @@
 """The jit code of SGDP / AdamP's kernel (fused_optim/kernels/projection.py launches it): one function per pass over
-(tensor, row block) work items, and the table layout they read. The notes named here are in
-fused_optim/kernels/README.md, "Projection (SGDP, AdamP)"."""
+(tensor, row block) work items; the table layout they read and the decision math are kernels/projection_rows.py.
+The notes named here are in fused_optim/kernels/README.md, "Projection (SGDP, AdamP)"."""
 from __future__ import annotations
 
-from . import multi_tensor as mt
 from . import runtime
-from .tables import fields
+from .projection_rows import (C_A, C_C, C_W, E_GRAD, E_PARAM, E_STATE0, E_STATE1, I_COLS, I_NUMEL, I_PROJ,
+                              I_ROW0, I_ROWS, I_SLOT, I_W, K_B, K_KEPT, K_PM, K_W, S_GG, S_PD, S_PG,
+                              S_PP, S_W, T_FAILS, T_GG, T_KEPT, T_N, T_PD, T_PG, T_PM, T_PP, T_W, W_BLOCK, W_TENSOR,
+                              W_W)
 
-NONE, CHANNEL, LAYER = 0, 1, 2  # projection modes (tmode holds them as floats, as the C++ engine writes them)
 STATS, CAUTION_STATS, APPLY = 0, 1, 2  # the passes (Note [projection passes])
-
-# Named table columns (Note [projection rows]); rowstat and rowcoef are the C++ engine's output layout too.
-E_PARAM, E_GRAD, E_STATE0, E_STATE1, _ = fields("param", "grad", "state0", "state1")  # ptrs: element pointers
-I_NUMEL, I_ROWS, I_COLS, I_ROW0, I_PROJ, I_SLOT, I_W = fields("numel", "rows", "cols", "row0", "proj", "slot")
-W_TENSOR, W_BLOCK, W_W = fields("tensor", "block")  # work: one item per block of RB rows of a tensor
-S_PG, S_GG, S_PP, S_PD, S_W = fields("pg", "gg", "pp", "pd")  # rowstat: <p,g>, |g|^2, |p|^2, <p,d> per row
-C_A, C_C, C_W = fields("a", "c")  # rowcoef: the radial coefficients of d and g (Note [projection decision])
-K_KEPT, K_PM, K_B, K_W = fields("kept", "pm", "b")  # rowcaut: mask count, <p, masked d>, re-projection coefficient
 HYPERS = ("lr", "eps", "delta", "wd_ratio", "wd", "h1", "h2")  # the kernel's fp64 arguments, in order
 
 if runtime.available():
@@ -24,11 +17,11 @@ if runtime.available():
     import triton.language as tl
 
     from .access import amp_skip, chunk_ptr, fp64_arg, grad_inv_scale, store
+    from .projection_rows import (CAUTION, DECAY, M_NONE, NESTEROV, SHARDED, coefs, coefs_of, col, mode_of, recoef,
+                                  totals)
     from .sync import arrive, run_phases
 
-    NESTEROV, CAUTION, DECAY = mt.flag_bits(3)
-    # the jit code's copies of the codes above (a kernel reads only constexpr globals)
-    M_NONE, M_CHANNEL, M_LAYER, P_STATS, P_CAUTION = map(tl.constexpr, (NONE, CHANNEL, LAYER, STATS, CAUTION_STATS))
+    P_STATS, P_CAUTION = map(tl.constexpr, (STATS, CAUTION_STATS))  # (a kernel reads only constexpr globals)
 
     @triton.jit
     def _setup(item, tables, hyps, COEFS: tl.constexpr, NS: tl.constexpr, HAS_STEP: tl.constexpr,
@@ -84,51 +77,11 @@ if runtime.available():
         return p, g, d, s0, s1, offs, mask
 
     @triton.jit
-    def _col(buf, rows, mask, WIDTH: tl.constexpr, COL: tl.constexpr):
-        """fp64 column COL of a row buffer, through L2 (Note [cross-program reads])."""
-        return tl.load(buf + rows * WIDTH + COL, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64)
-
-    @triton.jit
-    def _cos(pg, gg, pp, eps):
-        """|cos(p, g)| as torch's cosine_similarity computes it (each norm clamped at eps)."""
-        return tl.abs(pg) / (tl.maximum(tl.sqrt(gg), eps) * tl.maximum(tl.sqrt(pp), eps))
-
-    @triton.jit
-    def _decide(rowstat, rowcoef, tmode, slot, n, R, C, row0, proj, eps, delta, FB: tl.constexpr):
-        """Last program of a tensor in the stats pass: its mode and per-row coefficients a, c (Note [projection
-        decision])."""
-        zero = tl.cast(0.0, tl.float64)
-        maxcos, spg, sgg, spp, spd = zero, zero, zero, zero, zero
-        for r0 in range(0, R, FB):
-            rr = row0 + r0 + tl.arange(0, FB)
-            m = rr < row0 + R
-            pg, gg = _col(rowstat, rr, m, S_W, S_PG), _col(rowstat, rr, m, S_W, S_GG)
-            pp, pd = _col(rowstat, rr, m, S_W, S_PP), _col(rowstat, rr, m, S_W, S_PD)
-            maxcos = tl.maximum(maxcos, tl.max(_cos(pg, gg, pp, eps), axis=0))
-            spg += tl.sum(pg, axis=0)
-            sgg += tl.sum(gg, axis=0)
-            spp += tl.sum(pp, axis=0)
-            spd += tl.sum(pd, axis=0)
-        channel_thr = delta / tl.sqrt(C.to(tl.float64))
-        channel = (proj != 0) & (maxcos < channel_thr)
-        layer = ((proj != 0) & (maxcos >= channel_thr)
-                 & (_cos(spg, sgg, spp, eps) < delta / tl.sqrt(tl.maximum(n, 1).to(tl.float64))))
-        ln = tl.sqrt(spp) + eps  # timm's unit weight is p / (|p| + eps)
-        for r0 in range(0, R, FB):
-            rr = row0 + r0 + tl.arange(0, FB)
-            m = rr < row0 + R
-            rn = tl.sqrt(_col(rowstat, rr, m, S_W, S_PP)) + eps
-            a = tl.where(channel, _col(rowstat, rr, m, S_W, S_PD) / (rn * rn), tl.where(layer, spd / (ln * ln), 0.0))
-            c = tl.where(channel, _col(rowstat, rr, m, S_W, S_PG) / (rn * rn), tl.where(layer, spg / (ln * ln), 0.0))
-            tl.store(rowcoef + rr * C_W + C_A, a.to(tl.float32), mask=m)
-            tl.store(rowcoef + rr * C_W + C_C, c.to(tl.float32), mask=m)
-        tl.store(tmode + slot, tl.where(channel, M_CHANNEL, tl.where(layer, M_LAYER, M_NONE)).to(tl.float32))
-
-    @triton.jit
     def _stats_pass(at, sc, bufs, hyps, DIRECTION, FLAGS, NS, HAS_SCALE, RB, BC, FB):
-        """Pass 0: per row <p,g>, |g|^2, |p|^2, <p,d> into rowstat; the tensor's last program decides."""
+        """Pass 0: per row <p,g>, |g|^2, |p|^2, <p,d> into rowstat; the tensor's last program decides (over shards:
+        stores its sums in tpart, and the passes after the host's combine decide)."""
         t, n, R, C, row0, proj, slot, rows, rmask = at
-        counters, rowstat, rowcoef, rowcaut, tmode, tscale = bufs
+        counters, rowstat, rowcoef, rowcaut, tmode, tscale, tpart, ttot = bufs
         pg = tl.zeros([RB], tl.float32)
         gg = tl.zeros([RB], tl.float32)
         pp = tl.zeros([RB], tl.float32)
@@ -146,17 +99,34 @@ if runtime.available():
         tl.store(out + S_PD, pd, mask=rmask)
         if arrive(counters + t, tl.maximum(tl.cdiv(R, RB), 1)):  # Note [last program of a tensor]
             lr, eps, delta, wd_ratio, wd, h1, h2 = hyps
-            _decide(rowstat, rowcoef, tmode, slot, n, R, C, row0, proj, eps, delta, FB)
+            fails, spg, sgg, spp, spd = totals(rowstat, R, C, row0, eps, delta, FB)
+            if FLAGS & SHARDED:
+                tot = tpart + t * T_W
+                tl.store(tot + T_N, n.to(tl.float64))
+                tl.store(tot + T_FAILS, fails)
+                tl.store(tot + T_PG, spg)
+                tl.store(tot + T_GG, sgg)
+                tl.store(tot + T_PP, spp)
+                tl.store(tot + T_PD, spd)
+            else:
+                mode = mode_of(n, fails, spg, sgg, spp, proj, eps, delta)
+                for r0 in range(0, R, FB):
+                    rr = row0 + r0 + tl.arange(0, FB)
+                    m = rr < row0 + R
+                    a, c = coefs(rowstat, rr, m, mode, spg, spp, spd, eps)
+                    tl.store(rowcoef + rr * C_W + C_A, a.to(tl.float32), mask=m)
+                    tl.store(rowcoef + rr * C_W + C_C, c.to(tl.float32), mask=m)
+                tl.store(tmode + slot, mode)
             tl.store(counters + t, 0)
 
     @triton.jit
     def _caution_pass(at, sc, bufs, hyps, DIRECTION, FLAGS, NS, HAS_SCALE, RB, BC, FB):
         """Pass 1 (caution): per row the count of the cautious mask and <p, masked d>; the tensor's last program
-        writes the mask scale s and the re-projection coefficients b (Note [projection decision])."""
+        writes the mask scale s and the re-projection coefficients b (Note [projection decision]; over shards: its
+        sums into tpart)."""
         t, n, R, C, row0, proj, slot, rows, rmask = at
-        counters, rowstat, rowcoef, rowcaut, tmode, tscale = bufs
-        a = _col(rowcoef, row0 + rows, rmask, C_W, C_A).to(tl.float32)
-        c = _col(rowcoef, row0 + rows, rmask, C_W, C_C).to(tl.float32)
+        counters, rowstat, rowcoef, rowcaut, tmode, tscale, tpart, ttot = bufs
+        a, c, b, s, mode = coefs_of(at, bufs, hyps, FLAGS, False)
         kept = tl.zeros([RB], tl.float32)
         pm = tl.zeros([RB], tl.float32)
         for c0 in range(0, C, BC):
@@ -175,20 +145,20 @@ if runtime.available():
             for r0 in range(0, R, FB):
                 rr = row0 + r0 + tl.arange(0, FB)
                 m = rr < row0 + R
-                spp += tl.sum(_col(rowstat, rr, m, S_W, S_PP), axis=0)
-                cnt += tl.sum(_col(rowcaut, rr, m, K_W, K_KEPT), axis=0)
-                spm += tl.sum(_col(rowcaut, rr, m, K_W, K_PM), axis=0)
-            s = 1.0 / tl.maximum(cnt / tl.maximum(n, 1).to(tl.float64), 1e-3)
-            mode = tl.load(tmode + slot, cache_modifier=".cg")
-            ln = tl.sqrt(spp) + eps
-            for r0 in range(0, R, FB):
-                rr = row0 + r0 + tl.arange(0, FB)
-                m = rr < row0 + R
-                rn = tl.sqrt(_col(rowstat, rr, m, S_W, S_PP)) + eps
-                b = tl.where(mode == M_CHANNEL, s * _col(rowcaut, rr, m, K_W, K_PM) / (rn * rn),
-                             tl.where(mode == M_LAYER, s * spm / (ln * ln), 0.0))
-                tl.store(rowcaut + rr * K_W + K_B, b.to(tl.float32), mask=m)
-            tl.store(tscale + t, s.to(tl.float32))
+                spp += tl.sum(col(rowstat, rr, m, S_W, S_PP), axis=0)
+                cnt += tl.sum(col(rowcaut, rr, m, K_W, K_KEPT), axis=0)
+                spm += tl.sum(col(rowcaut, rr, m, K_W, K_PM), axis=0)
+            if FLAGS & SHARDED:
+                tl.store(tpart + t * T_W + T_KEPT, cnt)
+                tl.store(tpart + t * T_W + T_PM, spm)
+            else:
+                s64 = 1.0 / tl.maximum(cnt / tl.maximum(n, 1).to(tl.float64), 1e-3)
+                for r0 in range(0, R, FB):
+                    rr = row0 + r0 + tl.arange(0, FB)
+                    m = rr < row0 + R
+                    b64 = recoef(rowstat, rowcaut, rr, m, mode, s64, spm, spp, eps)
+                    tl.store(rowcaut + rr * K_W + K_B, b64.to(tl.float32), mask=m)
+                tl.store(tscale + t, s64.to(tl.float32))
             tl.store(counters + t, 0)
 
     @triton.jit
@@ -197,19 +167,12 @@ if runtime.available():
         t, n, R, C, row0, proj, slot, rows, rmask = at
         el, inv_scale, bc2_sqrt, neg_step, step_new, step_ptr = sc
         p_ptr, g_ptr, s0_ptr, s1_ptr = el
-        counters, rowstat, rowcoef, rowcaut, tmode, tscale = bufs
+        counters = bufs[0]
         lr, eps, delta, wd_ratio, wd, h1, h2 = hyps
-        a = _col(rowcoef, row0 + rows, rmask, C_W, C_A).to(tl.float32)
-        c = a
-        b = a
-        s = 1.0
-        if FLAGS & CAUTION:  # written by pass 1, maybe by another program of this launch
-            c = _col(rowcoef, row0 + rows, rmask, C_W, C_C).to(tl.float32)
-            b = _col(rowcaut, row0 + rows, rmask, K_W, K_B).to(tl.float32)
-            s = tl.load(tscale + t, cache_modifier=".cg")
+        # (with caution b and s were written by pass 1, maybe by another program of this launch)
+        a, c, b, s, mode = coefs_of(at, bufs, hyps, FLAGS, (FLAGS & CAUTION) != 0)
         decay = 1.0
         if FLAGS & DECAY:
-            mode = tl.load(tmode + slot, cache_modifier=".cg")
             decay = (1.0 - lr * wd * tl.where(mode != M_NONE, wd_ratio, 1.0)).to(tl.float32)
         for c0 in range(0, C, BC):
             p, g, d, s0, s1, offs, mask = _tile(at, sc, c0, hyps, DIRECTION, FLAGS, NS, HAS_SCALE, BC)
@@ -250,8 +213,8 @@ if runtime.available():
 
     @triton.jit
     def projection_kernel(
-        ptrs, info, work, sptrs, counters, rowstat, rowcoef, rowcaut, tmode, tscale, barrier, scale_ptr, inf_ptr,
-        n_items, lr: tl.float64, eps: tl.float64, delta: tl.float64, wd_ratio: tl.float64, wd: tl.float64,
+        ptrs, info, work, sptrs, counters, rowstat, rowcoef, rowcaut, tmode, tscale, tpart, ttot, barrier, scale_ptr,
+        inf_ptr, n_items, lr: tl.float64, eps: tl.float64, delta: tl.float64, wd_ratio: tl.float64, wd: tl.float64,
         h1: tl.float64, h2: tl.float64,
         DIRECTION: tl.constexpr, COEFS: tl.constexpr, FLAGS: tl.constexpr, PASSES: tl.constexpr,
         NS: tl.constexpr, HAS_STEP: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
@@ -265,5 +228,5 @@ if runtime.available():
             # the args tuple is written out in the call: assigned to a name, its constexprs would become values
             run_phases(barrier, PASSES, 3, _item, _count,
                        (n_items, (ptrs, info, work, sptrs, scale_ptr),
-                        (counters, rowstat, rowcoef, rowcaut, tmode, tscale),
+                        (counters, rowstat, rowcoef, rowcaut, tmode, tscale, tpart, ttot),
                         hyps, DIRECTION, COEFS, FLAGS, NS, HAS_STEP, P_DT, G_DT, S_DT, HAS_SCALE, RB, BC, FB))

@@ -104,13 +104,15 @@ def persistent_grid(n_items: int, device) -> int:
 refused_devices: set = set()  # devices that refused a cooperative launch: later steps go straight to the fallback
 
 
-def launch_phases(kernel, phases: list, *args, grid_of, device, constexprs_of, num_warps: int = NUM_WARPS) -> None:
+def launch_phases(kernel, phases: list, *args, grid_of, device, constexprs_of, num_warps: int = NUM_WARPS,
+                  between=None) -> None:
     """Run dependent ``phases`` (a list of pass ids) in order. One phase: one launch of ``grid_of(phase)``
     programs. Several: one persistent cooperative launch, phases separated by grid barriers inside the kernel; if
     the device refuses it, one launch per phase (the launch boundary is the barrier), never a barrier that might
     wait on a program that is not running (Note [cooperative launches]). ``constexprs_of(phases)`` gives the
-    compile-time arguments of a launch running those phases."""
-    if len(phases) > 1:
+    compile-time arguments of a launch running those phases. ``between(phase)``: host work after each phase but
+    the last (a collective over FSDP2 shards, which no kernel may hold): one launch per phase then."""
+    if len(phases) > 1 and between is None:
         grid = persistent_grid(max(grid_of(p) for p in phases), device)
         key = str(device)
         if key not in refused_devices:
@@ -119,5 +121,7 @@ def launch_phases(kernel, phases: list, *args, grid_of, device, constexprs_of, n
                 return
             except CooperativeLaunchRefused:
                 refused_devices.add(key)
-    for phase in phases:
+    for i, phase in enumerate(phases):
+        if i and between is not None:
+            between(phases[i - 1])
         launch(kernel, grid_of(phase), *args, num_warps=num_warps, **constexprs_of([phase]))

@@ -4,7 +4,8 @@ Memory Cost").
 Second moment: factored into row and column means of g^2 + eps for params with two dims > min_dim_size_to_factor
 (dims 0, 1 of a conv weight, else the last two), element-wise otherwise. Relative step size when lr=None, update RMS
 clipping, optional first moment (betas[0]), timm's cautious masking. The fused path is the dedicated kernel family
-kernels/adafactor.py ("Note [adafactor passes]" in kernels/README.md): at most 2 launches per group and dtype.
+kernels/adafactor.py ("Note [adafactor passes]" in kernels/README.md): at most 2 launches per group and dtype
+(over FSDP2 shards: one per pass).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from .. import _sharded as sharded
 from .._base import FusedOptimizer
-from .._tensors import LOW_PRECISION, check, check_nonneg, scalar, scalars_on_device
+from .._tensors import LOW_PRECISION, check, check_nonneg, local, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import adafactor as af
 from .common import KeptStateDtypes, OwnKernels
@@ -177,6 +178,8 @@ class Adafactor(KeptStateDtypes, OwnKernels, FusedOptimizer):
     Fused path: 2 launches per param group, step and dtype (the row/column statistics on the C++/CUDA engine, or
     in Triton where it is not built; then one persistent launch: fold, update RMS, apply), 1 for a group without
     factored params; the same with caution. float64 params take the reference path (the kernels compute in fp32).
+    DTensor (FSDP2) dim-0 shards: the reference (``adafactor_shards``) or the kernels, one launch per pass with a
+    collective of the local sums where they span the shards (Note [adafactor shards]).
 
     State: step (a Python int; a float32 0-d device tensor once the fused path has run), RMS (0-d), exp_avg with
     betas, exp_avg_sq_row / exp_avg_sq_col for factored params or exp_avg_sq, in fp32 for fp16/bf16 params."""
@@ -185,7 +188,6 @@ class Adafactor(KeptStateDtypes, OwnKernels, FusedOptimizer):
     scalar_keys = ("step", "RMS")
     elementwise = False  # row/column means and update RMS over whole tensors
     kernel_layout = "contiguous"  # factored rows / columns: other layouts go through contiguous copies
-    sharded_kernel = False  # its persistent launch reduces inside; over DTensor shards: adafactor_shards
     precision_in_kernel = False  # its own kernels: master_weights / stochastic_rounding use the reference path
     float64_in_kernel = False  # its kernels' statistics and coefficients are fp32: float64 params use the reference
     kernel_variants = ()  # no shared-kernel rule: tools/aot.py takes the dedicated kernel from aot_kernels()
@@ -259,10 +261,12 @@ class Adafactor(KeptStateDtypes, OwnKernels, FusedOptimizer):
         keys = af.PARAM_SHAPED_KEYS  # not every tensor has both: columns with None
         params, grads, columns, back = self._kernel_tensors(
             params, grads, states, (), grad_scale, extra=[[st.get(k) for st in states] for k in keys])
-        if back:  # the kernel reads states from the dicts: ones holding the copies
+        if self._shards is not None:  # the kernel reads states from the dicts: their local shards
+            states = [{k: local(v) for k, v in st.items()} for st in states]
+        if back:  # ... ones holding the copies
             states = [{**st, **{k: v for k, v in zip(keys, vs) if v is not None}} for st, *vs in zip(states, *columns)]
         last_lr = af.step(_kernel_spec(group), self._kernel_caches, id(group), params, grads, states, sdts,
-                          grad_scale, found_inf)
+                          grad_scale, found_inf, self._shards)
         self._write_back(back)
         if group["relative_step"] and last_lr is not None:
             group["lr"] = last_lr  # timm leaves the last param's step size here; a device view, no sync

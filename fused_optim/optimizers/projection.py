@@ -151,7 +151,6 @@ class _Projected(OwnKernels, FusedOptimizer):
     """What SGDP and AdamP share: validation and the fused path."""
     supports_complex = False
     elementwise = False  # per-row / per-tensor reductions (FSDP2 shards: project_shards)
-    sharded_kernel = False  # the kernel decides inside the launch; over DTensor shards the reference math runs
     kernel_layout = "rows"  # per-row statistics: rows must be blocks of storage (see FusedOptimizer)
     precision_in_kernel = False  # master_weights / stochastic_rounding run on the reference path
     float64_in_kernel = False  # the C++ engine's row statistics are fp32: float64 params use the reference path
@@ -171,10 +170,10 @@ class _Projected(OwnKernels, FusedOptimizer):
         if spec.adam:
             scalars_on_device(states, ("step",), params[0].device, keep_f64=False)  # its kernels read fp32
         steps = [st["step"] for st in states] if spec.adam else None
-        # (no DTensor or complex params here: refused before)
+        # (no complex params here: refused before; DTensor params: their local shards from here on)
         params, grads, columns, back = self._kernel_tensors(params, grads, states, spec.state_keys, grad_scale)
         kp.step(spec, self._kernel_caches.setdefault(id(group), TableCache()), params, grads,
-                list(map(list, zip(*columns))), steps, grad_scale, found_inf, type(self).__name__)
+                list(map(list, zip(*columns))), steps, grad_scale, found_inf, type(self).__name__, self._shards)
         self._write_back(back)
 
 
@@ -191,9 +190,10 @@ class SGDP(_Projected):
     number of tensors: the per-row projection statistics and decision (C++/CUDA engine, or Triton where it is not
     built; none when no tensor has 2+ dims), then the apply (with caution, the cautious statistics and the apply
     as phases of one persistent launch). timm decides on the host, a sync per tensor; this step never syncs.
-    DTensor (FSDP2) dim-0 shards: the reference math on the local shards, the statistics that span rows combined
-    by one collective (two with caution), on either path (``project_shards``); float64 params take the reference
-    path (the statistics are fp32)."""
+    DTensor (FSDP2) dim-0 shards: the statistics that span rows combined by one collective (two with caution) on
+    either path: the reference on the local shards (``project_shards``, a host sync for the decision), or the
+    kernels with their decision split around the collective, no host sync (2 launches; 3 with caution); float64
+    params take the reference path (the statistics are fp32)."""
 
     scalar_keys = ()
 

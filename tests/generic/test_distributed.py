@@ -26,7 +26,7 @@ CASES = [
     ("novograd", dict(lr=0.01, weight_decay=0.1), ALL),
     ("nvnovograd", dict(lr=0.01, weight_decay=0.1, decoupled_decay=True, max_grad_norm=CLIP),
      {"fsdp2-2": (False, True), "fsdp2-4": (True,)}),
-    # SGDP / AdamP / Adafactor over shards: the reference math on both paths (fused=True is checked routing)
+    # SGDP / AdamP / Adafactor over shards: fused=True runs their kernels (also tests/generic/test_shards_fused.py)
     ("sgdp", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1), {"fsdp2-2": (False, True)}),
     ("adamp", dict(lr=0.01, weight_decay=0.1, caution=True), {"ddp-2": (False,), "fsdp2-2": (False,),
                                                               "fsdp2-4": (False,)}),
