@@ -216,9 +216,9 @@ class PrecisionOptions:
                     st["param_remainder"] = torch.zeros_like(p, dtype=lean.REMAINDER_DTYPE)
                 if self._lean_dtype(p) is not None:
                     for k, v in fresh.items():
-                        if quant.is_scale_key(k):
-                            st[k] = v.float()  # the saved scales of int8 codes (torch cast them to p's dtype)
-                        elif self._is_elementwise_state(k, v, p) and v.dtype != quant.CODE_DTYPE:
+                        if quant.is_scale_key(k) or getattr(v, "dtype", None) == quant.CODE_DTYPE:
+                            st[k] = v.float() if quant.is_scale_key(k) else v  # as saved (torch cast them)
+                        elif self._is_elementwise_state(k, v, p):
                             self._set_lean(st, k, v, p)
 
     def _new_state_buffer(self, p) -> torch.Tensor:

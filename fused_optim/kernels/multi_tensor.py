@@ -18,7 +18,7 @@ from . import quant, runtime, sync
 from .runtime import BLOCK, ITERS
 from .tables import Tables, TableCache, all_aligned, buckets, dtype_of, fields, numel, pick, ptr, to_device
 from .rules import (MASTER_FP32, MAX_SCALARS, MAX_STATES, N_HYPER, NO_MASTER, P_APPLY, P_STATS, REMAINDER,  # noqa: F401
-                    SR_PARAM, SR_STATES, Rule, flag_bits, pack, scalar_f64_flags)
+                    SCALAR_F64_FIRST, SR_PARAM, SR_STATES, Rule, flag_bits, pack, scalar_f64_flags)
 
 _PB = 4 if runtime.interpreter_enabled() else 256  # partial sums added PB at a time (sync.sum_partials)
 
