@@ -153,9 +153,9 @@ if runtime.available():
     def _run_pass(item, PASS: tl.constexpr, ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, hp, seed,
                   partials, stats, n_items, UPDATE: tl.constexpr, SCALARS: tl.constexpr, STATS: tl.constexpr,
                   FLAGS: tl.constexpr, NS: tl.constexpr, NT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
-                  QUANT: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, LR_TENSOR: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, HAS_STATS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                  ITERS: tl.constexpr, PB: tl.constexpr):
+                  QUANT: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+                  LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_STATS: tl.constexpr, ALIGNED: tl.constexpr,
+                  BLOCK: tl.constexpr, ITERS: tl.constexpr, PB: tl.constexpr):
         """Pass PASS over work item `item` (one chunk of one tensor)."""
         t = tl.load(work + W_WIDTH * item + W_TENSOR)
         chunk = tl.load(work + W_WIDTH * item + W_CHUNK).to(tl.int64)

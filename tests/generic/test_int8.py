@@ -5,7 +5,7 @@ import torch
 
 import fused_optim
 from conftest import DEVICE
-from helpers import launches, saved
+from helpers import launches, saved, step_twins
 from fused_optim.kernels import multi_tensor as mt
 from fused_optim.kernels import quant, runtime
 from fused_optim.kernels.tables import TableCache
@@ -124,11 +124,7 @@ def test_int8_fused_matches_reference(name):
     ref = make(pb, fused=False, state_dtype=INT8, int8_min_numel=MIN)
     gen = torch.Generator().manual_seed(1)
     for _ in range(20):
-        _grads(pa, gen)
-        for p, q in zip(pa, pb):
-            q.grad = p.grad.clone()
-        fused.step()
-        ref.step()
+        step_twins(fused, pa, ref, pb, gen)
     for p, q in zip(pa, pb):
         sa, sb = fused.state[p], ref.state[q]
         assert sa.keys() == sb.keys()
@@ -167,7 +163,8 @@ def test_int8_layout_launches_and_training_progress(fused):
             assert st["exp_avg"].dtype == torch.uint8 and st["exp_avg"].shape == w.shape
             assert st["exp_avg_sq_absmax"].shape == (2,) and st["exp_avg_sq_absmax"].dtype == torch.float32
             assert sb["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in sb
-    assert losses[INT8] < 0.5 * ((b ** 2).mean().item()) and abs(losses[INT8] - losses[None]) < 0.1 * losses[None] + 0.05
+    assert losses[INT8] < 0.5 * (b ** 2).mean().item()
+    assert abs(losses[INT8] - losses[None]) < 0.1 * losses[None] + 0.05
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------
@@ -186,11 +183,7 @@ def test_int8_checkpoint_round_trip_is_bit_exact(fused, dtype):
     again.load_state_dict(saved(opt.state_dict()))
     assert again.state[pb[0]]["momentum_buffer_absmax"].dtype == torch.float32  # not cast to the bf16 param's
     for _ in range(2):
-        _grads(pa, gen)
-        for p, q in zip(pa, pb):
-            q.grad = p.grad.clone()
-        opt.step()
-        again.step()
+        step_twins(opt, pa, again, pb, gen)
     for p, q in zip(pa, pb):
         assert torch.equal(p, q)
         assert opt.state[p].keys() == again.state[q].keys()
