@@ -8,6 +8,7 @@ from conftest import DEVICE
 from helpers import launches, saved, step_twins
 from fused_optim.kernels import multi_tensor as mt
 from fused_optim.kernels import quant, runtime
+from fused_optim.kernels.lean import join_remainder
 from fused_optim.kernels.tables import TableCache
 
 INT8 = "int8"
@@ -165,6 +166,25 @@ def test_int8_layout_launches_and_training_progress(fused):
             assert sb["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in sb
     assert losses[INT8] < 0.5 * (b ** 2).mean().item()
     assert abs(losses[INT8] - losses[None]) < 0.1 * losses[None] + 0.05
+
+
+def test_int8_with_param_remainders_fused_matches_reference():
+    """bf16 params with int16 remainders (the exact fp32 master) and int8 states, in the same launch."""
+    pa, pb = _params(SHAPES[:1] + SHAPES[2:3], dtype=torch.bfloat16), _params(SHAPES[:1] + SHAPES[2:3],
+                                                                              dtype=torch.bfloat16)
+    kw = dict(lr=1e-2, state_dtype=INT8, int8_min_numel=MIN, param_remainders=True)
+    fused, ref = fused_optim.AdamW(pa, fused=True, **kw), fused_optim.AdamW(pb, fused=False, **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        step_twins(fused, pa, ref, pb, gen)
+    for p, q in zip(pa, pb):
+        sa, sb = fused.state[p], ref.state[q]
+        assert sa["param_remainder"].dtype == torch.int16
+        assert sa["exp_avg"].dtype == (torch.uint8 if p.numel() >= MIN else torch.float32)
+        ma = join_remainder(p.detach(), sa["param_remainder"])
+        torch.testing.assert_close(ma, join_remainder(q.detach(), sb["param_remainder"]), rtol=1e-5, atol=1e-5)
+        if p.numel() >= MIN:
+            assert (sa["exp_avg"].int() - sb["exp_avg"].int()).abs().max() <= 1
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------
