@@ -23,7 +23,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPTIMIZERS = {"AdamW": dict(lr=3e-3), "Adam": dict(lr=3e-3), "NAdam": dict(lr=3e-3),
               "SGD": dict(lr=0.05, momentum=0.9), "RMSprop": dict(lr=1e-3)}
 SETTINGS = {"fp32": {}, "bf16": {"state_dtype": torch.bfloat16},
-            "bf16+SR": {"state_dtype": torch.bfloat16, "stochastic_rounding": True}}
+            "bf16+SR": {"state_dtype": torch.bfloat16, "stochastic_rounding": True},
+            # the student's two weight matrices (2048 and 512 elements) quantized; its biases keep fp32 states
+            "int8": {"state_dtype": "int8", "int8_min_numel": 256}}
 
 
 def mlp(seed):
@@ -52,16 +54,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--paths", nargs="+", default=["reference", "fused"])
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), help="fp32 and any of the others")
+    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
     ap.add_argument("--out")
     args = ap.parse_args()
+    settings = {s: SETTINGS[s] for s in SETTINGS if s in args.settings or s == "fp32"}
     lines = [f"# Lean states vs fp32 states: teacher-student MLP, {args.steps} steps, device {DEVICE}", "",
-             "| optimizer | path | " + " | ".join(f"{s} loss" for s in SETTINGS) + " | " +
-             " | ".join(f"{s} / fp32" for s in SETTINGS if s != "fp32") + " |",
-             "|---|---|" + "---|" * (2 * len(SETTINGS) - 1)]
-    for name in OPTIMIZERS:
+             "| optimizer | path | " + " | ".join(f"{s} loss" for s in settings) + " | " +
+             " | ".join(f"{s} / fp32" for s in settings if s != "fp32") + " |",
+             "|---|---|" + "---|" * (2 * len(settings) - 1)]
+    for name in args.optimizers:
         for path in args.paths:
-            loss = {s: train(name, path == "fused", args.steps, **o) for s, o in SETTINGS.items()}
-            ratios = [loss[s] / loss["fp32"] for s in SETTINGS if s != "fp32"]
+            loss = {s: train(name, path == "fused", args.steps, **o) for s, o in settings.items()}
+            ratios = [loss[s] / loss["fp32"] for s in settings if s != "fp32"]
             lines.append(f"| {name} | {path} | " + " | ".join(f"{v:.5f}" for v in loss.values()) + " | " +
                          " | ".join(f"{r:.4f}" for r in ratios) + " |")
             print(lines[-1], flush=True)

@@ -3,9 +3,10 @@ tensors (measured: the bytes of every tensor in ``opt.state`` after one step, ov
 
     PYTHONPATH=$PWD python bench/state_bytes.py [--out bench/results/state-bytes.md]
 
-Settings: fp32 params with the anchor's states, with state_dtype=torch.bfloat16; bf16 params with
-master_weights=True and with param_remainders=True (the fp32-master alternatives, counted with the master or the
-remainder). Runs the reference path on CPU: state layout, not speed.
+Settings: fp32 params with the anchor's states, with state_dtype=torch.bfloat16, with state_dtype="int8" (1-byte
+codes plus an fp32 scale per 256 elements; the two bias vectors, under int8_min_numel=4096, keep fp32 states);
+bf16 params with master_weights=True and with param_remainders=True (the fp32-master alternatives, counted with the
+master or the remainder). Runs the reference path on CPU: state layout, not speed.
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ SETTINGS = {"fp32 states": (torch.float32, {}), "bf16 states": (torch.float32, {
             "bf16 params + master_weights": (torch.bfloat16, {"master_weights": True}),
             "bf16 params + param_remainders": (torch.bfloat16, {"param_remainders": True}),
             "bf16 params + param_remainders + bf16 states": (torch.bfloat16, {"param_remainders": True,
-                                                                             "state_dtype": torch.bfloat16})}
+                                                                             "state_dtype": torch.bfloat16}),
+            "int8 states": (torch.float32, {"state_dtype": "int8"}),
+            "bf16 params + param_remainders + int8 states": (torch.bfloat16, {"param_remainders": True,
+                                                                             "state_dtype": "int8"})}
 LR = {"sgd": {"lr": 0.01, "momentum": 0.9}, "lbfgs": None}
 
 
@@ -48,12 +52,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--only", nargs="+", help="registry names (default: every optimizer that takes the options)")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), help="setting labels (default: all)")
     args = ap.parse_args()
     rows = []
     for name in args.only or sorted(fused_optim.REGISTRY):
         if not fused_optim.REGISTRY[name].supports_precision_options:
             continue
-        for label, (dtype, opts) in SETTINGS.items():
+        for label in args.settings:
+            dtype, opts = SETTINGS[label]
             try:
                 b, ns, n = state_bytes(name, dtype, opts)
                 rows.append((fused_optim.REGISTRY[name].__name__, label, ns, f"{b:.3f}"))
@@ -61,6 +67,7 @@ def main():
                 rows.append((fused_optim.REGISTRY[name].__name__, label, "-", f"error: {type(e).__name__}: {e}"[:80]))
             print(*rows[-1], flush=True)
     text = [f"# State bytes per param ({n:,} params: {SHAPES})", "",
+            "Measured on CPU, reference path (the fused path keeps the same state tensors).", "",
             "| optimizer | setting | element-wise states | bytes / param |", "|---|---|---|---|"]
     text += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     if args.out:

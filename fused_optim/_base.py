@@ -296,5 +296,6 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
         cache = self._kernel_caches.setdefault((id(group), variant), TableCache())
         mt.apply(rule, cache, params, grads, columns, [list(map(operator.itemgetter(k), states)) for k in skeys],
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None,
-                 grad_scale=grad_scale, found_inf=found_inf, **self._precision_args(masters))
+                 grad_scale=grad_scale, found_inf=found_inf, **self._precision_args(masters),
+                 **self._quant_args(states, keys))
         self._write_back(back)

@@ -89,12 +89,21 @@ param_remainders=False
 state_dtype=None
     The dtype of every element-wise state buffer (momentum, exp_avg, exp_avg_sq, square_avg, ...; not per-tensor
     scalars). None: the anchor's. ``torch.bfloat16``: 2 bytes per element; the math is fp32 on the loaded
-    values, stored rounded to nearest, or stochastically under stochastic_rounding=True. Saved as is in the state
-    dict; a checkpoint with fp32 states loads into bf16 ones. Complex params are refused.
-{where}"""
+    values, stored rounded to nearest, or stochastically under stochastic_rounding=True. ``"int8"``: blockwise
+    8-bit states (fused_optim/kernels/quant.py): per block of 256 elements an fp32 absmax scale
+    (``state[key + '_absmax']``) and a uint8 code per element (``state[key]``) into a dynamic-exponent map on
+    [-1, 1], or on [0, 1] for the states the class names in ``nonnegative_states``, so small values keep relative
+    precision; 1 + 1/64 bytes per element; fp32 math on the dequantized values, requantized on store (round to
+    nearest code). Saved as is in the state dict (``anchor_state_dict()`` gives fp32 states in the anchor's
+    layout); a checkpoint with fp32 states loads into bf16 ones or is quantized. Complex params are refused.
+{where}
+
+int8_min_numel=4096
+    With state_dtype="int8": the states of params with fewer elements stay fp32 (their scales would cost more
+    than the codes save)."""
 
 _REFUSED_LEAN = """\
-param_remainders=False, state_dtype=None
+param_remainders=False, state_dtype=None, int8_min_numel=4096
     Memory-lean params and states: not supported by this optimizer (other values raise ValueError at
     construction)."""
 

@@ -1,7 +1,6 @@
 """The options beyond the anchors that every optimizer takes keyword-only: ``master_weights``,
-``stochastic_rounding``, ``max_grad_norm`` (global grad-norm clipping), and the memory-lean ``param_remainders`` and
-``state_dtype``. They are optimizer attributes, not param-group keys, so checkpoints keep the anchor's group
-layout."""
+``stochastic_rounding``, ``max_grad_norm`` (global grad-norm clipping), and the memory-lean ``param_remainders``,
+``state_dtype`` and ``int8_min_numel``: optimizer attributes, not group keys (checkpoints keep the anchor's groups)."""
 from __future__ import annotations
 
 import functools
@@ -12,13 +11,13 @@ import torch
 
 from . import _sharded as sharded
 from ._tensors import LOW_PRECISION, as_real, check, local, stochastic_round_bf16
-from .kernels import lean, reduce
+from .kernels import lean, quant, reduce, runtime
 
 # the keyword options and their defaults, in signature order
 _OPTIONS = (("master_weights", False), ("stochastic_rounding", False), ("max_grad_norm", None),
-            ("param_remainders", False), ("state_dtype", None))
+            ("param_remainders", False), ("state_dtype", None), ("int8_min_numel", quant.MIN_NUMEL))
 _SWITCHES = {"master_weights", "stochastic_rounding", "param_remainders"}  # stored as bools
-STATE_DTYPES = (None, torch.bfloat16)
+STATE_DTYPES = (None, torch.bfloat16, quant.INT8)
 
 
 class PrecisionOptions:
@@ -41,6 +40,11 @@ class PrecisionOptions:
     param_remainders = False
     # the dtype of every element-wise state buffer (None: the anchor's); see _lean_state
     state_dtype = None
+    # state_dtype="int8" (kernels/quant.py): blockwise 8-bit states for tensors of at least int8_min_numel elements
+    # (smaller ones keep fp32 states); the states that are never negative get the unsigned code map
+    int8_min_numel = quant.MIN_NUMEL
+    nonnegative_states: tuple = ()
+    supports_int8 = True  # False: refused (a fused path whose launches carry no block scales)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -74,8 +78,15 @@ class PrecisionOptions:
         if (self.master_weights or self.stochastic_rounding or lean_opts) and not self.supports_precision_options:
             raise ValueError(f"{name} does not support master_weights / stochastic_rounding / param_remainders / "
                              f"state_dtype")
-        check(any(self.state_dtype is d or self.state_dtype == d for d in STATE_DTYPES),
-              f"{name}: invalid state_dtype {self.state_dtype!r} (expected None or torch.bfloat16)")
+        check(any(self.state_dtype is d or (type(self.state_dtype) is type(d) and self.state_dtype == d)
+                  for d in STATE_DTYPES),
+              f"{name}: invalid state_dtype {self.state_dtype!r} (expected None, torch.bfloat16 or 'int8')")
+        n = self.int8_min_numel
+        check(type(n) is int and n >= 0, f"{name}: invalid int8_min_numel {n!r} (expected an int >= 0)")
+        if self.state_dtype == quant.INT8:
+            check(self.supports_int8, f"{name} does not support state_dtype='int8'")
+            check(runtime.BLOCK % quant.QBLOCK == 0, f"{name}: state_dtype='int8' needs the kernels' BLOCK "
+                                                     f"({runtime.BLOCK}) to be a multiple of {quant.QBLOCK}")
         check(not (self.param_remainders and self.master_weights),
               f"{name}: param_remainders and master_weights are two ways of keeping an exact fp32 master: pick one")
         if self.max_grad_norm is not None:
@@ -148,28 +159,41 @@ class PrecisionOptions:
         """A fresh state dict made lean in place: master_weights / param_remainders give a low-precision param fp32
         states (what the exact master is updated with), then state_dtype sets every element-wise state's dtype
         (floating, shaped like the param; not the per-tensor scalars); the remainder starts at 0."""
-        for k, v in st.items():
+        for k, v in list(st.items()):
             if (self.master_weights or self.param_remainders) and isinstance(v, torch.Tensor) and \
                     v.dtype in LOW_PRECISION:
                 st[k] = v = v.float()
             if self.state_dtype is not None and self._is_elementwise_state(k, v, p):
-                st[k] = v.to(self.state_dtype)
+                self._set_lean(st, k, v, p)
         if self.param_remainders:
             st["param_remainder"] = torch.zeros_like(p, dtype=lean.REMAINDER_DTYPE)
 
+    def _set_lean(self, st: dict, k: str, v: torch.Tensor, p) -> None:
+        """st[k] = the element-wise state v in p's lean dtype (int8: codes, and scales under k + '_absmax')."""
+        if self._lean_dtype(p) == quant.CODE_DTYPE:
+            quant.store_state(st, k, v, k in self.nonnegative_states, p)
+        else:
+            st[k] = v.to(self._lean_dtype(p))
+
+    def _fp32_state(self, st: dict, k: str, v):
+        """The fp32 values of state k (int8: dequantized), or v itself where it is not a low-precision state."""
+        if isinstance(v, torch.Tensor) and v.dtype == quant.CODE_DTYPE and k + quant.SUFFIX in st:
+            return quant.load_state(st, k, k in self.nonnegative_states)
+        return v.float() if getattr(v, "dtype", None) in LOW_PRECISION else v
+
     def anchor_state_dict(self) -> dict:
         """``state_dict()`` in the anchor's layout, for torch/timm to load: element-wise states in fp32 (torch casts
-        them to its params' dtype on load) and no remainders (the params hold the masters rounded). The way back
-        is ``load_state_dict``: an anchor checkpoint loads into lean states (rounded to state_dtype, remainders 0)."""
+        them to its params' dtype on load; int8 ones dequantized, without their scales) and no remainders (the params
+        hold the masters rounded). The way back is ``load_state_dict``: an anchor checkpoint loads into lean states
+        (rounded to state_dtype or quantized, remainders 0)."""
         sd = self.state_dict()
         sd["state"] = {i: dict(st) for i, st in sd["state"].items()}  # state_dict() shares the state dicts
         params = [p for g in self.param_groups for p in g["params"]]
-        for i, st in sd["state"].items():
+        for i, st in list(sd["state"].items()):
             st.pop("param_remainder", None)
             if self.state_dtype is not None:
-                for k, v in st.items():
-                    if self._is_elementwise_state(k, v, params[i]):
-                        st[k] = v.float()
+                sd["state"][i] = {k: self._fp32_state(st, k, v).float() if self._is_elementwise_state(k, v, params[i])
+                                  else v for k, v in st.items() if not quant.is_scale_key(k)}
         return sd
 
     def _restore_lean_states(self, state_dict) -> None:
@@ -190,26 +214,29 @@ class PrecisionOptions:
                     st["param_remainder"] = fresh.pop("param_remainder").to(lean.REMAINDER_DTYPE)
                 elif self.param_remainders:
                     st["param_remainder"] = torch.zeros_like(p, dtype=lean.REMAINDER_DTYPE)
-                lean_dtype = self._lean_dtype(p)
-                if lean_dtype is not None:
+                if self._lean_dtype(p) is not None:
                     for k, v in fresh.items():
-                        if self._is_elementwise_state(k, v, p):
-                            st[k] = v.to(lean_dtype)
+                        if quant.is_scale_key(k) or getattr(v, "dtype", None) == quant.CODE_DTYPE:
+                            st[k] = v.float() if quant.is_scale_key(k) else v  # as saved (torch cast them)
+                        elif self._is_elementwise_state(k, v, p):
+                            self._set_lean(st, k, v, p)
 
     def _new_state_buffer(self, p) -> torch.Tensor:
-        """A zero element-wise state made after the first step (SGD's momentum buffer), in the dtype _lean_state
-        gives the others."""
+        """A zero element-wise state made after the first step (SGD's momentum buffer), in _lean_dtype."""
         return torch.zeros_like(p, dtype=self._lean_dtype(p) or p.dtype, memory_format=torch.preserve_format)
 
     def _lean_dtype(self, p):
         """The dtype of p's element-wise states: state_dtype, else fp32 for a low-precision param with an exact
         master (master_weights / param_remainders), else None (the anchor's)."""
+        if self.state_dtype == quant.INT8:
+            return quant.CODE_DTYPE if p.numel() >= self.int8_min_numel else torch.float32
         exact_master = (self.master_weights or self.param_remainders) and p.dtype in LOW_PRECISION
         return self.state_dtype or (torch.float32 if exact_master else None)
 
     def _is_elementwise_state(self, key, v, p) -> bool:
-        return (isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape
-                and key not in self.scalar_keys and key not in ("step", "master_param"))
+        return (isinstance(v, torch.Tensor) and (v.is_floating_point() or v.dtype == quant.CODE_DTYPE)
+                and v.shape == p.shape and key not in self.scalar_keys and key not in ("step", "master_param")
+                and not quant.is_scale_key(key))
 
     def _low_precision_options(self, params) -> bool:
         """master_weights / stochastic_rounding apply to some param of this list, or the lean options are on."""
@@ -220,26 +247,28 @@ class PrecisionOptions:
         """master_weights / stochastic_rounding on the reference path: fp32 math on the master copy (or an fp32
         copy of the param), low-precision states rounded to nearest, the param rounded to nearest or
         stochastically; with param_remainders the master is the param joined with its remainder, and split back.
-        state_dtype=bf16 states are rounded stochastically under stochastic_rounding. The fused path does the same
-        in one pass."""
+        state_dtype=bf16 states are rounded stochastically under stochastic_rounding; int8 ones dequantized and
+        requantized. The fused path does the same in one pass."""
         lean_keys = ("master_param", "param_remainder")
         work_p = [st["master_param"] if "master_param" in st else
                   lean.join_remainder(p, st["param_remainder"]) if "param_remainder" in st else p.float()
                   for p, st in zip(params, states)]
-        work_st = [{k: v.float() if isinstance(v, torch.Tensor) and v.dtype in LOW_PRECISION else v
-                    for k, v in st.items() if k not in lean_keys} for st in states]
+        work_st = [{k: self._fp32_state(st, k, v) for k, v in st.items()
+                    if k not in lean_keys and not quant.is_scale_key(k)} for st in states]
         self._reference(group, work_p, [g.float() for g in grads], work_st)
         sr_states = self.stochastic_rounding and self.state_dtype == torch.bfloat16
         for p, wp, st, ws in zip(params, work_p, states, work_st):
             for k, v in ws.items():
                 old = st.get(k)
-                if isinstance(old, torch.Tensor) and old.dtype in LOW_PRECISION:
+                if isinstance(old, torch.Tensor) and old.dtype == quant.CODE_DTYPE and k + quant.SUFFIX in st:
+                    quant.requantize_(st, k, v, k in self.nonnegative_states)
+                elif isinstance(old, torch.Tensor) and old.dtype in LOW_PRECISION:
                     # low-precision state: round to nearest (or stochastically for state_dtype=bf16)
                     old.copy_(stochastic_round_bf16(v) if sr_states and self._is_elementwise_state(k, v, p) else v)
+                elif old is None and self.state_dtype is not None and self._is_elementwise_state(k, v, p):
+                    self._set_lean(st, k, v, p)  # a state the reference made (SGD's first momentum buffer)
                 elif old is not v:
-                    # a state the reference made (SGD's first momentum buffer) or replaced
-                    st[k] = v.to(self.state_dtype) if (self.state_dtype is not None and old is None and
-                                                        self._is_elementwise_state(k, v, p)) else v
+                    st[k] = v  # a state the reference replaced
             if "param_remainder" in st:
                 hi, lo = lean.split_remainder(wp)
                 p.copy_(hi)
@@ -254,6 +283,13 @@ class PrecisionOptions:
         (param_remainders), or None."""
         key = "master_param" if self.master_weights else "param_remainder" if self.param_remainders else None
         return None if key is None else [st.get(key) for st in states]
+
+    def _quant_args(self, states, keys) -> dict:
+        """mt.apply's int8 arguments: each state column's block scales (None for fp32 states), the unsigned bits."""
+        if self.state_dtype != quant.INT8:
+            return {}
+        return dict(scales=[[quant.scales_of(st, k) for st in states] for k in keys],
+                    unsigned=sum(1 << i for i, k in enumerate(keys) if k in self.nonnegative_states))
 
     def _precision_args(self, masters) -> dict:
         """mt.apply's master / rounding arguments for a launch that writes the params (masters: the master slots

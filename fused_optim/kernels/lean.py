@@ -36,14 +36,14 @@ if runtime.available():
     import triton.language as tl
 
     @triton.jit
-    def _load_raw(ptr, offs, mask, FULL: tl.constexpr):
+    def load_raw(ptr, offs, mask, FULL: tl.constexpr):
         if FULL:
             return tl.load(ptr + offs)
         else:
             return tl.load(ptr + offs, mask=mask, other=0)
 
     @triton.jit
-    def _store_raw(ptr, offs, val, mask, FULL: tl.constexpr):
+    def store_raw(ptr, offs, val, mask, FULL: tl.constexpr):
         if FULL:
             tl.store(ptr + offs, val)
         else:
@@ -52,8 +52,8 @@ if runtime.available():
     @triton.jit
     def load_joined(p_ptr, r_ptr, offs, mask, FULL: tl.constexpr):
         """The fp32 master of a bf16 param (p_ptr) and its int16 remainder (r_ptr): join_remainder."""
-        hi = _load_raw(p_ptr, offs, mask, FULL).to(tl.int16, bitcast=True).to(tl.int32)
-        lo = _load_raw(r_ptr, offs, mask, FULL).to(tl.int32)
+        hi = load_raw(p_ptr, offs, mask, FULL).to(tl.int16, bitcast=True).to(tl.int32)
+        lo = load_raw(r_ptr, offs, mask, FULL).to(tl.int32)
         return ((hi << 16) + lo).to(tl.float32, bitcast=True)
 
     @triton.jit
@@ -62,5 +62,5 @@ if runtime.available():
         bits = val.to(tl.int32, bitcast=True)
         lo = bits.to(tl.int16)
         hi = ((bits >> 16) + (lo < 0).to(tl.int32)).to(tl.int16)
-        _store_raw(p_ptr, offs, hi.to(tl.bfloat16, bitcast=True), mask, FULL)
-        _store_raw(r_ptr, offs, lo, mask, FULL)
+        store_raw(p_ptr, offs, hi.to(tl.bfloat16, bitcast=True), mask, FULL)
+        store_raw(r_ptr, offs, lo, mask, FULL)

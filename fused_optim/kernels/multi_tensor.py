@@ -14,7 +14,7 @@ from itertools import chain, repeat
 
 import torch
 
-from . import runtime, sync
+from . import quant, runtime, sync
 from .runtime import BLOCK, ITERS
 from .tables import Tables, TableCache, all_aligned, buckets, dtype_of, fields, numel, pick, ptr, to_device
 from .rules import (MASTER_FP32, MAX_SCALARS, MAX_STATES, N_HYPER, NO_MASTER, P_APPLY, P_STATS, REMAINDER,  # noqa: F401
@@ -29,6 +29,7 @@ if runtime.available():
     from .access import (amp_skip, chunk_ptr, grad_inv_scale, load, load_unscaled_grad, over_chunk, store,
                          store_bf16_stochastic, to_compute)
     from .lean import load_joined, store_split
+    from .quant import load_slot, store_slot
     from .rules import F64_0, F64_1, F64_2, F64_3, SCALAR_F64, SR_PARAM_BIT, SR_STATES_BIT  # noqa: F401
     from .sync import arrive, run_phases, sum_partials
 
@@ -48,22 +49,6 @@ if runtime.available():
             return chunk_ptr(row, col, DT, ALIGNED)
         else:
             return absent
-
-    @triton.jit
-    def _load_slot(ON: tl.constexpr, ptr, offs, mask, FULL: tl.constexpr, like):
-        if ON:
-            return load(ptr, offs, mask, FULL)
-        else:
-            return tl.zeros_like(like)
-
-    @triton.jit
-    def _store_slot(ON: tl.constexpr, ptr, offs, val, mask, FULL: tl.constexpr, SR: tl.constexpr, seed):
-        # SR: bf16 states stored with stochastic rounding (state_dtype=bf16 with stochastic_rounding)
-        if ON:
-            if SR:
-                store_bf16_stochastic(ptr, offs, val, mask, seed, FULL)
-            else:
-                store(ptr, offs, val, mask, FULL)
 
     @triton.jit
     def _scalar_ptr(srow, k: tl.constexpr, F64: tl.constexpr):
@@ -101,8 +86,9 @@ if runtime.available():
             tl.store(ptr, tl.cast(val, ptr.dtype.element_ty))
 
     @triton.jit
-    def _inputs(offs, mask, FULL: tl.constexpr, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, inv_scale,
-                NS: tl.constexpr, HAS_SCALE: tl.constexpr, MASTER: tl.constexpr, WRITE_BACK: tl.constexpr):
+    def _inputs(offs, mask, FULL: tl.constexpr, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, inv_scale, qrow,
+                NS: tl.constexpr, HAS_SCALE: tl.constexpr, MASTER: tl.constexpr, QUANT: tl.constexpr,
+                WRITE_BACK: tl.constexpr):
         """An element block's (p, g, s0..s3) as both passes read them; WRITE_BACK: the update's read, which stores
         the unscaled grad back (the statistics pass only reads)."""
         if MASTER == REMAINDER_K:
@@ -117,20 +103,20 @@ if runtime.available():
             g = load(g_ptr, offs, mask, FULL)
             if HAS_SCALE:
                 g = g * inv_scale  # the same product the update's read makes
-        s0 = _load_slot(NS > 0, s0_ptr, offs, mask, FULL, p)
-        s1 = _load_slot(NS > 1, s1_ptr, offs, mask, FULL, p)
-        s2 = _load_slot(NS > 2, s2_ptr, offs, mask, FULL, p)
-        s3 = _load_slot(NS > 3, s3_ptr, offs, mask, FULL, p)
+        s0 = load_slot(NS > 0, 0, s0_ptr, offs, mask, FULL, p, qrow, QUANT)
+        s1 = load_slot(NS > 1, 1, s1_ptr, offs, mask, FULL, p, qrow, QUANT)
+        s2 = load_slot(NS > 2, 2, s2_ptr, offs, mask, FULL, p, qrow, QUANT)
+        s3 = load_slot(NS > 3, 3, s3_ptr, offs, mask, FULL, p, qrow, QUANT)
         return p, g, s0, s1, s2, s3
 
     @triton.jit
     def _block(carry, offs, mask, FULL: tl.constexpr, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr,
-               inv_scale, seed, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7,
+               inv_scale, qrow, seed, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7,
                UPDATE: tl.constexpr, FLAGS: tl.constexpr, NS: tl.constexpr,
-               HAS_SCALE: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr):
+               HAS_SCALE: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, QUANT: tl.constexpr):
         # over_chunk's BODY: nothing to carry, the carry (a tensor: loops carry no constants) passes through
         p, g, s0, s1, s2, s3 = _inputs(offs, mask, FULL, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr,
-                                       inv_scale, NS, HAS_SCALE, MASTER, True)
+                                       inv_scale, qrow, NS, HAS_SCALE, MASTER, QUANT, True)
         p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
         if MASTER == REMAINDER_K:
             store_split(p_ptr, m_ptr, offs, p, mask, FULL)
@@ -142,20 +128,24 @@ if runtime.available():
             else:
                 store(p_ptr, offs, p, mask, FULL)
         # each state its own random bits (the param's stream is seed itself)
-        _store_slot(NS > 0, s0_ptr, offs, s0, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0001)
-        _store_slot(NS > 1, s1_ptr, offs, s1, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0002)
-        _store_slot(NS > 2, s2_ptr, offs, s2, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0003)
-        _store_slot(NS > 3, s3_ptr, offs, s3, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0004)
+        store_slot(NS > 0, 0, s0_ptr, offs, s0, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0001, qrow,
+                   QUANT)
+        store_slot(NS > 1, 1, s1_ptr, offs, s1, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0002, qrow,
+                   QUANT)
+        store_slot(NS > 2, 2, s2_ptr, offs, s2, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0003, qrow,
+                   QUANT)
+        store_slot(NS > 3, 3, s3_ptr, offs, s3, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0004, qrow,
+                   QUANT)
         return carry
 
     @triton.jit
     def _stats_block(acc, offs, mask, FULL: tl.constexpr, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr,
-                     inv_scale, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7,
+                     inv_scale, qrow, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7,
                      STATS: tl.constexpr, FLAGS: tl.constexpr, NS: tl.constexpr,
-                     HAS_SCALE: tl.constexpr, MASTER: tl.constexpr):
+                     HAS_SCALE: tl.constexpr, MASTER: tl.constexpr, QUANT: tl.constexpr):
         # over_chunk's BODY of the statistics pass: acc += STATS over the block's elements (compute-dtype lanes)
         p, g, s0, s1, s2, s3 = _inputs(offs, mask, FULL, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr,
-                                       inv_scale, NS, HAS_SCALE, MASTER, False)
+                                       inv_scale, qrow, NS, HAS_SCALE, MASTER, QUANT, False)
         x = STATS(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
         return acc + tl.where(mask, x, 0.0).to(acc.dtype)
 
@@ -163,14 +153,15 @@ if runtime.available():
     def _run_pass(item, PASS: tl.constexpr, ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, hp, seed,
                   partials, stats, n_items, UPDATE: tl.constexpr, SCALARS: tl.constexpr, STATS: tl.constexpr,
                   FLAGS: tl.constexpr, NS: tl.constexpr, NT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
-                  P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, LR_TENSOR: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, HAS_STATS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                  ITERS: tl.constexpr, PB: tl.constexpr):
+                  QUANT: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+                  LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_STATS: tl.constexpr, ALIGNED: tl.constexpr,
+                  BLOCK: tl.constexpr, ITERS: tl.constexpr, PB: tl.constexpr):
         """Pass PASS over work item `item` (one chunk of one tensor)."""
         t = tl.load(work + W_WIDTH * item + W_TENSOR)
         chunk = tl.load(work + W_WIDTH * item + W_CHUNK).to(tl.int64)
         n = tl.load(numels + t)
-        row = ptrs + t.to(tl.int64) * (S_COL + NS + (1 if MASTER else 0))
+        row = ptrs + t.to(tl.int64) * (S_COL + NS + (1 if MASTER else 0) + (NS + 1 if QUANT else 0))
+        qrow = row + S_COL + NS + (1 if MASTER else 0)  # QUANT: the code maps' column, then the scales'
         p_ptr = chunk_ptr(row, P_COL, P_DT, ALIGNED)
         g_ptr = chunk_ptr(row, G_COL, G_DT, ALIGNED)
         s0_ptr = _slot_ptr(NS > 0, row, S_COL + 0, S_DT, ALIGNED, p_ptr)  # absent slots: never dereferenced
@@ -208,8 +199,8 @@ if runtime.available():
         nwork = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
         if PASS == STATS_PASS:
             acc = over_chunk(_stats_block, to_compute(tl.zeros([BLOCK], tl.float32), p_ptr), chunk * (BLOCK * ITERS), n,
-                             (p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, inv_scale,
-                              c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, STATS, FLAGS, NS, HAS_SCALE, MASTER),
+                             (p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, inv_scale, qrow, c0, c1, c2,
+                              c3, lr, h1, h2, h3, h4, h5, h6, h7, STATS, FLAGS, NS, HAS_SCALE, MASTER, QUANT),
                              BLOCK, ITERS)
             tl.store(partials + item, tl.sum(acc, axis=0))
             # Note [statistics pass]: the tensor's last program sums its chunks' partials in chunk order
@@ -220,8 +211,8 @@ if runtime.available():
                 tl.store(counters + t, 0)
         else:
             over_chunk(_block, tl.cast(0, tl.int32), chunk * (BLOCK * ITERS), n,
-                       (p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, inv_scale, seed + t,
-                        c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, UPDATE, FLAGS, NS, HAS_SCALE, MASTER, SR),
+                       (p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr, inv_scale, qrow, seed + t, c0, c1,
+                        c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, UPDATE, FLAGS, NS, HAS_SCALE, MASTER, SR, QUANT),
                        BLOCK, ITERS)
             if NT > 0:
                 # Note [last program writes scalars]: all readers of the old values are done by then
@@ -245,7 +236,7 @@ if runtime.available():
     def multi_tensor_apply_kernel(
         ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, inf_ptr, hp, seed, partials, stats, barrier, n_items,
         UPDATE: tl.constexpr, SCALARS: tl.constexpr, STATS: tl.constexpr, FLAGS: tl.constexpr,
-        NS: tl.constexpr, NT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+        NS: tl.constexpr, NT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, QUANT: tl.constexpr,
         P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
         LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, HAS_STATS: tl.constexpr,
         PASSES: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, PB: tl.constexpr,
@@ -257,12 +248,12 @@ if runtime.available():
             if PASSES == 3:  # both passes, a grid barrier between them
                 run_phases(barrier, PASSES, 2, _item, _count,
                            (ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, hp, seed, partials, stats, n_items,
-                            UPDATE, SCALARS, STATS, FLAGS, NS, NT, MASTER, SR, P_DT, G_DT, S_DT, LR_TENSOR, HAS_SCALE,
-                            HAS_STATS, ALIGNED, BLOCK, ITERS, PB))
+                            UPDATE, SCALARS, STATS, FLAGS, NS, NT, MASTER, SR, QUANT, P_DT, G_DT, S_DT, LR_TENSOR,
+                            HAS_SCALE, HAS_STATS, ALIGNED, BLOCK, ITERS, PB))
             else:  # one pass (bit 1: statistics, bit 2: update), one program per work item
                 _run_pass(tl.program_id(0), PASSES // 2, ptrs, numels, work, sptrs, counters, lr_ptr, scale_ptr, hp,
-                          seed, partials, stats, n_items, UPDATE, SCALARS, STATS, FLAGS, NS, NT, MASTER, SR, P_DT,
-                          G_DT, S_DT, LR_TENSOR, HAS_SCALE, HAS_STATS, ALIGNED, BLOCK, ITERS, PB)
+                          seed, partials, stats, n_items, UPDATE, SCALARS, STATS, FLAGS, NS, NT, MASTER, SR, QUANT,
+                          P_DT, G_DT, S_DT, LR_TENSOR, HAS_SCALE, HAS_STATS, ALIGNED, BLOCK, ITERS, PB)
 
 
 @dataclass
@@ -277,10 +268,13 @@ class _Tables(Tables):
     partials: torch.Tensor = None  # the statistics pass (made on its first use): fp64 [W] per work item,
     stats: torch.Tensor = None     # fp64 [T] per-tensor means,
     barrier: sync.GridBarrier = None  # and the grid barrier of its persistent launch
+    qmap: torch.Tensor = None  # int8 states: the code maps (kernels/quant.py), their address in every row
 
 
-def _build_tables(key, params, grads, columns, scalars, device) -> _Tables:
+def _build_tables(key, params, grads, columns, scalars, device, qscales=()) -> _Tables:
     chunk = BLOCK * ITERS
+    qmap = quant.code_maps(device) if qscales else None
+    columns = [*columns, *([[qmap] * len(params), *qscales] if qscales else ())]
     rows = [list(r) for r in zip(map(ptr, params), map(ptr, grads), *(map(ptr, c) for c in columns))]
     work = [(i, c) for i, n in enumerate(map(numel, params)) for c in range(max(1, -(-n // chunk)))]
     srows = [list(r) for r in zip(*(map(ptr, c) for c in scalars))]
@@ -292,12 +286,12 @@ def _build_tables(key, params, grads, columns, scalars, device) -> _Tables:
         sptrs=to_device(srows, torch.int64, device) if scalars else torch.zeros(1, dtype=torch.int64, device=device),
         counters=torch.zeros(max(len(params), 1), dtype=torch.int32, device=device),
         hp=torch.zeros(N_HYPER, dtype=torch.float64, device=device),
-        fdummy=torch.zeros(1, dtype=torch.float32, device=device))
+        fdummy=torch.zeros(1, dtype=torch.float32, device=device), qmap=qmap)
 
 
 def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_tensor=None,
           grad_scale=None, found_inf=None, masters=None, stochastic_rounding=False, seed=0,
-          state_stochastic_rounding=False, who="fused_optim") -> None:
+          state_stochastic_rounding=False, scales=None, unsigned=0, who="fused_optim") -> None:
     """Update one param group in one launch per (param, grad, state, scalar state) dtype combination (a rule with
     ``stats``: one persistent launch, or two where the device refuses it; ``who`` names the optimizer in a grid
     barrier's report).
@@ -308,13 +302,16 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
     copy of a bf16/fp16 param (the math updates it, the param gets its rounding), an int16 remainder of a bf16 param
     (param_remainders: the two are the exact fp32 master, kernels/lean.py), or None. ``stochastic_rounding``: bf16
     params are stored with stochastic rounding, random bits drawn from ``seed`` (vary it every step);
-    ``state_stochastic_rounding``: bf16 states too.
+    ``state_stochastic_rounding``: bf16 states too. ``scales``: int8 states (uint8 codes in ``columns``): one list
+    per column of their fp32 block scales (None for a tensor whose states are not int8); ``unsigned``: bit k for
+    a non-negative state k (kernels/quant.py).
     """
     has_master = masters is not None and any(m is not None for m in masters)
     # every address and size the tables hold but the grads': any change (a loaded state, a replaced param's .data)
     # rebuilds; dtypes are fixed with the addresses, so the dtype buckets are reused while the key holds
     key = (*map(ptr, params), *map(ptr, chain.from_iterable((*columns, *scalars))), *map(numel, params),
-           *([0 if m is None else m.data_ptr() for m in masters] if has_master else ()))
+           *([0 if m is None else m.data_ptr() for m in masters] if has_master else ()),
+           *([s.data_ptr() for col in scales for s in col if s is not None] if scales else ()))
     plan = cache.plan
     if plan is None or plan[0] != key:
         keys = list(zip(map(dtype_of, params), map(dtype_of, grads), map(dtype_of, columns[0] if columns else params),
@@ -327,11 +324,14 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
         cols, scs = cols[:len(columns)], cols[len(columns):]
         if master:  # the master copy rides in the table as one more element-wise slot, after the states
             cols = [*cols, [masters[i] for i in idx]]
-        tab = cache.lookup((dts, master, sdts), key, gs, lambda: _build_tables(key, ps, gs, cols, scs, ps[0].device))
+        qbits = 1 + 2 * unsigned if dts[2] == quant.CODE_DTYPE else 0  # QUANT: int8 states, unsigned slots
+        qs = pick(idx, *scales) if qbits else ()
+        tab = cache.lookup((dts, master, sdts), key, gs,
+                           lambda: _build_tables(key, ps, gs, cols, scs, ps[0].device, qs))
         sr = (SR_PARAM if stochastic_rounding and dts[0] == torch.bfloat16 and master != REMAINDER else 0) | (
             SR_STATES if state_stochastic_rounding and dts[2] == torch.bfloat16 and columns else 0)
         _launch(rule, tab, dts, len(cols) - bool(master), len(scs), lr_tensor, grad_scale, found_inf, master, sr, seed,
-                who, scalar_f64_flags(scs))
+                who, scalar_f64_flags(scs), qbits)
 
 
 def _master_kind(m) -> int:
@@ -339,11 +339,12 @@ def _master_kind(m) -> int:
 
 
 def constexprs(rule: Rule, dts, ns: int, nt: int, *, lr_tensor: bool, has_scale: bool, has_inf: bool,
-               aligned: bool, master: int = NO_MASTER, sr: int = 0, passes=(P_APPLY,), scalar_f64: int = 0) -> dict:
+               aligned: bool, master: int = NO_MASTER, sr: int = 0, passes=(P_APPLY,), scalar_f64: int = 0,
+               quant: int = 0) -> dict:
     """The kernel's compile-time arguments for one launch running ``passes`` (one of rule.launches(), or one pass
     of it): the launcher and the AOT inventory both use this. ``master``: NO_MASTER, MASTER_FP32 or REMAINDER;
     ``sr``: SR_PARAM / SR_STATES bits (True: SR_PARAM); ``scalar_f64``: the SCALAR_F64 bits of the float64 scalar
-    slots."""
+    slots; ``quant``: QUANT (int8 states: 1 + 2 * the unsigned slots' bits; dts[2] is then uint8)."""
     has_stats = rule.stats is not None
     assert ns <= MAX_STATES and nt + has_stats <= MAX_SCALARS
     return dict(UPDATE=rule.update, SCALARS=rule.scalars or _no_scalars, STATS=rule.stats or _no_stats,
@@ -351,11 +352,11 @@ def constexprs(rule: Rule, dts, ns: int, nt: int, *, lr_tensor: bool, has_scale:
                 P_DT=runtime.tl_dtype(dts[0]), G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]),
                 LR_TENSOR=lr_tensor, HAS_SCALE=has_scale, HAS_INF=has_inf, HAS_STATS=has_stats,
                 PASSES=sum(1 << p for p in passes), ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS, PB=_PB,
-                MASTER=int(master), SR=int(sr))
+                MASTER=int(master), SR=int(sr), QUANT=int(quant))
 
 
 def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=NO_MASTER, sr=0, seed=0,
-            who="fused_optim", scalar_f64=0):
+            who="fused_optim", scalar_f64=0, quant=0):
     hypers = rule.hyper_values()
     if tab.hkey != hypers:  # uploads only when a hyper-parameter changed (e.g. an LR schedule step)
         tab.hp.copy_(torch.tensor(hypers, dtype=torch.float64), non_blocking=True)
@@ -379,7 +380,7 @@ def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=NO_
     def constexprs_of(passes):
         return constexprs(rule, dts, ns, nt, lr_tensor=lr_tensor is not None, has_scale=grad_scale is not None,
                           has_inf=found_inf is not None, aligned=tab.aligned, master=master, sr=sr, passes=passes,
-                          scalar_f64=scalar_f64)
+                          scalar_f64=scalar_f64, quant=quant)
 
     for passes in rule.launches():
         if len(passes) == 1:

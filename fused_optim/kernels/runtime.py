@@ -50,7 +50,7 @@ def unavailable_reason() -> str:
 
 if triton is not None:
     TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-                 torch.float64: tl.float64}
+                 torch.float64: tl.float64, torch.uint8: tl.uint8}  # uint8: int8 states' codes
 
 
 def tl_dtype(dtype: torch.dtype):

@@ -37,6 +37,7 @@ class Adadelta(FusedOptimizer):
     scaled by lr, with L2 weight decay and maximize. Anchor: torch.optim.Adadelta.
 
     Fused path: 1 launch of the shared multi-tensor kernel per param group and step."""
+    nonnegative_states = ("square_avg", "acc_delta")
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *, capturable=False,
                  maximize=False, differentiable=False, fused=None):

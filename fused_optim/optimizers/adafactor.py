@@ -183,6 +183,7 @@ class Adafactor(KeptStateDtypes, OwnKernels, FusedOptimizer):
 
     State: step (a Python int; a float32 0-d device tensor once the fused path has run), RMS (0-d), exp_avg with
     betas, exp_avg_sq_row / exp_avg_sq_col for factored params or exp_avg_sq, in fp32 for fp16/bf16 params."""
+    nonnegative_states = ("exp_avg_sq",)
 
     supports_complex = False
     scalar_keys = ("step", "RMS")

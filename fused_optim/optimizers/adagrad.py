@@ -48,6 +48,7 @@ class Adagrad(FusedOptimizer):
 
     Fused path: 1 launch of the shared multi-tensor kernel per param group and step. Sparse grads (e.g.
     nn.Embedding(sparse=True)) take the reference path, as in torch."""
+    nonnegative_states = ("sum",)
 
     dense_only = False  # sparse grads (nn.Embedding(sparse=True)) take the reference path, like torch
 

@@ -57,6 +57,7 @@ class Adahessian(FusedOptimizer):
     Needs the grads' graph: call ``loss.backward(create_graph=True)`` before ``step()``. AMP's grad_scale /
     found_inf are refused (the estimate would need unscaling too); so are DTensor (FSDP2) params. Fused path: 1
     launch of the shared multi-tensor kernel per param group and step (the estimate rides as a state slot)."""
+    nonnegative_states = ("exp_hessian_diag_sq",)
 
     supports_complex = False
     elementwise = False  # the Hutchinson estimate (and avg_conv_kernel) is not written for DTensor shards

@@ -54,6 +54,7 @@ def adam_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_decay
 class AdamFamily(FusedOptimizer):
     """What Adam, Adamax, NAdam and RAdam share: hyper-parameter checks and the two moment buffers."""
     extra_nonneg: tuple = ()  # further hyper-parameters that must be finite and >= 0
+    nonnegative_states = ("exp_avg_sq", "max_exp_avg_sq")
 
     def _validate(self, group):
         check_nonneg(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],

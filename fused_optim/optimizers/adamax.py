@@ -33,6 +33,7 @@ class Adamax(AdamFamily):
     maximize. Anchor: torch.optim.Adamax.
 
     Fused path: 1 launch of the shared multi-tensor kernel per param group and step."""
+    nonnegative_states = ("exp_inf",)
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, *,
                  maximize=False, differentiable=False, capturable=False, fused=None):

@@ -118,6 +118,7 @@ class Adopt(TimmCautious):
     Fused path: 1 launch of the shared multi-tensor kernel per param group and step. With caution the same launch
     runs the apply's statistics pass first (the mask's per-tensor mean) behind a grid barrier: 1 persistent
     cooperative launch, 2 launches where the device refuses cooperative launches."""
+    nonnegative_states = ("exp_avg_sq",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, clip_exp=0.333, weight_decay=0.0,
                  decoupled=False, corrected_weight_decay=False, *, caution=False, foreach=None, maximize=False,

@@ -84,6 +84,7 @@ class Lamb(OwnKernels, FusedOptimizer):
     without adaptation or caution), plus, with max_grad_norm, 2 launches per step for all groups together (the
     per-tensor sums of squares on the C++/CUDA engine, or Triton where it is not built, and the clip factor). No
     host syncs (timm's step reads the group step on the host)."""
+    nonnegative_states = ("exp_avg_sq",)
 
     scalar_keys = ()
     elementwise = False  # per-tensor norms

@@ -150,7 +150,9 @@ class Muon(FusedOptimizer):
     each matrix's adjusted lr; master weights, stochastic rounding): 2 launches and 1 + 3 * ns_steps batched
     matmul ops per shape, whatever the param count. The matmuls run in bf16 as torch's do: batched and per-matrix
     kernels may sum in another order, so an orthogonalized entry can differ from torch's by a bf16 ulp (tested: 2
-    ulps, 2^-7, per chain; over 20 steps the params stay within 2e-4 of the reference's)."""
+    ulps, 2^-7, per chain; over 20 steps the params stay within 2e-4 of the reference's). state_dtype="int8" is
+    refused (ValueError at construction); bf16 states are taken."""
+    supports_int8 = False  # its momentum launch carries no block scales
 
     supports_complex = False
     elementwise = False  # Newton-Schulz needs whole matrices: FSDP2 shards are refused

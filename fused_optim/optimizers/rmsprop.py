@@ -55,6 +55,7 @@ class RMSprop(FusedOptimizer):
     (minus the squared running mean) and with momentum, L2 weight decay and maximize. Anchor: torch.optim.RMSprop.
 
     Fused path: 1 launch of the shared multi-tensor kernel per param group and step."""
+    nonnegative_states = ("square_avg",)
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *, fused=None):

@@ -45,6 +45,7 @@ class Rprop(FusedOptimizer):
     Anchor: torch.optim.Rprop.
 
     Fused path: 1 launch of the shared multi-tensor kernel per param group and step."""
+    nonnegative_states = ("step_size",)
 
     def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *, capturable=False, foreach=None,
                  maximize=False, differentiable=False, fused=None):

@@ -84,6 +84,7 @@ class SparseAdam(FusedOptimizer):
     torch, GradScaler unscales its grads itself (``scaler.unscale_``) before a plain ``step()``. Fused path: 1
     launch per param group, step and dtype combination, over the coalesced rows present. max_grad_norm is
     refused (clip_grad_norm_ has no sparse counterpart to match)."""
+    nonnegative_states = ("exp_avg_sq",)
 
     dense_only = False
     sparse_only = True

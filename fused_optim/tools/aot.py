@@ -136,6 +136,31 @@ def _scalar_f64_variants(dts, nt: int, amp) -> tuple:
     return 0, sum(1 << (mt.SCALAR_F64_FIRST + k) for k in range(1, nt))
 
 
+INT8_AOT = ("adam", "adamw", "sgd", "rmsprop")  # state_dtype="int8" (QUANT): a few optimizers, not every option
+
+
+def _int8_entries(sig) -> list[Entry]:
+    """int8 states of INT8_AOT's default and all-options rules: fp32 params, and bf16 params with remainders."""
+    out = []
+    for name in INT8_AOT:
+        cls = fused_optim.REGISTRY[name]
+        probe = cls([torch.nn.Parameter(torch.ones(2, 2))], fused=False, **({"lr": 0.1} if _lr_required(cls) else {}))
+        variants = option_variants(cls)
+        for variant in (variants[0], max(variants, key=len)):  # the defaults, every option on
+            rule, keys, skeys = probe._kernel_rule({**probe.param_groups[0], **variant})
+            if not keys:  # no states (SGD without momentum): nothing to quantize
+                continue
+            unsigned = sum(1 << i for i, k in enumerate(keys) if k in cls.nonnegative_states)
+            label = ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
+            for dts, master in (((torch.float32,) * 2, mt.NO_MASTER), ((BF16,) * 2, mt.REMAINDER)):
+                cx = mt.constexprs(rule, (*dts, torch.uint8), len(keys), len(skeys), lr_tensor=False, has_scale=False,
+                                   has_inf=False, aligned=True, master=master, quant=1 + 2 * unsigned)
+                out.append(Entry(f"{cls.__name__}[{label}] {dts[0]} int8 states{_MASTER_NAMES.get(master, '')}"
+                                 .replace("torch.", ""), mt.multi_tensor_apply_kernel, sig, cx,
+                                 runtime.compile_options(), vector_check=True))
+    return out
+
+
 def inventory() -> list[Entry]:
     entries = []
     sig = multi_tensor_signature()
@@ -176,6 +201,7 @@ def inventory() -> list[Entry]:
                                          f"{' sr-states' if sr == 'states' else ''}{' f64 scalars' if f64 else ''}",
                                          mt.multi_tensor_apply_kernel, esig, cx,
                                          runtime.compile_options(), vector_check=aligned and mt.P_APPLY in passes))
+    entries += _int8_entries(sig)
     # every kernel family module (kernels/*.py) and every optimizer module may list dedicated kernels
     kernel_modules = {importlib.import_module(f"fused_optim.kernels.{m.name}")
                       for m in pkgutil.iter_modules(fused_optim.kernels.__path__)}

@@ -13,7 +13,7 @@ from fused_optim import _docs
 from fused_optim.anchors import REFERENCE_ANCHORED, TIMM, anchor
 
 OPTIONS = {"fused": None, "master_weights": False, "stochastic_rounding": False, "max_grad_norm": None,
-           "param_remainders": False, "state_dtype": None}
+           "param_remainders": False, "state_dtype": None, "int8_min_numel": 4096}
 OPTIMIZERS = [n for n in fused_optim.__all__ if isinstance(getattr(fused_optim, n), type)
               and issubclass(getattr(fused_optim, n), torch.optim.Optimizer) and n != "FusedOptimizer"]
 CLASSES = [pytest.param(getattr(fused_optim, n), id=n) for n in OPTIMIZERS]

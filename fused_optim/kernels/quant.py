@@ -1,0 +1,215 @@
+"""Blockwise 8-bit optimizer states (state_dtype="int8"): the numerics in one place, the reference half (torch)
+beside the kernel half (Triton), bit-identical codes and scales.
+
+* A state of n elements is cut into blocks of QBLOCK = 256 consecutive elements in storage order (the order the
+  kernels walk). Each block keeps its fp32 absmax (``<key>_absmax``, [ceil(n / 256)]) and one uint8 code per
+  element: the index of a value in a 256-entry map on [-1, 1] (signed states) or [0, 1] (non-negative states:
+  second moments, accumulators, declared per optimizer by ``nonnegative_states``). Element = map[code] * absmax.
+* The maps are dynamic-exponent maps (the idea behind bitsandbytes' 8-bit optimizers): decade k below 1 holds
+  2^k linearly spaced values (midpoints of its 2^k equal intervals of [0.1, 1] * 10^-d), so every value keeps a
+  relative precision that depends on its decade, not on the block's range: 7 decades (1e-7 .. 1) with 1..64
+  values each, and +-1, for signed states (128 positive, 127 negative values, and 0); 8 decades with 1..64 and 127
+  values, and 1, for non-negative ones (255 values and 0). Both hold 0 exactly (an all-zero block has absmax 0 and
+  decodes to 0) and +-1, so each block's absmax element decodes exactly.
+* Quantize: x = v / absmax (IEEE fp32 division; 0 where absmax is 0), code = the number of decision thresholds
+  below x, the thresholds being the fp32 midpoints of adjacent map values (a tie, x equal to a threshold, takes
+  the lower code). The kernel finds it by an 8-step binary search over the thresholds (gathers from a 2 KB device
+  table, ``code_maps``); the reference by torch.searchsorted over the same fp32 thresholds.
+* The absmax of a block is taken in registers: a kernel block of BLOCK lanes (a multiple of 256) is reshaped to
+  [BLOCK / 256, 256], so a 256-block never straddles two programs or iterations.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import runtime
+
+INT8 = "int8"
+QBLOCK = 256
+CODE_DTYPE = torch.uint8
+SUFFIX = "_absmax"  # the state key of a quantized state's block scales
+MIN_NUMEL = 4096    # default int8_min_numel: smaller tensors keep fp32 states
+MAP_WIDTH = 512     # code_maps rows: 256 values, then 255 thresholds (+1 pad) per map
+
+
+def _magnitudes(counts) -> torch.Tensor:
+    """Decade k (of len(counts), the last ending at 1) holds counts[k] midpoints of equal intervals; then 1."""
+    top = len(counts) - 1
+    parts = []
+    for k, n in enumerate(counts):
+        edges = torch.linspace(0.1, 1.0, n + 1, dtype=torch.float64)
+        parts.append((edges[:-1] + edges[1:]) / 2 * 10.0 ** (k - top))
+    return torch.cat([*parts, torch.ones(1, dtype=torch.float64)])
+
+
+_POS = _magnitudes([1, 2, 4, 8, 16, 32, 64])                             # 128 values in (0, 1]
+SIGNED_MAP = torch.cat([-_POS[1:].flip(0), torch.zeros(1, dtype=torch.float64), _POS]).float()
+UNSIGNED_MAP = torch.cat([torch.zeros(1, dtype=torch.float64),
+                          _magnitudes([1, 2, 4, 8, 16, 32, 64, 127])]).float()
+assert SIGNED_MAP.numel() == UNSIGNED_MAP.numel() == 256
+assert bool((SIGNED_MAP.diff() > 0).all()) and bool((UNSIGNED_MAP.diff() > 0).all())
+
+
+def thresholds(qmap: torch.Tensor) -> torch.Tensor:
+    """The 255 decision thresholds of a map: fp32 midpoints of adjacent values."""
+    return ((qmap[:-1].double() + qmap[1:].double()) / 2).float()
+
+
+def map_of(unsigned: bool) -> torch.Tensor:
+    return UNSIGNED_MAP if unsigned else SIGNED_MAP
+
+
+_TABLE = torch.stack([torch.cat([m, thresholds(m), torch.full((1,), float("inf"))])
+                      for m in (SIGNED_MAP, UNSIGNED_MAP)])
+
+
+def code_maps(device) -> torch.Tensor:
+    """The kernels' table: fp32 [2, MAP_WIDTH], row 0 the signed map, row 1 the unsigned one (held by the
+    element-wise apply's tables, one upload per table build)."""
+    return _TABLE.to(device)
+
+
+def n_blocks(n: int) -> int:
+    return -(-n // QBLOCK)
+
+
+def storage_flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor in storage order (the order the kernels walk and the blocks follow)."""
+    if t.is_contiguous():
+        return t.view(-1)
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return t.permute(order).view(-1)
+
+
+def quantize(v: torch.Tensor, unsigned: bool):
+    """(uint8 codes [n], fp32 absmax [ceil(n / 256)]) of a flat tensor."""
+    v = v.float()
+    n = v.numel()
+    nb = n_blocks(n)
+    absmax = torch.nn.functional.pad(v.abs(), (0, nb * QBLOCK - n)).view(nb, QBLOCK).amax(1)
+    scale = absmax.repeat_interleave(QBLOCK)[:n]
+    x = torch.where(scale > 0, v / scale, torch.zeros((), dtype=v.dtype))
+    qmap = map_of(unsigned).to(v.device)
+    codes = torch.searchsorted(thresholds(qmap), x)  # thresholds strictly below x: ties take the lower code
+    return codes.to(CODE_DTYPE), absmax
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, unsigned: bool) -> torch.Tensor:
+    """fp32 values of flat codes and their block scales."""
+    qmap = map_of(unsigned).to(codes.device)
+    return qmap[codes.long()] * absmax.repeat_interleave(QBLOCK)[:codes.numel()]
+
+
+# ---- a state dict's quantized entries (key holds the codes, key + SUFFIX the scales) ----
+
+def is_scale_key(key) -> bool:
+    return isinstance(key, str) and key.endswith(SUFFIX)
+
+
+def store_state(st: dict, key: str, v: torch.Tensor, unsigned: bool, like: torch.Tensor) -> None:
+    """st[key] = the codes of v (new, laid out like ``like``), st[key + SUFFIX] = its scales."""
+    st[key] = torch.empty_like(like, dtype=CODE_DTYPE)
+    st[key + SUFFIX] = torch.empty(n_blocks(like.numel()), dtype=torch.float32, device=like.device)
+    requantize_(st, key, v, unsigned)
+
+
+def requantize_(st: dict, key: str, v: torch.Tensor, unsigned: bool) -> None:
+    """The codes and scales of st[key] overwritten in place with v's (v shaped and laid out like the codes)."""
+    codes, absmax = quantize(storage_flat(torch.empty_like(st[key], dtype=v.dtype).copy_(v)), unsigned)
+    storage_flat(st[key]).copy_(codes)
+    st[key + SUFFIX].copy_(absmax)
+
+
+def scales_of(st: dict, key: str):
+    """The block scales of st[key] if it holds int8 codes (made zero for a buffer made as zero codes at its first
+    step: SGD's momentum), else None."""
+    v = st[key]
+    if v.dtype != CODE_DTYPE:
+        return None
+    if key + SUFFIX not in st:
+        st[key + SUFFIX] = torch.zeros(n_blocks(v.numel()), dtype=torch.float32, device=v.device)
+    return st[key + SUFFIX]
+
+
+def load_state(st: dict, key: str, unsigned: bool) -> torch.Tensor:
+    """The fp32 values of the quantized st[key], shaped and laid out like its codes."""
+    codes = st[key]
+    out = torch.empty_like(codes, dtype=torch.float32)
+    storage_flat(out).copy_(dequantize(storage_flat(codes), st[key + SUFFIX], unsigned))
+    return out
+
+
+if runtime.available():
+    import triton
+    import triton.language as tl
+
+    from .access import load, store, store_bf16_stochastic
+    from .lean import load_raw, store_raw
+
+    QB = tl.constexpr(QBLOCK)
+    MAP_W = tl.constexpr(MAP_WIDTH)
+
+    @triton.jit
+    def _qptrs(qrow, K: tl.constexpr, QUANT: tl.constexpr):
+        # qrow: the row's code-map column, then one scale column per state slot; QUANT bit 1 + K: slot K unsigned
+        scales = tl.load(qrow + 1 + K).to(tl.pointer_type(tl.float32))
+        qmap = tl.load(qrow).to(tl.pointer_type(tl.float32)) + ((QUANT >> (1 + K)) & 1) * MAP_W
+        return scales, qmap
+
+    @triton.jit
+    def _dequantize(ptr, qrow, K: tl.constexpr, QUANT: tl.constexpr, offs, mask, FULL: tl.constexpr):
+        scales, qmap = _qptrs(qrow, K, QUANT)
+        codes = load_raw(ptr, offs, mask, FULL).to(tl.int32)
+        if FULL:
+            s = tl.load(scales + offs // QB)  # the lanes of a block read one address
+        else:
+            s = tl.load(scales + offs // QB, mask=mask, other=0.0)
+        return tl.load(qmap + codes) * s
+
+    @triton.jit
+    def _quantize_store(ptr, qrow, K: tl.constexpr, QUANT: tl.constexpr, offs, val, mask, FULL: tl.constexpr):
+        scales, qmap = _qptrs(qrow, K, QUANT)
+        v = val.to(tl.float32)
+        if not FULL:
+            v = tl.where(mask, v, 0.0)  # lanes past the end stay out of their block's absmax
+        NB: tl.constexpr = offs.shape[0] // QB
+        absmax = tl.max(tl.reshape(tl.abs(v), [NB, QB]), axis=1)
+        s = tl.reshape(tl.broadcast_to(absmax[:, None], [NB, QB]), [offs.shape[0]])
+        x = tl.where(s > 0, tl.div_rn(v, tl.where(s > 0, s, 1.0)), 0.0)
+        code = tl.zeros(offs.shape, tl.int32)
+        for i in tl.static_range(8):  # binary search: the number of thresholds below x
+            step = 128 >> i
+            t = tl.load(qmap + QB + code + (step - 1))
+            code = tl.where(t < x, code + step, code)
+        store_raw(ptr, offs, code.to(tl.uint8), mask, FULL)
+        block = tl.max(tl.reshape(offs // QB, [NB, QB]), axis=1)
+        if FULL:
+            tl.store(scales + block, absmax)
+        else:
+            live = tl.max(tl.reshape(mask.to(tl.int32), [NB, QB]), axis=1) > 0
+            tl.store(scales + block, absmax, mask=live)
+
+    @triton.jit
+    def load_slot(ON: tl.constexpr, K: tl.constexpr, ptr, offs, mask, FULL: tl.constexpr, like, qrow,
+                  QUANT: tl.constexpr):
+        """State slot K of an element block in the compute dtype (zeros if absent; QUANT: dequantized)."""
+        if ON:
+            if QUANT:
+                return _dequantize(ptr, qrow, K, QUANT, offs, mask, FULL).to(like.dtype)
+            else:
+                return load(ptr, offs, mask, FULL)
+        else:
+            return tl.zeros_like(like)
+
+    @triton.jit
+    def store_slot(ON: tl.constexpr, K: tl.constexpr, ptr, offs, val, mask, FULL: tl.constexpr, SR: tl.constexpr,
+                   seed, qrow, QUANT: tl.constexpr):
+        """Store state slot K: quantized (QUANT), bf16 stochastically rounded (SR, state_dtype=bf16 with
+        stochastic_rounding), or rounded to nearest in its dtype."""
+        if ON:
+            if QUANT:
+                _quantize_store(ptr, qrow, K, QUANT, offs, val, mask, FULL)
+            elif SR:
+                store_bf16_stochastic(ptr, offs, val, mask, seed, FULL)
+            else:
+                store(ptr, offs, val, mask, FULL)
