@@ -62,9 +62,8 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
         super().__init__(params, defaults)
         self._kernel_caches: dict = {}
         self._state_lists: dict = {}
-        for group in self.param_groups:
-            if group["fused"]:
-                self._require_kernel(group)
+        for group in filter(operator.itemgetter("fused"), self.param_groups):
+            self._require_kernel(group)
 
     # ---- hooks for subclasses -------------------------------------------------------------------------------
     def _validate(self, group: dict) -> None:
