@@ -41,6 +41,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fused_optim  # noqa: E402
 from fused_optim.kernels import multi_tensor as mt, runtime  # noqa: E402
+from fused_optim.kernels import rules  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _SKIP_BOOLS = {"foreach", "capturable", "differentiable", "fused"}
@@ -133,7 +134,7 @@ def _scalar_f64_variants(dts, nt: int, amp) -> tuple:
     """SCALAR_F64 bit sets to compile: none, and for plain fp64 params every scalar slot but ``step`` (slot 0) fp64."""
     if dts[0] != torch.float64 or nt < 2 or amp:
         return (0,)
-    return 0, sum(1 << (mt.SCALAR_F64_FIRST + k) for k in range(1, nt))
+    return 0, sum(1 << (rules.SCALAR_F64_FIRST + k) for k in range(1, nt))
 
 
 def inventory() -> list[Entry]:
