@@ -7,7 +7,8 @@ math on the same loaded values, so the masters agree to float32 rounding (rtol 1
 are summed in another order). bf16 states are rounded once per step from fp32 values that agree to float32
 rounding: equal, or one bf16 ulp apart where a value straddles a rounding boundary (rtol 2^-8). Stochastically
 rounded states draw other random bits on the two paths: no element-wise agreement is defined, so those runs are
-compared by the distance between the two masters relative to the distance travelled.
+compared by the distance between the two masters relative to the distance travelled (at most 5%); so are
+Adahessian's runs with SR or bf16 states (see the test).
 """
 import pytest
 import torch
@@ -65,7 +66,10 @@ def test_fused_matches_reference_with_lean_options(name, label):
         assert n == (n_plain[0], 0), (n, n_plain)
     else:
         assert n == n_plain, (n, n_plain)
-    sr_states = "states+SR" in label
+    # Adahessian's grads and Hessian come from the bf16 params through autograd: a param one ulp apart (other SR
+    # bits, a bf16 state rounded the other way) changes the next grads, a feedback the random grads of the other
+    # families do not have; those runs are compared by distance too
+    sr_states = "states+SR" in label or (name == "Adahessian" and ("SR" in label or "states" in label))
     for i, (p, q) in enumerate(zip(pa, pb)):
         ma, mb = _master(fused, p), _master(ref, q)
         assert ma.dtype == torch.float32
