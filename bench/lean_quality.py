@@ -50,6 +50,30 @@ def train(name, fused, steps, **opts):
     return sum(losses[-20:]) / 20
 
 
+def report(title, train_fn, paths, out=None, optimizers=OPTIMIZERS, settings=None):
+    """One table row per optimizer and path: train_fn(name, fused, **opts) -> final loss, for every SETTINGS entry,
+    and each lean setting's ratio to fp32. Printed row by row, and written to ``out`` after every row (a long fused
+    run keeps what it measured). ``settings``: names of SETTINGS entries (default all; fp32 is always run). Returns
+    the rows' ratios {(name, path, setting): ratio}."""
+    chosen = {s: SETTINGS[s] for s in SETTINGS if settings is None or s in settings or s == "fp32"}
+    lines = [title, "",
+             "| optimizer | path | " + " | ".join(f"{s} loss" for s in chosen) + " | " +
+             " | ".join(f"{s} / fp32" for s in chosen if s != "fp32") + " |",
+             "|---|---|" + "---|" * (2 * len(chosen) - 1)]
+    ratios = {}
+    for name in optimizers:
+        for path in paths:
+            loss = {s: train_fn(name, path == "fused", **o) for s, o in chosen.items()}
+            ratios.update({(name, path, s): loss[s] / loss["fp32"] for s in chosen if s != "fp32"})
+            lines.append(f"| {name} | {path} | " + " | ".join(f"{v:.5f}" for v in loss.values()) + " | " +
+                         " | ".join(f"{ratios[name, path, s]:.4f}" for s in chosen if s != "fp32") + " |")
+            print(lines[-1], flush=True)
+            if out:
+                with open(out, "w") as f:
+                    f.write("\n".join(lines) + "\n")
+    return ratios
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
@@ -58,21 +82,9 @@ def main():
     ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
     ap.add_argument("--out")
     args = ap.parse_args()
-    settings = {s: SETTINGS[s] for s in SETTINGS if s in args.settings or s == "fp32"}
-    lines = [f"# Lean states vs fp32 states: teacher-student MLP, {args.steps} steps, device {DEVICE}", "",
-             "| optimizer | path | " + " | ".join(f"{s} loss" for s in settings) + " | " +
-             " | ".join(f"{s} / fp32" for s in settings if s != "fp32") + " |",
-             "|---|---|" + "---|" * (2 * len(settings) - 1)]
-    for name in args.optimizers:
-        for path in args.paths:
-            loss = {s: train(name, path == "fused", args.steps, **o) for s, o in settings.items()}
-            ratios = [loss[s] / loss["fp32"] for s in settings if s != "fp32"]
-            lines.append(f"| {name} | {path} | " + " | ".join(f"{v:.5f}" for v in loss.values()) + " | " +
-                         " | ".join(f"{r:.4f}" for r in ratios) + " |")
-            print(lines[-1], flush=True)
-            if args.out:  # after every row: a long fused run keeps what it measured
-                with open(args.out, "w") as f:
-                    f.write("\n".join(lines) + "\n")
+    report(f"# Lean states vs fp32 states: teacher-student MLP, {args.steps} steps, device {DEVICE}",
+           lambda name, fused, **o: train(name, fused, args.steps, **o), args.paths, args.out,
+           optimizers=args.optimizers, settings=args.settings)
 
 
 if __name__ == "__main__":

@@ -52,14 +52,14 @@ class GPT(torch.nn.Module):
         return self.head(self.ln(self.blocks(self.tok(idx) + self.pos[: idx.shape[1]])))
 
 
-def _data(m, t):
+def toy_sequences(m, t):
     g = torch.Generator().manual_seed(t["seed"] + 1)
     # a learnable toy language: each token is the previous one plus a fixed offset, with noise
     start = torch.randint(0, m["vocab"], (t["steps"], t["batch"], 1), generator=g)
     return (start + 7 * torch.arange(m["seq_len"] + 1)) % m["vocab"]
 
 
-def _loss(model, batch, vocab):
+def lm_loss(model, batch, vocab):
     logits = model(batch[:, :-1])
     return torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1))
 
@@ -70,10 +70,10 @@ def train(cfg, fused: bool, device: str):
     torch.manual_seed(t["seed"])
     model = GPT(**m).to(device)
     opt = fused_optim.from_config(model, {**cfg["optimizer"], "fused": fused})
-    seqs = _data(m, t)
+    seqs = toy_sequences(m, t)
     losses, times = [], []
     for step in range(t["steps"]):
-        loss = _loss(model, seqs[step].to(device), m["vocab"])
+        loss = lm_loss(model, seqs[step].to(device), m["vocab"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         times.append(timed_step(opt, device))
@@ -102,7 +102,7 @@ def train_fsdp(cfg, checkpoint: str | None, save_every: int):
         fully_shard(block)
     fully_shard(model)
     opt = fused_optim.from_config(model, cfg["optimizer"])
-    seqs, start = _data(m, t), 0
+    seqs, start = toy_sequences(m, t), 0
     if checkpoint and os.path.exists(os.path.join(checkpoint, ".metadata")):
         model_sd, optim_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optim": optim_sd, "step": torch.zeros((), dtype=torch.int64)}
@@ -110,7 +110,7 @@ def train_fsdp(cfg, checkpoint: str | None, save_every: int):
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         start = int(state["step"])
     for step in range(start, t["steps"]):
-        loss = _loss(model, seqs[step].chunk(world)[rank].to(device), m["vocab"])
+        loss = lm_loss(model, seqs[step].chunk(world)[rank].to(device), m["vocab"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

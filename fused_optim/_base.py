@@ -285,11 +285,8 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
         rule, keys, skeys = self._kernel_rule(group, variant)
         scalars_on_device(states, skeys, params[0].device)
         self._prepare(group, params, grads, states)
-        masters = self._masters(states)
-        params, grads, columns, back = self._kernel_tensors(params, grads, states, keys, grad_scale,
-                                                            extra=[masters] if masters else ())
-        if masters:
-            *columns, masters = columns
+        params, grads, columns, masters, back = self._kernel_tensors_with_masters(params, grads, states, keys,
+                                                                                  grad_scale)
         lr = group.get("lr")
         # a table hit is verified against every address, so a recycled id() can never reuse a stale table
         cache = self._kernel_caches.setdefault((id(group), variant), TableCache())

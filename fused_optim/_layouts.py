@@ -46,6 +46,16 @@ class KernelTensors:
             columns = [[as_real(s) for s in col] for col in columns]
         return params, grads, columns, back
 
+    def _kernel_tensors_with_masters(self, params, grads, states, keys, grad_scale=None):
+        """_kernel_tensors with the master slot of each param (PrecisionOptions._masters) as one more column:
+        (params, grads, columns, masters or None, write-backs)."""
+        masters = self._masters(states)
+        params, grads, columns, back = self._kernel_tensors(params, grads, states, keys, grad_scale,
+                                                            extra=[masters] if masters else ())
+        if masters:
+            *columns, masters = columns
+        return params, grads, columns, masters, back
+
     def _fit_layouts(self, params, grads, columns, grad_written: bool):
         """The kernels' view of tensors that are not all contiguous (``kernel_layout`` says what they can walk).
         A param the kernels cannot walk, and a grad or state (of the param's shape) not laid out like the param the

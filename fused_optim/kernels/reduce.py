@@ -40,6 +40,7 @@ if runtime.available():
 
     # a kernel may call only jit functions it finds among its module's globals
     from .access import amp_skip, chunk_ptr, grad_inv_scale, load, over_chunk, to_compute
+    from .lean import load_joined
     from .sync import arrive, sum_partials
 
     @triton.jit
@@ -49,19 +50,35 @@ if runtime.available():
         return acc + g * g
 
     @triton.jit
+    def _sumsq_joined_block(acc, offs, mask, FULL: tl.constexpr, g_ptr, r_ptr, joined, inv_scale):
+        # over_chunk's BODY where a tensor of the bucket may have an int16 remainder: its exact fp32 value
+        if joined:
+            g = load_joined(g_ptr, r_ptr, offs, mask, FULL) * inv_scale
+        else:
+            g = load(g_ptr, offs, mask, FULL) * inv_scale
+        return acc + g * g
+
+    @triton.jit
     def _sumsq_kernel(ptrs, numels, work, first, dst, counters, partials, out, scale_ptr, inf_ptr,
-                      G_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+                      G_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, REM: tl.constexpr,
                       ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, PB: tl.constexpr):
-        # one program per (tensor, chunk) of the work table; out[dst[t]] = sum of the unscaled grad's squares
+        # one program per (tensor, chunk) of the work table; out[dst[t]] = sum of the unscaled grad's squares.
+        # REM: each ptrs row also holds a remainder's address (0: none)
         pid = tl.program_id(0)
         if amp_skip(inf_ptr, HAS_INF) == 0:
             t = tl.load(work + 2 * pid)
             chunk = tl.load(work + 2 * pid + 1).to(tl.int64)
             n = tl.load(numels + t)
-            g_ptr = chunk_ptr(ptrs + t.to(tl.int64), 0, G_DT, ALIGNED)
+            row = ptrs + t.to(tl.int64) * (2 if REM else 1)
+            g_ptr = chunk_ptr(row, 0, G_DT, ALIGNED)
             inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
-            acc = over_chunk(_sumsq_block, to_compute(tl.zeros([BLOCK], tl.float32), g_ptr), chunk * (BLOCK * ITERS), n,
-                             (g_ptr, inv_scale), BLOCK, ITERS)
+            acc = to_compute(tl.zeros([BLOCK], tl.float32), g_ptr)
+            if REM:
+                acc = over_chunk(_sumsq_joined_block, acc, chunk * (BLOCK * ITERS), n,
+                                 (g_ptr, chunk_ptr(row, 1, tl.int16, ALIGNED), tl.load(row + 1) != 0, inv_scale),
+                                 BLOCK, ITERS)
+            else:
+                acc = over_chunk(_sumsq_block, acc, chunk * (BLOCK * ITERS), n, (g_ptr, inv_scale), BLOCK, ITERS)
             tl.store(partials + pid, tl.sum(acc, axis=0))
             nwork = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
             if arrive(counters + t, nwork):
@@ -91,17 +108,23 @@ class _SumsqTables(Tables):
     counters: torch.Tensor = None
 
 
-def _build_sumsq_tables(key, gs, idx) -> _SumsqTables:
+def _build_sumsq_tables(key, gs, idx, rems=None) -> _SumsqTables:
     dev = gs[0].device
     chunks = [max(1, -(-n // (runtime.BLOCK * runtime.ITERS))) for n in map(numel, gs)]
     work = [(t, c) for t, n in enumerate(chunks) for c in range(n)]
-    return _SumsqTables(key=key, gkey=tuple(map(ptr, gs)), ptrs=to_device([[p] for p in map(ptr, gs)], torch.int64, dev),
-                        aligned=all_aligned(gs), grad_col=0, numels=to_device(list(map(numel, gs)), torch.int64, dev),
+    rows = [[p] for p in map(ptr, gs)] if rems is None else [[ptr(g), _rem_ptr(r)] for g, r in zip(gs, rems)]
+    return _SumsqTables(key=key, gkey=tuple(map(ptr, gs)), ptrs=to_device(rows, torch.int64, dev),
+                        aligned=all_aligned(gs, [r for r in rems or () if r is not None]), grad_col=0,
+                        numels=to_device(list(map(numel, gs)), torch.int64, dev),
                         work=to_device(work, torch.int32, dev),
                         first=to_device([0, *itertools.accumulate(chunks[:-1])], torch.int32, dev),
                         dst=to_device(list(idx), torch.int32, dev),
                         partials=torch.zeros(len(work), dtype=_acc_dtype(gs), device=dev),
                         counters=torch.zeros(len(gs), dtype=torch.int32, device=dev))
+
+
+def _rem_ptr(r) -> int:
+    return 0 if r is None else ptr(r)
 
 
 def _acc_dtype(grads) -> torch.dtype:
@@ -120,11 +143,14 @@ def use_csrc(device: torch.device) -> bool:
     return ok
 
 
-def sumsq(cache: dict, grads, grad_scale=None, found_inf=None) -> torch.Tensor:
+def sumsq(cache: dict, grads, grad_scale=None, found_inf=None, remainders=None) -> torch.Tensor:
     """[T] device buffer: sum((g / grad_scale)^2) of every grad (real dtype); fp32, fp64 if any grad is fp64. The
     buffer is cached in ``cache`` per list of sizes and dtypes, so its address is the same every step. A grad that is
     not dense (a strided slice, an expanded grad) is summed from a contiguous copy; any dense layout is walked as it
-    is."""
+    is. ``remainders[i]``: None, or the int16 remainder of a contiguous bf16 ``grads[i]`` (a param with
+    param_remainders): the sum is then over the exact fp32 master the pair holds (kernels/lean.py), on Triton (the
+    C++ engine reads plain tensors only)."""
+    rem = remainders is not None and any(r is not None for r in remainders)
     if not all(map(torch.Tensor.is_contiguous, grads)):
         grads = [g if dense(g) else g.contiguous() for g in grads]
     dev = grads[0].device
@@ -133,7 +159,7 @@ def sumsq(cache: dict, grads, grad_scale=None, found_inf=None) -> torch.Tensor:
     if out is None:
         cache.clear()  # a new layout: drop the old buffers and tables
         out = cache[("out", key)] = torch.zeros(len(grads), dtype=_acc_dtype(grads), device=dev)
-    if out.dtype == torch.float32 and use_csrc(dev):
+    if out.dtype == torch.float32 and not rem and use_csrc(dev):
         from .. import csrc
 
         buf = cache.get(("csrc", key))
@@ -148,18 +174,22 @@ def sumsq(cache: dict, grads, grad_scale=None, found_inf=None) -> torch.Tensor:
         return buf[:-1]
     tables = cache.setdefault("triton", TableCache())
     for dt, idx in buckets(key[1]).items():
-        (gs,) = pick(idx, grads)
-        tab = tables.lookup(dt, tuple(map(numel, gs)), gs, lambda: _build_sumsq_tables(tuple(map(numel, gs)), gs, idx))
+        gs, rs = pick(idx, grads, remainders if rem else [None] * len(grads))
+        rs = rs if any(r is not None for r in rs) else None
+        # the remainders' addresses are part of the tables' key (a loaded checkpoint replaces them)
+        tkey = (tuple(map(numel, gs)), *map(_rem_ptr, rs or ()))
+        tab = tables.lookup(dt, tkey, gs, lambda: _build_sumsq_tables(tkey, gs, idx, rs))
         dummy = tab.partials
         runtime.launch(_sumsq_kernel, tab.work.shape[0], tab.ptrs, tab.numels, tab.work, tab.first, tab.dst,
                        tab.counters, tab.partials, out, grad_scale if grad_scale is not None else dummy,
                        found_inf if found_inf is not None else dummy,
-                       **_sumsq_constexprs(dt, grad_scale is not None, found_inf is not None, tab.aligned))
+                       **_sumsq_constexprs(dt, grad_scale is not None, found_inf is not None, tab.aligned,
+                                           rs is not None))
     return out
 
 
-def _sumsq_constexprs(g_dtype, has_scale, has_inf, aligned) -> dict:
-    return dict(G_DT=runtime.tl_dtype(g_dtype), HAS_SCALE=has_scale, HAS_INF=has_inf, ALIGNED=aligned,
+def _sumsq_constexprs(g_dtype, has_scale, has_inf, aligned, rem=False) -> dict:
+    return dict(G_DT=runtime.tl_dtype(g_dtype), HAS_SCALE=has_scale, HAS_INF=has_inf, REM=rem, ALIGNED=aligned,
                 BLOCK=runtime.BLOCK, ITERS=runtime.ITERS, PB=_PB)
 
 
@@ -190,12 +220,14 @@ def aot_kernels():
              "partials": acc, "out": acc, "scale_ptr": "*fp32", "inf_ptr": "*fp32"}
         return {**s, **{k: "constexpr" for k in _sumsq_constexprs(torch.float32, False, False, True)}}
 
-    out = [dict(name=f"sumsq {str(dt).replace('torch.', '')}{'' if al else ' unaligned'}{' amp' if amp else ''}",
+    out = [dict(name=f"sumsq {str(dt).replace('torch.', '')}{'' if al else ' unaligned'}{' amp' if amp else ''}"
+                     f"{' remainders' if rem else ''}",
                 fn=_sumsq_kernel, signature=sig("*fp64" if dt == torch.float64 else "*fp32"),
-                constexprs=_sumsq_constexprs(dt, amp, amp, al), options=runtime.compile_options())
-           for dt, al, amp in ((torch.float32, True, False), (torch.float32, False, False),
-                               (torch.bfloat16, True, False), (torch.float16, True, True), (torch.float64, True, False),
-                               (torch.float64, True, True))]
+                constexprs=_sumsq_constexprs(dt, amp, amp, al, rem), options=runtime.compile_options())
+           for dt, al, amp, rem in ((torch.float32, True, False, False), (torch.float32, False, False, False),
+                                    (torch.bfloat16, True, False, False), (torch.float16, True, True, False),
+                                    (torch.float64, True, False, False), (torch.float64, True, True, False),
+                                    (torch.bfloat16, True, False, True))]
     out += [dict(name=f"clip scale{' amp' if amp else ''}{' float64' if acc == '*fp64' else ''}",
                  fn=_clip_scale_kernel, constexprs=dict(HAS_SCALE=amp, PB=_PB), options=runtime.compile_options(),
                  signature={"sq": acc, "n": "i32", "scale_ptr": "*fp32", "out": acc, "HAS_SCALE": "constexpr",

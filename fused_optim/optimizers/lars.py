@@ -86,11 +86,12 @@ class Lars(FusedOptimizer):
     Fused path: 2 launches per param group and step (1 without adaptation): the per-tensor sums of squares of
     grads and params in one launch (C++/CUDA engine; Triton where it is not built), then the shared multi-tensor
     kernel; +1 apply on the step where params first get a momentum buffer (it starts at their grad, as in timm).
-    No host syncs (timm's trust ratio is device math too)."""
+    No host syncs (timm's trust ratio is device math too). With an exact fp32 master (master_weights,
+    param_remainders) the weight norm is the master's, as on the reference path (over remainders: the Triton sums,
+    which read the param and its remainder as one fp32 value)."""
 
     scalar_keys = ()
     elementwise = False  # per-tensor norms
-    precision_in_kernel = False  # the apply launch carries no master copy: reference path for those options
     kernel_subvariants = (False, True)  # the `first` argument of _kernel_rule (AOT inventory compiles both)
 
     def __init__(self, params, lr=1.0, momentum=0, dampening=0, weight_decay=0, nesterov=False, trust_coeff=0.001,
@@ -131,12 +132,19 @@ class Lars(FusedOptimizer):
         launches = (momentum_launches(params, states, self._new_state_buffer) if group["momentum"] != 0
                     else [(range(len(params)), None)])
         keys = ("momentum_buffer",) if group["momentum"] != 0 else ()
-        params, grads, columns, back = self._kernel_tensors(params, grads, states, keys, grad_scale)
+        params, grads, columns, masters, back = self._kernel_tensors_with_masters(params, grads, states, keys,
+                                                                                  grad_scale)
         slots = ()
         if self._adapts(group):
             cache = self._kernel_caches.setdefault((id(group), "sumsq"), {})
-            # one launch for both norms: grads scaled (the apply divides by the scale), params as they are
-            buf = reduce.sumsq(cache, grads + params, None, found_inf)
+            # one launch for both norms: grads scaled (the apply divides by the scale), params as they are; the
+            # weight norm of the exact fp32 master where there is one, as the reference's
+            weights, rems = params, None
+            if masters and self.master_weights:
+                weights = [p if m is None else m for p, m in zip(params, masters)]
+            elif masters:
+                rems = [None] * len(grads) + masters
+            buf = reduce.sumsq(cache, grads + weights, None, found_inf, remainders=rems)
             scale = grad_scale if grad_scale is not None else cache.setdefault("one", torch.ones(1, device=buf.device))
             # 0-d views of fixed buffers (the apply's tables stay valid), made once per buffer
             if cache.get("views", (None,))[:2] != (buf.data_ptr(), scale.data_ptr()):
@@ -150,5 +158,6 @@ class Lars(FusedOptimizer):
             mt.apply(rule, self._kernel_caches.setdefault((id(group), first), TableCache()), ps, gs,
                      cols[:len(columns)], cols[len(columns):],
                      lr_tensor=lr if isinstance(lr, torch.Tensor) else None, grad_scale=grad_scale,
-                     found_inf=found_inf)
+                     found_inf=found_inf, **self._precision_args(masters and [masters[i] for i in idx]),
+                     **self._quant_args([states[i] for i in idx], keys))
         self._write_back(back)

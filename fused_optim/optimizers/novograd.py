@@ -125,7 +125,6 @@ class _LayerwiseMoments(KeptStateDtypes, FusedOptimizer):
 
     scalar_keys = ("step", "exp_avg_sq", "max_exp_avg_sq")
     elementwise = False  # per-layer grad norms (over DTensor shards: local sums, one collective)
-    precision_in_kernel = False  # the apply launch carries no master copy: reference path for those options
     _slots = ("step", "exp_avg_sq", _NORM, "max_exp_avg_sq")  # the apply's per-tensor scalars, in SCALARS' order
     first_if_zero = False  # NvNovoGrad: a layer starts over whenever its moment is 0 (timm); else: at step 1
 
@@ -176,7 +175,8 @@ class _LayerwiseMoments(KeptStateDtypes, FusedOptimizer):
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         rule, keys, skeys = self._kernel_rule(group)
         scalars_on_device(states, [k for k in skeys if k != _NORM], params[0].device)
-        params, grads, columns, back = self._kernel_tensors(params, grads, states, keys, grad_scale)
+        params, grads, columns, masters, back = self._kernel_tensors_with_masters(params, grads, states, keys,
+                                                                                  grad_scale)
         cache = self._kernel_caches.setdefault((id(group), "sumsq"), {})
         # 0-d views of a buffer at a fixed address (the apply's tables stay valid), made once per buffer
         buf = reduce.sumsq(cache, grads, grad_scale, found_inf)
@@ -188,7 +188,8 @@ class _LayerwiseMoments(KeptStateDtypes, FusedOptimizer):
         lr = group["lr"]
         scalars = [norms if k == _NORM else list(map(operator.itemgetter(k), states)) for k in skeys]
         mt.apply(rule, self._kernel_caches.setdefault((id(group), None), TableCache()), params, grads, columns, scalars,
-                 lr_tensor=lr if isinstance(lr, torch.Tensor) else None, grad_scale=grad_scale, found_inf=found_inf)
+                 lr_tensor=lr if isinstance(lr, torch.Tensor) else None, grad_scale=grad_scale, found_inf=found_inf,
+                 **self._precision_args(masters), **self._quant_args(states, keys))
         self._write_back(back)
 
 

@@ -110,6 +110,9 @@ FAMILIES = {
     "RMSprop-centered": lambda ps, **kw: fused_optim.RMSprop(ps, lr=1e-3, centered=True, momentum=0.5, **kw),
     "Adagrad": lambda ps, **kw: fused_optim.Adagrad(ps, lr=1e-2, initial_accumulator_value=0.1, **kw),
     "Lion": lambda ps, **kw: fused_optim.Lion(ps, lr=1e-3, weight_decay=0.1, **kw),
+    # layer-wise norms, then the shared apply (its int8 states are the same slots)
+    "NvNovoGrad": lambda ps, **kw: fused_optim.NvNovoGrad(ps, lr=1e-2, weight_decay=0.01, **kw),
+    "Lars-momentum": lambda ps, **kw: fused_optim.Lars(ps, lr=0.1, momentum=0.9, weight_decay=1e-4, **kw),
 }
 
 

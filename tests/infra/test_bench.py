@@ -140,3 +140,16 @@ def test_muon_runs_on_the_matrices_against_torchs(tmp_path, monkeypatch):
         assert "error" not in r, r
         assert r["tensors"] == 2 and r["numel"] == 256  # its matrices only
         _check_timed(r)
+
+
+def test_lean_gpt_smoke(tmp_path, monkeypatch):
+    """bench/lean_gpt.py end to end on both paths, one optimizer, 2 steps: a row per path, a ratio per lean setting."""
+    gpt = load_script("bench", "lean_gpt.py")
+    monkeypatch.setattr(gpt, "HYPER", {"SGD": gpt.HYPER["SGD"]})
+    out = tmp_path / "gpt.md"
+    ratios = gpt.main(["--steps", "2", "--paths", "reference", "fused", "--out", str(out)])
+    lean = [s for s in gpt.lean_quality.SETTINGS if s != "fp32"]
+    assert set(ratios) == {("SGD", p, s) for p in ("reference", "fused") for s in lean}
+    assert all(0.9 < r < 1.1 for r in ratios.values()), ratios  # 2 steps: the lean states barely differ yet
+    text = out.read_text()
+    assert "| SGD | reference |" in text and "| SGD | fused |" in text and "train_gpt's GPT" in text

@@ -1,0 +1,109 @@
+"""master_weights, stochastic_rounding, param_remainders and state_dtype=bf16 inside the fused kernels of the
+optimizers with per-tensor statistics (NovoGrad, NvNovoGrad, Lars, Adahessian): fused against reference over 20
+steps on bf16 params, same launches as without the options, checkpoints round-trip.
+
+Tolerances: every run here keeps an exact fp32 master (master_weights or param_remainders), and both paths do fp32
+math on the same loaded values, so the masters agree to float32 rounding (rtol 1e-5; Lars' and NovoGrad's norms
+are summed in another order). bf16 states are rounded once per step from fp32 values that agree to float32
+rounding: equal, or one bf16 ulp apart where a value straddles a rounding boundary (rtol 2^-8). Stochastically
+rounded states draw other random bits on the two paths: no element-wise agreement is defined, so those runs are
+compared by the distance between the two masters relative to the distance travelled (at most 5%); so are
+Adahessian's runs with SR or bf16 states (see the test).
+"""
+import pytest
+import torch
+
+from cases import ALL, run
+from conftest import DEVICE
+from helpers import assert_close, launches, saved
+from fused_optim.kernels.lean import join_remainder
+
+BF16 = torch.bfloat16
+CASE = {c.name: c for c in ALL}
+# per family: a configuration whose kernel reads the statistics (Lars: weight decay, so the trust ratio adapts)
+CONFIG = {"NvNovoGrad": {"lr": 0.01, "weight_decay": 0.1, "grad_averaging": True},
+          "NovoGrad": {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True},
+          "Lars": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01},
+          "Adahessian": {"lr": 0.05, "weight_decay": 0.01}}
+SHAPES = [(5, 3), (7,), (), (0,), (33, 20)]  # odd sizes, 0-d, empty, several chunks (conftest: 512-element chunks)
+OPTIONS = {"master": dict(master_weights=True),
+           "master+SR": dict(master_weights=True, stochastic_rounding=True),
+           "remainders+bf16-states": dict(param_remainders=True, state_dtype=BF16),
+           "remainders+bf16-states+SR": dict(param_remainders=True, state_dtype=BF16, stochastic_rounding=True)}
+FAMILIES = pytest.mark.parametrize("name", list(CONFIG))
+
+
+def _make(name, fused, **opts):
+    gen = torch.Generator().manual_seed(0)
+    ps = [(torch.rand(s, generator=gen) * 2 - 1).add_(0.1).to(BF16).to(DEVICE).requires_grad_(name == "Adahessian")
+          for s in SHAPES]
+    return CASE[name].cls(ps, fused=fused, **CONFIG[name], **opts), ps
+
+
+def _master(opt, p):
+    st = opt.state[p]
+    return st["master_param"] if "master_param" in st else join_remainder(p.detach(), st["param_remainder"])
+
+
+def _states(opt, p):
+    return {k: v for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and k not in ("master_param", "step")}  # NvNovoGrad's step: a float32 tensor fused, timm's int else
+
+
+@FAMILIES
+@pytest.mark.parametrize("label", list(OPTIONS))
+def test_fused_matches_reference_with_lean_options(name, label):
+    opts = OPTIONS[label]
+    plain, pp = _make(name, True)
+    fused, pa = _make(name, True, **opts)
+    ref, pb = _make(name, False, **opts)
+    start = [p.detach().float() for p in pa]  # the masters start as the bf16 params
+    n_plain = launches(lambda: run(CASE[name], [plain], [pp], steps=20))
+    n = launches(lambda: run(CASE[name], [fused], [pa], steps=20))
+    run(CASE[name], [ref], [pb], steps=20)
+    # the same launches as without the options (Lars' weight norms over remainders: Triton instead of the engine)
+    if name == "Lars" and "remainders" in label:
+        assert n == (n_plain[0], 0), (n, n_plain)
+    else:
+        assert n == n_plain, (n, n_plain)
+    # Adahessian's grads and Hessian come from the bf16 params through autograd: a param one ulp apart (other SR
+    # bits, a bf16 state rounded the other way) changes the next grads, a feedback the random grads of the other
+    # families do not have; those runs are compared by distance too
+    sr_states = "states+SR" in label or (name == "Adahessian" and ("SR" in label or "states" in label))
+    for i, (p, q) in enumerate(zip(pa, pb)):
+        ma, mb = _master(fused, p), _master(ref, q)
+        assert ma.dtype == torch.float32
+        if sr_states:  # other random bits: the masters agree to a small fraction of the distance travelled
+            moved = float((mb - start[i]).norm())
+            assert float((ma - mb).norm()) <= 0.05 * moved + 1e-6, f"param {i}"
+            continue
+        assert_close(ma, mb, 1e-5, 1e-6, f"master {i}")
+        sa, sb = _states(fused, p), _states(ref, q)
+        assert sa.keys() == sb.keys()
+        for k in sb:
+            assert_close(sa[k], sb[k], 2 ** -8, 1e-6, f"param {i} state {k}")
+        if "SR" in label:  # the bf16 param: one of the master's two bf16 neighbours
+            assert ((p.detach().float() - ma).abs() <= ma.abs() * 2 ** -7).all()
+        elif "master" in label:
+            assert torch.equal(p.detach(), ma.to(BF16)) and torch.equal(q.detach(), mb.to(BF16))
+    for p in pa:
+        if "state_dtype" in opts:
+            assert all(v.dtype == BF16 for k, v in _states(fused, p).items() if v.shape == p.shape and p.dim())
+
+
+@FAMILIES
+def test_lean_checkpoint_round_trip_on_the_fused_path(name):
+    opts = dict(param_remainders=True, state_dtype=BF16)
+    opt, pa = _make(name, True, **opts)
+    run(CASE[name], [opt], [pa], steps=3)
+    again, pb = _make(name, True, **opts)
+    with torch.no_grad():
+        for p, q in zip(pa, pb):
+            q.copy_(p)
+    again.load_state_dict(saved(opt.state_dict()))
+    run(CASE[name], [opt, again], [pa, pb], steps=3, seed=5)
+    for p, q in zip(pa, pb):
+        assert torch.equal(p.detach(), q.detach())
+        assert torch.equal(opt.state[p]["param_remainder"], again.state[q]["param_remainder"])
+        for k, v in _states(opt, p).items():
+            assert torch.equal(v, _states(again, q)[k]) and v.dtype == _states(again, q)[k].dtype
