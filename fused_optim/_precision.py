@@ -10,7 +10,7 @@ import math
 import torch
 
 from . import _sharded as sharded
-from ._tensors import LOW_PRECISION, as_real, check, local, stochastic_round_bf16
+from ._tensors import LOW_PRECISION, as_real, check, dense, local, same_order, stochastic_round_bf16
 from .kernels import lean, quant, reduce, runtime
 
 # the keyword options and their defaults, in signature order
@@ -35,15 +35,13 @@ class PrecisionOptions:
     supports_max_grad_norm = True  # False: refused (SparseAdam's sparse grads, LBFGS's line search)
     last_grad_norm: torch.Tensor | None = None
     anchor_max_grad_norm = False  # True: max_grad_norm is the anchor's own constructor argument (timm's Lamb)
-    # bf16 params: an int16 remainder (state['param_remainder']) holds the low bits of an exact fp32 master, which
-    # the math updates (kernels/lean.py), at 2 bytes per param instead of master_weights' 4
+    # bf16 params + an int16 remainder (state['param_remainder']) = the exact fp32 master (kernels/lean.py): 2 bytes
     param_remainders = False
     # the dtype of every element-wise state buffer (None: the anchor's); see _lean_state
     state_dtype = None
-    # state_dtype="int8" (kernels/quant.py): blockwise 8-bit states for tensors of at least int8_min_numel elements
-    # (smaller ones keep fp32 states); the states that are never negative get the unsigned code map
+    # state_dtype="int8" (kernels/quant.py): blockwise 8-bit states for tensors of >= int8_min_numel elements
     int8_min_numel = quant.MIN_NUMEL
-    nonnegative_states: tuple = ()
+    nonnegative_states: tuple = ()  # the states never negative: the unsigned code map
     supports_int8 = True  # False: refused (a fused path whose launches carry no block scales)
 
     def __init_subclass__(cls, **kwargs):
@@ -51,7 +49,6 @@ class PrecisionOptions:
         init = cls.__dict__.get("__init__")
         if init is None:
             return
-
         sig = inspect.signature(init)
         # an option the anchor itself takes (timm's Lamb: max_grad_norm) stays the constructor's own argument
         own = set(sig.parameters)
@@ -220,6 +217,9 @@ class PrecisionOptions:
                             st[k] = v.float() if quant.is_scale_key(k) else v  # as saved (torch cast them)
                         elif self._is_elementwise_state(k, v, p):
                             self._set_lean(st, k, v, p)
+                    for k in [k for k, v in st.items() if getattr(v, "dtype", None) == quant.CODE_DTYPE]:
+                        if not (dense(st[k]) and same_order(st[k], p)):  # the kernels walk one storage order
+                            quant.relay_(st, k, k in self.nonnegative_states, p)
 
     def _new_state_buffer(self, p) -> torch.Tensor:
         """A zero element-wise state made after the first step (SGD's momentum buffer), in _lean_dtype."""

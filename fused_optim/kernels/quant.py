@@ -120,6 +120,12 @@ def requantize_(st: dict, key: str, v: torch.Tensor, unsigned: bool) -> None:
     st[key + SUFFIX].copy_(absmax)
 
 
+def relay_(st: dict, key: str, unsigned: bool, like: torch.Tensor) -> None:
+    """Codes in another storage order than ``like`` (a checkpoint saved with other strides): blocks follow the
+    storage order, so the values are dequantized in the codes' order and requantized in ``like``'s."""
+    store_state(st, key, load_state(st, key, unsigned), unsigned, like)
+
+
 def scales_of(st: dict, key: str):
     """The block scales of st[key] if it holds int8 codes (made zero for a buffer made as zero codes at its first
     step: SGD's momentum), else None."""

@@ -213,6 +213,38 @@ def test_int8_checkpoint_round_trip_is_bit_exact(fused, dtype):
         assert all(torch.equal(v, again.state[q][k]) for k, v in opt.state[p].items())
 
 
+def test_int8_checkpoint_with_other_strides_is_relaid():
+    """Codes saved in another storage order than their param (a checkpoint from a transposed layout): blocks follow
+    the storage order, so loading relays the values and requantizes them in the param's order; the fused step then
+    equals the reference step (without the relayout the kernels would pair codes with other elements' values)."""
+    pa = _params([(24, 40)])
+    opt = fused_optim.Adam(pa, lr=1e-2, state_dtype=INT8, int8_min_numel=MIN)
+    gen = torch.Generator().manual_seed(1)
+    _grads(pa, gen)
+    opt.step()
+    sd = saved(opt.state_dict())
+    st = sd["state"][0]
+    for k, unsigned in (("exp_avg", False), ("exp_avg_sq", True)):  # the same values, column-major codes
+        vals = quant.load_state(st, k, unsigned)
+        st[k] = torch.empty(vals.shape[::-1], dtype=quant.CODE_DTYPE).t()
+        st[k + "_absmax"] = torch.empty_like(st[k + "_absmax"])
+        quant.requantize_(st, k, vals, unsigned)
+        assert not st[k].is_contiguous()
+    twins = []
+    for fused in (True, False):
+        ps = [torch.nn.Parameter(pa[0].detach().clone())]
+        o = fused_optim.Adam(ps, lr=1e-2, fused=fused, state_dtype=INT8, int8_min_numel=MIN)
+        o.load_state_dict(saved(sd))
+        for k, unsigned in (("exp_avg", False), ("exp_avg_sq", True)):
+            assert o.state[ps[0]][k].is_contiguous()
+            want = quant.load_state(st, k, unsigned)
+            got = quant.load_state(o.state[ps[0]], k, unsigned).cpu()
+            assert (got - want).abs().max() <= 0.08 * want.abs().max()  # one more rounding to the map
+        twins += [o, ps]
+    step_twins(*twins, gen)
+    torch.testing.assert_close(twins[1][0], twins[3][0], rtol=1e-5, atol=1e-4)
+
+
 def test_int8_anchor_state_dict_moves_to_torch_and_back():
     pa = _params(SHAPES[:3])
     lean = fused_optim.AdamW(pa, lr=1e-2, state_dtype=INT8, int8_min_numel=MIN)
