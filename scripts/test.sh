@@ -11,7 +11,7 @@ set -euo pipefail
 if [ $# -gt 0 ]; then
     exec "$PY" -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
 fi
-"$PY" -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=40 tests
+"$PY" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist worksteal --durations=40 tests
 env -u TRITON_INTERPRET "$PY" -m fused_optim.tools.aot --check --json build/aot-report.json | tail -n 3
 if command -v nvcc >/dev/null 2>&1; then
     bash scripts/build_csrc.sh --cuda-check
