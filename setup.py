@@ -126,7 +126,7 @@ setup(
     extras_require={
         # Everything the tests import except timm (an anchor): timm requires torchvision, whose PyPI builds need
         # the CUDA torch build of the same release, so scripts/setup.sh installs timm with --no-deps.
-        "test": ["pytest", "pytest-xdist", "numpy", "pyyaml", "transformers", "accelerate>=1.1.0", "lightning"],
+        "test": ["pytest", "pytest-xdist>=3.2", "numpy", "pyyaml", "transformers", "accelerate>=1.1.0", "lightning"],
         "examples": ["pyyaml"],  # examples/train_gpt.py reads a YAML config
         "bench": ["matplotlib", "tqdm"],
     },
