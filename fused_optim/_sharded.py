@@ -144,7 +144,9 @@ class ShardedSteps:
     """FusedOptimizer's DTensor (FSDP2) params: placement checks, whole-tensor sums of local statistics, the
     reference math on the local shards."""
 
-    shardable = True  # reductions (elementwise False): per-tensor statistics via _full_sums, so FSDP2 shards run
+    # reductions (elementwise False) whose whole-tensor statistics combine over shards (via _full_sums) say so;
+    # the others are refused on DTensor params rather than computing statistics of the local shard only
+    shardable = False
     sharded_kernel = True  # False: over DTensor shards, the reference math runs on the local shards
     _shards = None  # the Layout of the group being stepped (reductions over DTensor params), else None
 

@@ -312,13 +312,16 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
     key = (*map(ptr, params), *map(ptr, chain.from_iterable((*columns, *scalars))), *map(numel, params),
            *([0 if m is None else m.data_ptr() for m in masters] if has_master else ()),
            *([s.data_ptr() for col in scales for s in col if s is not None] if scales else ()))
+    # the grads' dtypes too: a new grad may come in another dtype (its new address alone re-uploads the column)
+    gdts = tuple(map(dtype_of, grads))
     plan = cache.plan
-    if plan is None or plan[0] != key:
-        keys = list(zip(map(dtype_of, params), map(dtype_of, grads), map(dtype_of, columns[0] if columns else params),
+    if plan is None or plan[0] != key or plan[1] != gdts:
+        keys = list(zip(map(dtype_of, params), gdts, map(dtype_of, columns[0] if columns else params),
                         list(map(_master_kind, masters)) if has_master else repeat(NO_MASTER),
                         zip(*(map(dtype_of, col) for col in scalars)) if scalars else repeat(())))
-        plan = cache.plan = (key, buckets(keys))
-    for (*dts, master, sdts), idx in plan[1].items():
+        plan = cache.plan = (key, gdts, buckets(keys))
+        cache.tables.clear()  # the tables are keyed by the whole group's addresses, not by their bucket's
+    for (*dts, master, sdts), idx in plan[2].items():
         dts = tuple(dts)
         ps, gs, *cols = pick(idx, params, grads, *columns, *scalars)
         cols, scs = cols[:len(columns)], cols[len(columns):]

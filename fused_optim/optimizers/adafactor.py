@@ -188,6 +188,7 @@ class Adafactor(KeptStateDtypes, OwnKernels, FusedOptimizer):
     supports_complex = False
     scalar_keys = ("step", "RMS")
     elementwise = False  # row/column means and update RMS over whole tensors
+    shardable = True
     kernel_layout = "contiguous"  # factored rows / columns: other layouts go through contiguous copies
     precision_in_kernel = False  # its own kernels: master_weights / stochastic_rounding use the reference path
     float64_in_kernel = False  # its kernels' statistics and coefficients are fp32: float64 params use the reference

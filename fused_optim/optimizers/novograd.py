@@ -125,6 +125,7 @@ class _LayerwiseMoments(KeptStateDtypes, FusedOptimizer):
 
     scalar_keys = ("step", "exp_avg_sq", "max_exp_avg_sq")
     elementwise = False  # per-layer grad norms (over DTensor shards: local sums, one collective)
+    shardable = True
     _slots = ("step", "exp_avg_sq", _NORM, "max_exp_avg_sq")  # the apply's per-tensor scalars, in SCALARS' order
     first_if_zero = False  # NvNovoGrad: a layer starts over whenever its moment is 0 (timm); else: at step 1
 

@@ -151,6 +151,7 @@ class _Projected(OwnKernels, FusedOptimizer):
     """What SGDP and AdamP share: validation and the fused path."""
     supports_complex = False
     elementwise = False  # per-row / per-tensor reductions (FSDP2 shards: project_shards)
+    shardable = True
     kernel_layout = "rows"  # per-row statistics: rows must be blocks of storage (see FusedOptimizer)
     precision_in_kernel = False  # master_weights / stochastic_rounding run on the reference path
     float64_in_kernel = False  # the C++ engine's row statistics are fp32: float64 params use the reference path

@@ -35,6 +35,10 @@ CASES = [
     ("adafactor", dict(lr=0.01, min_dim_size_to_factor=2), {"fsdp2-2": (False,)}),
 ]
 
+# every other optimizer with its defaults, both paths, on 2 FSDP2 ranks (LBFGS and SparseAdam: not for FSDP2;
+# Adahessian: refused, see _refusals; Muon: 2-D params only, its own model)
+SWEEP = ["adadelta", "adagrad", "adam", "adamax", "adopt", "asgd", "lion", "nadam", "radam", "rmsprop", "rprop"]
+
 
 class _RowNormLinear(torch.nn.Linear):
     """Each output row's scale cancels: its grad is orthogonal to it (SGDP/AdamP project per channel)."""
@@ -109,6 +113,14 @@ def _refusals():
         opt = fused_optim.REGISTRY["adamw"]([w], lr=0.1, max_grad_norm=1e-3, fused=fused)
         opt.step()
         out["clip norm", fused] = (float(opt.last_grad_norm), want)
+    h = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)]))
+    h.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)])
+    hess = fused_optim.REGISTRY["adahessian"]([h])
+    try:
+        hess.step()
+        out["adahessian"] = "no error"
+    except NotImplementedError as exc:
+        out["adahessian"] = str(exc)
     lbfgs = fused_optim.REGISTRY["lbfgs"]([w])
     try:
         lbfgs.step(lambda: (w.grad.zero_(), 0.0)[1])
@@ -151,6 +163,10 @@ def _rank_work(rank, world, mode, out):
             model = _wrap(_model(), mode)
             opt = fused_optim.REGISTRY[name](model.parameters(), fused=fused, **kw)
             results[i, fused] = _train(model, opt, x, y)
+    for name in SWEEP if mode == "fsdp2" and world == 2 else ():
+        for fused in (False, True):
+            model = _wrap(_model(), mode)
+            results[name, fused] = _train(model, fused_optim.REGISTRY[name](model.parameters(), fused=fused), x, y)
     if mode == "ddp":
         results["zero"] = _zero(x, y)
     if mode == "fsdp2" and world == 2:
@@ -245,7 +261,8 @@ def test_distributed_matches_single_process(tmp_path, mode, world):
     out = str(tmp_path / "results.pt")
     mp.spawn(_worker, args=(str(tmp_path / "store"), world, mode, out), nprocs=world, join=True)
     got = torch.load(out)
-    for i, (name, kw, runs) in enumerate(CASES):
+    sweep = [(name, {}, {"fsdp2-2": (False, True)}) for name in SWEEP]
+    for i, (name, kw, runs) in [*enumerate(CASES), *zip(SWEEP, sweep)]:
         for fused in runs.get(f"{mode}-{world}", ()):
             steps, norms = got[i, fused]
             want_steps, want_norms = _single(name, kw, fused)
@@ -272,6 +289,7 @@ def test_distributed_matches_single_process(tmp_path, mode, world):
             assert want_norm > 1 and got_norm == pytest.approx(want_norm, rel=1e-5), (fused, got_norm, want_norm)
         assert r["novograd unchanged"], r
         assert "DTensor" in r["lbfgs"], r["lbfgs"]
+        assert "Adahessian" in r["adahessian"] and "DTensor" in r["adahessian"], r["adahessian"]
 
 
 def test_projection_cases_project():

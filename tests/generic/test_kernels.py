@@ -158,3 +158,27 @@ def test_swapped_param_data_and_replaced_state_are_picked_up(name):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     for p, q in zip(pa, pb):
         torch.testing.assert_close(fused.state[p][key], ref.state[q][key], rtol=1e-5, atol=1e-6)
+
+
+def test_grad_dtype_change_between_steps_is_picked_up():
+    """A grad that changes dtype between steps (``p.grad.data = ...``, or torch's ``grad_dtype=None``) lands in
+    another dtype bucket: the next fused step must read it as what it is now, not as the dtype its tables were
+    built for (its new address alone would only re-upload the grad column)."""
+    import fused_optim
+    torch.manual_seed(0)
+    pa = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (300, 5)]
+    pb = [torch.nn.Parameter(p.detach().clone()) for p in pa]
+    fused = fused_optim.Adam(pa, lr=0.05, fused=True)
+    ref = fused_optim.Adam(pb, lr=0.05, fused=False)
+    for step in range(4):
+        for p, q in zip(pa, pb):
+            g = torch.randn(p.shape, device=DEVICE)
+            p.grad, q.grad = g.clone(), g.clone()
+        if step >= 2:  # the first param's grad in bf16 from step 2 on (the reference gets its exact fp32 values)
+            g = pa[0].grad.bfloat16()
+            pa[0].grad.data, pb[0].grad = g, g.float()
+        fused.step()
+        ref.step()
+        assert pa[0].grad.dtype == (torch.bfloat16 if step >= 2 else torch.float32)
+        for p, q in zip(pa, pb):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"step {step}")
