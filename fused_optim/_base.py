@@ -18,7 +18,7 @@ from ._layouts import KernelTensors
 from ._sharded import ShardedSteps, layout
 from ._precision import PrecisionOptions
 from ._tensors import (GRAD, IS_SPARSE, LOW_PRECISION, any_dtensor, as_real, keep_replaced, like_param,
-                       scalars_on_device, writable_grads)
+                       numbers_as_anchor, scalars_on_device, writable_grads)
 from .kernels import multi_tensor as mt
 from .kernels import runtime
 from .kernels.tables import TableCache
@@ -36,6 +36,8 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
         requires_closure: ``step()`` without a closure is an error (LBFGS).
         elementwise: the fused update needs no per-tensor reduction (FSDP2 shards are fine).
         scalar_keys: per-param 0-d float32 states (``step``, ...) in kernel order.
+        anchor_numbers: state / group keys the anchor keeps as Python numbers (timm's int ``step``) that the fused
+            path keeps as 0-d device tensors: a checkpoint holds the anchor's type (see _tensors.numbers_as_anchor).
         float64_in_kernel: the fused kernels compute float64 params in float64; False for a family whose kernels
             compute in float32 only: its float64 (and complex128) params take the reference path, never fp32 math.
         kernel_layout: what the fused kernels can walk in place (see _layouts.KernelTensors).
@@ -47,6 +49,7 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
     requires_closure = False
     elementwise = True  # the fused update is element-wise (so it may run on FSDP2 shards); False for reductions
     scalar_keys: tuple = ("step",)
+    anchor_numbers: dict = {}
     float64_in_kernel = True
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf (unscale inside the step)
 
@@ -101,7 +104,7 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
         sd = super().state_dict()
         for group in sd["param_groups"]:
             group["fused"] = None
-        return sd
+        return numbers_as_anchor(sd, self.anchor_numbers)
 
     def load_state_dict(self, state_dict):
         saved = list(state_dict["param_groups"])

@@ -87,6 +87,24 @@ def scalars_on_device(states, keys, device, keep_f64: bool = True) -> None:
                 st[k] = torch.as_tensor(v, dtype=dt).to(device)
 
 
+def numbers_as_anchor(sd: dict, kinds: dict) -> dict:
+    """A state dict whose entries ``kinds`` names (key -> int / float) hold Python numbers where they are 0-d
+    tensors (per-param states and group entries; the live state is not touched). The anchor's types in a
+    checkpoint let it load into either path and into the anchor, DCP's loader included (it requires the
+    types to agree); the fused path moves them back to the device at its next step. One host sync per value, at
+    checkpoint time only."""
+    if kinds:
+        for i, st in sd["state"].items():
+            if any(isinstance(st.get(k), torch.Tensor) for k in kinds):
+                sd["state"][i] = {k: kinds[k](v.item()) if k in kinds and isinstance(v, torch.Tensor) else v
+                                  for k, v in st.items()}
+        for group in sd["param_groups"]:
+            for k in kinds.keys() & group.keys():
+                if isinstance(group[k], torch.Tensor):
+                    group[k] = kinds[k](group[k].item())
+    return sd
+
+
 _TENSOR_TYPES = {torch.Tensor}
 GRAD = operator.attrgetter("grad")
 IS_SPARSE = operator.attrgetter("is_sparse")

@@ -187,6 +187,7 @@ class Adafactor(KeptStateDtypes, OwnKernels, FusedOptimizer):
 
     supports_complex = False
     scalar_keys = ("step", "RMS")
+    anchor_numbers = {"step": int}  # timm's
     elementwise = False  # row/column means and update RMS over whole tensors
     shardable = True
     kernel_layout = "contiguous"  # factored rows / columns: other layouts go through contiguous copies

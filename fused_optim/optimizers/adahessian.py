@@ -62,6 +62,7 @@ class Adahessian(FusedOptimizer):
     supports_complex = False
     elementwise = False  # the Hutchinson estimate (and avg_conv_kernel) is not written for DTensor shards
     shardable = False  # (its Hessian-vector products differentiate through FSDP2's all-gathers)
+    anchor_numbers = {"step": int}  # timm's
     _step_supports_amp_scaling = False  # the Hessian estimate would need unscaling too: not supported
     kernel_variants = ({}, {"hessian_power": 0.5})  # AOT: the power-1 shortcut and the general power
 

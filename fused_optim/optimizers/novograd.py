@@ -248,6 +248,7 @@ class NvNovoGrad(_LayerwiseMoments):
 
     supports_complex = False  # timm squares complex grads as complex numbers: no real-view equivalent
     first_if_zero = True
+    anchor_numbers = {"step": int}
 
     def __init__(self, params, lr=1e-3, betas=(0.95, 0.98), eps=1e-8, weight_decay=0, grad_averaging=False,
                  amsgrad=False, decoupled_decay=False, corrected_weight_decay=False, *, fused=None):

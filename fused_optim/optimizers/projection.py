@@ -238,6 +238,7 @@ class AdamP(_Projected):
     Fused path: SGDP's, 2 launches per param group, step and dtype combination, with or without caution, whatever
     the number of tensors (the projection statistics and decision, then the apply); it never syncs. DTensor (FSDP2)
     dim-0 shards and float64 params: as SGDP."""
+    anchor_numbers = {"step": int}  # timm's
     nonnegative_states = ("exp_avg_sq",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, delta=0.1, wd_ratio=0.1,

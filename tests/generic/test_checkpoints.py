@@ -159,3 +159,25 @@ def test_fused_is_no_state():
     for p, q, r in zip(model.parameters(), again.parameters(), theirs.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(r, p, rtol=1e-6, atol=1e-7)
+
+
+def _types(sd):
+    """What kind each saved entry is: a Python number or a tensor (and its rank), per state key and group key."""
+    kind = lambda v: f"tensor{v.dim()}" if isinstance(v, torch.Tensor) else type(v).__name__  # noqa: E731
+    return ([{k: kind(v) for k, v in st.items()} for _, st in sorted(sd["state"].items())],
+            [{k: kind(v) for k, v in g.items() if k != "params"} for g in sd["param_groups"]])
+
+
+@pytest.mark.parametrize("case", [c for c in _BY_CLASS if c.kernel], ids=[c.name for c in _BY_CLASS if c.kernel])
+def test_fused_checkpoint_has_the_reference_types(case):
+    """A fused step's checkpoint holds each entry as the reference path's (the anchor's) type, e.g. timm's int
+    ``step`` where the fused path keeps a 0-d device tensor: DCP's loader requires the types to agree, so only
+    then does a checkpoint of one path load into the other and into the anchor."""
+    config = case.configs[-1]
+    sds = []
+    for fused in (False, True):
+        a1, a2 = make_params(case)
+        opt = case.cls(param_groups(case, config, a1, a2), fused=fused, **config)
+        run(case, [opt], [a1 + a2], steps=1, seed=0)
+        sds.append(_types(opt.state_dict()))
+    assert sds[0] == sds[1]
