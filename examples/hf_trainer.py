@@ -5,19 +5,15 @@
 Trainer builds its weight-decay groups and LR schedule around the class we hand it (optimizer_cls_and_kwargs);
 an optimizer built by hand works too: Trainer(..., optimizers=(fused_optim.AdamW(model.parameters()), None)).
 """
-import argparse
 import tempfile
 
 import torch
 import transformers
 
 import fused_optim
+from cli import run_args  # examples/cli.py (the script dir is on sys.path)
 
-ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("--steps", type=int, default=30)
-args = ap.parse_args()
-
-torch.manual_seed(0)
+args = run_args(__doc__, steps=30)
 config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=32,
                                  bos_token_id=0, eos_token_id=0)
 model = transformers.GPT2LMHeadModel(config)

@@ -2,12 +2,11 @@
 
     python examples/lightning_module.py [--steps 50]
 """
-import argparse
-
 import lightning.pytorch as pl
 import torch
 
 import fused_optim
+from cli import run_args  # examples/cli.py (the script dir is on sys.path)
 
 
 class Regressor(pl.LightningModule):
@@ -29,10 +28,7 @@ class Regressor(pl.LightningModule):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=50)
-    args = ap.parse_args()
-    torch.manual_seed(0)
+    args = run_args(__doc__, steps=50)
     x = torch.randn(1024, 16)
     data = torch.utils.data.TensorDataset(x, x[:, :4].sum(1, keepdim=True).sin())
     module = Regressor()

@@ -71,11 +71,12 @@ def twin_grads(params_a, params_b, gen=None):
         p.grad = q.grad.clone().to(p.device)
 
 
-def step_twins(opt_a, params_a, opt_b, params_b, gen=None):
-    """One step of two optimizers on the same random grads (drawn from gen, in params_b's dtypes)."""
-    twin_grads(params_a, params_b, gen)
-    opt_a.step()
-    opt_b.step()
+def step_twins(opt_a, params_a, opt_b, params_b, gen=None, steps=1):
+    """`steps` steps of two optimizers, each on the same random grads (drawn from gen, in params_b's dtypes)."""
+    for _ in range(steps):
+        twin_grads(params_a, params_b, gen)
+        opt_a.step()
+        opt_b.step()
 
 
 def saved(state_dict):

@@ -1,6 +1,6 @@
-"""Triton load/store helpers every kernel family shares: table pointers, loads into the compute dtype, stores that
-round like the GPU, bf16 stochastic rounding, AMP's overflow skip and grad unscaling, the walk over a chunk of a
-tensor, and the IEEE-rounded division and square root for either compute dtype.
+"""Triton load/store helpers every kernel family shares: table pointers, loads into the compute dtype, the fp64
+hyper-parameters, stores that round like the GPU, bf16 stochastic rounding, AMP's overflow skip and grad unscaling,
+the walk over a chunk of a tensor, and the IEEE-rounded division and square root for either compute dtype.
 
 The compute dtype of a tensor is float64 for float64 tensors (torch's kernels compute in double for double tensors)
 and float32 for every other dtype. Element math casts its scalars to it with ``x.to(p.dtype)`` (p: a loaded value)."""
@@ -39,6 +39,13 @@ if runtime.available():
             return to_compute(tl.load(ptr + offs), ptr)
         else:
             return to_compute(tl.load(ptr + offs, mask=mask, other=0.0), ptr)
+
+    @triton.jit
+    def load_hypers(hp):
+        """A rule's fp64 hyper-parameter slots (lr, h1..h7: rules.N_HYPER) from a device buffer: kernel float
+        arguments would be fp32 under the interpreter, and 1 - beta2 ** step needs fp64."""
+        return (tl.load(hp), tl.load(hp + 1), tl.load(hp + 2), tl.load(hp + 3),
+                tl.load(hp + 4), tl.load(hp + 5), tl.load(hp + 6), tl.load(hp + 7))
 
     # tl.div_rn / tl.sqrt_rn take float32 only; float64 division and sqrt are IEEE-rounded already
     @triton.jit
@@ -86,10 +93,7 @@ if runtime.available():
         r = tl.randint(seed, offs.to(tl.uint32))
         bits = val.to(tl.float32).to(tl.uint32, bitcast=True) + (r & 0xFFFF)
         out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        if FULL:
-            tl.store(ptr + offs, out)
-        else:
-            tl.store(ptr + offs, out, mask=mask)
+        store(ptr, offs, out, mask, FULL)  # already bf16: store's cast is exact
 
     @triton.jit
     def amp_skip(inf_ptr, HAS_INF: tl.constexpr):

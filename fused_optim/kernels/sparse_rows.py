@@ -14,7 +14,7 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .access import chunk_ptr, grad_inv_scale, load, load_unscaled_grad, store, to_compute
+    from .access import chunk_ptr, grad_inv_scale, load, load_hypers, load_unscaled_grad, store, to_compute
 
     # a tensor's table row (int64): addresses, sizes, and the step size as float64 bits
     R_PARAM, R_EXP_AVG, R_EXP_AVG_SQ, R_VALUES, R_ROWS, R_NUMEL, R_ROW_LEN, R_STEP_SIZE, R_WIDTH = fields(
@@ -37,12 +37,7 @@ if runtime.available():
         n = tl.load(row + R_NUMEL)
         cols = tl.load(row + R_ROW_LEN)
         step_size = to_compute(tl.load(row + R_STEP_SIZE).to(tl.float64, bitcast=True), p_ptr)  # fp64 params: fp64
-        # fp64 hyper-parameters (lr, beta1, beta2, eps) come from memory: the interpreter would round float
-        # arguments to fp32 first
-        lr = tl.load(hypers)
-        h1 = tl.load(hypers + 1)
-        h2 = tl.load(hypers + 2)
-        h3 = tl.load(hypers + 3)
+        lr, h1, h2, h3, h4, h5, h6, h7 = load_hypers(hypers)
         inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
         zero = to_compute(tl.zeros([BLOCK], dtype=tl.float32), p_ptr)
         lanes = tl.arange(0, BLOCK)
@@ -55,8 +50,8 @@ if runtime.available():
             m = load(m_ptr, offs, mask, False)
             v = load(v_ptr, offs, mask, False)
             g = load_unscaled_grad(g_ptr, e, mask, inv_scale, HAS_SCALE, False)
-            p, m, v, _, _ = UPDATE(p, g, m, v, zero, zero, step_size, 0.0, 0.0, 0.0, lr, h1, h2, h3,
-                                   0.0, 0.0, 0.0, 0.0, FLAGS)
+            p, m, v, _, _ = UPDATE(p, g, m, v, zero, zero, step_size, 0.0, 0.0, 0.0, lr, h1, h2, h3, h4, h5, h6, h7,
+                                   FLAGS)
             store(p_ptr, offs, p, mask, False)
             store(m_ptr, offs, m, mask, False)
             store(v_ptr, offs, v, mask, False)
@@ -79,7 +74,7 @@ def launch_rows(rule, dts, items, grad_scale) -> None:
                   rows.data_ptr(), vals.numel(), cols, f64_bits(step_size)]
         work += [x for c in range(-(-vals.numel() // chunk)) for x in (t, c)]
     dev = items[0][0].device
-    hypers = [f64_bits(h) for h in rule.hypers.values()]
+    hypers = [f64_bits(h) for h in rule.hyper_values()]  # every slot: unused ones are 0
     buf = torch.tensor(hypers + table + work, dtype=torch.int64).to(dev)  # one upload per launch
     n_h, n_t = len(hypers), len(hypers) + len(table)
     runtime.launch(sparse_rows_kernel, len(work) // 2, buf[:n_h].view(torch.float64), buf[n_h:n_t], buf[n_t:],

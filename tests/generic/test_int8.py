@@ -126,9 +126,7 @@ def test_int8_fused_matches_reference(name):
     pa, pb = _params(), _params()
     fused = make(pa, fused=True, state_dtype=INT8, int8_min_numel=MIN)
     ref = make(pb, fused=False, state_dtype=INT8, int8_min_numel=MIN)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(20):
-        step_twins(fused, pa, ref, pb, gen)
+    step_twins(fused, pa, ref, pb, torch.Generator().manual_seed(1), steps=20)
     for p, q in zip(pa, pb):
         sa, sb = fused.state[p], ref.state[q]
         assert sa.keys() == sb.keys()
@@ -177,9 +175,7 @@ def test_int8_with_param_remainders_fused_matches_reference():
                                                                               dtype=torch.bfloat16)
     kw = dict(lr=1e-2, state_dtype=INT8, int8_min_numel=MIN, param_remainders=True)
     fused, ref = fused_optim.AdamW(pa, fused=True, **kw), fused_optim.AdamW(pb, fused=False, **kw)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        step_twins(fused, pa, ref, pb, gen)
+    step_twins(fused, pa, ref, pb, torch.Generator().manual_seed(1), steps=5)
     for p, q in zip(pa, pb):
         sa, sb = fused.state[p], ref.state[q]
         assert sa["param_remainder"].dtype == torch.int16
@@ -205,8 +201,7 @@ def test_int8_checkpoint_round_trip_is_bit_exact(fused, dtype):
     again = make(pb)
     again.load_state_dict(saved(opt.state_dict()))
     assert again.state[pb[0]]["momentum_buffer_absmax"].dtype == torch.float32  # not cast to the bf16 param's
-    for _ in range(2):
-        step_twins(opt, pa, again, pb, gen)
+    step_twins(opt, pa, again, pb, gen, steps=2)
     for p, q in zip(pa, pb):
         assert torch.equal(p, q)
         assert opt.state[p].keys() == again.state[q].keys()

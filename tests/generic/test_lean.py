@@ -6,7 +6,7 @@ import torch
 import fused_optim
 from cases import ALL, config_id, make_params, param_groups, run
 from conftest import DEVICE
-from helpers import assert_states_close, launches, saved
+from helpers import assert_states_close, launches, saved, step_twins, twin_grads
 from fused_optim.kernels.lean import join_remainder, split_remainder
 
 BF16 = torch.bfloat16
@@ -59,12 +59,7 @@ def test_remainders_equal_master_weights_over_100_steps(make, fused):
     pa = [torch.nn.Parameter(torch.randn(n, generator=gen).to(BF16).to(DEVICE)) for n in (5, 300, 1)]
     pb = [torch.nn.Parameter(p.detach().clone()) for p in pa]
     mw, rem = make(pa, fused=fused, master_weights=True), make(pb, fused=fused, param_remainders=True)
-    for _ in range(100):
-        for p, q in zip(pa, pb):
-            p.grad = torch.randn(p.shape, generator=gen).to(BF16).to(DEVICE)
-            q.grad = p.grad.clone()
-        mw.step()
-        rem.step()
+    step_twins(mw, pa, rem, pb, gen, steps=100)
     _assert_same_as_master_weights(mw, pa, rem, pb)
 
 
@@ -88,9 +83,7 @@ def test_remainders_fused_matches_reference_and_one_launch():
     fa = fused_optim.Adam(pa, lr=1e-2, fused=True, param_remainders=True, stochastic_rounding=True)
     fb = fused_optim.Adam(pb, lr=1e-2, fused=False, param_remainders=True, stochastic_rounding=True)
     for _ in range(5):
-        for p, q in zip(pa, pb):
-            p.grad = torch.randn(p.shape, generator=gen).to(BF16).to(DEVICE)
-            q.grad = p.grad.clone()
+        twin_grads(pa, pb, gen)
         assert launches(fa.step)[0] == 1
         fb.step()
     for p, q in zip(pa, pb):  # stochastic_rounding leaves the params to the remainders: deterministic

@@ -11,7 +11,7 @@ import torch
 
 import fused_optim
 from conftest import DEVICE
-from helpers import launches
+from helpers import launches, step_twins
 from fused_optim.kernels import multi_tensor as mt
 
 STEPS = 400
@@ -84,12 +84,7 @@ def test_master_weights_fused_matches_reference():
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
     fa = fused_optim.Adam(a, lr=1e-2, fused=True, master_weights=True)
     fb = fused_optim.Adam(b, lr=1e-2, fused=False, master_weights=True)
-    for _ in range(10):
-        for p, q in zip(a, b):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g, g.clone()
-        fa.step()
-        fb.step()
+    step_twins(fa, a, fb, b, steps=10)
     for p, q in zip(a, b):
         torch.testing.assert_close(fa.state[p]["master_param"], fb.state[q]["master_param"], rtol=1e-5, atol=1e-6)
         # the bf16 param is the round-to-nearest of the master, on both paths

@@ -100,9 +100,7 @@ def test_complex_params_fused_match_reference(cls):
                 torch.nn.Parameter(torch.randn(5, generator=g).to(DEVICE))]
     pf, pr = make(), make()
     of, orr = cls(pf, fused=True, **_kw(cls)), cls(pr, fused=False, **_kw(cls))
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        step_twins(of, pf, orr, pr, gen)
+    step_twins(of, pf, orr, pr, torch.Generator().manual_seed(1), steps=5)
     for a, b in zip(pf, pr):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
