@@ -105,6 +105,15 @@ def layout(params) -> Layout | None:
     return Layout(params) if any(map(is_dtensor, params)) else None
 
 
+def full_norms(full_sums, *columns) -> list:
+    """The L2 norms of the full tensors whose local shards ``columns`` lists (each a list of T tensors, row t of
+    every column one tensor of full_sums' Layout): one [T] tensor per column (fp32, fp64 if any tensor is fp64), from
+    the shards' squared norms combined by ``full_sums`` (one collective for all the columns)."""
+    acc = torch.float64 if any(t.dtype == torch.float64 for col in columns for t in col) else torch.float32
+    sq = torch.stack([torch.stack(torch._foreach_norm(col, 2, dtype=acc)) for col in columns], dim=1).square()
+    return list(full_sums(sq).sqrt().unbind(1))
+
+
 def zeros_reduced(p, shape, dtype, keeps_dim0: bool):
     """A fresh state of the full ``shape`` for param p, placed like p: a DTensor param's state is a DTensor too (so
     checkpoints reshard it), sharded on dim 0 like p when it keeps p's dim 0 (a row statistic), else replicated (a

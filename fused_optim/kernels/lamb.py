@@ -1,12 +1,7 @@
-"""LAMB's kernel family: the jit code of its two passes, their tables, the launcher and the AOT entries.
-
-Pass 0 (STATS) recomputes the step's moments and Adam direction u per element (nothing stored) and sums per work item
-what the trust ratio needs: |p|^2 (decoupled-decayed p) and |u + wd * p|^2 (with caution: the mask's count, |u|^2 and
-<u, p> over kept elements); a tensor's last program adds its partials in fixed order into its coefficients a, b.
-Pass 1 (APPLY) recomputes the moments, stores them and p <- decayed p + a * (kept) u + b * p, and advances the step.
-One persistent cooperative launch runs both (runtime.launch_phases), or two where the device refuses; with neither
-adaptation nor caution, pass 1 alone (a = -lr, b = 0). Grads are read as g / grad_scale (AMP; written back so) and
-divided by the global clip factor ``clip`` (a device scalar, max(|g| / max_grad_norm, 1), AMP's scale folded in).
+"""LAMB's kernel family, host side: the tables (laid out as kernels/lamb_passes.py reads them), the launcher and the
+AOT entries. One persistent cooperative launch runs both passes (runtime.launch_phases), or two where the device
+refuses one, or over DTensor shards (the host adds the shards' statistics between them: one collective); with
+neither adaptation nor caution, pass 1 alone (a = -lr, b = 0).
 """
 from __future__ import annotations
 
@@ -18,178 +13,12 @@ import torch
 
 from . import multi_tensor as mt
 from . import runtime, sync
-from .tables import Tables, TableCache, all_aligned, buckets, dtype_of, fields, numel, pick, ptr, to_device
-
-STATS, APPLY = 0, 1
-E_PARAM, E_GRAD, E_EXP_AVG, E_EXP_AVG_SQ, E_W = fields("param", "grad", "exp_avg", "exp_avg_sq")  # ptrs columns
-P_PP, P_A, P_B, P_KEPT, P_W = fields("pp", "a", "b", "kept")  # partials: one [W] column per statistic
-C_A, C_B, C_W = fields("a", "b")  # coefs: p <- decayed p + a * u + b * p, per tensor
-HYPERS = ("lr", "beta1", "beta2", "eps", "l2", "decay")  # the kernel's fp64 arguments, in order
-_PB = 4 if runtime.interpreter_enabled() else 256  # partials added PB at a time (several rounds in CPU tests)
+from .lamb_passes import APPLY, E_GRAD, HYPERS, P_W, S_W, STATS, SUM_LANES
+from .tables import Tables, TableCache, all_aligned, buckets, dtype_of, numel, pick, ptr, to_device
 
 if runtime.available():
-    import triton
-    import triton.language as tl
-
-    from .access import amp_skip, chunk_ptr, fp64_arg, grad_inv_scale, load, over_chunk, store
-    from .sync import arrive, run_phases, sum_partials
-
-    # STATS_ON: pass 0 runs this step (adapt or caution), in this launch or the one before
-    BIAS_CORRECTION, GRAD_AVG, DECOUPLED, CAUTION, ADAPT, TRUST_CLIP, STATS_ON = mt.flag_bits(7)
-    P_STATS = tl.constexpr(STATS)
-
-    @triton.jit
-    def _direction(p, g, m, v, bc1, bc2_sqrt, hyps, FLAGS: tl.constexpr):
-        """(decayed p, new m, new v, u, kept mask) of one block, in timm's op order (fp32 math in p's dtype)."""
-        lr, beta1, beta2, eps, l2, decay = hyps
-        if FLAGS & GRAD_AVG:  # m lerps towards g
-            m = tl.fma((1.0 - beta1).to(p.dtype), g - m, m)
-        else:
-            m = tl.fma(m, beta1.to(p.dtype), g)
-        v = tl.fma(v, beta2.to(p.dtype), (1.0 - beta2).to(p.dtype) * g * g)
-        u = (m / bc1) / (tl.sqrt(v) / bc2_sqrt + eps.to(p.dtype))
-        keep = u * g > 0.0  # the cautious mask (read with CAUTION only)
-        if FLAGS & DECOUPLED:
-            p = tl.fma(p, -decay.to(p.dtype), p)
-        return p, m, v, u, keep
-
-    @triton.jit
-    def _stats_block(acc, offs, mask, FULL: tl.constexpr, el, scales, bc, hyps, FLAGS: tl.constexpr):
-        """over_chunk's BODY for pass 0: acc [4, BLOCK] += this block's |p|^2, a, b, kept (P_* rows)."""
-        p_ptr, g_ptr, m_ptr, v_ptr = el
-        l2 = hyps[4]
-        p0 = load(p_ptr, offs, mask, FULL)
-        g = load(g_ptr, offs, mask, FULL) * scales[0]
-        p, m, v, u, keep = _direction(p0, g, load(m_ptr, offs, mask, FULL), load(v_ptr, offs, mask, FULL),
-                                      bc[0], bc[1], hyps, FLAGS)
-        keep = keep & mask
-        if FLAGS & CAUTION:
-            a = tl.where(keep, u * u, 0.0)
-            b = tl.where(keep, u * p, 0.0)
-        else:
-            w = tl.fma(l2.to(p.dtype), p0, u)
-            a = tl.where(mask, w * w, 0.0)
-            b = tl.zeros_like(a)
-        row = tl.arange(0, 4)[:, None]
-        new = tl.where(row == P_PP, (p * p)[None, :], tl.where(row == P_A, a[None, :], tl.where(
-            row == P_B, b[None, :], keep.to(tl.float32)[None, :])))
-        return acc + new
-
-    @triton.jit
-    def _apply_block(carry, offs, mask, FULL: tl.constexpr, el, scales, bc, hyps, coef, FLAGS: tl.constexpr,
-                     HAS_SCALE: tl.constexpr):
-        """over_chunk's BODY for pass 1: the update of one block."""
-        p_ptr, g_ptr, m_ptr, v_ptr = el
-        inv_math, inv_scale = scales
-        p0 = load(p_ptr, offs, mask, FULL)
-        raw = load(g_ptr, offs, mask, FULL)
-        g = raw * inv_math
-        p, m, v, u, keep = _direction(p0, g, load(m_ptr, offs, mask, FULL), load(v_ptr, offs, mask, FULL),
-                                      bc[0], bc[1], hyps, FLAGS)
-        if FLAGS & CAUTION:
-            u = tl.where(keep, u, 0.0)
-        store(p_ptr, offs, tl.fma(coef[1], p0, tl.fma(coef[0], u, p)), mask, FULL)
-        store(m_ptr, offs, m, mask, FULL)
-        store(v_ptr, offs, v, mask, FULL)
-        if HAS_SCALE:
-            store(g_ptr, offs, raw * inv_scale, mask, FULL)  # p.grad ends AMP-unscaled (not clipped, as timm)
-        return carry
-
-    @triton.jit
-    def _coefs(sums, n, hyps, FLAGS: tl.constexpr):
-        """(a, b) of a tensor from its statistics (fp64): timm's trust ratio |p| / |update| (1 where either is 0,
-        at most 1 with trust_clip), the cautious mask's scale."""
-        lr, l2 = hyps[0], hyps[4]
-        pp, sa, sb, kept = sums
-        s = tl.cast(1.0, tl.float64)
-        uu = sa
-        if FLAGS & CAUTION:
-            s = 1.0 / tl.maximum(kept / tl.maximum(n, 1).to(tl.float64), 1e-3)
-            uu = s * s * sa + 2.0 * s * l2 * sb + l2 * l2 * pp
-        ratio = tl.cast(1.0, tl.float64)
-        if FLAGS & ADAPT:
-            w = tl.sqrt(pp)
-            un = tl.sqrt(tl.maximum(uu, 0.0))
-            ratio = tl.where((w > 0.0) & (un > 0.0), w / un, 1.0)
-            if FLAGS & TRUST_CLIP:
-                ratio = tl.minimum(ratio, 1.0)
-        return -lr * ratio * s, -lr * ratio * l2
-
-    @triton.jit
-    def _item(item, PASS: tl.constexpr, args):
-        _run_pass(item, PASS, *args)  # run_phases' ITEM (flat args: triton 3.6 unpacks a flat tuple into constexprs)
-
-    @triton.jit
-    def _run_pass(item, PASS: tl.constexpr, n_items, tables, scalars, hyps, FLAGS, P_DT, G_DT, S_DT,
-                  HAS_SCALE, HAS_CLIP, WRITE_STEP, ALIGNED, BLOCK, ITERS, PB):
-        ptrs, numels, work, first, counters, partials, coefs = tables
-        step_ptr, step_counter, scale_ptr, clip_ptr = scalars
-        lr, beta1, beta2 = hyps[0], hyps[1], hyps[2]
-        t = tl.load(work + 2 * item)
-        chunk = tl.load(work + 2 * item + 1).to(tl.int64)
-        n = tl.load(numels + t)
-        row = ptrs + t.to(tl.int64) * E_W
-        el = (chunk_ptr(row, E_PARAM, P_DT, ALIGNED), chunk_ptr(row, E_GRAD, G_DT, ALIGNED),
-              chunk_ptr(row, E_EXP_AVG, S_DT, ALIGNED), chunk_ptr(row, E_EXP_AVG_SQ, S_DT, ALIGNED))
-        inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
-        inv_math = inv_scale
-        if HAS_CLIP:  # the clip factor, AMP's scale folded in
-            inv_math = 1.0 / tl.load(clip_ptr).to(tl.float32)
-        step = tl.load(step_ptr).to(tl.float64) + 1.0
-        bc1, bc2 = tl.cast(1.0, tl.float64), tl.cast(1.0, tl.float64)
-        if FLAGS & BIAS_CORRECTION:
-            bc1 = 1.0 - tl.exp2(step * tl.log2(beta1))
-            bc2 = 1.0 - tl.exp2(step * tl.log2(beta2))
-        bc = (bc1.to(tl.float32), tl.sqrt(bc2).to(tl.float32))
-        nwork = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
-        if PASS == P_STATS:
-            acc = over_chunk(_stats_block, tl.zeros([4, BLOCK], tl.float32), chunk * (BLOCK * ITERS), n,
-                             (el, (inv_math, inv_scale), bc, hyps, FLAGS), BLOCK, ITERS)
-            tl.store(partials + tl.arange(0, 4) * n_items + item, tl.sum(acc, axis=1))
-            if arrive(counters + t, nwork):  # the tensor's last program: its coefficients
-                f = tl.load(first + t)
-                sums = (sum_partials(partials + P_PP * n_items + f, nwork, PB).to(tl.float64),
-                        sum_partials(partials + P_A * n_items + f, nwork, PB).to(tl.float64),
-                        sum_partials(partials + P_B * n_items + f, nwork, PB).to(tl.float64),
-                        sum_partials(partials + P_KEPT * n_items + f, nwork, PB).to(tl.float64))
-                a, b = _coefs(sums, n, hyps, FLAGS)
-                tl.store(coefs + t * C_W + C_A, a.to(tl.float32))
-                tl.store(coefs + t * C_W + C_B, b.to(tl.float32))
-                tl.store(counters + t, 0)
-        else:
-            a, b = (-lr).to(tl.float32), tl.cast(0.0, tl.float32)
-            if FLAGS & STATS_ON:  # written by pass 0, maybe by another program of this launch
-                a = tl.load(coefs + t * C_W + C_A, cache_modifier=".cg")
-                b = tl.load(coefs + t * C_W + C_B, cache_modifier=".cg")
-            over_chunk(_apply_block, tl.cast(0, tl.int32), chunk * (BLOCK * ITERS), n,
-                       (el, (inv_math, inv_scale), bc, hyps, (a, b), FLAGS, HAS_SCALE), BLOCK, ITERS)
-            if WRITE_STEP:  # the last program of the pass: every program has read the old step
-                if arrive(step_counter, n_items):
-                    tl.store(step_ptr, step.to(tl.float32))
-                    tl.store(step_counter, 0)
-
-    @triton.jit
-    def _count(PASS: tl.constexpr, args):
-        return args[0]  # n_items: both passes run over all work items
-
-    @triton.jit
-    def lamb_kernel(ptrs, numels, work, first, counters, partials, coefs, barrier, step_ptr, step_counter,
-                    scale_ptr, clip_ptr, inf_ptr, n_items, lr: tl.float64, beta1: tl.float64, beta2: tl.float64,
-                    eps: tl.float64, l2: tl.float64, decay: tl.float64, FLAGS: tl.constexpr, PASSES: tl.constexpr,
-                    P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    HAS_CLIP: tl.constexpr, HAS_INF: tl.constexpr, WRITE_STEP: tl.constexpr, ALIGNED: tl.constexpr,
-                    BLOCK: tl.constexpr, ITERS: tl.constexpr, PB: tl.constexpr):
-        """The passes in PASSES (bits) over the n_items work items: one pass is a plain launch, both a persistent
-        one (runtime.launch_phases)."""
-        if amp_skip(inf_ptr, HAS_INF) == 0:
-            # every bit of the fp64 arguments (access.fp64_arg: the interpreter would round them through fp32)
-            hyps = (fp64_arg(lr), fp64_arg(beta1), fp64_arg(beta2), fp64_arg(eps), fp64_arg(l2), fp64_arg(decay))
-            # the args tuple is written out in the call: assigned to a name, its constexprs would become values
-            run_phases(barrier, PASSES, 2, _item, _count,
-                       (n_items, (ptrs, numels, work, first, counters, partials, coefs),
-                        (step_ptr, step_counter, scale_ptr, clip_ptr),
-                        hyps, FLAGS, P_DT, G_DT, S_DT, HAS_SCALE, HAS_CLIP, WRITE_STEP, ALIGNED, BLOCK,
-                        ITERS, PB))
+    from .lamb_passes import (ADAPT, BIAS_CORRECTION, CAUTION, DECOUPLED, GRAD_AVG, STATS_ON, TRUST_CLIP,
+                              lamb_kernel)
 
 
 @dataclass
@@ -223,11 +52,12 @@ class LambTables(Tables):
     first: torch.Tensor = None     # int32 [T]: each tensor's first work item (its partials start there)
     counters: torch.Tensor = None  # int32 [T + 1]: Note [last program of a tensor]; the last one: the step's
     partials: torch.Tensor = None  # fp32 [P_W, W]
-    coefs: torch.Tensor = None     # fp32 [T, C_W]
+    sums: torch.Tensor = None      # fp64 [T, S_W]: each tensor's statistics (over DTensor shards: the full tensor's)
     barrier: sync.GridBarrier = None
+    shards: object = None          # over DTensor shards: the bucket's sharded.Layout (kept: its masks are made once)
 
 
-def _build(key, params, grads, states) -> LambTables:
+def _build(key, params, grads, states, shards) -> LambTables:
     dev = params[0].device
     chunks = [max(1, -(-n // (runtime.BLOCK * runtime.ITERS))) for n in map(numel, params)]
     work = [(t, c) for t, n in enumerate(chunks) for c in range(n)]
@@ -238,39 +68,43 @@ def _build(key, params, grads, states) -> LambTables:
         numels=to_device(list(map(numel, params)), torch.int64, dev), work=to_device(work, torch.int32, dev),
         first=to_device([0, *itertools.accumulate(chunks[:-1])], torch.int32, dev),
         counters=zeros(len(params) + 1, dtype=torch.int32), partials=zeros(int(P_W), len(work)),
-        coefs=zeros(len(params), int(C_W)), barrier=sync.GridBarrier(dev))
+        sums=zeros(len(params), int(S_W), dtype=torch.float64), barrier=sync.GridBarrier(dev), shards=shards)
 
 
 def constexprs(spec: Spec, passes, dts, *, has_scale, has_clip, has_inf, write_step, aligned) -> dict:
     return dict(FLAGS=spec.flags(), PASSES=sum(1 << p for p in passes), P_DT=runtime.tl_dtype(dts[0]),
                 G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]), HAS_SCALE=has_scale, HAS_CLIP=has_clip,
                 HAS_INF=has_inf, WRITE_STEP=write_step, ALIGNED=aligned, BLOCK=runtime.BLOCK, ITERS=runtime.ITERS,
-                PB=_PB)
+                PB=SUM_LANES)
 
 
-def step(spec: Spec, cache: TableCache, params, grads, states, step_t, grad_scale, clip, found_inf, who: str) -> None:
+def step(spec: Spec, cache: TableCache, params, grads, states, step_t, grad_scale, clip, found_inf, who: str,
+         shards=None) -> None:
     """One fused step of a param group: ``states`` (exp_avg, exp_avg_sq) of each param, ``step_t`` the group's
-    float32 step on the device (advanced once, by the last launch), ``clip`` the global clip factor or None."""
+    float32 step on the device (advanced once, by the last launch), ``clip`` the global clip factor or None,
+    ``shards`` the group's sharded.Layout when its params are DTensor shards (local tensors here), else None."""
     keys = list(zip(map(dtype_of, params), map(dtype_of, grads), map(dtype_of, map(operator.itemgetter(0), states))))
     groups = list(buckets(keys).items())
     for k, (dts, idx) in enumerate(groups):
         ps, gs, sts = pick(idx, params, grads, states)
         key = (tuple(map(ptr, ps)), tuple(map(ptr, itertools.chain.from_iterable(sts))), tuple(map(numel, ps)))
-        tab = cache.lookup(dts, key, gs, lambda: _build(key, ps, gs, sts))
-        n_items = tab.work.shape[0]
-        dummy = tab.coefs  # an fp32 stand-in for an absent grad_scale / clip / found_inf (never read)
-        args = (tab.ptrs, tab.numels, tab.work, tab.first, tab.counters, tab.partials, tab.coefs, tab.barrier.words,
+        tab = cache.lookup(dts, key, gs, lambda: _build(key, ps, gs, sts, None if shards is None else shards.pick(idx)))
+        n_items, sub = tab.work.shape[0], tab.shards
+        dummy = tab.partials  # an fp32 stand-in for an absent grad_scale / clip / found_inf (never read)
+        args = (tab.ptrs, tab.numels, tab.work, tab.first, tab.counters, tab.partials, tab.sums, tab.barrier.words,
                 step_t, tab.counters[-1:], dummy if grad_scale is None else grad_scale, dummy if clip is None else clip,
                 dummy if found_inf is None else found_inf, n_items,
                 *(float(getattr(spec, h)) for h in HYPERS))
         passes = spec.passes()
+        # over shards: the local sums -> the full tensors' between the passes (one launch each)
+        between = None if sub is None else (lambda _: tab.sums.copy_(sub.full_sums(tab.sums)))
         runtime.launch_phases(
-            lamb_kernel, passes, *args, grid_of=lambda _: n_items, device=ps[0].device,
+            lamb_kernel, passes, *args, grid_of=lambda _: n_items, device=ps[0].device, between=between,
             constexprs_of=lambda run: constexprs(spec, run, dts, has_scale=grad_scale is not None,
                                                  has_clip=clip is not None, has_inf=found_inf is not None,
                                                  write_step=APPLY in run and k == len(groups) - 1,
                                                  aligned=tab.aligned))
-        if len(passes) > 1:
+        if len(passes) > 1 and sub is None:
             tab.barrier.watch(who)
 
 
@@ -279,8 +113,8 @@ def aot_kernels() -> list:
     off and all on, fp32 (and bf16 / fp16 with AMP and clipping for all options on)."""
     if not runtime.available():
         return []
-    ptr_args = dict(ptrs="*i64", numels="*i64", work="*i32", first="*i32", counters="*i32", barrier="*i32",
-                    step_counter="*i32", n_items="i32")
+    ptr_args = dict(ptrs="*i64", numels="*i64", work="*i32", first="*i32", counters="*i32", sums="*fp64",
+                    barrier="*i32", step_counter="*i32", n_items="i32")
     sig = {a: ptr_args.get(a, "constexpr" if a.isupper() else "fp64" if a in HYPERS else "*fp32")
            for a in lamb_kernel.arg_names}
     out = []

@@ -8,7 +8,8 @@ import math
 import torch
 
 from .._base import FusedOptimizer
-from .._tensors import check, check_betas, scalar
+from .._sharded import full_norms, layout
+from .._tensors import check, check_betas, local, scalar
 from .._registry import register
 from ..kernels import lamb as kl
 from ..kernels import reduce
@@ -24,12 +25,14 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def lamb_clip(grads, max_grad_norm):
-    """timm's global clip factor max(|g| / max_grad_norm, 1) over all the grads (0-d tensor), or None."""
+def lamb_clip(grads, max_grad_norm, full_sums=None):
+    """(|g|, timm's global clip factor max(|g| / max_grad_norm, 1)), 0-d tensors, |g| the norm of all the grads; or
+    None. Over DTensor shards (the local grads): ``full_sums`` combines the shards' squared norms."""
     if max_grad_norm is None or not grads:
         return None
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    return (norm / max_grad_norm).clamp_(min=1.0)
+    norms = torch.stack(torch._foreach_norm(grads)) if full_sums is None else full_norms(full_sums, grads)[0]
+    norm = torch.linalg.vector_norm(norms)
+    return norm, (norm / max_grad_norm).clamp_(min=1.0)
 
 
 def lamb_trust_ratio(w_norm, u_norm, trust_clip: bool):
@@ -38,33 +41,52 @@ def lamb_trust_ratio(w_norm, u_norm, trust_clip: bool):
     return torch.clamp(ratio, max=1.0) if trust_clip else ratio
 
 
+def _kept_shares(masks, full_sums):
+    """Each cautious mask's mean over its full tensor: the shards' counts of kept and of all elements, summed."""
+    kept = torch.stack([m.sum(dtype=torch.float64) for m in masks])
+    counts = full_sums(torch.stack([kept, torch.tensor([float(m.numel()) for m in masks], dtype=torch.float64,
+                                                       device=kept.device)], dim=1))
+    return [(k / n).to(m.dtype) for m, (k, n) in zip(masks, counts.unbind())]
+
+
 def lamb_reference(params, grads, exp_avgs, exp_avg_sqs, clip, *, lr, beta1, beta2, step, bias_correction,
-                   grad_averaging, eps, weight_decay, decoupled_scale, trust_clip, always_adapt, caution):
-    """timm's LAMB step of one group, tensor by tensor in its op order. ``step``: the group's new step count;
-    ``clip``: lamb_clip's factor or None; ``decoupled_scale``: None for weight decay in the update, else the decay's
-    lr (lr, or lr**2 / max_lr)."""
+                   grad_averaging, eps, weight_decay, decoupled_scale, trust_clip, always_adapt, caution,
+                   full_sums=None):
+    """timm's LAMB step of one group, each tensor's ops in its order (the tensors go through each stage together, so
+    that the statistics over whole tensors are one call of ``full_sums`` each). ``step``: the group's new step
+    count; ``clip``: lamb_clip's factor or None; ``decoupled_scale``: None for weight decay in the update, else the
+    decay's lr (lr, or lr**2 / max_lr). Over DTensor shards (local tensors): ``full_sums`` turns per-tensor sums over
+    the shards into the full tensors' (None: whole tensors, timm's ops)."""
     bc1, bc2 = (1 - beta1 ** step, 1 - beta2 ** step) if bias_correction else (1.0, 1.0)
     beta3 = 1 - beta1 if grad_averaging else 1.0
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-        if clip is not None:
-            g = g / clip  # p.grad is left as it is
+    if clip is not None:
+        grads = [g / clip for g in grads]  # p.grad is left as it is
+    updates = []
+    for g, m, v in zip(grads, exp_avgs, exp_avg_sqs):
         if beta3 == 1 - beta1:
             m.lerp_(g, beta3)
         else:
             m.mul_(beta1).add_(g, alpha=beta3)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        update = (m / bc1).div_((v.sqrt() / bc2 ** 0.5).add_(eps))
-        if caution:  # Cautious Optimizers (arXiv 2411.16085): drop the components that disagree with the grad
-            mask = (update * g > 0).to(g.dtype)
-            update.mul_(mask.div_(mask.mean().clamp_(min=1e-3)))
-        if weight_decay != 0:
+        updates.append((m / bc1).div_((v.sqrt() / bc2 ** 0.5).add_(eps)))
+    if caution:  # Cautious Optimizers (arXiv 2411.16085): drop the components that disagree with the grad
+        masks = [(u * g > 0).to(g.dtype) for u, g in zip(updates, grads)]
+        means = [m.mean() for m in masks] if full_sums is None else _kept_shares(masks, full_sums)
+        for u, mask, mean in zip(updates, masks, means):
+            u.mul_(mask.div_(mean.clamp_(min=1e-3)))
+    if weight_decay != 0:
+        for p, u in zip(params, updates):
             if decoupled_scale is not None:
                 p.add_(p, alpha=-decoupled_scale * weight_decay)
             else:
-                update.add_(p, alpha=weight_decay)
-        if weight_decay != 0 or always_adapt:
-            update.mul_(lamb_trust_ratio(p.norm(2.0), update.norm(2.0), trust_clip))
-        p.add_(update, alpha=-lr)
+                u.add_(p, alpha=weight_decay)
+    if weight_decay != 0 or always_adapt:
+        norms = (([p.norm(2.0) for p in params], [u.norm(2.0) for u in updates]) if full_sums is None
+                 else full_norms(full_sums, params, updates))
+        for u, w_norm, u_norm in zip(updates, *norms):
+            u.mul_(lamb_trust_ratio(w_norm, u_norm, trust_clip))
+    for p, u in zip(params, updates):
+        p.add_(u, alpha=-lr)
 
 
 @register
@@ -74,7 +96,8 @@ class Lamb(OwnKernels, FusedOptimizer):
     ``corrected_weight_decay`` lr**2 / max_lr, max_lr the constructor's lr), scaled per tensor by the trust ratio
     |w| / |update| (1 where either is 0; ``trust_clip`` (LAMBC): at most 1), only where weight_decay != 0 unless
     ``always_adapt``. Before the step every grad is divided by max(|g| / max_grad_norm, 1), |g| the norm of all
-    groups' grads (``max_grad_norm=None``: no clipping; p.grad is left unclipped). ``caution``: timm's cautious
+    groups' grads (``max_grad_norm=None``: no clipping; p.grad is left unclipped; ``last_grad_norm``: |g|, a 0-d
+    tensor, after each step). ``caution``: timm's cautious
     masking of the direction. Anchor: timm.optim.Lamb (same signature, defaults, state and numbers: ``step`` is a
     param-group entry, a float32 0-d tensor, on the params' device on the fused path; ``foreach`` is accepted and
     ignored).
@@ -83,7 +106,9 @@ class Lamb(OwnKernels, FusedOptimizer):
     two phases of one persistent cooperative launch; 2 launches where the device refuses one; the update alone
     without adaptation or caution), plus, with max_grad_norm, 2 launches per step for all groups together (the
     per-tensor sums of squares on the C++/CUDA engine, or Triton where it is not built, and the clip factor). No
-    host syncs (timm's step reads the group step on the host)."""
+    host syncs (timm's step reads the group step on the host). Over DTensor (FSDP2) dim-0 shards, both paths: the
+    statistics over the local shards, summed across them by one collective each (fused: between the two phases, run
+    as 2 launches; the clip's between its 2 launches)."""
     nonnegative_states = ("exp_avg_sq",)
 
     scalar_keys = ()
@@ -128,11 +153,17 @@ class Lamb(OwnKernels, FusedOptimizer):
     def _clip_grads(self, work, grad_scale, found_inf):
         grads = [g for _, _, gs in work for g in gs]
         mgn = self.defaults["max_grad_norm"]
+        # over DTensor (FSDP2) shards: the local grads, the squared norms of all of them summed across the shards
+        shards = layout([p for _, ps, _ in work for p in ps])
+        full_sums = None if shards is None else shards.full_sums
+        if shards is not None:
+            grads = list(map(local, grads))
         if all(self._kernel_path(group, ps) for group, ps, _ in work if ps):
             self._clip = None
             if mgn is not None and grads:
-                self._clip = reduce.clip_scale(self._kernel_caches.setdefault("clip", {}), grads, mgn, grad_scale,
-                                               eps=0.0)[1:]
+                out = reduce.clip_scale(self._kernel_caches.setdefault("clip", {}), grads, mgn, grad_scale, eps=0.0,
+                                        full_sums=full_sums)
+                self.last_grad_norm, self._clip = out[0], out[1:]
             for group, ps, _ in work:
                 if not group["params"]:
                     continue
@@ -146,7 +177,7 @@ class Lamb(OwnKernels, FusedOptimizer):
             return grad_scale, False
         if amp_unscale_(grads, grad_scale, found_inf):
             return None, True
-        self._clip = lamb_clip(grads, mgn)
+        self.last_grad_norm, self._clip = lamb_clip(grads, mgn, full_sums) or (None, None)
         for group, _, _ in work:
             group.setdefault("step", torch.zeros((), dtype=_scalar_dtype())).add_(1)
         return None, False
@@ -157,6 +188,7 @@ class Lamb(OwnKernels, FusedOptimizer):
                        None if self._clip is None else self._clip.to(grads[0].device), lr=scalar(group["lr"]),
                        beta1=beta1, beta2=beta2, step=group["step"].item(), eps=group["eps"],
                        weight_decay=group["weight_decay"], decoupled_scale=self._decoupled_scale(group),
+                       full_sums=None if self._shards is None else self._full_sums,
                        **{k: group[k] for k in ("bias_correction", "grad_averaging", "trust_clip", "always_adapt",
                                                 "caution")})
 
@@ -173,12 +205,12 @@ class Lamb(OwnKernels, FusedOptimizer):
                        trust_clip=group["trust_clip"])
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
-        # (no DTensor or complex params here: refused before)
+        # (DTensor params: their local shards, self._shards their Layout; complex params: refused before)
         params, grads, (m, v), back = self._kernel_tensors(params, grads, states, ("exp_avg", "exp_avg_sq"), grad_scale)
         clip = self._clip
         if clip is not None and clip.device != params[0].device:
             clip = clip.to(params[0].device)
         kl.step(self.lamb_spec(group), self._kernel_caches.setdefault(id(group), TableCache()), params, grads,
                 list(zip(m, v)), group["step"], grad_scale, clip, found_inf,
-                type(self).__name__)
+                type(self).__name__, shards=self._shards)
         self._write_back(back)

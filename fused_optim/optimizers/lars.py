@@ -4,7 +4,8 @@ of the weight and grad norms (You et al. 2017, arXiv 1708.03888; LARC: the ratio
 Fused path, per param group: one launch of the shared per-tensor sums of squares over the grads and the params
 (kernels/reduce.py: the C++/CUDA engine where built, else Triton), then one launch of the shared multi-tensor apply,
 whose per-tensor scalar slots carry (||g||^2, ||p||^2, the grad scale); without adaptation (weight_decay == 0 and
-not always_adapt) the apply alone.
+not always_adapt) the apply alone. Over DTensor (FSDP2) shards: the sums over the local shards, one collective
+between the two launches (fused_optim/_sharded.py), as on the reference path.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import math
 import torch
 
 from .._base import FusedOptimizer
+from .._sharded import full_norms
 from .._tensors import check, scalar
 from .._registry import register
 from ..kernels import multi_tensor as mt
@@ -63,11 +65,17 @@ def lars_trust_ratio(w_norm, g_norm, *, trust_coeff, weight_decay, eps, trust_cl
 
 
 def lars_reference(params, grads, states, *, lr, momentum, dampening, weight_decay, nesterov, trust_coeff, eps,
-                   trust_clip, always_adapt):
-    """timm's LARS step on lists; states: the param states (momentum_buffer made on the first step)."""
+                   trust_clip, always_adapt, full_sums=None):
+    """timm's LARS step on lists; states: the param states (momentum_buffer made on the first step). Over DTensor
+    shards (local tensors): ``full_sums`` turns per-tensor sums over the shards into the full tensors' (None: whole
+    tensors, timm's norms)."""
     if weight_decay != 0 or always_adapt:
-        ratios = [lars_trust_ratio(p.norm(2.0), g.norm(2.0), trust_coeff=trust_coeff, weight_decay=weight_decay,
-                                   eps=eps, trust_clip=trust_clip, lr=lr) for p, g in zip(params, grads)]
+        if full_sums is None:
+            norms = [p.norm(2.0) for p in params], [g.norm(2.0) for g in grads]
+        else:
+            norms = full_norms(full_sums, params, grads)
+        ratios = [lars_trust_ratio(w, g, trust_coeff=trust_coeff, weight_decay=weight_decay, eps=eps,
+                                   trust_clip=trust_clip, lr=lr) for w, g in zip(*norms)]
         grads = torch._foreach_add(grads, params, alpha=weight_decay)  # p.grad is left as it is
         torch._foreach_mul_(grads, ratios)
     if momentum != 0:
@@ -112,6 +120,7 @@ class Lars(FusedOptimizer):
 
     def _reference(self, group, params, grads, states):
         lars_reference(params, grads, states, lr=scalar(group["lr"]),
+                       full_sums=None if self._shards is None else self._full_sums,
                        **{k: group[k] for k in ("momentum", "dampening", "weight_decay", "nesterov", "trust_coeff",
                                                 "eps", "trust_clip", "always_adapt")})
 
@@ -145,6 +154,9 @@ class Lars(FusedOptimizer):
             elif masters:
                 rems = [None] * len(grads) + masters
             buf = reduce.sumsq(cache, grads + weights, None, found_inf, remainders=rems)
+            if self._shards is not None:  # the shards' sums -> the full tensors' (in place: the slots view buf)
+                pairs = buf.view(2, len(params))
+                pairs.copy_(self._full_sums(pairs.t()).t())
             scale = grad_scale if grad_scale is not None else cache.setdefault("one", torch.ones(1, device=buf.device))
             # 0-d views of fixed buffers (the apply's tables stay valid), made once per buffer
             if cache.get("views", (None,))[:2] != (buf.data_ptr(), scale.data_ptr()):

@@ -33,6 +33,11 @@ CASES = [
     ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99), caution=True, max_grad_norm=CLIP),
      {"fsdp2-2": (False, True), "fsdp2-4": (False,)}),
     ("adafactor", dict(lr=0.01, min_dim_size_to_factor=2), {"fsdp2-2": (False,)}),
+    # Lars / Lamb: per-tensor norms (Lamb's caution: the mask's share too) over the shards, both paths
+    ("lars", dict(lr=0.5, momentum=0.9, weight_decay=0.1, trust_coeff=0.01), {"fsdp2-2": (False, True)}),
+    ("lars", dict(lr=0.01, always_adapt=True, trust_clip=True, trust_coeff=0.02), {"fsdp2-2": (True,)}),
+    ("lamb", dict(lr=0.01, weight_decay=0.1), {"fsdp2-2": (False, True)}),
+    ("lamb", dict(lr=0.01, caution=True, max_grad_norm=CLIP), {"fsdp2-2": (False, True), "fsdp2-4": (True,)}),
 ]
 
 # every other optimizer with its defaults, both paths, on 2 FSDP2 ranks (LBFGS and SparseAdam: not for FSDP2;
@@ -256,8 +261,13 @@ def _single(name, kw, fused):
     return _train(model, fused_optim.REGISTRY[name](model.parameters(), fused=fused, **kw), x, y)
 
 
-# 4 ranks: in the DCP resharding test (test_dcp_resume_and_reshard)
-@pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp2", 2)])
+# 4 ranks (the "fsdp2-4" runs of CASES): opt-in (CI time); in CI, 4 ranks run in test_shards_fused.py and the
+# DCP resharding test
+_FOUR = pytest.mark.skipif(os.environ.get("FUSED_OPTIM_4RANK_TESTS") != "1",
+                           reason="4 gloo ranks on 2 cores (CI time): run with FUSED_OPTIM_4RANK_TESTS=1")
+
+
+@pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp2", 2), pytest.param("fsdp2", 4, marks=_FOUR)])
 def test_distributed_matches_single_process(tmp_path, mode, world):
     out = str(tmp_path / "results.pt")
     mp.spawn(_worker, args=(str(tmp_path / "store"), world, mode, out), nprocs=world, join=True)

@@ -49,6 +49,8 @@ CASES_2 = [
     ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99), caution=True), 5, 3, "mlp"),
     ("adafactor", dict(lr=0.01, min_dim_size_to_factor=2, weight_decay=0.1), 4, 2, "mlp"),
     ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99), caution=True), 5, 3, "conv"),
+    # the clip's sums of squares and factor, STATS, APPLY; the combines after the clip's sums and STATS
+    ("lamb", dict(lr=0.01, weight_decay=0.1, caution=True), 4, 2, "mlp"),
 ]
 STEPS_2 = 6
 # one 4-rank job over several families (4 processes on 2 cores: few steps)
@@ -57,6 +59,7 @@ CASES_4 = [
     ("novograd", dict(lr=0.01, weight_decay=0.1), None, 1, "mlp"),
     ("sgdp", dict(lr=0.05, momentum=0.9, weight_decay=0.1), 2, 1, "mlp"),
     ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99)), 4, 2, "mlp"),
+    ("lamb", dict(lr=0.01, caution=True, max_grad_norm=0.05), 4, 2, "mlp"),
 ]
 STEPS_4 = 3
 
@@ -89,15 +92,19 @@ def _run(model, opt, x, y, steps):
     return params, calls
 
 
+REFUSED = [("adafactor", dict(min_dim_size_to_factor=2)), ("sgdp", dict(lr=0.1)), ("lars", dict(weight_decay=0.1)),
+           ("lamb", dict())]
+
+
 def _refusals():
-    """A placement the fused kernels cannot combine exactly (factored dims sharded on dim 1) is refused before any
-    change, naming the param and its placement."""
+    """A placement the fused kernels cannot combine exactly (dim 1 sharded: Adafactor's factored dims, SGDP's rows,
+    Lars' and Lamb's per-tensor norms) is refused before any change, naming the param and its placement."""
     import fused_optim
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     out = {}
-    for name, kw in (("adafactor", dict(min_dim_size_to_factor=2)), ("sgdp", dict(lr=0.1))):
+    for name, kw in REFUSED:
         w = torch.nn.Parameter(distribute_tensor(torch.randn(6, 8), mesh, [Shard(1)]))
         w.grad = distribute_tensor(torch.randn(6, 8), mesh, [Shard(1)])
         before = _full(w)
@@ -113,7 +120,9 @@ def _refusals():
 
 
 # Shard(0) and Replicate params in one group (the combine keeps the replicated tensors' local sums)
-MIXED = [("sgdp", dict(lr=0.05, momentum=0.9, caution=True)), ("adafactor", dict(min_dim_size_to_factor=2))]
+MIXED = [("sgdp", dict(lr=0.05, momentum=0.9, caution=True)), ("adafactor", dict(min_dim_size_to_factor=2)),
+         ("lars", dict(lr=0.5, momentum=0.9, weight_decay=0.1, trust_coeff=0.01)),
+         ("lamb", dict(lr=0.01, caution=True))]
 
 
 def _mixed_run(name, kw, wrap, fused):
@@ -180,7 +189,7 @@ def _check(tmp_path, world, cases, steps):
         for a_list, b_list in zip(steps_got, _mixed_run(name, kw, lambda t, i: t, False)):
             for a, b in zip(a_list, b_list):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} Shard(0) + Replicate")
-    for name in ("adafactor", "sgdp") if world == 2 else ():
+    for name, _ in REFUSED if world == 2 else ():
         msg = got["refusals"][name]
         assert "param 1 of param group 0" in msg and "Shard(dim=1)" in msg, msg
         assert got["refusals"][name, "unchanged"], name
@@ -191,6 +200,6 @@ def test_fused_on_two_ranks(tmp_path):
 
 
 def test_families_fused_on_four_ranks(tmp_path):
-    """One spawn of 4 ranks: element-wise (Adam), per-tensor norms (NovoGrad), projections (SGDP) and
-    Adafactor (the 3-row weight's shards: 1, 1, 1, 0 rows)."""
+    """One spawn of 4 ranks: element-wise (Adam), per-tensor norms (NovoGrad; Lamb, with its global clip),
+    projections (SGDP) and Adafactor (the 3-row weight's shards: 1, 1, 1, 0 rows)."""
     _check(tmp_path, 4, CASES_4, STEPS_4)
