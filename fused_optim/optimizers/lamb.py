@@ -113,6 +113,7 @@ class Lamb(OwnKernels, FusedOptimizer):
 
     scalar_keys = ()
     elementwise = False  # per-tensor norms
+    shardable = True  # (over DTensor shards: local sums, combined by full_sums)
     precision_in_kernel = False  # master_weights / stochastic_rounding run on the reference path
     float64_in_kernel = False  # its kernel's statistics and coefficients are fp32: float64 params use the reference
     supports_complex = False  # timm squares complex grads as complex numbers: no real-view equivalent

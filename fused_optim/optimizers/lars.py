@@ -100,6 +100,7 @@ class Lars(FusedOptimizer):
 
     scalar_keys = ()
     elementwise = False  # per-tensor norms
+    shardable = True  # (over DTensor shards: local sums, combined by full_sums)
     kernel_subvariants = (False, True)  # the `first` argument of _kernel_rule (AOT inventory compiles both)
 
     def __init__(self, params, lr=1.0, momentum=0, dampening=0, weight_decay=0, nesterov=False, trust_coeff=0.001,
