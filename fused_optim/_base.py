@@ -296,5 +296,5 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
         mt.apply(rule, cache, params, grads, columns, [list(map(operator.itemgetter(k), states)) for k in skeys],
                  lr_tensor=lr if isinstance(lr, torch.Tensor) else None,
                  grad_scale=grad_scale, found_inf=found_inf, **self._precision_args(masters),
-                 **self._quant_args(states, keys))
+                 **self._quant_args(states, keys), shards=self._shards)
         self._write_back(back)

@@ -14,6 +14,8 @@ state changes, naming the param and its placement.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -58,6 +60,7 @@ class Layout:
         self.sharded = [is_dtensor(p) and p.placements[0].is_shard() for p in params]
         self.shapes = [tuple(p.shape) for p in params]  # the full tensors' (a DTensor's shape is the global one)
         first = next((p for p, s in zip(params, self.sharded) if s), None)
+        self.mesh = None if first is None else first.device_mesh
         self.group = None if first is None else first.device_mesh.get_group()
         self.world = 1 if first is None else first.device_mesh.size()
         self._mask = self._packed = None  # masks of replicated entries, made once (an upload is a host sync)
@@ -67,7 +70,7 @@ class Layout:
         is sharded (every rank decides alike: placements are the same on every rank)."""
         sub = object.__new__(Layout)
         sub.sharded, sub.shapes = [self.sharded[i] for i in idx], [self.shapes[i] for i in idx]
-        sub.group, sub.world = (self.group, self.world) if any(sub.sharded) else (None, 1)
+        sub.mesh, sub.group, sub.world = (self.mesh, self.group, self.world) if any(sub.sharded) else (None, None, 1)
         sub._mask = sub._packed = None
         return sub
 
@@ -88,6 +91,27 @@ class Layout:
         if self._mask is None or self._mask.device != partials.device:
             self._mask = torch.tensor(self.sharded, device=partials.device)
         return self._combine(partials, self._mask.view(-1, *([1] * (partials.dim() - 1))))
+
+    def numels(self, tensors) -> list:
+        """The full tensors' numels, for ``tensors`` laid out as the local shards (a complex param's real view: 2x)."""
+        return [math.prod(s) * (2 if t.dim() > len(s) else 1) for s, t in zip(self.shapes, tensors)]
+
+    def full_rows(self, stack, shape):
+        """stack [k, r, ...]: this rank's rows of k tensors of the full ``shape`` [A, ...], each sharded on its dim
+        0 -> the full tensors [k, A, ...], the same bits on every rank (one all-gather; DTensor pads uneven shards)."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        full = torch.Size((stack.shape[0], *shape))
+        return DTensor.from_local(stack.contiguous(), self.mesh, [Shard(1)], run_check=False, shape=full,
+                                  stride=torch.empty(full, device="meta").stride()).full_tensor()
+
+    def own_rows(self, full):
+        """full [k, A, ...] (every rank the same) -> this rank's rows [k, r, ...] of each, as full_rows took them (no
+        collective)."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        return DTensor.from_local(full, self.mesh, [Replicate()], run_check=False).redistribute(
+            self.mesh, [Shard(1)]).to_local()
 
     def _combine(self, partials, mask):
         flat = partials.detach().contiguous()

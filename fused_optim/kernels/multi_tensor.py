@@ -4,7 +4,7 @@ optimizer's ``Rule`` (kernels/rules.py: the jit functions that state its math an
 Tables (tables.py caches them): ``ptrs`` int64 [T, S_COL + NS (+1 master)] the addresses of param, grad and each
 state of tensor t; ``numels`` [T]; ``work`` int32 [W, W_WIDTH] (tensor, chunk) pairs, every tensor >= 1 chunk so
 0-element tensors still advance their scalars; ``sptrs`` int64 [T, NT] addresses of the per-tensor 0-d
-states; ``counters`` int32 [T]; with a statistics pass also ``partials`` fp64 [W], ``stats`` fp64 [T] and a grid
+states; ``counters`` int32 [T]; with a statistics pass also ``partials`` fp64 [W], ``stats`` fp64 [T, 2] and a grid
 barrier. See Note [last program writes scalars] in kernels/README.md.
 """
 from __future__ import annotations
@@ -66,12 +66,15 @@ if runtime.available():
             return 0.0
 
     @triton.jit
-    def _scalar_in(k: tl.constexpr, NT: tl.constexpr, HAS_STATS: tl.constexpr, srow, stat_ptr, F64: tl.constexpr):
-        # slot k of SCALARS: a scalar state, else (the first free slot) the statistics pass's mean, else 0
+    def _scalar_in(k: tl.constexpr, NT: tl.constexpr, HAS_STATS: tl.constexpr, srow, stat_ptr, p_ptr,
+                   F64: tl.constexpr):
+        # slot k of SCALARS: a scalar state, else (the first free slot) the statistics pass's mean, else 0. The
+        # mean: its total (written by another program) / the full tensor's numel, in the compute dtype as torch's
         if k < NT:
             return _load_scalar(True, srow, k, F64)
         elif HAS_STATS and k == NT:
-            return tl.load(stat_ptr, cache_modifier=".cg").to(tl.float64)  # written by another program
+            total = to_compute(tl.load(stat_ptr, cache_modifier=".cg"), p_ptr)
+            return (total / to_compute(tl.load(stat_ptr + 1), p_ptr)).to(tl.float64)
         else:
             return 0.0
 
@@ -174,10 +177,10 @@ if runtime.available():
             m_ptr = _slot_ptr(MASTER, row, S_COL + NS, tl.float32, ALIGNED, p_ptr)
 
         srow = sptrs + t.to(tl.int64) * NT
-        t0 = _scalar_in(0, NT, HAS_STATS, srow, stats + t, FLAGS & F64_0)
-        t1 = _scalar_in(1, NT, HAS_STATS, srow, stats + t, FLAGS & F64_1)
-        t2 = _scalar_in(2, NT, HAS_STATS, srow, stats + t, FLAGS & F64_2)
-        t3 = _scalar_in(3, NT, HAS_STATS, srow, stats + t, FLAGS & F64_3)
+        t0 = _scalar_in(0, NT, HAS_STATS, srow, stats + 2 * t, p_ptr, FLAGS & F64_0)
+        t1 = _scalar_in(1, NT, HAS_STATS, srow, stats + 2 * t, p_ptr, FLAGS & F64_1)
+        t2 = _scalar_in(2, NT, HAS_STATS, srow, stats + 2 * t, p_ptr, FLAGS & F64_2)
+        t3 = _scalar_in(3, NT, HAS_STATS, srow, stats + 2 * t, p_ptr, FLAGS & F64_3)
         # fp64 hyper-parameters come from a device buffer: kernel float arguments would be fp32 under the
         # interpreter, and 1 - beta2 ** step needs fp64
         lr = tl.load(hp)
@@ -205,9 +208,8 @@ if runtime.available():
             tl.store(partials + item, tl.sum(acc, axis=0))
             # Note [statistics pass]: the tensor's last program sums its chunks' partials in chunk order
             if arrive(counters + t, nwork):
-                total = sum_partials(partials + (item - chunk), nwork, PB)
-                # the mean in the compute dtype, as the reference's mean(); kept in an fp64 buffer
-                tl.store(stats + t, to_compute(total, p_ptr) / to_compute(tl.maximum(n, 1), p_ptr))
+                # the total (FSDP2: of the local shard, then summed over the shards between the launches)
+                tl.store(stats + 2 * t, sum_partials(partials + (item - chunk), nwork, PB))
                 tl.store(counters + t, 0)
         else:
             over_chunk(_block, tl.cast(0, tl.int32), chunk * (BLOCK * ITERS), n,
@@ -266,18 +268,21 @@ class _Tables(Tables):
     hkey: tuple = ()            # the values hp holds
     fdummy: torch.Tensor = None  # an fp32 stand-in for absent lr / grad_scale / found_inf
     partials: torch.Tensor = None  # the statistics pass (made on its first use): fp64 [W] per work item,
-    stats: torch.Tensor = None     # fp64 [T] per-tensor means,
+    stats: torch.Tensor = None     # fp64 [T, 2] per tensor: the pass's total, the full tensor's numel (>= 1),
     barrier: sync.GridBarrier = None  # and the grid barrier of its persistent launch
     qmap: torch.Tensor = None  # int8 states: the code maps (kernels/quant.py), their address in every row
+    shards: object = None  # FSDP2: the bucket's sharded.Layout when some tensor is sharded (statistics span ranks),
+    full_numels: torch.Tensor = None  # and its tensors' full numels (int64 [T])
 
 
-def _build_tables(key, params, grads, columns, scalars, device, qscales=()) -> _Tables:
+def _build_tables(key, params, grads, columns, scalars, device, qscales=(), shards=None) -> _Tables:
     chunk = BLOCK * ITERS
     qmap = quant.code_maps(device) if qscales else None
     columns = [*columns, *([[qmap] * len(params), *qscales] if qscales else ())]
     rows = [list(r) for r in zip(map(ptr, params), map(ptr, grads), *(map(ptr, c) for c in columns))]
     work = [(i, c) for i, n in enumerate(map(numel, params)) for c in range(max(1, -(-n // chunk)))]
     srows = [list(r) for r in zip(*(map(ptr, c) for c in scalars))]
+    sharded = shards is not None and shards.group is not None  # FSDP2: a statistic spans the ranks
     return _Tables(
         key=key, gkey=tuple(map(ptr, grads)), ptrs=to_device(rows, torch.int64, device), grad_col=1,
         aligned=all_aligned(params, grads, *columns),
@@ -286,12 +291,13 @@ def _build_tables(key, params, grads, columns, scalars, device, qscales=()) -> _
         sptrs=to_device(srows, torch.int64, device) if scalars else torch.zeros(1, dtype=torch.int64, device=device),
         counters=torch.zeros(max(len(params), 1), dtype=torch.int32, device=device),
         hp=torch.zeros(N_HYPER, dtype=torch.float64, device=device),
-        fdummy=torch.zeros(1, dtype=torch.float32, device=device), qmap=qmap)
+        fdummy=torch.zeros(1, dtype=torch.float32, device=device), qmap=qmap, shards=shards if sharded else None,
+        full_numels=to_device(shards.numels(params), torch.int64, device) if sharded else None)
 
 
 def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_tensor=None,
           grad_scale=None, found_inf=None, masters=None, stochastic_rounding=False, seed=0,
-          state_stochastic_rounding=False, scales=None, unsigned=0, who="fused_optim") -> None:
+          state_stochastic_rounding=False, scales=None, unsigned=0, who="fused_optim", shards=None) -> None:
     """Update one param group in one launch per (param, grad, state, scalar state) dtype combination (a rule with
     ``stats``: one persistent launch, or two where the device refuses it; ``who`` names the optimizer in a grid
     barrier's report).
@@ -304,8 +310,8 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
     params are stored with stochastic rounding, random bits drawn from ``seed`` (vary it every step);
     ``state_stochastic_rounding``: bf16 states too. ``scales``: int8 states (uint8 codes in ``columns``): one list
     per column of their fp32 block scales (None for a tensor whose states are not int8); ``unsigned``: bit k for
-    a non-negative state k (kernels/quant.py).
-    """
+    a non-negative state k (kernels/quant.py). ``shards``: the sharded.Layout of DTensor params given as their
+    local shards: a statistics pass's totals are summed over the shards between its two launches."""
     has_master = masters is not None and any(m is not None for m in masters)
     # every address and size the tables hold but the grads': any change (a loaded state, a replaced param's .data)
     # rebuilds; dtypes are fixed with the addresses, so the dtype buckets are reused while the key holds
@@ -330,7 +336,8 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
         qbits = 1 + 2 * unsigned if dts[2] == quant.CODE_DTYPE else 0  # QUANT: int8 states, unsigned slots
         qs = pick(idx, *scales) if qbits else ()
         tab = cache.lookup((dts, master, sdts), key, gs,
-                           lambda: _build_tables(key, ps, gs, cols, scs, ps[0].device, qs))
+                           lambda: _build_tables(key, ps, gs, cols, scs, ps[0].device, qs,
+                                                 shards and shards.pick(idx)))
         sr = (SR_PARAM if stochastic_rounding and dts[0] == torch.bfloat16 and master != REMAINDER else 0) | (
             SR_STATES if state_stochastic_rounding and dts[2] == torch.bfloat16 and columns else 0)
         _launch(rule, tab, dts, len(cols) - bool(master), len(scs), lr_tensor, grad_scale, found_inf, master, sr, seed,
@@ -369,7 +376,8 @@ def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=NO_
     if rule.stats is not None and tab.partials is None:
         dev = tab.work.device
         tab.partials = torch.zeros(n_items, dtype=torch.float64, device=dev)
-        tab.stats = torch.zeros(tab.numels.shape[0], dtype=torch.float64, device=dev)
+        n = tab.numels if tab.shards is None else tab.full_numels
+        tab.stats = torch.stack([torch.zeros_like(n, dtype=torch.float64), n.clamp(min=1).double()], 1)
         tab.barrier = sync.GridBarrier(dev)
     args = (tab.ptrs, tab.numels, tab.work, tab.sptrs, tab.counters,
             lr_tensor if lr_tensor is not None else dummy,
@@ -390,5 +398,6 @@ def _launch(rule, tab, dts, ns, nt, lr_tensor, grad_scale, found_inf, master=NO_
             runtime.launch(multi_tensor_apply_kernel, n_items, *args, **constexprs_of(passes))
         else:
             runtime.launch_phases(multi_tensor_apply_kernel, list(passes), *args, grid_of=lambda _: n_items,
-                                  device=tab.work.device, constexprs_of=constexprs_of)
+                                  device=tab.work.device, constexprs_of=constexprs_of, between=tab.shards and (
+                                      lambda _: tab.stats[:, 0].copy_(tab.shards.full_sums(tab.stats[:, 0]))))
             tab.barrier.watch(who)

@@ -8,7 +8,8 @@ from .._tensors import check, new_step, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .common import GRAD_BITS, adam_hyper, cautious_updates, effective_grads, reference_hypers, step_params_
+from .common import (GRAD_BITS, adam_hyper, cautious_updates, effective_grads, reference_hypers, step_params_,
+                     whole_tensors)
 from .lion import TimmCautious, corrected_max_lr, max_lr_snapshot
 
 if runtime.available():
@@ -65,11 +66,12 @@ if runtime.available():
 
 
 def adopt_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, clip_exp, decoupled, caution,
-                    maximize, max_lr=None):
+                    maximize, max_lr=None, shards=None):
     """ADOPT in timm's op order, per tensor step t: on a tensor's first step only exp_avg_sq = g^2; then decoupled
     decay p -= s * weight_decay * p (s = lr, or lr**2 / max_lr when corrected), normed = g / max(sqrt(exp_avg_sq), eps)
     clamped to +-(t - 1)^clip_exp, exp_avg lerps towards it by 1 - beta1, p -= lr * exp_avg (masked by caution), and
-    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g^2. g: the grad with maximize and L2 weight decay."""
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g^2. g: the grad with maximize and L2 weight decay. ``shards``:
+    the sharded.Layout of FSDP2 params given as their local shards (caution's mask mean is over each whole tensor)."""
     steps = [st["step"] for st in states]
     torch._foreach_add_(steps, 1)
     grads = effective_grads(grads, params, maximize, 0 if decoupled else weight_decay)
@@ -81,6 +83,7 @@ def adopt_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_deca
         later = [i for i, s in enumerate(t) if s != 1]
         params, grads, exp_avgs, exp_avg_sqs, t = ([x[i] for i in later] for x in (params, grads, exp_avgs,
                                                                                    exp_avg_sqs, t))
+        shards = shards and shards.pick(later)  # (steps are alike on every rank: the same tensors everywhere)
         if not params:
             return
     if weight_decay != 0 and decoupled:
@@ -97,7 +100,7 @@ def adopt_reference(params, grads, states, *, lr, beta1, beta2, eps, weight_deca
         torch._foreach_maximum_(normed, [-c for c in clip])
         torch._foreach_minimum_(normed, clip)
     torch._foreach_lerp_(exp_avgs, normed, 1 - beta1)
-    updates = cautious_updates(exp_avgs, grads) if caution else exp_avgs
+    updates = cautious_updates(exp_avgs, grads, *whole_tensors(shards, grads)) if caution else exp_avgs
     step_params_(params, updates, lr)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
@@ -117,7 +120,8 @@ class Adopt(TimmCautious):
 
     Fused path: 1 launch of the shared multi-tensor kernel per param group and step. With caution the same launch
     runs the apply's statistics pass first (the mask's per-tensor mean) behind a grid barrier: 1 persistent
-    cooperative launch, 2 launches where the device refuses cooperative launches."""
+    cooperative launch, 2 launches where the device refuses cooperative launches or over FSDP2 dim-0 shards (the
+    mask's counts summed over the shards between them: one collective)."""
     nonnegative_states = ("exp_avg_sq",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, clip_exp=0.333, weight_decay=0.0,
@@ -148,7 +152,7 @@ class Adopt(TimmCautious):
 
     def _reference(self, group, params, grads, states):
         adopt_reference(params, grads, states, **reference_hypers(group, "eps", "clip_exp", "decoupled", "caution",
-                                                                  max_lr=corrected_max_lr(group)))
+                                                                  max_lr=corrected_max_lr(group)), shards=self._shards)
 
     def _kernel_rule(self, group, variant=None):
         wd = group["weight_decay"] != 0

@@ -123,14 +123,26 @@ class KeptStateDtypes:
         restore_state_dtypes(self, state_dict, self._kept_dtypes)
 
 
-def cautious_updates(updates, grads):
+def cautious_updates(updates, grads, full_sums=None, numels=None):
     """timm's caution (Cautious Optimizers, arXiv:2411.16085), per tensor, in its op order: mask = (u * g > 0) in
-    the grad's dtype, mask /= max(mean(mask), 1e-3), returns the new tensors u * mask."""
+    the grad's dtype, mask /= max(mean(mask), 1e-3), returns the new tensors u * mask. FSDP2 shards: ``full_sums``
+    (sharded.Layout.full_sums of these tensors) sums the local masks' counts over the shards, and the mean is that
+    count / ``numels`` (the full tensors'), rounded to the mask's dtype once as mean() rounds."""
     masks = [(m > 0).to(g.dtype) for m, g in zip(torch._foreach_mul(updates, grads), grads)]
-    scales = [m.mean() for m in masks]
+    if full_sums is None:
+        scales = [m.mean() for m in masks]
+    else:  # (fp64 counts: exact; no host sync)
+        counts = full_sums(torch.stack([m.sum(dtype=torch.float64) for m in masks]))
+        scales = [s.to(m.dtype) for s, m in zip(torch._foreach_div(counts.unbind(), list(numels)), masks)]
     torch._foreach_maximum_(scales, 1e-3)
     torch._foreach_div_(masks, scales)
     return torch._foreach_mul(updates, masks)
+
+
+def whole_tensors(shards, tensors):
+    """cautious_updates' (full_sums, numels) for ``tensors``, the local shards of the tensors of ``shards`` (a
+    sharded.Layout), or (None, None) without shards."""
+    return (None, None) if shards is None else (shards.full_sums, shards.numels(tensors))
 
 
 def step_params_(params, updates, lr):

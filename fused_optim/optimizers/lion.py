@@ -11,7 +11,7 @@ from .._tensors import check, check_betas, check_nonneg, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
 from ..kernels import runtime
-from .common import GRAD_BITS, cautious_updates, grad_flags, reference_hypers, step_params_
+from .common import GRAD_BITS, cautious_updates, grad_flags, reference_hypers, step_params_, whole_tensors
 
 if runtime.available():
     import triton
@@ -77,10 +77,12 @@ def check_lr(lr) -> None:
     check(0.0 <= scalar(lr) < math.inf, f"Invalid learning rate: {lr}")
 
 
-def lion_reference(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, caution, maximize, max_lr=None):
+def lion_reference(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, caution, maximize, max_lr=None,
+                   shards=None):
     """Lion in timm's op order: decoupled decay p *= 1 - s * weight_decay (s = lr, or lr**2 / max_lr when corrected),
     update = sign(lerp(exp_avg, grad, 1 - beta1)) (masked by caution), p -= lr * update, then exp_avg lerps towards
-    grad by 1 - beta2. ``lr``: a float or a 0-d Tensor (its coefficients in its dtype, like timm)."""
+    grad by 1 - beta2. ``lr``: a float or a 0-d Tensor (its coefficients in its dtype, like timm). ``shards``: the
+    sharded.Layout of FSDP2 params given as their local shards (caution's mask mean is over each whole tensor)."""
     if maximize:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:  # (timm multiplies by exactly 1 without weight decay)
@@ -89,14 +91,15 @@ def lion_reference(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, c
     updates = torch._foreach_lerp(exp_avgs, grads, 1 - beta1)
     torch._foreach_sign_(updates)
     if caution:
-        updates = cautious_updates(updates, grads)
+        updates = cautious_updates(updates, grads, *whole_tensors(shards, updates))
     step_params_(params, updates, lr)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta2)
 
 
 class TimmCautious(FusedOptimizer):
     """What the timm optimizers with ``caution`` share (Lion, Adopt): timm's checks of lr, betas and weight decay,
-    and FSDP2 shards refused while some group is cautious (its mask mean is over each whole tensor)."""
+    and, while some group is cautious, FSDP2 shards stepped as a reduction (the mask's mean is over each whole
+    tensor: the local counts are summed over the shards, on both paths)."""
 
     @property
     def elementwise(self) -> bool:
@@ -119,7 +122,8 @@ class Lion(TimmCautious):
 
     Fused path: 1 launch of the shared multi-tensor kernel per param group and step. With caution the same launch
     runs the apply's statistics pass first (the mask's per-tensor mean) behind a grid barrier: 1 persistent
-    cooperative launch, 2 launches where the device refuses cooperative launches."""
+    cooperative launch, 2 launches where the device refuses cooperative launches or over FSDP2 dim-0 shards (the
+    mask's counts summed over the shards between them: one collective)."""
 
     scalar_keys = ()
 
@@ -138,7 +142,7 @@ class Lion(TimmCautious):
 
     def _reference(self, group, params, grads, states):
         lion_reference(params, grads, [st["exp_avg"] for st in states],
-                       **reference_hypers(group, "caution", max_lr=corrected_max_lr(group)))
+                       **reference_hypers(group, "caution", max_lr=corrected_max_lr(group)), shards=self._shards)
 
     def _kernel_rule(self, group, variant=None):
         beta1, beta2 = (scalar(b) for b in group["betas"])

@@ -89,25 +89,58 @@ def newton_schulz(x, coefficients, steps: int, eps: float, out=None):
 
 
 def muon_reference(params, grads, bufs, *, lr, weight_decay, momentum, nesterov, ns_coefficients, ns_steps, eps,
-                   adjust_lr_fn):
+                   adjust_lr_fn, shards=None):
     """The numbers: torch.optim.Muon's step, param by param (lr: a float or a 0-d Tensor, as torch takes it). The
     orthogonalization works on a copy, so a bf16 momentum buffer is never normalized in place (torch 2.13 does
-    that when nesterov=False; fixed in torch after pytorch/pytorch#194664)."""
+    that when nesterov=False; fixed in torch after pytorch/pytorch#194664). ``shards``: the sharded.Layout of FSDP2
+    params given as their local rows (see orthogonalized_shards; the lr scale is the full shape's)."""
+    def apply(p, o, shape):
+        p.mul_(1 - lr * weight_decay)
+        p.add_(o, alpha=-(lr * adjusted_ratio(adjust_lr_fn, shape)))
+
+    ns, updates = (ns_coefficients, ns_steps, eps), []
     for p, g, buf in zip(params, grads, bufs):
         buf.lerp_(g, 1 - momentum)
-        update = g.lerp(buf, momentum) if nesterov else buf
-        o = newton_schulz(update.to(NS_DTYPE, copy=True), ns_coefficients, ns_steps, eps)
-        p.mul_(1 - lr * weight_decay)
-        p.add_(o, alpha=-(lr * adjusted_ratio(adjust_lr_fn, p.shape)))
+        update = (g.lerp(buf, momentum) if nesterov else buf).to(NS_DTYPE, copy=True)
+        if shards is None:  # (one bf16 copy alive at a time)
+            apply(p, newton_schulz(update, *ns), p.shape)
+        else:
+            updates.append(update)
+    if shards is not None:
+        for p, o, shape in zip(params, orthogonalized_shards(updates, shards, ns), shards.shapes):
+            apply(p, o, shape)
+
+
+def shape_groups(shapes, sharded) -> dict:
+    """(full shape, sharded) -> the indices of the matrices that have them, in order (every rank alike)."""
+    groups: dict = {}
+    for i, key in enumerate(zip(map(tuple, shapes), sharded)):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def orthogonalized_shards(updates, shards, ns) -> list:
+    """newton_schulz(*ns) of each bf16 update over FSDP2 dim-0 shards (local rows): a sharded matrix is gathered
+    whole (one collective per distinct shape), orthogonalized as one process does, on every rank alike, and this
+    rank's rows of the result are kept."""
+    outs = list(updates)
+    for (shape, sharded), idx in shape_groups(shards.shapes, shards.sharded).items():
+        whole = shards.full_rows(torch.stack([updates[i] for i in idx]), shape).unbind() if sharded else (
+            [updates[i] for i in idx])
+        done = [newton_schulz(x, *ns) for x in whole]
+        for i, o in zip(idx, shards.own_rows(torch.stack(done)).unbind() if sharded else done):
+            outs[i] = o
+    return outs
 
 
 @dataclass
 class _Workspace:
     """The fused path's Newton-Schulz buffers of one group: per distinct shape, a bf16 stack of the updates (the
     momentum launch writes them) and one of the results (the update launch reads them); each matrix starts on a
-    16-byte boundary so the element-wise launches keep their aligned variant."""
+    16-byte boundary so the element-wise launches keep their aligned variant. FSDP2: the stacks hold local rows."""
     key: tuple
-    stacks: list   # (input stack, result stack) per distinct shape, [k, A, B] views
+    stacks: list   # (input stack, result stack) per distinct shape, [k, A, B] views ([k, local rows, B])
+    whole: list    # per stack: the full shape [A, B] of its sharded matrices, None when they are not sharded
     inputs: list   # per param: its matrix of an input stack
     results: list  # per param: its matrix of a result stack
     rows: list     # per param: 0-d fp32 device tensors holding A and B (the update launch's per-tensor scalars)
@@ -120,19 +153,19 @@ def _strided_stack(k, rows, cols, device):
     return flat.as_strided((k, rows, cols), (stride, cols, 1))
 
 
-def _workspace(key, params) -> _Workspace:
+def _workspace(key, params, shapes, sharded) -> _Workspace:
+    """params: what the kernels see (local shards), of the full ``shapes``; sharded: which are dim-0 shards."""
     device = params[0].device
-    by_shape: dict = {}
-    for i, p in enumerate(params):
-        by_shape.setdefault(tuple(p.shape), []).append(i)
-    inputs, results, stacks = [None] * len(params), [None] * len(params), []
-    for (rows, cols), idx in by_shape.items():
+    inputs, results, stacks, whole = [None] * len(params), [None] * len(params), [], []
+    for (shape, shard), idx in shape_groups(shapes, sharded).items():
+        rows, cols = params[idx[0]].shape  # (the local rows: alike for one full shape)
         stack = (_strided_stack(len(idx), rows, cols, device), _strided_stack(len(idx), rows, cols, device))
         stacks.append(stack)
+        whole.append(shape if shard else None)
         for j, i in enumerate(idx):
             inputs[i], results[i] = stack[0][j], stack[1][j]
-    dims = torch.tensor([list(p.shape) for p in params], dtype=torch.float32, device=device)
-    return _Workspace(key, stacks, inputs, results, list(dims[:, 0]), list(dims[:, 1]))
+    dims = torch.tensor([list(s) for s in shapes], dtype=torch.float32, device=device)
+    return _Workspace(key, stacks, whole, inputs, results, list(dims[:, 0]), list(dims[:, 1]))
 
 
 @register
@@ -151,11 +184,13 @@ class Muon(FusedOptimizer):
     matmul ops per shape, whatever the param count. The matmuls run in bf16 as torch's do: batched and per-matrix
     kernels may sum in another order, so an orthogonalized entry can differ from torch's by a bf16 ulp (tested: 2
     ulps, 2^-7, per chain; over 20 steps the params stay within 2e-4 of the reference's). state_dtype="int8" is
-    refused (ValueError at construction); bf16 states are taken."""
+    refused (ValueError at construction); bf16 states are taken. FSDP2 (DTensor dim-0 shards, both paths): the
+    updates of each distinct shape are gathered whole (one all-gather per shape and step), every rank runs the one
+    process's chain on them and keeps its own rows; the lr scale is the full shape's."""
     supports_int8 = False  # its momentum launch carries no block scales
 
     supports_complex = False
-    elementwise = False  # Newton-Schulz needs whole matrices: FSDP2 shards are refused
+    elementwise = False  # Newton-Schulz needs whole matrices: FSDP2 shards are gathered (orthogonalized_shards)
     kernel_layout = "contiguous"  # the momentum launch writes the Newton-Schulz stacks in the params' logical order
     matrices_only = True  # 2-D params only, as torch's Muon (so not registered as a timm factory twin)
     scalar_keys = ()
@@ -205,7 +240,7 @@ class Muon(FusedOptimizer):
         muon_reference(params, grads, [st["momentum_buffer"] for st in states], lr=group["lr"],
                        weight_decay=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"],
                        ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"], eps=group["eps"],
-                       adjust_lr_fn=group["adjust_lr_fn"])
+                       adjust_lr_fn=group["adjust_lr_fn"], shards=self._shards)
 
     def _kernel_rule(self, group, variant=None):
         flags = mt.pack((NESTEROV, group["nesterov"]), (MATCH_RMS, group["adjust_lr_fn"] == "match_rms_adamw"))
@@ -224,21 +259,31 @@ class Muon(FusedOptimizer):
         return (dts[0], NS_DTYPE, dts[0]), ("inf" if amp is True else False), master, sr
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
-        caches = self._kernel_caches
-        key = (params[0].device, *map(operator.attrgetter("shape"), params))
-        ws = caches.get((id(group), "workspace"))
-        if ws is None or ws.key != key:
-            ws = caches[(id(group), "workspace")] = _workspace(key, params)
+        caches, shards = self._kernel_caches, self._shards
         masters = self._masters(states)
         params, grads, (bufs, *masters), back = self._kernel_tensors(params, grads, states, ("momentum_buffer",),
                                                                      grad_scale, extra=[masters] if masters else ())
+        shapes = [p.shape for p in params] if shards is None else shards.shapes
+        sharded = [False] * len(params) if shards is None else shards.sharded
+        key = (params[0].device, *map(operator.attrgetter("shape"), params), *shapes, *sharded)
+        ws = caches.get((id(group), "workspace"))
+        if ws is None or ws.key != key:
+            ws = caches[(id(group), "workspace")] = _workspace(key, params, shapes, sharded)
         rule, _, _ = self._kernel_rule(group, "momentum")
         mt.apply(rule, caches.setdefault((id(group), "momentum"), TableCache()), ws.inputs, grads, [bufs], [],
                  grad_scale=grad_scale, found_inf=found_inf)
         # after an AMP overflow the momentum launch wrote nothing: the chain runs on stale inputs and the update
         # launch skips too (no host sync)
-        for inputs, results in ws.stacks:
-            newton_schulz(inputs, group["ns_coefficients"], group["ns_steps"], group["eps"], out=results)
+        ns = (group["ns_coefficients"], group["ns_steps"], group["eps"])
+        for (inputs, results), shape in zip(ws.stacks, ws.whole):
+            if shape is None:
+                newton_schulz(inputs, *ns, out=results)
+                continue
+            # FSDP2: the whole matrices (one collective), in stacks laid out as one process's, so every rank runs
+            # the chain one process runs (the same bits); this rank's rows of the result
+            x, out = (_strided_stack(inputs.shape[0], *shape, inputs.device) for _ in range(2))
+            newton_schulz(x.copy_(shards.full_rows(inputs, shape)), *ns, out=out)
+            results.copy_(shards.own_rows(out))
         rule, _, _ = self._kernel_rule(group, "update")
         lr = group["lr"]
         mt.apply(rule, caches.setdefault((id(group), "update"), TableCache()), params, ws.results, [],

@@ -38,6 +38,9 @@ CASES = [
     ("lars", dict(lr=0.01, always_adapt=True, trust_clip=True, trust_coeff=0.02), {"fsdp2-2": (True,)}),
     ("lamb", dict(lr=0.01, weight_decay=0.1), {"fsdp2-2": (False, True)}),
     ("lamb", dict(lr=0.01, caution=True, max_grad_norm=CLIP), {"fsdp2-2": (False, True), "fsdp2-4": (True,)}),
+    # caution's mask mean is over each whole tensor: the shards' counts are summed
+    ("lion", dict(lr=0.01, weight_decay=0.1, caution=True), {"fsdp2-2": (False, True), "fsdp2-4": (True,)}),
+    ("adopt", dict(lr=0.01, decoupled=True, weight_decay=0.1, caution=True), {"fsdp2-2": (False, True)}),
 ]
 
 # every other optimizer with its defaults, both paths, on 2 FSDP2 ranks (LBFGS and SparseAdam: not for FSDP2;
@@ -58,6 +61,17 @@ def _model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(8, 20, bias=False), torch.nn.LayerNorm(20, elementwise_affine=False),
                                torch.nn.Tanh(), _RowNormLinear(20, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+
+
+def _muon_model():
+    # Muon takes matrices only: 20 x 8 (tall: orthogonalized transposed), 3 x 20 (2 + 1 rows on 2 ranks) and
+    # 1 x 3 (an empty shard)
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 20, bias=False), torch.nn.Tanh(), torch.nn.Linear(20, 3, bias=False),
+                               torch.nn.Tanh(), torch.nn.Linear(3, 1, bias=False))
+
+
+MUON = dict(lr=0.02, weight_decay=0.1)
 
 
 def _data():
@@ -176,6 +190,9 @@ def _rank_work(rank, world, mode, out):
         results["zero"] = _zero(x, y)
     if mode == "fsdp2" and world == 2:
         results["refusals"] = _refusals()
+        for fused in (False, True):  # Newton-Schulz over whole matrices: the shards are gathered
+            model = _wrap(_muon_model(), mode)
+            results["muon", fused] = _train(model, fused_optim.Muon(model.parameters(), fused=fused, **MUON), x, y)
     if rank == 0:
         torch.save(results, out)
 
@@ -303,6 +320,24 @@ def test_distributed_matches_single_process(tmp_path, mode, world):
         assert r["novograd unchanged"], r
         assert "DTensor" in r["lbfgs"], r["lbfgs"]
         assert "Adahessian" in r["adahessian"] and "DTensor" in r["adahessian"], r["adahessian"]
+        _check_muon(got)
+
+
+def _check_muon(got):
+    """Muon over the shards matches one process on the same path (rel 1e-5); the fused path matches the reference
+    to its bf16 Newton-Schulz rounding (tests/cases/muon.py's tolerance)."""
+    import fused_optim
+    for fused in (False, True):
+        model = _muon_model()
+        want = _train(model, fused_optim.Muon(model.parameters(), fused=fused, **MUON), *_data())[0]
+        for step, (a_list, b_list) in enumerate(zip(got["muon", fused][0], want)):
+            for a, b in zip(a_list, b_list):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"Muon fused={fused}, step {step + 1}")
+    for a, b in zip(got["muon", True][0][-1], got["muon", False][0][-1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-4)
+    moved = min(float((a - b.detach()).abs().max()) for a, b in zip(got["muon", False][0][-1],
+                                                                   _muon_model().parameters()))
+    assert moved > 1e-2, moved  # every matrix moved: the comparisons can fail
 
 
 def test_projection_cases_project():

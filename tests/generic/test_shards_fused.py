@@ -60,6 +60,8 @@ CASES_4 = [
     ("sgdp", dict(lr=0.05, momentum=0.9, weight_decay=0.1), 2, 1, "mlp"),
     ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99)), 4, 2, "mlp"),
     ("lamb", dict(lr=0.01, caution=True, max_grad_norm=0.05), 4, 2, "mlp"),
+    # caution's mask counts: the statistics pass, the combine, the update
+    ("lion", dict(lr=0.01, weight_decay=0.1, caution=True), 2, 1, "mlp"),
 ]
 STEPS_4 = 3
 
@@ -122,7 +124,8 @@ def _refusals():
 # Shard(0) and Replicate params in one group (the combine keeps the replicated tensors' local sums)
 MIXED = [("sgdp", dict(lr=0.05, momentum=0.9, caution=True)), ("adafactor", dict(min_dim_size_to_factor=2)),
          ("lars", dict(lr=0.5, momentum=0.9, weight_decay=0.1, trust_coeff=0.01)),
-         ("lamb", dict(lr=0.01, caution=True))]
+         ("lamb", dict(lr=0.01, caution=True)),
+         ("adopt", dict(lr=0.01, caution=True))]
 
 
 def _mixed_run(name, kw, wrap, fused):

@@ -46,8 +46,9 @@ def _step_both(fused, pa, ref, pb, gen, **kw):
 
 @pytest.mark.parametrize("name", ["Lion", "Adopt"])
 def test_one_launch_and_the_mask_means(name):
-    """One launch per step; after it, the statistics buffer holds each tensor's cautious-mask mean of that step
-    (recomputed here from the reference's states before the step), 0 for the empty tensor."""
+    """One launch per step; after it, the statistics buffer holds each tensor's cautious-mask count of that step and
+    its numel (at least 1): their ratio is the mask's mean (recomputed here from the reference's states before the
+    step), 0 for the empty tensor."""
     fused, pa, ref, pb = _pair(name)
     gen = torch.Generator().manual_seed(1)
     beta1 = CONFIGS[name].get("betas", (0.9,))[0]
@@ -70,7 +71,8 @@ def test_one_launch_and_the_mask_means(name):
         ref.step()
         (tab,) = kernel_tables(fused)
         if step > 0:
-            assert tab.stats.tolist() == pytest.approx(expected, rel=1e-6, abs=0)
+            assert tab.stats[:, 1].tolist() == [max(1, g.numel()) for g in grads]
+            assert (tab.stats[:, 0] / tab.stats[:, 1]).tolist() == pytest.approx(expected, rel=1e-6, abs=0)
             if step > 1:  # (the first update of each agrees with its grad everywhere)
                 assert 0 < expected[0] < 1  # the mask did mask (the 600-element tensor)
         assert_states_close(fused, pa, ref, pb, rtol=1e-5, atol=1e-6)
