@@ -101,6 +101,8 @@ class TimmCautious(FusedOptimizer):
     and, while some group is cautious, FSDP2 shards stepped as a reduction (the mask's mean is over each whole
     tensor: the local counts are summed over the shards, on both paths)."""
 
+    shardable = True
+
     @property
     def elementwise(self) -> bool:
         return not any(g["caution"] for g in self.param_groups)

@@ -191,6 +191,7 @@ class Muon(FusedOptimizer):
 
     supports_complex = False
     elementwise = False  # Newton-Schulz needs whole matrices: FSDP2 shards are gathered (orthogonalized_shards)
+    shardable = True
     kernel_layout = "contiguous"  # the momentum launch writes the Newton-Schulz stacks in the params' logical order
     matrices_only = True  # 2-D params only, as torch's Muon (so not registered as a timm factory twin)
     scalar_keys = ()
