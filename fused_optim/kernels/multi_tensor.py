@@ -26,9 +26,8 @@ if runtime.available():
     import triton
     import triton.language as tl
 
-    from .access import (amp_skip, chunk_ptr, grad_inv_scale, load, load_unscaled_grad, over_chunk, store,
-                         store_bf16_stochastic, to_compute)
-    from .lean import load_joined, store_split
+    from .access import amp_skip, chunk_ptr, grad_inv_scale, load, load_unscaled_grad, over_chunk, to_compute
+    from .lean import load_master, store_master
     from .quant import load_slot, store_slot
     from .rules import F64_0, F64_1, F64_2, F64_3, SCALAR_F64, SR_PARAM_BIT, SR_STATES_BIT  # noqa: F401
     from .sync import arrive, run_phases, sum_partials
@@ -94,12 +93,7 @@ if runtime.available():
                 WRITE_BACK: tl.constexpr):
         """An element block's (p, g, s0..s3) as both passes read them; WRITE_BACK: the update's read, which stores
         the unscaled grad back (the statistics pass only reads)."""
-        if MASTER == REMAINDER_K:
-            p = load_joined(p_ptr, m_ptr, offs, mask, FULL)  # the exact fp32 master: bf16 param + int16 remainder
-        elif MASTER:
-            p = load(m_ptr, offs, mask, FULL)  # the fp32 master copy is the param the math updates
-        else:
-            p = load(p_ptr, offs, mask, FULL)
+        p = load_master(p_ptr, m_ptr, offs, mask, FULL, MASTER)  # the exact fp32 master where there is one
         if WRITE_BACK:
             g = load_unscaled_grad(g_ptr, offs, mask, inv_scale, HAS_SCALE, FULL)
         else:
@@ -121,15 +115,7 @@ if runtime.available():
         p, g, s0, s1, s2, s3 = _inputs(offs, mask, FULL, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, m_ptr,
                                        inv_scale, qrow, NS, HAS_SCALE, MASTER, QUANT, True)
         p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, c0, c1, c2, c3, lr, h1, h2, h3, h4, h5, h6, h7, FLAGS)
-        if MASTER == REMAINDER_K:
-            store_split(p_ptr, m_ptr, offs, p, mask, FULL)
-        else:
-            if MASTER:
-                store(m_ptr, offs, p, mask, FULL)
-            if SR & SR_PARAM_BIT:
-                store_bf16_stochastic(p_ptr, offs, p, mask, seed, FULL)
-            else:
-                store(p_ptr, offs, p, mask, FULL)
+        store_master(p_ptr, m_ptr, offs, p, mask, FULL, MASTER, SR, seed)
         # each state its own random bits (the param's stream is seed itself)
         store_slot(NS > 0, 0, s0_ptr, offs, s0, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0001, qrow,
                    QUANT)
