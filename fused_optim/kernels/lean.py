@@ -35,6 +35,11 @@ if runtime.available():
     import triton
     import triton.language as tl
 
+    from .access import load, store, store_bf16_stochastic
+    from .rules import REMAINDER, SR_PARAM_BIT
+
+    REMAINDER_K = tl.constexpr(REMAINDER)
+
     @triton.jit
     def load_raw(ptr, offs, mask, FULL: tl.constexpr):
         if FULL:
@@ -64,3 +69,29 @@ if runtime.available():
         hi = ((bits >> 16) + (lo < 0).to(tl.int32)).to(tl.int16)
         store_raw(p_ptr, offs, hi.to(tl.bfloat16, bitcast=True), mask, FULL)
         store_raw(r_ptr, offs, lo, mask, FULL)
+
+    @triton.jit
+    def load_master(p_ptr, m_ptr, offs, mask, FULL: tl.constexpr, MASTER: tl.constexpr):
+        """The value the math updates: the exact fp32 master (MASTER: rules.REMAINDER, the param joined with its
+        remainder at m_ptr; rules.MASTER_FP32, the master copy at m_ptr), else the param itself."""
+        if MASTER == REMAINDER_K:
+            return load_joined(p_ptr, m_ptr, offs, mask, FULL)
+        elif MASTER:
+            return load(m_ptr, offs, mask, FULL)
+        else:
+            return load(p_ptr, offs, mask, FULL)
+
+    @triton.jit
+    def store_master(p_ptr, m_ptr, offs, val, mask, FULL: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+                     seed):
+        """load_master's way back: the master split into param and remainder, or stored with the param rounded to
+        nearest (SR: rules.SR_PARAM set, bf16 params rounded stochastically from ``seed``'s bits)."""
+        if MASTER == REMAINDER_K:
+            store_split(p_ptr, m_ptr, offs, val, mask, FULL)
+        else:
+            if MASTER:
+                store(m_ptr, offs, val, mask, FULL)
+            if SR & SR_PARAM_BIT:
+                store_bf16_stochastic(p_ptr, offs, val, mask, seed, FULL)
+            else:
+                store(p_ptr, offs, val, mask, FULL)

@@ -152,7 +152,7 @@ class _Projected(OwnKernels, FusedOptimizer):
     supports_complex = False
     elementwise = False  # per-row / per-tensor reductions (FSDP2 shards: project_shards)
     kernel_layout = "rows"  # per-row statistics: rows must be blocks of storage (see FusedOptimizer)
-    precision_in_kernel = False  # master_weights / stochastic_rounding run on the reference path
+    precision_in_kernel = True  # the lean options run inside the launches (statistics on the exact fp32 masters)
     float64_in_kernel = False  # the C++ engine's row statistics are fp32: float64 params use the reference path
     kernel_variants = ()  # no generic-kernel rule: kernels/projection.py lists this kernel's AOT entries
 
@@ -171,9 +171,11 @@ class _Projected(OwnKernels, FusedOptimizer):
             scalars_on_device(states, ("step",), params[0].device, keep_f64=False)  # its kernels read fp32
         steps = [st["step"] for st in states] if spec.adam else None
         # (no complex params here: refused before; DTensor params: their local shards from here on)
-        params, grads, columns, back = self._kernel_tensors(params, grads, states, spec.state_keys, grad_scale)
+        params, grads, columns, masters, back = self._kernel_tensors_with_masters(params, grads, states,
+                                                                                  spec.state_keys, grad_scale)
         kp.step(spec, self._kernel_caches.setdefault(id(group), TableCache()), params, grads,
-                list(map(list, zip(*columns))), steps, grad_scale, found_inf, type(self).__name__, self._shards)
+                list(map(list, zip(*columns))), steps, grad_scale, found_inf, self._shards,
+                **self._precision_args(masters), **self._quant_args(states, spec.state_keys))
         self._write_back(back)
 
 
