@@ -195,7 +195,9 @@ class SGDP(_Projected):
     DTensor (FSDP2) dim-0 shards: the statistics that span rows combined by one collective (two with caution) on
     either path: the reference on the local shards (``project_shards``, a host sync for the decision), or the
     kernels with their decision split around the collective, no host sync (2 launches; 3 with caution); float64
-    params take the reference path (the statistics are fp32)."""
+    params take the reference path (the statistics are fp32). The lean options run in the same launches: the
+    statistics read the exact fp32 masters and the dequantized states (Triton's pass where the engine cannot read
+    them: remainders, int8 codes), the apply stores params, remainders and states rounded or quantized."""
 
     scalar_keys = ()
 

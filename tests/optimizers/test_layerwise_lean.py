@@ -10,7 +10,7 @@ rounding: equal, or one bf16 ulp apart where a value straddles a rounding bounda
 rounded states draw other random bits on the two paths: no element-wise agreement is defined, so those runs are
 compared by the distance between the two masters relative to the distance travelled (at most 5%); so are
 Adahessian's runs with SR or bf16 states (see the test) and AdamP's with bf16 states (Adam's normalised step turns a
-first moment one bf16 ulp apart into a step lr * 2^-8 apart, every step while it lasts: measured 0.2% of the
+first moment one bf16 ulp apart into a step lr * 2^-8 apart, every step while it lasts: measured 0.05% of the
 distance travelled after 20 steps).
 """
 import pytest
