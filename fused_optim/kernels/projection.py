@@ -96,11 +96,10 @@ def tile_shape(shapes) -> tuple[int, int]:
     return max(runtime.BLOCK // bc, 1), bc
 
 
-def _build(key, params, grads, states, steps, device, shards, extra, eparams) -> ProjectionTables:
+def _build(key, params, grads, states, steps, device, shards, extra) -> ProjectionTables:
     """The tables of one bucket (rows laid out as the I_*, W_* and E_* columns name them, then each param's
     ``extra`` addresses: its master slot, int8 code maps and scales). ``shards``: the bucket's sharded.Layout (its
-    full shapes: a local shard may be empty), None without shards (then the C++ engine's inputs too, reading
-    ``eparams`` as the params: the fp32 masters where there are)."""
+    full shapes: a local shard may be empty), None without shards (then the C++ engine's inputs too)."""
     from .. import csrc
 
     shapes = None if shards is None else shards.shapes
@@ -134,7 +133,7 @@ def _build(key, params, grads, states, steps, device, shards, extra, eparams) ->
     n_proj = sum(proj)
     if n_proj and shapes is None:
         eng = slots[:n_proj]
-        ps = [eparams[i] for i in eng]
+        ps = [params[i] for i in eng]
         tab.engine = EngineInputs(
             csrc.engine_backend(device), csrc.projection_dims(ps), ps,
             ([states[i][0] for i in eng], [states[i][-1] for i in eng]), [steps[i] for i in eng] if steps else None,
@@ -202,8 +201,7 @@ def step(spec: Spec, cache: TableCache, params, grads, states, steps, grad_scale
         def build():
             qmap = quant.code_maps(ps[0].device) if qbits else None
             extra = [[*map(ptr, [m] if master else []), *map(ptr, [qmap, *q] if qbits else [])] for m, q in zip(ms, qs)]
-            tab = _build(key, ps, gs, sts, scs, ps[0].device, None if shards is None else shards.pick(idx), extra,
-                         ms if master == mt.MASTER_FP32 else ps)
+            tab = _build(key, ps, gs, sts, scs, ps[0].device, None if shards is None else shards.pick(idx), extra)
             tab.qmap = qmap
             return tab
 
@@ -212,8 +210,9 @@ def step(spec: Spec, cache: TableCache, params, grads, states, steps, grad_scale
         if qbits and tab.rb * tab.bc % quant.QBLOCK:
             raise RuntimeError(f"{who}: state_dtype='int8' needs the tile ({tab.rb} x {tab.bc}) to hold whole "
                                f"{quant.QBLOCK}-element blocks")
-        # the C++ engine reads fp32 / bf16 / fp16 tensors: not int8 codes, nor a master split into param + remainder
-        engine = (tab.engine is not None and set(dts) <= ENGINE_DTYPES and master != mt.REMAINDER
+        # the C++ engine reads fp32 / bf16 / fp16 tensors: not int8 codes, nor a master split into param + remainder;
+        # with either master, Triton's statistics pass reads it (so the two give the same masters bit for bit)
+        engine = (tab.engine is not None and set(dts) <= ENGINE_DTYPES and master == mt.NO_MASTER
                   and reduce.use_csrc(ps[0].device))
         if engine:
             _engine_stats(spec, tab, gs, grad_scale)

@@ -196,8 +196,8 @@ class SGDP(_Projected):
     either path: the reference on the local shards (``project_shards``, a host sync for the decision), or the
     kernels with their decision split around the collective, no host sync (2 launches; 3 with caution); float64
     params take the reference path (the statistics are fp32). The lean options run in the same launches: the
-    statistics read the exact fp32 masters and the dequantized states (Triton's pass where the engine cannot read
-    them: remainders, int8 codes), the apply stores params, remainders and states rounded or quantized."""
+    statistics read the exact fp32 masters and the dequantized states (Triton's pass, not the engine, with either
+    master or int8 codes), the apply stores params, remainders and states rounded or quantized."""
 
     scalar_keys = ()
 
