@@ -39,6 +39,9 @@ SHAPES = [(5, 3), (7,), (), (0,), (33, 20)]  # odd sizes, 0-d, empty, several ch
 OPTIONS = {"master+SR": dict(master_weights=True, stochastic_rounding=True),
            "remainders+bf16-states": dict(param_remainders=True, state_dtype=BF16)}
 FAMILIES = pytest.mark.parametrize("name", list(CONFIG))
+# and bf16 states rounded stochastically in SGDP's own kernel (its random bits: per tensor and state)
+OPTIONS["remainders+bf16-states+SR"] = dict(param_remainders=True, state_dtype=BF16, stochastic_rounding=True)
+RUNS = [(label, name) for label in list(OPTIONS)[:2] for name in CONFIG] + [("remainders+bf16-states+SR", "SGDP")]
 
 
 def _make(name, fused, **opts):
@@ -58,8 +61,7 @@ def _states(opt, p):
             and k not in ("master_param", "step")}  # NvNovoGrad's step: a float32 tensor fused, timm's int else
 
 
-@FAMILIES
-@pytest.mark.parametrize("label", list(OPTIONS))
+@pytest.mark.parametrize("label,name", RUNS)
 def test_fused_matches_reference_with_lean_options(name, label):
     opts = OPTIONS[label]
     plain, pp = _make(name, True)
@@ -71,6 +73,11 @@ def test_fused_matches_reference_with_lean_options(name, label):
         MODES.clear()
         n = launches(lambda: run(CASE[name], [fused, ref], [pa, pb], steps=20))
         assert {(2, 1), (2, 2)} <= set(MODES), MODES  # projected per channel and per layer
+        if "states+SR" in label:  # the same run rounding the states to nearest ends elsewhere: the kernel's SR is on
+            rn, pc = _make(name, True, **{**opts, "stochastic_rounding": False})
+            run(CASE[name], [rn], [pc], steps=20)
+            assert not all(torch.equal(v, _states(rn, q)[k]) for p, q in zip(pa, pc)
+                           for k, v in _states(fused, p).items())
     else:
         n_plain = launches(lambda: run(CASE[name], [plain], [pp], steps=20))
         n = launches(lambda: run(CASE[name], [fused], [pa], steps=20))
