@@ -168,7 +168,8 @@ def constexprs(spec: Spec, passes, dts, *, rb: int, bc: int, has_scale: bool, ha
                sharded: bool = False, master: int = mt.NO_MASTER, sr: int = 0, quant_bits: int = 0) -> dict:
     flags = mt.pack((NESTEROV, spec.nesterov), (CAUTION, spec.caution), (DECAY, spec.decay), (SHARDED, sharded))
     return dict(DIRECTION=spec.direction, COEFS=spec.coefs, FLAGS=flags, PASSES=sum(1 << p for p in passes),
-                NS=len(spec.state_keys), HAS_STEP=spec.adam, MASTER=master, SR=sr, QUANT=quant_bits, P_DT=runtime.tl_dtype(dts[0]),
+                NS=len(spec.state_keys), HAS_STEP=spec.adam, MASTER=master, SR=sr, QUANT=quant_bits,
+                P_DT=runtime.tl_dtype(dts[0]),
                 G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]), HAS_SCALE=has_scale, HAS_INF=has_inf,
                 RB=rb, BC=bc, FB=256)
 
@@ -200,7 +201,8 @@ def step(spec: Spec, cache: TableCache, params, grads, states, steps, grad_scale
 
         def build():
             qmap = quant.code_maps(ps[0].device) if qbits else None
-            extra = [[*map(ptr, [m] if master else []), *map(ptr, [qmap, *q] if qbits else [])] for m, q in zip(ms, qs)]
+            extra = [[*map(ptr, [m] if master else []), *map(ptr, [qmap, *q] if qbits else [])]
+                     for m, q in zip(ms, qs)]
             tab = _build(key, ps, gs, sts, scs, ps[0].device, None if shards is None else shards.pick(idx), extra)
             tab.qmap = qmap
             return tab

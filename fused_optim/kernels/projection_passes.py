@@ -260,8 +260,8 @@ if runtime.available():
     @triton.jit
     def projection_kernel(
         ptrs, info, work, sptrs, counters, rowstat, rowcoef, rowcaut, tmode, tscale, tpart, ttot, barrier, scale_ptr,
-        inf_ptr, n_items, seed, lr: tl.float64, eps: tl.float64, delta: tl.float64, wd_ratio: tl.float64, wd: tl.float64,
-        h1: tl.float64, h2: tl.float64,
+        inf_ptr, n_items, seed, lr: tl.float64, eps: tl.float64, delta: tl.float64, wd_ratio: tl.float64,
+        wd: tl.float64, h1: tl.float64, h2: tl.float64,
         DIRECTION: tl.constexpr, COEFS: tl.constexpr, FLAGS: tl.constexpr, PASSES: tl.constexpr,
         NS: tl.constexpr, HAS_STEP: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, QUANT: tl.constexpr,
         P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
@@ -278,4 +278,5 @@ if runtime.available():
             run_phases(barrier, PASSES, 3, _item, _count,
                        (n_items, (ptrs, info, work, sptrs, scale_ptr, seed),
                         (counters, rowstat, rowcoef, rowcaut, tmode, tscale, tpart, ttot),
-                        hyps, DIRECTION, COEFS, FLAGS, NS, HAS_STEP, MASTER, SR, QUANT, P_DT, G_DT, S_DT, HAS_SCALE, RB, BC, FB))
+                        hyps, DIRECTION, COEFS, FLAGS, NS, HAS_STEP, MASTER, SR, QUANT, P_DT, G_DT, S_DT, HAS_SCALE,
+                        RB, BC, FB))

@@ -32,7 +32,8 @@ CONFIG = {"NvNovoGrad": {"lr": 0.01, "weight_decay": 0.1, "grad_averaging": True
           # with Nesterov and caution here, without in tests/generic/test_int8.py
           "SGDP": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "caution": True},
           "AdamP": {"lr": 0.01, "weight_decay": 0.1}}
-PROJECTED = ("SGDP", "AdamP")  # their driver makes grads from the first list's params: fused and reference step together
+# their driver makes the grads from the first list's params: fused and reference step together
+PROJECTED = ("SGDP", "AdamP")
 SHAPES = [(5, 3), (7,), (), (0,), (33, 20)]  # odd sizes, 0-d, empty, several chunks (conftest: 512-element chunks)
 # each option once: the master copy with stochastically rounded params, remainders with bf16 states rounded to
 # nearest (bf16 states with stochastic rounding: the shared kernel's store, tested in test_lean.py)
