@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import lean, quant, reduce, runtime, sync
 from . import multi_tensor as mt
-from . import reduce, runtime, sync
 from .projection_passes import APPLY, CAUTION_STATS, HYPERS, STATS
 from .projection_rows import C_W, CHANNEL, E_GRAD, K_W, LAYER, NONE, S_W, T_W
 from .tables import Tables, TableCache, buckets, dtype_of, pick, ptr, to_device
@@ -77,6 +77,7 @@ class ProjectionTables(Tables):
     shards: object = None   # DTensor shards: the bucket's sharded.Layout (kept: its masks are made once)
     idx: object = ()        # this step's group param index of each bucket tensor
     dts: tuple = ()
+    qmap: torch.Tensor | None = None  # int8 states: the code maps the address rows point to
 
     @property
     def order(self) -> tuple:
@@ -95,10 +96,10 @@ def tile_shape(shapes) -> tuple[int, int]:
     return max(runtime.BLOCK // bc, 1), bc
 
 
-def _build(key, params, grads, states, steps, device, shards) -> ProjectionTables:
-    """The tables of one bucket (rows laid out as the I_*, W_* and E_* columns name them). ``shards``: the bucket's
-    sharded.Layout (its full shapes: a local shard may be empty), None without shards (then the C++ engine's inputs
-    too)."""
+def _build(key, params, grads, states, steps, device, shards, extra) -> ProjectionTables:
+    """The tables of one bucket (rows laid out as the I_*, W_* and E_* columns name them, then each param's
+    ``extra`` addresses: its master slot, int8 code maps and scales). ``shards``: the bucket's sharded.Layout (its
+    full shapes: a local shard may be empty), None without shards (then the C++ engine's inputs too)."""
     from .. import csrc
 
     shapes = None if shards is None else shards.shapes
@@ -121,8 +122,8 @@ def _build(key, params, grads, states, steps, device, shards) -> ProjectionTable
 
     tab = ProjectionTables(
         key=key, gkey=tuple(map(ptr, grads)), aligned=False, grad_col=int(E_GRAD),
-        ptrs=to_device([[p.data_ptr(), g.data_ptr(), *map(ptr, st)] for p, g, st in zip(params, grads, states)],
-                       torch.int64, device),
+        ptrs=to_device([[p.data_ptr(), g.data_ptr(), *map(ptr, st), *ex]
+                        for p, g, st, ex in zip(params, grads, states, extra)], torch.int64, device),
         info=to_device(info, torch.int64, device), work=to_device(work, torch.int32, device),
         sptrs=to_device(list(map(ptr, steps)) or [0] * len(params), torch.int64, device),
         counters=zeros(len(params), dtype=torch.int32), rowstat=zeros(rows, int(S_W)),
@@ -164,43 +165,74 @@ def sharded_phases(caution: bool, stats: bool) -> list:
 
 
 def constexprs(spec: Spec, passes, dts, *, rb: int, bc: int, has_scale: bool, has_inf: bool,
-               sharded: bool = False) -> dict:
+               sharded: bool = False, master: int = mt.NO_MASTER, sr: int = 0, quant_bits: int = 0) -> dict:
     flags = mt.pack((NESTEROV, spec.nesterov), (CAUTION, spec.caution), (DECAY, spec.decay), (SHARDED, sharded))
     return dict(DIRECTION=spec.direction, COEFS=spec.coefs, FLAGS=flags, PASSES=sum(1 << p for p in passes),
-                NS=len(spec.state_keys), HAS_STEP=spec.adam, P_DT=runtime.tl_dtype(dts[0]),
+                NS=len(spec.state_keys), HAS_STEP=spec.adam, MASTER=master, SR=sr, QUANT=quant_bits,
+                P_DT=runtime.tl_dtype(dts[0]),
                 G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]), HAS_SCALE=has_scale, HAS_INF=has_inf,
                 RB=rb, BC=bc, FB=256)
 
 
-def step(spec: Spec, cache: TableCache, params, grads, states, steps, grad_scale, found_inf, who: str,
-         shards=None) -> None:
+def _master_kind(m) -> int:
+    return mt.NO_MASTER if m is None else mt.REMAINDER if m.dtype == lean.REMAINDER_DTYPE else mt.MASTER_FP32
+
+
+def step(spec: Spec, cache: TableCache, params, grads, states, steps, grad_scale, found_inf, shards=None, *,
+         who: str = "fused_optim", masters=None, stochastic_rounding=False, seed=0, state_stochastic_rounding=False,
+         scales=None, unsigned=0) -> None:
     """One fused step of a param group. ``states``: each param's element-wise states (spec.state_keys);
     ``steps``: their step tensors (spec.adam); ``shards``: the group's sharded.Layout when its params are DTensor
-    shards (local tensors here), else None."""
-    keys = list(zip(map(dtype_of, params), map(dtype_of, grads), map(dtype_of, map(operator.itemgetter(0), states))))
-    for dts, idx in buckets(keys).items():
-        ps, gs, sts = pick(idx, params, grads, states)
+    shards (local tensors here), else None. The lean options as mt.apply takes them: ``masters`` (fp32 master
+    copies or int16 remainders, or None), ``stochastic_rounding`` / ``state_stochastic_rounding`` from ``seed``,
+    ``scales`` (int8 states: per state column, each param's block scales) and ``unsigned`` (bit k: state k)."""
+    masters = [None] * len(params) if masters is None else masters
+    keys = list(zip(map(dtype_of, params), map(dtype_of, grads), map(dtype_of, map(operator.itemgetter(0), states)),
+                    map(_master_kind, masters)))
+    for (*dts, master), idx in buckets(keys).items():
+        dts = tuple(dts)
+        ps, gs, sts, ms = pick(idx, params, grads, states, masters)
         scs = pick(idx, steps)[0] if steps else []
+        qbits = 1 + 2 * unsigned if dts[2] == quant.CODE_DTYPE else 0  # QUANT: int8 states, unsigned slots
+        qs = list(zip(*pick(idx, *scales))) if qbits else [()] * len(ps)  # each param's scales, by state
         key = (tuple(map(ptr, ps)), tuple(map(ptr, itertools.chain.from_iterable(sts))), tuple(map(ptr, scs)),
-               tuple(map(torch.Tensor.size, ps)))
-        tab = cache.lookup(dts, key, gs, lambda: _build(key, ps, gs, sts, scs, ps[0].device,
-                                                        None if shards is None else shards.pick(idx)))
+               tuple(map(torch.Tensor.size, ps)), tuple(m.data_ptr() for m in ms if m is not None),
+               tuple(map(ptr, itertools.chain.from_iterable(qs))))
+
+        def build():
+            qmap = quant.code_maps(ps[0].device) if qbits else None
+            extra = [[*map(ptr, [m] if master else []), *map(ptr, [qmap, *q] if qbits else [])]
+                     for m, q in zip(ms, qs)]
+            tab = _build(key, ps, gs, sts, scs, ps[0].device, None if shards is None else shards.pick(idx), extra)
+            tab.qmap = qmap
+            return tab
+
+        tab = cache.lookup((dts, master), key, gs, build)
         tab.idx, tab.dts, sub = idx, dts, tab.shards
-        engine = tab.engine is not None and set(dts) <= ENGINE_DTYPES and reduce.use_csrc(ps[0].device)
+        if qbits and tab.rb * tab.bc % quant.QBLOCK:
+            raise RuntimeError(f"{who}: state_dtype='int8' needs the tile ({tab.rb} x {tab.bc}) to hold whole "
+                               f"{quant.QBLOCK}-element blocks")
+        # the C++ engine reads fp32 / bf16 / fp16 tensors: not int8 codes, nor a master split into param + remainder;
+        # with either master, Triton's statistics pass reads it (so the two give the same masters bit for bit)
+        engine = (tab.engine is not None and set(dts) <= ENGINE_DTYPES and master == mt.NO_MASTER
+                  and reduce.use_csrc(ps[0].device))
         if engine:
             _engine_stats(spec, tab, gs, grad_scale)
+        sr = (mt.SR_PARAM if stochastic_rounding and dts[0] == torch.bfloat16 and master != mt.REMAINDER else 0) | (
+            mt.SR_STATES if state_stochastic_rounding and dts[2] == torch.bfloat16 else 0)
         n_items = tab.work.shape[0]
         args = (tab.ptrs, tab.info, tab.work, tab.sptrs, tab.counters, tab.rowstat, tab.rowcoef, tab.rowcaut,
                 tab.tmode, tab.tscale, tab.tpart, tab.tpart if sub is None else tab.ttot, tab.barrier.words,
                 tab.fdummy if grad_scale is None else grad_scale, tab.fdummy if found_inf is None else found_inf,
-                n_items, float(spec.lr), float(spec.eps), float(spec.delta), float(spec.wd_ratio), float(spec.wd),
-                *map(float, spec.h))
+                n_items, seed, float(spec.lr), float(spec.eps), float(spec.delta), float(spec.wd_ratio),
+                float(spec.wd), *map(float, spec.h))
 
         def run(passes, between=None):
             runtime.launch_phases(
                 projection_kernel, passes, *args, grid_of=lambda _: n_items, device=ps[0].device, between=between,
                 constexprs_of=lambda run: constexprs(spec, run, dts, rb=tab.rb, bc=tab.bc, sharded=sub is not None,
-                                                     has_scale=grad_scale is not None, has_inf=found_inf is not None))
+                                                     has_scale=grad_scale is not None, has_inf=found_inf is not None,
+                                                     master=master, sr=sr, quant_bits=qbits))
 
         if sub is not None:  # the local sums of each statistics pass -> the full tensors' (one collective each)
             run(sharded_phases(spec.caution, any(map(projectable, sub.shapes))),
@@ -215,33 +247,43 @@ def step(spec: Spec, cache: TableCache, params, grads, states, steps, grad_scale
 def aot_kernels() -> list:
     """Every launch of every optimizer with a ``projection_spec`` (pass 0; pass 2, or with caution the persistent
     pass 1+2), options off and all on, fp32 (and bf16 / fp16 with AMP for all options on; and for all options on,
-    each pass of a step over DTensor shards, fp32)."""
+    each pass of a step over DTensor shards, fp32). The lean options, for all options on: bf16 params with an fp32
+    master copy and stochastic rounding, with remainders and bf16 states rounded stochastically, and int8 states
+    (fp32 params, and bf16 params with remainders; int8 for options off too)."""
     if not runtime.available():
         return []
     from .. import REGISTRY  # the optimizers import this module: look them up when asked
 
     ptr_args = {"ptrs": "*i64", "info": "*i64", "work": "*i32", "sptrs": "*i64", "counters": "*i32",
-                "tpart": "*fp64", "ttot": "*fp64", "barrier": "*i32", "n_items": "i32"}
+                "tpart": "*fp64", "ttot": "*fp64", "barrier": "*i32", "n_items": "i32", "seed": "i32"}
     sig = {a: ptr_args.get(a, "constexpr" if a.isupper() else "fp64" if a in HYPERS else "*fp32")
            for a in projection_kernel.arg_names}
     rb, bc = tile_shape([torch.Size((512, 4608))])
     every = {"nesterov": True, "caution": True, "weight_decay": 0.1, "momentum": 0.9}
+    f32, bf16, u8 = torch.float32, torch.bfloat16, quant.CODE_DTYPE
     out = []
     for cls in (c for c in REGISTRY.values() if hasattr(c, "projection_spec")):
         group0 = cls([torch.nn.Parameter(torch.ones(2))], fused=False, lr=0.1).param_groups[0]
         for options in ({}, {k: v for k, v in every.items() if k in group0}):
             spec = cls.projection_spec({**group0, **options})
+            qbits = 1 + 2 * sum(1 << i for i, k in enumerate(spec.state_keys) if k in cls.nonnegative_states)
             label = ",".join(f"{k}={v}" for k, v in options.items()) or "default"
-            variants = [((torch.float32,) * 3, False)]
+            # (dtypes, AMP, master, SR bits, QUANT, name suffix)
+            int8 = [((f32, f32, u8), False, mt.NO_MASTER, 0, qbits, " int8 states")]
+            variants = [((f32,) * 3, False, mt.NO_MASTER, 0, 0, "")] + int8
             if options:
-                variants += [((torch.bfloat16,) * 3, True), ((torch.float16,) * 3, True)]
-            runs = [(dts, amp, passes, False) for dts, amp in variants for passes in launches(spec.caution, True)]
+                variants += [((bf16,) * 3, True, mt.NO_MASTER, 0, 0, ""),
+                             ((torch.float16,) * 3, True, mt.NO_MASTER, 0, 0, ""),
+                             ((bf16, bf16, f32), False, mt.MASTER_FP32, mt.SR_PARAM, 0, " master sr"),
+                             ((bf16,) * 3, False, mt.REMAINDER, mt.SR_STATES, 0, " remainders sr-states"),
+                             ((bf16, bf16, u8), False, mt.REMAINDER, 0, qbits, " int8 states remainders")]
+            runs = [(*v, passes, False) for v in variants for passes in launches(spec.caution, True)]
             if options:  # over DTensor shards: one launch per pass
-                runs += [(variants[0][0], False, [p], True) for p in sharded_phases(spec.caution, True)]
-            for dts, amp, passes, sharded in runs:
+                runs += [(*variants[0], [p], True) for p in sharded_phases(spec.caution, True)]
+            for dts, amp, master, sr, quant_bits, suffix, passes, sharded in runs:
                 out.append(dict(name=f"{cls.__name__}[{label}] pass {'+'.join(map(str, passes))} "
-                                     f"{str(dts[0])[6:]}{' amp' * amp}{' sharded' * sharded}",
+                                     f"{str(dts[0])[6:]}{' amp' * amp}{' sharded' * sharded}{suffix}",
                                 fn=projection_kernel, signature=sig, options=runtime.compile_options(),
-                                constexprs=constexprs(spec, passes, dts, rb=rb, bc=bc, has_scale=amp,
-                                                      has_inf=amp, sharded=sharded)))
+                                constexprs=constexprs(spec, passes, dts, rb=rb, bc=bc, has_scale=amp, has_inf=amp,
+                                                      sharded=sharded, master=master, sr=sr, quant_bits=quant_bits)))
     return out

@@ -153,7 +153,7 @@ class _Projected(OwnKernels, FusedOptimizer):
     elementwise = False  # per-row / per-tensor reductions (FSDP2 shards: project_shards)
     shardable = True
     kernel_layout = "rows"  # per-row statistics: rows must be blocks of storage (see FusedOptimizer)
-    precision_in_kernel = False  # master_weights / stochastic_rounding run on the reference path
+    precision_in_kernel = True  # the lean options run inside the launches (statistics on the exact fp32 masters)
     float64_in_kernel = False  # the C++ engine's row statistics are fp32: float64 params use the reference path
     kernel_variants = ()  # no generic-kernel rule: kernels/projection.py lists this kernel's AOT entries
 
@@ -172,9 +172,11 @@ class _Projected(OwnKernels, FusedOptimizer):
             scalars_on_device(states, ("step",), params[0].device, keep_f64=False)  # its kernels read fp32
         steps = [st["step"] for st in states] if spec.adam else None
         # (no complex params here: refused before; DTensor params: their local shards from here on)
-        params, grads, columns, back = self._kernel_tensors(params, grads, states, spec.state_keys, grad_scale)
+        params, grads, columns, masters, back = self._kernel_tensors_with_masters(params, grads, states,
+                                                                                  spec.state_keys, grad_scale)
         kp.step(spec, self._kernel_caches.setdefault(id(group), TableCache()), params, grads,
-                list(map(list, zip(*columns))), steps, grad_scale, found_inf, type(self).__name__, self._shards)
+                list(map(list, zip(*columns))), steps, grad_scale, found_inf, self._shards,
+                **self._precision_args(masters), **self._quant_args(states, spec.state_keys))
         self._write_back(back)
 
 
@@ -194,7 +196,9 @@ class SGDP(_Projected):
     DTensor (FSDP2) dim-0 shards: the statistics that span rows combined by one collective (two with caution) on
     either path: the reference on the local shards (``project_shards``, a host sync for the decision), or the
     kernels with their decision split around the collective, no host sync (2 launches; 3 with caution); float64
-    params take the reference path (the statistics are fp32)."""
+    params take the reference path (the statistics are fp32). The lean options run in the same launches: the
+    statistics read the exact fp32 masters and the dequantized states (Triton's pass, not the engine, with either
+    master or int8 codes), the apply stores params, remainders and states rounded or quantized."""
 
     scalar_keys = ()
 

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import fused_optim
+from cases import ALL, run
+from cases.projection import MODES
 from conftest import DEVICE
 from helpers import launches, saved, step_twins
 from fused_optim.kernels import multi_tensor as mt
@@ -184,6 +186,47 @@ def test_int8_with_param_remainders_fused_matches_reference():
         torch.testing.assert_close(ma, join_remainder(q.detach(), sb["param_remainder"]), rtol=1e-5, atol=1e-5)
         if p.numel() >= MIN:
             assert (sa["exp_avg"].int() - sb["exp_avg"].int()).abs().max() <= 1
+
+
+# SGDP / AdamP: their own kernels (per-row statistics on the dequantized states, then the apply, which walks the int8
+# states in whole 256-element blocks): 3 x 255 and 10 x 30 rows straddle blocks; the small tensors keep fp32 states
+PROJECTED = {"SGDP": dict(lr=0.1, momentum=0.9, weight_decay=0.1),
+             "AdamP-nesterov-caution": dict(lr=1e-2, weight_decay=0.1, nesterov=True, caution=True)}
+
+
+@pytest.mark.parametrize("name", PROJECTED)
+def test_int8_projected_fused_matches_reference(name):
+    """As test_int8_fused_matches_reference, with grads that make the weights project per channel and per layer
+    (cases/projection.py's driver); AdamP on bf16 params with remainders (its masters compared). Launches: two dtype
+    buckets (int8 codes, the small tensors' fp32 states), 2 each; the C++ engine reads neither codes nor remainders,
+    so the int8 bucket's statistics are Triton's pass."""
+    case = {c.name: c for c in ALL}[name.split("-")[0]]
+    remainders = name.startswith("AdamP")
+    shapes = [(3, 255), (10, 6, 5), (256 + 37,), (5, 3), (), (0,)]
+    pa, pb = (_params(shapes, dtype=torch.bfloat16 if remainders else torch.float32) for _ in range(2))
+    kw = dict(PROJECTED[name], state_dtype=INT8, int8_min_numel=MIN, param_remainders=remainders)
+    fused, ref = case.cls(pa, fused=True, **kw), case.cls(pb, fused=False, **kw)
+    MODES.clear()
+    n = launches(lambda: run(case, [fused, ref], [pa, pb], steps=20))
+    assert n == (20 * 4, 0 if remainders else 20), n
+    assert {(2, 1), (2, 2), (3, 1), (3, 2)} <= set(MODES), MODES
+    for p, q in zip(pa, pb):
+        sa, sb = fused.state[p], ref.state[q]
+        assert sa.keys() == sb.keys()
+        for k, v in sb.items():
+            if isinstance(v, torch.Tensor) and v.dtype == torch.uint8:
+                assert p.numel() >= MIN
+                off = (sa[k].int() - v.int()).abs()
+                assert off.max() <= 1 and off.float().mean() <= 2e-3, f"{k}: {int((off > 0).sum())} codes differ"
+            elif quant.is_scale_key(k) or (isinstance(v, torch.Tensor) and v.is_floating_point()
+                                           and v.shape == p.shape):
+                assert v.dtype == torch.float32 and (quant.is_scale_key(k) or p.numel() < MIN)
+                torch.testing.assert_close(sa[k], v, rtol=1e-5, atol=1e-7)
+        if remainders:
+            ma = join_remainder(p.detach(), sa["param_remainder"])
+            torch.testing.assert_close(ma, join_remainder(q.detach(), sb["param_remainder"]), rtol=1e-5, atol=1e-4)
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-4)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------

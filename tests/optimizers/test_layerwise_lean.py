@@ -1,6 +1,7 @@
 """master_weights, stochastic_rounding, param_remainders and state_dtype=bf16 inside the fused kernels of the
-optimizers with per-tensor statistics (NovoGrad, NvNovoGrad, Lars, Adahessian): fused against reference over 20
-steps on bf16 params, same launches as without the options, checkpoints round-trip.
+optimizers with per-tensor statistics (NovoGrad, NvNovoGrad, Lars, Adahessian) and per-row ones (SGDP, AdamP: their
+statistics pass reads the masters): fused against reference over 20 steps on bf16 params, same launches as without
+the options, checkpoints round-trip.
 
 Tolerances: every run here keeps an exact fp32 master (master_weights or param_remainders), and both paths do fp32
 math on the same loaded values, so the masters agree to float32 rounding (rtol 1e-5; Lars' and NovoGrad's norms
@@ -8,12 +9,15 @@ are summed in another order). bf16 states are rounded once per step from fp32 va
 rounding: equal, or one bf16 ulp apart where a value straddles a rounding boundary (rtol 2^-8). Stochastically
 rounded states draw other random bits on the two paths: no element-wise agreement is defined, so those runs are
 compared by the distance between the two masters relative to the distance travelled (at most 5%); so are
-Adahessian's runs with SR or bf16 states (see the test).
+Adahessian's runs with SR or bf16 states (see the test) and AdamP's with bf16 states (Adam's normalised step turns a
+first moment one bf16 ulp apart into a step lr * 2^-8 apart, every step while it lasts: measured 0.05% of the
+distance travelled after 20 steps).
 """
 import pytest
 import torch
 
 from cases import ALL, run
+from cases.projection import MODES
 from conftest import DEVICE
 from helpers import assert_close, launches, saved
 from fused_optim.kernels.lean import join_remainder
@@ -24,13 +28,21 @@ CASE = {c.name: c for c in ALL}
 CONFIG = {"NvNovoGrad": {"lr": 0.01, "weight_decay": 0.1, "grad_averaging": True},
           "NovoGrad": {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True},
           "Lars": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01},
-          "Adahessian": {"lr": 0.05, "weight_decay": 0.01}}
+          "Adahessian": {"lr": 0.05, "weight_decay": 0.01},
+          # with Nesterov and caution here, without in tests/generic/test_int8.py
+          "SGDP": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "caution": True},
+          "AdamP": {"lr": 0.01, "weight_decay": 0.1}}
+# their driver makes the grads from the first list's params: fused and reference step together
+PROJECTED = ("SGDP", "AdamP")
 SHAPES = [(5, 3), (7,), (), (0,), (33, 20)]  # odd sizes, 0-d, empty, several chunks (conftest: 512-element chunks)
 # each option once: the master copy with stochastically rounded params, remainders with bf16 states rounded to
 # nearest (bf16 states with stochastic rounding: the shared kernel's store, tested in test_lean.py)
 OPTIONS = {"master+SR": dict(master_weights=True, stochastic_rounding=True),
            "remainders+bf16-states": dict(param_remainders=True, state_dtype=BF16)}
 FAMILIES = pytest.mark.parametrize("name", list(CONFIG))
+# and bf16 states rounded stochastically in SGDP's own kernel (its random bits: per tensor and state)
+OPTIONS["remainders+bf16-states+SR"] = dict(param_remainders=True, state_dtype=BF16, stochastic_rounding=True)
+RUNS = [(label, name) for label in list(OPTIONS)[:2] for name in CONFIG] + [("remainders+bf16-states+SR", "SGDP")]
 
 
 def _make(name, fused, **opts):
@@ -50,26 +62,38 @@ def _states(opt, p):
             and k not in ("master_param", "step")}  # NvNovoGrad's step: a float32 tensor fused, timm's int else
 
 
-@FAMILIES
-@pytest.mark.parametrize("label", list(OPTIONS))
+@pytest.mark.parametrize("label,name", RUNS)
 def test_fused_matches_reference_with_lean_options(name, label):
     opts = OPTIONS[label]
     plain, pp = _make(name, True)
     fused, pa = _make(name, True, **opts)
     ref, pb = _make(name, False, **opts)
     start = [p.detach().float() for p in pa]  # the masters start as the bf16 params
-    n_plain = launches(lambda: run(CASE[name], [plain], [pp], steps=20))
-    n = launches(lambda: run(CASE[name], [fused], [pa], steps=20))
-    run(CASE[name], [ref], [pb], steps=20)
-    # the same launches as without the options (Lars' weight norms over remainders: Triton instead of the engine)
-    if name == "Lars" and "remainders" in label:
+    if name in PROJECTED:  # (the reference path launches nothing; the launches of a step do not depend on its data)
+        n_plain = tuple(20 * k for k in launches(lambda: run(CASE[name], [plain], [pp], steps=1)))
+        MODES.clear()
+        n = launches(lambda: run(CASE[name], [fused, ref], [pa, pb], steps=20))
+        assert {(2, 1), (2, 2)} <= set(MODES), MODES  # projected per channel and per layer
+        if "states+SR" in label:  # the same run rounding the states to nearest ends elsewhere: the kernel's SR is on
+            rn, pc = _make(name, True, **{**opts, "stochastic_rounding": False})
+            run(CASE[name], [rn], [pc], steps=20)
+            assert not all(torch.equal(v, _states(rn, q)[k]) for p, q in zip(pa, pc)
+                           for k, v in _states(fused, p).items())
+    else:
+        n_plain = launches(lambda: run(CASE[name], [plain], [pp], steps=20))
+        n = launches(lambda: run(CASE[name], [fused], [pa], steps=20))
+        run(CASE[name], [ref], [pb], steps=20)
+    # the same launches as without the options (Lars' weight norms over remainders, SGDP / AdamP's row statistics
+    # over either master: Triton instead of the engine)
+    if (name == "Lars" and "remainders" in label) or name in PROJECTED:
         assert n == (n_plain[0], 0), (n, n_plain)
     else:
         assert n == n_plain, (n, n_plain)
     # Adahessian's grads and Hessian come from the bf16 params through autograd: a param one ulp apart (other SR
     # bits, a bf16 state rounded the other way) changes the next grads, a feedback the random grads of the other
     # families do not have; those runs are compared by distance too
-    sr_states = "states+SR" in label or (name == "Adahessian" and ("SR" in label or "states" in label))
+    sr_states = "states+SR" in label or (name == "Adahessian" and ("SR" in label or "states" in label)) or (
+        name == "AdamP" and "states" in label)
     for i, (p, q) in enumerate(zip(pa, pb)):
         ma, mb = _master(fused, p), _master(ref, q)
         assert ma.dtype == torch.float32
