@@ -18,7 +18,8 @@ from . import quant, runtime, sync
 from .runtime import BLOCK, ITERS
 from .tables import Tables, TableCache, all_aligned, buckets, dtype_of, fields, numel, pick, ptr, to_device
 from .rules import (MASTER_FP32, MAX_SCALARS, MAX_STATES, N_HYPER, NO_MASTER, P_APPLY, P_STATS, REMAINDER,  # noqa: F401
-                    SCALAR_F64_FIRST, SR_PARAM, SR_STATES, Rule, flag_bits, pack, scalar_f64_flags)
+                    SCALAR_F64_FIRST, SR_PARAM, SR_STATES, Rule, flag_bits, master_kind, pack, scalar_f64_flags,
+                    sr_bits)
 
 _PB = 4 if runtime.interpreter_enabled() else 256  # partial sums added PB at a time (sync.sum_partials)
 
@@ -309,7 +310,7 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
     plan = cache.plan
     if plan is None or plan[0] != key or plan[1] != gdts:
         keys = list(zip(map(dtype_of, params), gdts, map(dtype_of, columns[0] if columns else params),
-                        list(map(_master_kind, masters)) if has_master else repeat(NO_MASTER),
+                        list(map(master_kind, masters)) if has_master else repeat(NO_MASTER),
                         zip(*(map(dtype_of, col) for col in scalars)) if scalars else repeat(())))
         plan = cache.plan = (key, gdts, buckets(keys))
         cache.tables.clear()  # the tables are keyed by the whole group's addresses, not by their bucket's
@@ -324,14 +325,9 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
         tab = cache.lookup((dts, master, sdts), key, gs,
                            lambda: _build_tables(key, ps, gs, cols, scs, ps[0].device, qs,
                                                  shards and shards.pick(idx)))
-        sr = (SR_PARAM if stochastic_rounding and dts[0] == torch.bfloat16 and master != REMAINDER else 0) | (
-            SR_STATES if state_stochastic_rounding and dts[2] == torch.bfloat16 and columns else 0)
+        sr = sr_bits(dts[0], dts[2] if columns else None, master, stochastic_rounding, state_stochastic_rounding)
         _launch(rule, tab, dts, len(cols) - bool(master), len(scs), lr_tensor, grad_scale, found_inf, master, sr, seed,
                 who, scalar_f64_flags(scs), qbits)
-
-
-def _master_kind(m) -> int:
-    return NO_MASTER if m is None else REMAINDER if m.dtype == torch.int16 else MASTER_FP32
 
 
 def constexprs(rule: Rule, dts, ns: int, nt: int, *, lr_tensor: bool, has_scale: bool, has_inf: bool,

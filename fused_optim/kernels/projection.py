@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import lean, quant, reduce, runtime, sync
+from . import quant, reduce, runtime, sync
 from . import multi_tensor as mt
 from .projection_passes import APPLY, CAUTION_STATS, HYPERS, STATS
 from .projection_rows import C_W, CHANNEL, E_GRAD, K_W, LAYER, NONE, S_W, T_W
@@ -174,10 +174,6 @@ def constexprs(spec: Spec, passes, dts, *, rb: int, bc: int, has_scale: bool, ha
                 RB=rb, BC=bc, FB=256)
 
 
-def _master_kind(m) -> int:
-    return mt.NO_MASTER if m is None else mt.REMAINDER if m.dtype == lean.REMAINDER_DTYPE else mt.MASTER_FP32
-
-
 def step(spec: Spec, cache: TableCache, params, grads, states, steps, grad_scale, found_inf, shards=None, *,
          who: str = "fused_optim", masters=None, stochastic_rounding=False, seed=0, state_stochastic_rounding=False,
          scales=None, unsigned=0) -> None:
@@ -188,7 +184,7 @@ def step(spec: Spec, cache: TableCache, params, grads, states, steps, grad_scale
     ``scales`` (int8 states: per state column, each param's block scales) and ``unsigned`` (bit k: state k)."""
     masters = [None] * len(params) if masters is None else masters
     keys = list(zip(map(dtype_of, params), map(dtype_of, grads), map(dtype_of, map(operator.itemgetter(0), states)),
-                    map(_master_kind, masters)))
+                    map(mt.master_kind, masters)))
     for (*dts, master), idx in buckets(keys).items():
         dts = tuple(dts)
         ps, gs, sts, ms = pick(idx, params, grads, states, masters)
@@ -218,8 +214,7 @@ def step(spec: Spec, cache: TableCache, params, grads, states, steps, grad_scale
                   and reduce.use_csrc(ps[0].device))
         if engine:
             _engine_stats(spec, tab, gs, grad_scale)
-        sr = (mt.SR_PARAM if stochastic_rounding and dts[0] == torch.bfloat16 and master != mt.REMAINDER else 0) | (
-            mt.SR_STATES if state_stochastic_rounding and dts[2] == torch.bfloat16 else 0)
+        sr = mt.sr_bits(dts[0], dts[2], master, stochastic_rounding, state_stochastic_rounding)
         n_items = tab.work.shape[0]
         args = (tab.ptrs, tab.info, tab.work, tab.sptrs, tab.counters, tab.rowstat, tab.rowcoef, tab.rowcaut,
                 tab.tmode, tab.tscale, tab.tpart, tab.tpart if sub is None else tab.ttot, tab.barrier.words,

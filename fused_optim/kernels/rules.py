@@ -40,6 +40,18 @@ MAX_STATES = 4
 # MASTER: what the slot after the states holds for a bf16/fp16 param
 NO_MASTER, MASTER_FP32, REMAINDER = 0, 1, 2  # none, an fp32 master copy, an int16 remainder (kernels/lean.py)
 SR_PARAM, SR_STATES = 1, 2  # SR bits: bf16 params / bf16 states stored with stochastic rounding
+
+
+def master_kind(m) -> int:
+    """The MASTER kind of a param's master slot: None, an fp32 master copy, or an int16 remainder."""
+    return NO_MASTER if m is None else REMAINDER if m.dtype == torch.int16 else MASTER_FP32
+
+
+def sr_bits(p_dtype, s_dtype, master: int, params_sr: bool, states_sr: bool) -> int:
+    """The SR bits of a launch: bf16 params stored stochastically (not with a remainder: the pair is exact), bf16
+    states too."""
+    return (SR_PARAM if params_sr and p_dtype == torch.bfloat16 and master != REMAINDER else 0) | (
+        SR_STATES if states_sr and s_dtype == torch.bfloat16 else 0)
 MAX_SCALARS = 4
 N_HYPER = 8
 P_STATS, P_APPLY = 0, 1  # the passes of a launch (PASSES bits): the statistics pass, the update

@@ -1,6 +1,9 @@
 """The sparse-rows kernel (SparseAdam): gathers p / exp_avg / exp_avg_sq at the rows a coalesced sparse grad holds,
 applies an element rule of the multi-tensor UPDATE convention (kernels/multi_tensor.py) and scatters them back; one
-launch per dtype combination for all params of a group."""
+launch per dtype combination for all params of a group. The precision options ride along as in the shared apply:
+the math updates the exact fp32 master (a master copy, or the bf16 param joined with its remainder), the param is
+stored rounded (to nearest or stochastically), bf16 states to nearest or stochastically (kernels/lean.py). Only
+the rows present are read or written, so every other row stays bit-identical under every option."""
 from __future__ import annotations
 
 import struct
@@ -8,31 +11,41 @@ import struct
 import torch
 
 from . import runtime
+from .rules import NO_MASTER, REMAINDER, master_kind, sr_bits
 from .tables import fields
 
 if runtime.available():
     import triton
     import triton.language as tl
 
-    from .access import chunk_ptr, grad_inv_scale, load, load_hypers, load_unscaled_grad, store, to_compute
+    from .access import chunk_ptr, grad_inv_scale, load, load_hypers, load_unscaled_grad, to_compute
+    from .lean import load_master, store_master
+    from .quant import store_slot
+    from .rules import SR_STATES_BIT
 
-    # a tensor's table row (int64): addresses, sizes, and the step size as float64 bits
-    R_PARAM, R_EXP_AVG, R_EXP_AVG_SQ, R_VALUES, R_ROWS, R_NUMEL, R_ROW_LEN, R_STEP_SIZE, R_WIDTH = fields(
-        "param", "exp_avg", "exp_avg_sq", "values", "rows", "numel", "row_len", "step_size")
+    # a tensor's table row (int64): addresses (the master: its fp32 copy or int16 remainder, else 0), sizes, and
+    # the step size as float64 bits
+    R_PARAM, R_EXP_AVG, R_EXP_AVG_SQ, R_VALUES, R_ROWS, R_MASTER, R_NUMEL, R_ROW_LEN, R_STEP_SIZE, R_WIDTH = fields(
+        "param", "exp_avg", "exp_avg_sq", "values", "rows", "master", "numel", "row_len", "step_size")
+    REMAINDER_K = tl.constexpr(REMAINDER)
 
     @triton.jit
-    def sparse_rows_kernel(hypers, table, work, scale_ptr, UPDATE: tl.constexpr, FLAGS: tl.constexpr,
-                            P_DT: tl.constexpr, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
-                            ITERS: tl.constexpr):
+    def sparse_rows_kernel(hypers, table, work, scale_ptr, seed, UPDATE: tl.constexpr, FLAGS: tl.constexpr,
+                           P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                           MASTER: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
         # One program = one chunk of one tensor's coalesced values (present rows x row length).
         pid = tl.program_id(0)
         t = tl.load(work + 2 * pid)
         chunk = tl.load(work + 2 * pid + 1)
         row = table + t * R_WIDTH
         p_ptr = chunk_ptr(row, R_PARAM, P_DT, False)
-        m_ptr = chunk_ptr(row, R_EXP_AVG, P_DT, False)
-        v_ptr = chunk_ptr(row, R_EXP_AVG_SQ, P_DT, False)
+        m_ptr = chunk_ptr(row, R_EXP_AVG, S_DT, False)
+        v_ptr = chunk_ptr(row, R_EXP_AVG_SQ, S_DT, False)
         g_ptr = chunk_ptr(row, R_VALUES, G_DT, False)
+        if MASTER == REMAINDER_K:
+            w_ptr = chunk_ptr(row, R_MASTER, tl.int16, False)
+        else:
+            w_ptr = chunk_ptr(row, R_MASTER, tl.float32, False)  # (never read without a master)
         idx_ptr = tl.load(row + R_ROWS).to(tl.pointer_type(tl.int64))
         n = tl.load(row + R_NUMEL)
         cols = tl.load(row + R_ROW_LEN)
@@ -46,39 +59,53 @@ if runtime.available():
             mask = e < n
             r = e // cols
             offs = tl.load(idx_ptr + r, mask=mask, other=0) * cols + (e - r * cols)  # into p, m, v
-            p = load(p_ptr, offs, mask, False)
-            m = load(m_ptr, offs, mask, False)
-            v = load(v_ptr, offs, mask, False)
+            p = load_master(p_ptr, w_ptr, offs, mask, False, MASTER)
+            m = load(m_ptr, offs, mask, False).to(p.dtype)
+            v = load(v_ptr, offs, mask, False).to(p.dtype)
             g = load_unscaled_grad(g_ptr, e, mask, inv_scale, HAS_SCALE, False)
             p, m, v, _, _ = UPDATE(p, g, m, v, zero, zero, step_size, 0.0, 0.0, 0.0, lr, h1, h2, h3, h4, h5, h6, h7,
                                    FLAGS)
-            store(p_ptr, offs, p, mask, False)
-            store(m_ptr, offs, m, mask, False)
-            store(v_ptr, offs, v, mask, False)
+            store_master(p_ptr, w_ptr, offs, p, mask, False, MASTER, SR, seed)
+            # each state its own random bits, drawn at the element's offset in the tensor (the param's: seed)
+            store_slot(True, 0, m_ptr, offs, m, mask, False, SR & SR_STATES_BIT, seed ^ 0x5A5A0001, table, 0)
+            store_slot(True, 1, v_ptr, offs, v, mask, False, SR & SR_STATES_BIT, seed ^ 0x5A5A0002, table, 0)
 
 
-def constexprs(rule, dts, has_scale: bool) -> dict:
+def constexprs(rule, dts, has_scale: bool, master: int = NO_MASTER, sr: int = 0) -> dict:
+    """dts: (param, grad values, states) dtypes; master: rules' NO_MASTER / MASTER_FP32 / REMAINDER; sr: SR_PARAM
+    and SR_STATES bits."""
     return dict(UPDATE=rule.update, FLAGS=rule.flags, P_DT=runtime.tl_dtype(dts[0]), G_DT=runtime.tl_dtype(dts[1]),
-                HAS_SCALE=has_scale, BLOCK=runtime.BLOCK, ITERS=runtime.ITERS)
+                S_DT=runtime.tl_dtype(dts[2]), HAS_SCALE=has_scale, MASTER=master, SR=sr, BLOCK=runtime.BLOCK,
+                ITERS=runtime.ITERS)
 
 
-def launch_rows(rule, dts, items, grad_scale) -> None:
+def bucket_key(p, m, vals, master) -> tuple:
+    """The launch a param goes to: its dtypes (param, grad values, states) and master kind."""
+    return p.dtype, vals.dtype, m.dtype, master_kind(master)
+
+
+def launch_rows(rule, key, items, grad_scale, *, stochastic_rounding=False, state_stochastic_rounding=False,
+                seed=0) -> None:
     """One launch over the coalesced rows of every param in ``items`` ((p, exp_avg, exp_avg_sq, values, rows, step
-    size) each):
-    the table is uploaded each step (sparse indices are new every step anyway)."""
+    size, master or None) each, all of one ``bucket_key``): the table is uploaded each step (sparse indices are new
+    every step anyway). ``stochastic_rounding``: bf16 params (without a remainder) stored stochastically from
+    ``seed``'s bits; ``state_stochastic_rounding``: bf16 states too."""
     chunk = runtime.BLOCK * runtime.ITERS
     table, work = [], []
-    for t, (p, m, v, vals, rows, step_size) in enumerate(items):
+    for t, (p, m, v, vals, rows, step_size, master) in enumerate(items):
         cols = vals[0].numel() if vals.dim() > 1 else 1
-        table += [p.data_ptr(), m.data_ptr(), v.data_ptr(), vals.data_ptr(),
-                  rows.data_ptr(), vals.numel(), cols, f64_bits(step_size)]
+        table += [p.data_ptr(), m.data_ptr(), v.data_ptr(), vals.data_ptr(), rows.data_ptr(),
+                  0 if master is None else master.data_ptr(), vals.numel(), cols, f64_bits(step_size)]
         work += [x for c in range(-(-vals.numel() // chunk)) for x in (t, c)]
     dev = items[0][0].device
     hypers = [f64_bits(h) for h in rule.hyper_values()]  # every slot: unused ones are 0
     buf = torch.tensor(hypers + table + work, dtype=torch.int64).to(dev)  # one upload per launch
     n_h, n_t = len(hypers), len(hypers) + len(table)
+    p_dt, g_dt, s_dt, master = key
+    sr = sr_bits(p_dt, s_dt, master, stochastic_rounding, state_stochastic_rounding)
     runtime.launch(sparse_rows_kernel, len(work) // 2, buf[:n_h].view(torch.float64), buf[n_h:n_t], buf[n_t:],
-                   grad_scale if grad_scale is not None else buf, **constexprs(rule, dts, grad_scale is not None))
+                   grad_scale if grad_scale is not None else buf, seed,
+                   **constexprs(rule, (p_dt, g_dt, s_dt), grad_scale is not None, master, sr))
 
 
 def f64_bits(x: float) -> int:

@@ -5,7 +5,8 @@ bit-identical. As in torch, ``step`` is a plain Python int per param, advanced w
 empty one), so the bias corrections are computed on the host and reach the kernel as one per-tensor step size.
 
 Fused path: ONE launch of kernels/sparse_rows.py per dtype combination updates the coalesced rows of every param of
-a group with the element rule ``_sparse_adam_update`` below.
+a group with the element rule ``_sparse_adam_update`` below, master_weights / param_remainders / bf16 states /
+stochastic rounding included (int8 states: the reference path, since a row update cannot requantize a block alone).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .._base import FusedOptimizer
 from .._tensors import check, check_betas, scalar, zeros_like
 from .._registry import register
 from ..kernels import multi_tensor as mt
-from ..kernels import runtime, sparse_rows
+from ..kernels import quant, runtime, sparse_rows
 
 if runtime.available():
     import triton
@@ -36,24 +37,26 @@ if runtime.available():
         p = p - step_size * (m / (tl.sqrt(v) + eps.to(p.dtype)))
         return p, m, v, s2, s3
 
-def _constexprs(rule, dts, has_scale: bool) -> dict:
-    return dict(UPDATE=rule.update, FLAGS=rule.flags, P_DT=runtime.tl_dtype(dts[0]), G_DT=runtime.tl_dtype(dts[1]),
-                HAS_SCALE=has_scale, BLOCK=runtime.BLOCK, ITERS=runtime.ITERS)
-
-
 def aot_kernels():
     """The rows kernel's specializations for fused_optim.tools.aot: fp32 / bf16 / fp16 / fp64, with and without
-    maximize, and with AMP unscaling (an absent grad_scale is passed as the int64 table, hence its pointer type)."""
+    maximize, and with AMP unscaling (an absent grad_scale is passed as the int64 table, hence its pointer type);
+    bf16 params with the precision options (an fp32 master + stochastic rounding; a remainder with bf16 states
+    rounded stochastically)."""
+    bf16, f32 = torch.bfloat16, torch.float32
+    lean = [((bf16, bf16, f32), mt.MASTER_FP32, mt.SR_PARAM, " master sr"),
+            ((bf16, bf16, bf16), mt.REMAINDER, mt.SR_STATES, " remainders sr-states")]
+    specs = [((dt, dt, dt), mt.NO_MASTER, 0, "") for dt in (torch.float32, bf16, torch.float16, torch.float64)]
     entries = []
-    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    for dts, master, sr, what in specs + lean:
         for maximize in (False, True):
             for amp in (False, True):
                 rule = mt.Rule(_sparse_adam_update, flags=mt.pack((MAXIMIZE, maximize)),
                                hypers=dict(lr=0.0, beta1=0.0, beta2=0.0, eps=0.0))  # compile-time only
-                cx = sparse_rows.constexprs(rule, (dt, dt), amp)
+                cx = sparse_rows.constexprs(rule, dts, amp, master, sr)
                 sig = {"hypers": "*fp64", "table": "*i64", "work": "*i64", "scale_ptr": "*fp32" if amp else "*i64",
-                       **{k: "constexpr" for k in cx}}
-                name = f"SparseAdam[rows,maximize={maximize}] {str(dt).replace('torch.', '')}{' amp' if amp else ''}"
+                       "seed": "i32", **{k: "constexpr" for k in cx}}
+                name = (f"SparseAdam[rows,maximize={maximize}] {str(dts[0]).replace('torch.', '')}"
+                        f"{' amp' if amp else ''}{what}")
                 entries.append(dict(name=name, fn=sparse_rows.sparse_rows_kernel, signature=sig, constexprs=cx,
                                     options=runtime.compile_options()))
     return entries
@@ -92,7 +95,6 @@ class SparseAdam(FusedOptimizer):
     supports_complex = False
     scalar_keys = ()
     kernel_layout = "contiguous"  # its kernel indexes rows
-    precision_in_kernel = False  # its row kernel has no master copy / stochastic rounding: reference path
     # like torch: GradScaler unscales sparse grads itself (unscale_) and then calls a plain step()
     _step_supports_amp_scaling = False
     kernel_variants = ()  # the shared multi-tensor kernel is never launched: aot_kernels() lists the rows kernel
@@ -139,6 +141,10 @@ class SparseAdam(FusedOptimizer):
             upd = (m_new / (v_new.sqrt_().add_(eps))) * -_step_size(lr, beta1, beta2, st["step"])
             p.index_put_(at, p[at] + upd)
 
+    def _kernel_path(self, group, params) -> bool:
+        # int8 blocks span rows: only whole blocks can be requantized, so int8 states take the reference path
+        return self.state_dtype != quant.INT8 and super()._kernel_path(group, params)
+
     def _kernel_rule(self, group, variant=None):
         beta1, beta2 = group["betas"]
         rule = mt.Rule(_sparse_adam_update, flags=mt.pack((MAXIMIZE, group["maximize"])),
@@ -153,20 +159,27 @@ class SparseAdam(FusedOptimizer):
         originals = params
         # the kernel indexes rows of contiguous tensors: others go through contiguous copies (sparse grads are
         # read as coalesced values, whatever the param's layout)
-        params, _, (exp_avgs, exp_avg_sqs), back = self._kernel_tensors(params, grads, states, keys)
+        params, _, (exp_avgs, exp_avg_sqs), masters, back = self._kernel_tensors_with_masters(params, grads, states,
+                                                                                               keys)
+        masters = masters or [None] * len(params)
+        # with the precision options the reference sums duplicate rows in fp32 (it takes fp32 grads): so do we
+        fp32_grads = self._low_precision_options(params)
         buckets: dict = {}
-        for p, orig, grad, st, m, v in zip(params, originals, grads, states, exp_avgs, exp_avg_sqs):
+        for p, orig, grad, st, m, v, w in zip(params, originals, grads, states, exp_avgs, exp_avg_sqs, masters):
             st["step"] += 1
-            g = grad.coalesce()
-            if grad_scale is not None and g is not grad:
+            g = (grad.float() if fp32_grads else grad).coalesce()
+            if grad_scale is not None and g is not grad and g.dtype == grad.dtype:
                 orig.grad = g  # the kernel unscales the coalesced values in place: make them p.grad
             vals = g._values()
             if vals.numel() == 0:
                 continue
             vals = vals.contiguous()
             rows = _linear_rows(g)
-            item = (p, m, v, vals, rows, _step_size(lr, beta1, beta2, st["step"]))
-            buckets.setdefault((p.dtype, vals.dtype), []).append(item)
-        for dts, items in buckets.items():
-            sparse_rows.launch_rows(rule, dts, items, grad_scale)
+            item = (p, m, v, vals, rows, _step_size(lr, beta1, beta2, st["step"]), w)
+            buckets.setdefault(sparse_rows.bucket_key(p, m, vals, w), []).append(item)
+        precision = self._precision_args(masters)
+        for key, items in buckets.items():
+            sparse_rows.launch_rows(rule, key, items, grad_scale, seed=precision["seed"],
+                                    stochastic_rounding=precision["stochastic_rounding"],
+                                    state_stochastic_rounding=precision["state_stochastic_rounding"])
         self._write_back(back)

@@ -7,6 +7,7 @@ import torch
 import fused_optim
 from conftest import DEVICE
 from helpers import assert_states_close, assert_unchanged, saved, snapshot
+from fused_optim.kernels import lean
 from fused_optim.kernels import multi_tensor as mt
 from fused_optim.kernels import runtime
 
@@ -230,3 +231,62 @@ def test_non_contiguous_param():
         _three_steps(fused, f, ref, r, g.float())
         assert not f.is_contiguous() and fused.state[f]["exp_avg"].stride() == f.stride()
         assert_states_close(fused, [f], ref, [r], rtol=1e-6, atol=1e-7)
+
+
+
+# the precision options: an exact fp32 master (a copy, or the bf16 param with its remainder), bf16 states, and
+# stochastic rounding of the param or the states (random bits differ between the paths: compared by distance)
+LEAN = [(torch.bfloat16, dict(master_weights=True)), (torch.bfloat16, dict(param_remainders=True)),
+        (torch.float32, dict(state_dtype=torch.bfloat16)),
+        (torch.bfloat16, dict(param_remainders=True, state_dtype=torch.bfloat16, stochastic_rounding=True)),
+        (torch.bfloat16, dict(master_weights=True, stochastic_rounding=True))]
+
+
+def _master(opt, p):
+    """The fp32 value the math updates: the master copy, the param joined with its remainder, or the param."""
+    st = opt.state[p]
+    if "master_param" in st:
+        return st["master_param"]
+    return lean.join_remainder(p, st["param_remainder"]) if "param_remainder" in st else p.float()
+
+
+@pytest.mark.parametrize("dtype,options", LEAN, ids=[str(o) for _, o in LEAN])
+def test_rows_kernel_precision_options_match_reference(dtype, options):
+    """The rows kernel runs the precision options in its one launch per group, the rows absent from every grad
+    untouched bit for bit; the fp32 masters match the reference's to fp32 rounding (round to nearest), or stay
+    within a small share of the distance travelled (stochastic rounding)."""
+    config = {"lr": 0.01}
+    fused_m, ref_m = _models(dtype, DEVICE)
+    start = [e.weight.detach().float().clone() for e in ref_m]
+    fused = fused_optim.SparseAdam(_groups(fused_m, config), fused=True, **config, **options)
+    ref = fused_optim.SparseAdam(_groups(ref_m, config), fused=False, **config, **options)
+    untouched = [e.weight.detach()[USED:].clone() for e in fused_m]
+    n0 = runtime.launch_count
+    _train([fused, ref], [fused_m, ref_m], 20)
+    assert runtime.launch_count - n0 == 20 * 2  # one launch per group per step
+    for a, b, w0, rest in zip(_params(fused_m), _params(ref_m), start, untouched):
+        assert torch.equal(a[USED:], rest)
+        wa, wb = _master(fused, a), _master(ref, b)
+        if options.get("stochastic_rounding"):
+            moved = float((wb - w0).abs().max())
+            assert moved > 1e-2 and float((wa - wb).abs().max()) <= 0.05 * moved
+            continue
+        torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert fused.state[a][k].dtype == ref.state[b][k].dtype
+            torch.testing.assert_close(fused.state[a][k].float(), ref.state[b][k].float(), rtol=2 ** -7, atol=1e-7)
+
+
+def test_int8_states_take_the_reference_path():
+    """int8 blocks span rows, so SparseAdam's int8 states are updated by the reference (whole blocks requantized)
+    even with fused=True: no rows-kernel launch, the reference's numbers."""
+    config = {"lr": 0.01}
+    fused_m, ref_m = _models(torch.float32, DEVICE)
+    kw = dict(state_dtype="int8", int8_min_numel=16)
+    fused = fused_optim.SparseAdam(_groups(fused_m, config), fused=True, **config, **kw)
+    ref = fused_optim.SparseAdam(_groups(ref_m, config), fused=False, **config, **kw)
+    n0 = runtime.launch_count
+    _train([fused, ref], [fused_m, ref_m], 5)
+    assert runtime.launch_count == n0
+    for a, b in zip(_params(fused_m), _params(ref_m)):
+        assert torch.equal(a, b) and fused.state[a]["exp_avg"].dtype == torch.uint8
