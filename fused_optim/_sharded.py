@@ -190,6 +190,9 @@ class ShardedSteps:
         if not any(map(any_dtensor, groups)):
             return
         who = type(self).__name__
+        if self.state_dtype == "int8":  # a 256-element block of a shard is not a block of the full tensor
+            raise NotImplementedError(f"{who}: state_dtype='int8' is not supported on DTensor (FSDP2) params (its "
+                                      f"blocks and their scales follow the whole tensor); use torch.bfloat16 states")
         if not self.elementwise:
             if not self.shardable:
                 raise NotImplementedError(f"{who}: not supported on DTensor (FSDP2) params; use DDP")

@@ -23,6 +23,7 @@ CASES = [
     ("adamw", dict(lr=0.01), {"ddp-2": (True,), "fsdp2-2": (False, True)}),
     ("sgd", dict(lr=0.05, momentum=0.9), {"fsdp2-2": (True,)}),
     ("adamw", dict(lr=0.01, max_grad_norm=CLIP), {"fsdp2-2": (False, True), "fsdp2-4": (True,)}),
+    ("adamw", dict(lr=0.01, state_dtype=torch.bfloat16), {"fsdp2-2": (False, True)}),
     ("novograd", dict(lr=0.01, weight_decay=0.1), ALL),
     ("nvnovograd", dict(lr=0.01, weight_decay=0.1, decoupled_decay=True, max_grad_norm=CLIP),
      {"fsdp2-2": (False, True), "fsdp2-4": (True,)}),
@@ -132,6 +133,13 @@ def _refusals():
         opt = fused_optim.REGISTRY["adamw"]([w], lr=0.1, max_grad_norm=1e-3, fused=fused)
         opt.step()
         out["clip norm", fused] = (float(opt.last_grad_norm), want)
+    q = torch.nn.Parameter(distribute_tensor(torch.randn(64, 80), mesh, [Shard(0)]))
+    q.grad = distribute_tensor(torch.randn(64, 80), mesh, [Shard(0)])
+    try:
+        fused_optim.REGISTRY["adamw"]([q], state_dtype="int8").step()
+        out["int8"] = "no error"
+    except NotImplementedError as exc:
+        out["int8"] = str(exc)
     h = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)]))
     h.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)])
     hess = fused_optim.REGISTRY["adahessian"]([h])
@@ -320,6 +328,7 @@ def test_distributed_matches_single_process(tmp_path, mode, world):
         assert r["novograd unchanged"], r
         assert "DTensor" in r["lbfgs"], r["lbfgs"]
         assert "Adahessian" in r["adahessian"] and "DTensor" in r["adahessian"], r["adahessian"]
+        assert "int8" in r["int8"] and "DTensor" in r["int8"], r["int8"]
         _check_muon(got)
 
 
