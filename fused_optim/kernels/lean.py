@@ -35,6 +35,11 @@ if runtime.available():
     import triton
     import triton.language as tl
 
+    from .access import load, store, store_bf16_stochastic
+    from .rules import REMAINDER
+
+    REMAINDER_K = tl.constexpr(REMAINDER)
+
     @triton.jit
     def load_raw(ptr, offs, mask, FULL: tl.constexpr):
         if FULL:
@@ -64,3 +69,29 @@ if runtime.available():
         hi = ((bits >> 16) + (lo < 0).to(tl.int32)).to(tl.int16)
         store_raw(p_ptr, offs, hi.to(tl.bfloat16, bitcast=True), mask, FULL)
         store_raw(r_ptr, offs, lo, mask, FULL)
+
+    @triton.jit
+    def load_master(p_ptr, m_ptr, offs, mask, MASTER: tl.constexpr):
+        """The value a param's math updates (masked: 0): its exact fp32 master (MASTER == REMAINDER_K: the bf16 param
+        joined with its int16 remainder at m_ptr; another nonzero MASTER: the fp32 master copy at m_ptr), else the
+        param itself in its compute dtype."""
+        if MASTER == REMAINDER_K:
+            return load_joined(p_ptr, m_ptr, offs, mask, False)
+        elif MASTER:
+            return load(m_ptr, offs, mask, False)
+        else:
+            return load(p_ptr, offs, mask, False)
+
+    @triton.jit
+    def store_master(p_ptr, m_ptr, offs, val, mask, seed, MASTER: tl.constexpr, SR: tl.constexpr):
+        """load_master's way back: the master stored (split into param and remainder, or into the fp32 copy) and
+        the param rounded to nearest, or stochastically (SR, bf16 params without remainders)."""
+        if MASTER == REMAINDER_K:
+            store_split(p_ptr, m_ptr, offs, val, mask, False)
+        else:
+            if MASTER:
+                store(m_ptr, offs, val, mask, False)
+            if SR:
+                store_bf16_stochastic(p_ptr, offs, val, mask, seed, False)
+            else:
+                store(p_ptr, offs, val, mask, False)
