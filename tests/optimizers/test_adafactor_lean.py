@@ -35,7 +35,7 @@ OPTIONS = {"master+SR": dict(master_weights=True, stochastic_rounding=True),
 # each option and each configuration at least once (20 interpreted steps each)
 RUNS = [("master+SR", "relative"), ("remainders+bf16-states", "betas,wd"),
         ("remainders+bf16-states", "relative,betas,caution"), ("master+bf16-states+SR", "relative,betas,caution")]
-INT8_RUNS = [(torch.float32, "betas,wd"), (torch.float32, "relative"), (BF16, "relative,betas,caution")]
+INT8_RUNS = [(torch.float32, "betas,wd"), (BF16, "relative,betas,caution")]
 ELEMENTWISE = ("exp_avg", "exp_avg_sq")  # lean; the factored row / column moments stay fp32
 
 
@@ -156,8 +156,9 @@ def test_lean_checkpoint_round_trip_on_the_fused_path(opts):
         sa, sb = opt.state[p], again.state[q]
         assert sa.keys() == sb.keys()
         for k, v in sa.items():
-            if isinstance(v, torch.Tensor):
-                assert v.dtype == sb[k].dtype and torch.equal(v, sb[k]), k
+            if isinstance(v, torch.Tensor):  # (an empty param's RMS: NaN on both)
+                assert v.dtype == sb[k].dtype, k
+                torch.testing.assert_close(v, sb[k], rtol=0, atol=0, equal_nan=True, msg=k)
 
 
 def test_int8_states_of_a_non_contiguous_param_take_the_reference_path():
