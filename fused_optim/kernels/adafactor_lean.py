@@ -21,7 +21,7 @@ if runtime.available():
                                   X_MASTER, X_PARAM, X_QMAP, X_RMEAN, X_SQ, SUB, TB, lerp, second_moment)
     from .lean import REMAINDER_K, load_master, store_master
     from .quant import load_slot, store_slot
-    from .rules import SR_PARAM_BIT, SR_STATES_BIT
+    from .rules import SR_STATES_BIT
 
     K_FLAT = tl.constexpr(SUB * TB)  # a chunk step: whole 256-element blocks (checked by the host)
 
@@ -70,10 +70,10 @@ if runtime.available():
             upd = tl.where(upd * g > 0.0, upd * mask_scale, 0.0)
         if HAS_SCALE:
             store(g_ptr, offs, g, mask, False)
-        p = load_master(lp[0], lp[1], offs, mask, MASTER)
+        p = load_master(lp[0], lp[1], offs, mask, False, MASTER)
         if FLAGS & WD:
             p = p + neg_decay * p
-        store_master(lp[0], lp[1], offs, p - upd, mask, seed, MASTER, SR & SR_PARAM_BIT)
+        store_master(lp[0], lp[1], offs, p - upd, mask, False, MASTER, SR, seed)
 
     @triton.jit
     def flat_apply(item, row, mrow, geo, ctx, lp, g_ptr, inv_scale, sc, neg_decay, mask_scale, seed,

@@ -118,7 +118,7 @@ if runtime.available():
         for it in range(K_ITERS):
             rows, rmask, ridx, offs, mask = sub_tile(geo, ab, it, cols, cmask)
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
-            p = load_master(lp[0], lp[1], offs, mask, MASTER)
+            p = load_master(lp[0], lp[1], offs, mask, False, MASTER)
             vmask = mask & (offs < ctx[5])
             u = g * inv_root(ctx, g, vmask, old_moment(lp, offs, vmask, g, QUANT), rows, ridx, cols, cidx, keep,
                              tl.cast(eps, tl.float32))[0]

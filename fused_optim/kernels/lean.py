@@ -36,7 +36,7 @@ if runtime.available():
     import triton.language as tl
 
     from .access import load, store, store_bf16_stochastic
-    from .rules import REMAINDER
+    from .rules import REMAINDER, SR_PARAM_BIT
 
     REMAINDER_K = tl.constexpr(REMAINDER)
 
@@ -71,27 +71,27 @@ if runtime.available():
         store_raw(r_ptr, offs, lo, mask, FULL)
 
     @triton.jit
-    def load_master(p_ptr, m_ptr, offs, mask, MASTER: tl.constexpr):
-        """The value a param's math updates (masked: 0): its exact fp32 master (MASTER == REMAINDER_K: the bf16 param
-        joined with its int16 remainder at m_ptr; another nonzero MASTER: the fp32 master copy at m_ptr), else the
-        param itself in its compute dtype."""
+    def load_master(p_ptr, m_ptr, offs, mask, FULL: tl.constexpr, MASTER: tl.constexpr):
+        """The value the math updates: the exact fp32 master (MASTER: rules.REMAINDER, the param joined with its
+        remainder at m_ptr; rules.MASTER_FP32, the master copy at m_ptr), else the param itself."""
         if MASTER == REMAINDER_K:
-            return load_joined(p_ptr, m_ptr, offs, mask, False)
+            return load_joined(p_ptr, m_ptr, offs, mask, FULL)
         elif MASTER:
-            return load(m_ptr, offs, mask, False)
+            return load(m_ptr, offs, mask, FULL)
         else:
-            return load(p_ptr, offs, mask, False)
+            return load(p_ptr, offs, mask, FULL)
 
     @triton.jit
-    def store_master(p_ptr, m_ptr, offs, val, mask, seed, MASTER: tl.constexpr, SR: tl.constexpr):
-        """load_master's way back: the master stored (split into param and remainder, or into the fp32 copy) and
-        the param rounded to nearest, or stochastically (SR, bf16 params without remainders)."""
+    def store_master(p_ptr, m_ptr, offs, val, mask, FULL: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+                     seed):
+        """load_master's way back: the master split into param and remainder, or stored with the param rounded to
+        nearest (SR: rules.SR_PARAM set, bf16 params rounded stochastically from ``seed``'s bits)."""
         if MASTER == REMAINDER_K:
-            store_split(p_ptr, m_ptr, offs, val, mask, False)
+            store_split(p_ptr, m_ptr, offs, val, mask, FULL)
         else:
             if MASTER:
-                store(m_ptr, offs, val, mask, False)
-            if SR:
-                store_bf16_stochastic(p_ptr, offs, val, mask, seed, False)
+                store(m_ptr, offs, val, mask, FULL)
+            if SR & SR_PARAM_BIT:
+                store_bf16_stochastic(p_ptr, offs, val, mask, seed, FULL)
             else:
-                store(p_ptr, offs, val, mask, False)
+                store(p_ptr, offs, val, mask, FULL)
