@@ -11,9 +11,12 @@ from typing import Callable
 import torch
 
 from .._tensors import LOW_PRECISION, device_index
-from . import multi_tensor as mt, reduce, runtime, sync
+from . import multi_tensor as mt, quant, reduce, runtime, sync
 from .adafactor_passes import APPLY, CAUTIOUS_APPLY, FOLD, MOMENTS, NORMS, ROWCOL
-from .adafactor_tiles import META, M_CSRC_COL, M_CSRC_ROW, PTRS, T_LR, T_MASK_COUNT, T_PARAM_SQ, T_WIDTH, TA, TB, X_GRAD
+from .adafactor_tiles import (META, M_CSRC_COL, M_CSRC_ROW, PTRS, SUB, T_LR, T_MASK_COUNT, T_PARAM_SQ, T_WIDTH, TA,
+                              TB, X_GRAD)
+from .lean import REMAINDER_DTYPE
+from .rules import MASTER_FP32, NO_MASTER, REMAINDER, SR_PARAM, SR_STATES
 from .tables import Tables, TableCache, buckets, dtype_of, pick, ptr, to_device
 
 if runtime.available():
@@ -67,16 +70,24 @@ class AdafactorTables(Tables):
     shards: object = None            # over DTensor shards: the bucket's sharded.Layout (kept: masks made once)
     span: tuple = (0, 0, ())         # over shards: rcpart's region of sums spanning them, each tensor's share
     span_div: torch.Tensor = None    # ... and what turns each full sum into a mean (the full tensor's A)
+    qmap: tuple = None               # int8 states: the code maps (quant.code_maps), the planes' mean row moments
 
 
 def _cdiv(a, b):
     return -(-a // b)
 
 
-def _build_tables(key, ps, gs, sts, factored, device, shards=None) -> AdafactorTables:
-    """``shards``: the bucket's sharded.Layout over DTensor shards (ps: the local shards; one may be empty)."""
+def _build_tables(key, ps, gs, sts, factored, device, shards=None, masters=None, scales=None) -> AdafactorTables:
+    """``shards``: the bucket's sharded.Layout over DTensor shards (ps: the local shards; one may be empty);
+    ``masters``: each param's master slot or None; ``scales``: int8 states' block scales, per PARAM_SHAPED_KEYS."""
     shapes = [p.shape for p in ps] if shards is None else shards.shapes
     dims = [factored(shape) for shape in shapes]
+    fdummy = torch.zeros(1, dtype=torch.float32, device=device)
+    qmap = quant.code_maps(device) if scales else fdummy
+    # int8 states: each factored plane's mean row moment (NORMS -> the storage-order walk), per tensor a region
+    planes = [math.prod(p.shape[:d[0]]) * math.prod(p.shape[d[1] + 1:]) if d and scales else 0
+              for p, d in zip(ps, dims)]
+    rmeans = torch.zeros(sum(planes), dtype=torch.float32, device=device).split(planes)
     entries = []  # per tensor: (unfactored, t, address row, meta row, work items)
     rc_size, cnt_size, spans = 0, len(ps), []
     for t, (p, g, st, d) in enumerate(zip(ps, gs, sts, dims)):
@@ -98,7 +109,12 @@ def _build_tables(key, ps, gs, sts, factored, device, shards=None) -> AdafactorT
             m["nab"] = _cdiv(m["A"], TA)
             row, col = st["exp_avg_sq"], p
         m["items"] = m["planes"] * m["nab"] * m["nbb"]
-        addr = dict(param=p, grad=g, exp_avg=st.get("exp_avg", p), row=row, col=col, step=st["step"], rms=st["RMS"])
+        m["chunk"] = _cdiv(_cdiv(p.numel(), m["items"]), quant.QBLOCK) * quant.QBLOCK  # whole blocks, <= a tile
+        master = masters[t] if masters is not None and masters[t] is not None else p
+        qs = [fdummy if sc is None or sc[t] is None else sc[t] for sc in (scales or (None, None))]
+        addr = dict(param=p, grad=g, exp_avg=st.get("exp_avg", p), row=row, col=col, step=st["step"], rms=st["RMS"],
+                    sq=st.get("exp_avg_sq", p), master=master,
+                    rmean=rmeans[t] if planes[t] else fdummy, qmap=qmap, exp_avg_absmax=qs[0], sq_absmax=qs[1])
         items = [(t, pl, a, b) for pl in range(m["planes"]) for a in range(m["nab"]) for b in range(m["nbb"])]
         entries.append((d is None, t, [addr[k].data_ptr() for k in PTRS], m, items))
     span0, lengths, div = rc_size, [0] * len(ps), []
@@ -121,16 +137,21 @@ def _build_tables(key, ps, gs, sts, factored, device, shards=None) -> AdafactorT
                            part=zeros(2, len(work), dtype=torch.float32, device=device),
                            rcpart=zeros(max(rc_size, 1), dtype=torch.float32, device=device),
                            counters=zeros(cnt_size, dtype=torch.int32, device=device),
-                           barrier=sync.GridBarrier(device), fdummy=zeros(1, dtype=torch.float32, device=device),
-                           shards=shards, span=(span0, rc_size, lengths), span_div=to_device(div, torch.float32, device))
+                           barrier=sync.GridBarrier(device), fdummy=fdummy, shards=shards,
+                           span=(span0, rc_size, lengths), span_div=to_device(div, torch.float32, device), qmap=(qmap, rmeans))
 
 
-def constexprs(passes, flags, dts, *, lr_tensor=False, has_scale=False, has_inf=False, sharded=False) -> dict:
-    """The compile-time arguments of a launch running ``passes`` (the launcher and the AOT inventory use this)."""
+def constexprs(passes, flags, dts, *, lr_tensor=False, has_scale=False, has_inf=False, sharded=False,
+               master=NO_MASTER, sr=0, quant_bits=0) -> dict:
+    """The compile-time arguments of a launch running ``passes`` (the launcher and the AOT inventory use this).
+    dts: (param, grad, moment dtype[, element-wise states' dtype: the moments' when not given]); master: the
+    master slot's kind (rules.NO_MASTER, MASTER_FP32, REMAINDER); sr: rules.SR_PARAM / SR_STATES bits;
+    quant_bits: int8 states (1 + 2 * the unsigned slots' bits; then dts[3] is uint8)."""
     flags |= mt.pack((SHARDED, sharded))
     return dict(PASSES=sum(1 << int(x) for x in passes), FLAGS=flags, P_DT=runtime.tl_dtype(dts[0]),
-                G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]), LR_TENSOR=lr_tensor,
-                HAS_SCALE=has_scale, HAS_INF=has_inf)
+                G_DT=runtime.tl_dtype(dts[1]), S_DT=runtime.tl_dtype(dts[2]), E_DT=runtime.tl_dtype(dts[-1]),
+                LR_TENSOR=lr_tensor, HAS_SCALE=has_scale, HAS_INF=has_inf, MASTER=int(master), SR=int(sr),
+                QUANT=int(quant_bits))
 
 
 def launches(passes, has_factored: bool, csrc_stats: bool) -> list:
@@ -147,40 +168,68 @@ def sharded_phases(passes, has_factored: bool, spans: bool) -> list:
     return [ROWCOL] * has_factored + [FOLD] * spans + list(passes)
 
 
-def prepare_moments(states, grads, device) -> list:
+def stats_only(passes) -> bool:
+    """A launch of the factored statistics alone (ROWCOL, FOLD): it reads no param and no element-wise state, so
+    it compiles without the precision and lean settings."""
+    return set(passes) <= {ROWCOL, FOLD}
+
+
+def prepare_moments(states, grads, device, lean_dtypes=None) -> list:
     """Each tensor's moment dtype (fp32 for fp16 / bf16 grads); its moments are moved to the device in it (a loaded
     checkpoint may hold others), the factored row / column moments made contiguous (the kernel reads them by
-    address; those of the param's shape go through the optimizer's layout fitting instead)."""
+    address; those of the param's shape go through the optimizer's layout fitting instead). ``lean_dtypes``: per
+    tensor the dtype its moments of the param's shape keep (state_dtype, int8 codes), or None."""
     index = device_index(device)
     sdts = [torch.float32 if dt in LOW_PRECISION else dt for dt in map(dtype_of, grads)]
-    for st, sdt in zip(states, sdts):
+    for st, sdt, edt in zip(states, sdts, lean_dtypes or [None] * len(states)):
         for k in _MOMENT_SET.intersection(st):
-            v = st[k]
-            if v.dtype != sdt or v.get_device() != index or (k in _FACTORED_KEYS and not v.is_contiguous()):
-                v = v.to(device=device, dtype=sdt)
+            v, want = st[k], sdt if edt is None or k in _FACTORED_KEYS else edt
+            if v.dtype != want or v.get_device() != index or (k in _FACTORED_KEYS and not v.is_contiguous()):
+                v = v.to(device=device, dtype=want)
                 st[k] = v.contiguous() if k in _FACTORED_KEYS else v
     return sdts
 
 
-def step(spec: Spec, caches: dict, slot, params, grads, states, sdts, grad_scale=None, found_inf=None, shards=None):
-    """One param group's fused step; per (param, grad, moment) dtype bucket at most 2 launches (over DTensor shards,
-    ``shards`` their sharded.Layout: sharded_phases). Its tables live in ``caches[slot]`` (the optimizer's storage);
-    ``sdts``: prepare_moments' dtypes. Returns the last tensor's step size as a 0-d device view (timm leaves it in
-    group['lr'])."""
+def _bucket_keys(params, grads, states, sdts, masters):
+    """Each tensor's (param, grad, moment, element-wise state dtype, master kind); a tensor without element-wise
+    states (factored, no betas) takes the state dtype of the first that has one, so it shares its launches."""
+    edts = [next((st[k].dtype for k in PARAM_SHAPED_KEYS if k in st), None) for st in states]
+    first = next((e for e in edts if e is not None), None)
+    kinds = [NO_MASTER if m is None else REMAINDER if m.dtype == REMAINDER_DTYPE else MASTER_FP32
+             for m in masters or [None] * len(params)]
+    return [(dtype_of(p), dtype_of(g), s, e or first or s, k)
+            for p, g, s, e, k in zip(params, grads, sdts, edts, kinds)]
+
+
+def step(spec: Spec, caches: dict, slot, params, grads, states, sdts, grad_scale=None, found_inf=None, shards=None, *,
+         masters=None, stochastic_rounding=False, seed=0, state_stochastic_rounding=False, scales=None, unsigned=0,
+         who="Adafactor"):
+    """One param group's fused step; per (param, grad, moment, element-wise state, master) dtype bucket at most 2
+    launches (over DTensor shards, ``shards`` their sharded.Layout: sharded_phases). Its tables live in
+    ``caches[slot]`` (the optimizer's storage); ``sdts``: prepare_moments' dtypes. The precision and lean options
+    as mt.apply takes them (``scales``: per PARAM_SHAPED_KEYS the int8 states' block scales or None; ``unsigned``:
+    their unsigned bits). Returns the last tensor's step size as a 0-d device view (timm leaves it in group['lr'])."""
     dev = params[0].device
     cache = caches.setdefault(slot, TableCache())
     hypers = tuple(spec.hypers[k] for k in HYPERS)
-    keys = list(zip(map(dtype_of, params), map(dtype_of, grads), sdts))
     last_lr = None
-    for dts, idx in buckets(keys).items():
+    for dts, idx in buckets(_bucket_keys(params, grads, states, sdts, masters)).items():
         ps, gs, sts = pick(idx, params, grads, states)
+        ms = None if masters is None else pick(idx, masters)[0]
+        qs = [pick(idx, col)[0] for col in scales] if dts[3] == quant.CODE_DTYPE else None
         # every address and size the tables hold but the grads': a replaced param or state rebuilds them (every
-        # state is a tensor by now: the moments, and step and RMS on the device)
+        # state is a tensor by now: the moments, and step and RMS on the device; masters: maybe layout copies)
         key = (tuple(map(ptr, ps)), tuple(map(torch.Tensor.size, ps)), spec.factored_key,
-               tuple(map(ptr, itertools.chain.from_iterable(map(dict.values, sts)))))
+               tuple(map(ptr, itertools.chain.from_iterable(map(dict.values, sts)))), tuple(map(ptr, ms or ())))
         tab = cache.lookup(dts, key, gs, lambda: _build_tables(key, ps, gs, sts, spec.factored, dev,
-                                                               None if shards is None else shards.pick(idx)))
-        _launch(tab, spec, dts, gs, hypers, grad_scale, found_inf, tab.shards)
+                                                               None if shards is None else shards.pick(idx), ms, qs))
+        if qs and (SUB * TB) % quant.QBLOCK:  # the storage-order walk steps over whole 256-element blocks
+            raise RuntimeError(f"Adafactor: int8 states need the kernel's SUB * TB ({SUB * TB}) to be a multiple "
+                               f"of {quant.QBLOCK}")
+        lean = dict(master=dts[4], quant_bits=1 + 2 * unsigned if qs else 0,
+                    sr=(SR_PARAM if stochastic_rounding and dts[0] == torch.bfloat16 and dts[4] != REMAINDER else 0)
+                    | (SR_STATES if state_stochastic_rounding and dts[3] == torch.bfloat16 else 0))
+        _launch(tab, spec, dts[:4], gs, hypers, grad_scale, found_inf, tab.shards, seed, lean)
         if idx[-1] == len(params) - 1:
             last_lr = tab.tsc[len(idx) - 1, int(T_LR)]
     return last_lr
@@ -196,7 +245,7 @@ def _combine(tab, shards, phase) -> None:
         tab.tsc[:, cols] = shards.full_sums(tab.tsc[:, cols])
 
 
-def _launch(tab, spec, dts, gs, hypers, grad_scale, found_inf, shards=None) -> None:
+def _launch(tab, spec, dts, gs, hypers, grad_scale, found_inf, shards=None, seed=0, lean=None) -> None:
     has_factored = tab.n_factored_work > 0
     # the statistics on the C++ engine where it is built (fp32 / bf16 / fp16 grads), else Triton's ROWCOL pass
     csrc_stats = has_factored and dts[1] in CSRC_DTYPES and reduce.use_csrc(gs[0].device) and shards is None
@@ -205,7 +254,7 @@ def _launch(tab, spec, dts, gs, hypers, grad_scale, found_inf, shards=None) -> N
     args = (tab.ptrs, tab.meta, tab.work, tab.tsc, tab.part[0], tab.part[1], stats, tab.counters, tab.barrier.words,
             spec.lr_tensor if spec.lr_tensor is not None else tab.fdummy,
             grad_scale if grad_scale is not None else tab.fdummy, found_inf if found_inf is not None else tab.fdummy,
-            tab.n_factored_work, n_work, *hypers)
+            tab.n_factored_work, n_work, seed, *hypers)
     runs = ([(phases, None) for phases in launches(spec.passes, has_factored, csrc_stats)] if shards is None else
             [(sharded_phases(spec.passes, has_factored, tab.span[1] > tab.span[0]),
               lambda phase: _combine(tab, shards, phase))])
@@ -213,9 +262,10 @@ def _launch(tab, spec, dts, gs, hypers, grad_scale, found_inf, shards=None) -> N
         runtime.launch_phases(
             adafactor_kernel, phases, *args, device=gs[0].device, between=between,
             grid_of=lambda x: tab.n_factored_work if x in (ROWCOL, FOLD) else n_work,
-            constexprs_of=lambda run: constexprs(run, spec.flags, dts, lr_tensor=spec.lr_tensor is not None,
-                                                 has_scale=grad_scale is not None, has_inf=found_inf is not None,
-                                                 sharded=shards is not None))
+            constexprs_of=lambda run: constexprs(
+                run, spec.flags, dts[:3] if stats_only(run) else dts, lr_tensor=spec.lr_tensor is not None,
+                has_scale=grad_scale is not None, has_inf=found_inf is not None, sharded=shards is not None,
+                **({} if stats_only(run) else lean or {})))
         if len(phases) > 1 and between is None:
             tab.barrier.watch("Adafactor")
 
@@ -247,36 +297,3 @@ def _csrc_stats(tab, gs, eps, grad_scale):
         assert int(M_CSRC_COL) == int(M_CSRC_ROW) + 1
         tab.meta[:, int(M_CSRC_ROW):int(M_CSRC_COL) + 1].copy_(torch.tensor(offs, dtype=torch.int64))
     return tab.stats_view
-
-
-def aot_kernels():
-    """Every launch of the kernel, for tools/aot.py: the Triton statistics (ROWCOL) and the persistent launches after
-    it or after the csrc engine (FOLD first); relative step (default), and external lr with beta1, weight decay, with
-    and without caution; fp32, bf16 (fp32 states) and fp16 with AMP arguments; and each pass of a cautious step
-    over DTensor shards, fp32."""
-    types = {"ptrs": "*i64", "meta": "*i64", "work": "*i32", "counters": "*i32", "barrier": "*i32",
-             "n_fact": "i32", "n_work": "i32", **{k: "fp64" for k in HYPERS}}
-    cx_names = constexprs([], 0, (torch.float32,) * 3)
-    sig = {a: "constexpr" if a in cx_names else types.get(a, "*fp32") for a in adafactor_kernel.arg_names}
-    variants = [("relative", options(relative=True, scale_parameter=True), (False,)),
-                ("lr,betas,weight_decay", options(beta1=True, weight_decay=True), (False, True))]
-    runs = []
-    for label, flags, cautions in variants:
-        for cautious in cautions:
-            for csrc_stats in (False, True):
-                for passes in launches(CAUTIOUS if cautious else PLAIN, True, csrc_stats):
-                    if (flags, passes) not in [x[1:] for x in runs]:
-                        runs.append((label + (",caution" if cautious else ""), flags, passes))
-    label, flags, _ = variants[1]  # over DTensor shards: one launch per pass, fp32
-    sharded = [(f"{label},caution,sharded", flags, [x]) for x in sharded_phases(CAUTIOUS, True, True)]
-    dtypes = [((torch.float32,) * 3, False), ((torch.bfloat16, torch.bfloat16, torch.float32), False),
-              ((torch.float16, torch.float16, torch.float32), True)]
-    return [dict(name=f"Adafactor[{label},{'+'.join(PASS_NAMES[x] for x in passes)}] "
-                      f"{str(dts[0]).replace('torch.', '')}{' amp' if amp else ''}",
-                 fn=adafactor_kernel, signature=sig,
-                 constexprs=constexprs(passes, flags, dts, has_scale=amp, has_inf=amp),
-                 options=runtime.compile_options())
-            for label, flags, passes in runs for dts, amp in dtypes] + [
-        dict(name=f"Adafactor[{label},{PASS_NAMES[passes[0]]}] float32", fn=adafactor_kernel, signature=sig,
-             constexprs=constexprs(passes, flags, dtypes[0][0], sharded=True), options=runtime.compile_options())
-        for label, flags, passes in sharded]

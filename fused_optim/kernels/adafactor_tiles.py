@@ -14,17 +14,22 @@ else:
     TB, SUB, RB, PB = 256, max(1, runtime.BLOCK // 256), 1024, 256
 TA = SUB * runtime.ITERS
 
-# ptrs[t]: the addresses of tensor t (row: exp_avg_sq_row, or exp_avg_sq unfactored; col: exp_avg_sq_col)
-PTRS = ("param", "grad", "exp_avg", "row", "col", "step", "rms")
-X_PARAM, X_GRAD, X_EXP_AVG, X_ROW, X_COL, X_STEP, X_RMS, X_WIDTH = fields(*PTRS)
+# ptrs[t]: the addresses of tensor t (row: exp_avg_sq_row, col: exp_avg_sq_col; sq: exp_avg_sq unfactored; master:
+# the fp32 master copy or the int16 remainder; int8 states: where NORMS leaves each plane's mean row moment, the code
+# maps and the scales of exp_avg and exp_avg_sq)
+PTRS = ("param", "grad", "exp_avg", "row", "col", "step", "rms", "sq", "master", "rmean", "qmap", "exp_avg_absmax",
+        "sq_absmax")
+X_PARAM, X_GRAD, X_EXP_AVG, X_ROW, X_COL, X_STEP, X_RMS, X_SQ, X_MASTER, X_RMEAN, X_QMAP, _, _, X_WIDTH = fields(
+    *PTRS)
 # meta[t]: tensor t viewed as [pre, A, B, post] (unfactored: [1, A, TB, 1]), planes = pre * post, nab / nbb tiles
 # along A / B, its partial row / column sums and block counters, its first work item and item count, the csrc
 # engine's row / column means; over DTensor shards: the full tensor's numel, whether the column statistics span the
-# shards (A is dim 0) and where the row moment's mean over A is (Note [adafactor shards])
+# shards (A is dim 0) and where the row moment's mean over A is (Note [adafactor shards]); int8 states: the
+# storage-order chunk of each work item (whole 256-element blocks)
 META = ("numel", "factored", "A", "B", "post", "planes", "nab", "nbb", "row_part", "col_part", "counters", "first",
-        "items", "csrc_row", "csrc_col", "total", "span", "span_row")
+        "items", "csrc_row", "csrc_col", "total", "span", "span_row", "chunk")
 (M_NUMEL, M_FACTORED, M_A, M_B, M_POST, M_PLANES, M_NAB, M_NBB, M_ROW_PART, M_COL_PART, M_COUNTERS, M_FIRST,
- M_ITEMS, M_CSRC_ROW, M_CSRC_COL, M_TOTAL, M_SPAN, M_SPAN_ROW, M_WIDTH) = fields(*META)
+ M_ITEMS, M_CSRC_ROW, M_CSRC_COL, M_TOTAL, M_SPAN, M_SPAN_ROW, M_CHUNK, M_WIDTH) = fields(*META)
 W_TENSOR, W_PLANE, W_ABLOCK, W_BBLOCK, W_WIDTH = fields("tensor", "plane", "ablock", "bblock")  # work[item]
 T_UPDATE_SQ, T_PARAM_SQ, T_MASK_COUNT, T_LR, T_WIDTH = fields("update_sq", "param_sq", "mask_count", "lr")  # tsc[t]
 
@@ -145,16 +150,22 @@ if runtime.available():
         return fac, s_row, chunk_ptr(row, X_COL, S_DT, False), fa, tl.where(fac, B, 0), tl.where(fac, 0, n), rmean
 
     @triton.jit
-    def inv_root(ctx, g, offs, mask, rows, ridx, cols, cidx, keep, eps):
-        """Per element 1 / sqrt(second moment estimate), the new unfactored moment and its store mask (empty when
-        factored). Row / column moments load with .cg (folded by other programs); the unfactored one is the tile's."""
+    def second_moment(fac, rr, cc, v_old, vmask, g, keep, eps):
+        """Per element 1 / sqrt(second moment estimate) and the new unfactored moment: factored, rr * cc (rr =
+        1 / sqrt(row / mean row), cc = 1 / sqrt(col), broadcast to the elements); else 1 / sqrt of the new moment
+        (lerp of v_old, 1 outside vmask, to g^2 + eps)."""
+        v = lerp(tl.where(vmask, v_old, 1.0), g * g + eps, keep)
+        return tl.where(fac, rr * cc, 1.0 / tl.sqrt(v)), v
+
+    @triton.jit
+    def inv_root(ctx, g, vmask, v_old, rows, ridx, cols, cidx, keep, eps):
+        """second_moment over a [SUB, TB] sub-tile. Row / column moments load with .cg (folded by other
+        programs)."""
         fac, s_row, s_col, fa, fb, nu, rmean = ctx
         r = tl.load(s_row + ridx, mask=rows < fa, other=1.0, cache_modifier=".cg").to(tl.float32)
         c = tl.load(s_col + cidx, mask=cols < fb, other=1.0, cache_modifier=".cg").to(tl.float32)
-        vmask = mask & (offs < nu)
-        v = lerp(tl.load(s_row + offs, mask=vmask, other=1.0).to(tl.float32), g * g + eps, keep)
-        f = (1.0 / tl.sqrt(r / rmean))[:, None] * (1.0 / tl.sqrt(c))[None, :]
-        return tl.where(fac, f, 1.0 / tl.sqrt(v)), v, vmask
+        return second_moment(fac, (1.0 / tl.sqrt(r / rmean))[:, None], (1.0 / tl.sqrt(c))[None, :], v_old, vmask,
+                             g, keep, eps)
 
     @triton.jit
     def update_scalars(row, mrow, t, tsc, hyp, lr_ptr, FLAGS: tl.constexpr, LR_TENSOR: tl.constexpr):
@@ -170,13 +181,6 @@ if runtime.available():
         one_minus_beta1 = (1.0 - beta1).to(tl.float32)
         sc = (keep, tl.cast(eps, tl.float32), clip_f, lr_t.to(tl.float32), one_minus_beta1)
         return step, lr_t, (-(wd * lr_t)).to(tl.float32), sc, rms
-
-    @triton.jit
-    def write_param(p_ptr, offs, mask, upd, neg_decay, FLAGS: tl.constexpr):
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if FLAGS & WD:
-            p = p + neg_decay * p
-        store(p_ptr, offs, p - upd, mask, False)
 
     @triton.jit
     def finish_step(counters, t, mrow, row, tsc, step, lr_t, rms):

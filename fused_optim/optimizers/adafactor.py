@@ -16,9 +16,9 @@ import torch
 
 from .. import _sharded as sharded
 from .._base import FusedOptimizer
-from .._tensors import LOW_PRECISION, check, check_nonneg, local, scalar, scalars_on_device
+from .._tensors import LOW_PRECISION, any_dtensor, check, check_nonneg, local, scalar, scalars_on_device
 from .._registry import register
-from ..kernels import adafactor as af
+from ..kernels import adafactor as af, quant
 from .common import KeptStateDtypes, OwnKernels
 
 
@@ -179,19 +179,19 @@ class Adafactor(KeptStateDtypes, OwnKernels, FusedOptimizer):
     in Triton where it is not built; then one persistent launch: fold, update RMS, apply), 1 for a group without
     factored params; the same with caution. float64 params take the reference path (the kernels compute in fp32).
     DTensor (FSDP2) dim-0 shards: the reference (``adafactor_shards``) or the kernels, one launch per pass with a
-    collective of the local sums where they span the shards (Note [adafactor shards]).
+    collective of the local sums where they span the shards (Note [adafactor shards]). The precision and lean
+    options run in the same launches (int8 states of non-contiguous params or over shards: the reference path).
 
     State: step (a Python int; a float32 0-d device tensor once the fused path has run), RMS (0-d), exp_avg with
     betas, exp_avg_sq_row / exp_avg_sq_col for factored params or exp_avg_sq, in fp32 for fp16/bf16 params."""
     nonnegative_states = ("exp_avg_sq",)
-
     supports_complex = False
     scalar_keys = ("step", "RMS")
     anchor_numbers = {"step": int}  # timm's
     elementwise = False  # row/column means and update RMS over whole tensors
     shardable = True
     kernel_layout = "contiguous"  # factored rows / columns: other layouts go through contiguous copies
-    precision_in_kernel = False  # its own kernels: master_weights / stochastic_rounding use the reference path
+    precision_in_kernel = True  # the precision and lean options run inside its kernels (kernels/adafactor_lean.py)
     float64_in_kernel = False  # its kernels' statistics and coefficients are fp32: float64 params use the reference
     kernel_variants = ()  # no shared-kernel rule: tools/aot.py takes the dedicated kernel from aot_kernels()
 
@@ -258,18 +258,29 @@ class Adafactor(KeptStateDtypes, OwnKernels, FusedOptimizer):
         else:
             adafactor_reference(group, params, grads, states)
 
+    def _kernel_path(self, group, params) -> bool:
+        # int8 blocks follow the param's storage order: its contiguous copy (kernel_layout) or a DTensor's local
+        # shard would walk other blocks, so those groups take the reference path
+        return super()._kernel_path(group, params) and not (self.state_dtype == quant.INT8 and (
+            any_dtensor(params) or not all(map(torch.Tensor.is_contiguous, params))))
+
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         scalars_on_device(states, self.scalar_keys, params[0].device, keep_f64=False)  # its kernels read fp32
-        sdts = af.prepare_moments(states, grads, params[0].device)
+        sdts = af.prepare_moments(states, grads, params[0].device, [self._lean_dtype(p) for p in params])
         keys = af.PARAM_SHAPED_KEYS  # not every tensor has both: columns with None
-        params, grads, columns, back = self._kernel_tensors(
-            params, grads, states, (), grad_scale, extra=[[st.get(k) for st in states] for k in keys])
+        masters = self._masters(states)
+        params, grads, columns, back = self._kernel_tensors(  # the master slots: one more column
+            params, grads, states, (), grad_scale,
+            extra=[*([st.get(k) for st in states] for k in keys), masters or [None] * len(states)])
+        *columns, ms = columns
         if self._shards is not None:  # the kernel reads states from the dicts: their local shards
             states = [{k: local(v) for k, v in st.items()} for st in states]
         if back:  # ... ones holding the copies
             states = [{**st, **{k: v for k, v in zip(keys, vs) if v is not None}} for st, *vs in zip(states, *columns)]
+        scales = [[quant.scales_of(st, k) if k in st else None for st in states] for k in keys]
         last_lr = af.step(_kernel_spec(group), self._kernel_caches, id(group), params, grads, states, sdts,
-                          grad_scale, found_inf, self._shards)
+                          grad_scale, found_inf, self._shards, **self._precision_args(masters and ms), scales=scales,
+                          unsigned=sum(1 << i for i, k in enumerate(keys) if k in self.nonnegative_states))
         self._write_back(back)
         if group["relative_step"] and last_lr is not None:
             group["lr"] = last_lr  # timm leaves the last param's step size here; a device view, no sync
