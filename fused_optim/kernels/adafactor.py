@@ -15,8 +15,7 @@ from . import multi_tensor as mt, quant, reduce, runtime, sync
 from .adafactor_passes import APPLY, CAUTIOUS_APPLY, FOLD, MOMENTS, NORMS, ROWCOL
 from .adafactor_tiles import (META, M_CSRC_COL, M_CSRC_ROW, PTRS, SUB, T_LR, T_MASK_COUNT, T_PARAM_SQ, T_WIDTH, TA,
                               TB, X_GRAD)
-from .lean import REMAINDER_DTYPE
-from .rules import MASTER_FP32, NO_MASTER, REMAINDER, SR_PARAM, SR_STATES
+from .rules import NO_MASTER, master_kind, sr_bits
 from .tables import Tables, TableCache, buckets, dtype_of, pick, ptr, to_device
 
 if runtime.available():
@@ -195,8 +194,7 @@ def _bucket_keys(params, grads, states, sdts, masters):
     states (factored, no betas) takes the state dtype of the first that has one, so it shares its launches."""
     edts = [next((st[k].dtype for k in PARAM_SHAPED_KEYS if k in st), None) for st in states]
     first = next((e for e in edts if e is not None), None)
-    kinds = [NO_MASTER if m is None else REMAINDER if m.dtype == REMAINDER_DTYPE else MASTER_FP32
-             for m in masters or [None] * len(params)]
+    kinds = list(map(master_kind, masters or [None] * len(params)))
     return [(dtype_of(p), dtype_of(g), s, e or first or s, k)
             for p, g, s, e, k in zip(params, grads, sdts, edts, kinds)]
 
@@ -227,8 +225,7 @@ def step(spec: Spec, caches: dict, slot, params, grads, states, sdts, grad_scale
             raise RuntimeError(f"Adafactor: int8 states need the kernel's SUB * TB ({SUB * TB}) to be a multiple "
                                f"of {quant.QBLOCK}")
         lean = dict(master=dts[4], quant_bits=1 + 2 * unsigned if qs else 0,
-                    sr=(SR_PARAM if stochastic_rounding and dts[0] == torch.bfloat16 and dts[4] != REMAINDER else 0)
-                    | (SR_STATES if state_stochastic_rounding and dts[3] == torch.bfloat16 else 0))
+                    sr=sr_bits(dts[0], dts[3], dts[4], stochastic_rounding, state_stochastic_rounding))
         _launch(tab, spec, dts[:4], gs, hypers, grad_scale, found_inf, tab.shards, seed, lean)
         if idx[-1] == len(params) - 1:
             last_lr = tab.tsc[len(idx) - 1, int(T_LR)]

@@ -16,7 +16,7 @@ import torch
 
 from .. import _sharded as sharded
 from .._base import FusedOptimizer
-from .._tensors import LOW_PRECISION, any_dtensor, check, check_nonneg, local, scalar, scalars_on_device
+from .._tensors import LOW_PRECISION, check, check_nonneg, local, scalar, scalars_on_device
 from .._registry import register
 from ..kernels import adafactor as af, quant
 from .common import KeptStateDtypes, OwnKernels
@@ -180,14 +180,16 @@ class Adafactor(KeptStateDtypes, OwnKernels, FusedOptimizer):
     factored params; the same with caution. float64 params take the reference path (the kernels compute in fp32).
     DTensor (FSDP2) dim-0 shards: the reference (``adafactor_shards``) or the kernels, one launch per pass with a
     collective of the local sums where they span the shards (Note [adafactor shards]). The precision and lean
-    options run in the same launches (int8 states of non-contiguous params or over shards: the reference path).
+    options run in the same launches (int8 states of non-contiguous params: the reference path).
 
     State: step (a Python int; a float32 0-d device tensor once the fused path has run), RMS (0-d), exp_avg with
     betas, exp_avg_sq_row / exp_avg_sq_col for factored params or exp_avg_sq, in fp32 for fp16/bf16 params."""
     nonnegative_states = ("exp_avg_sq",)
     supports_complex = False
     scalar_keys = ("step", "RMS")
-    anchor_numbers = {"step": int}  # timm's
+    # timm's int step; a relative step leaves its last step size in group['lr'] as a 0-d tensor (a device view on
+    # the fused path): saved as a float, like the None it replaces, so DCP's loading optimizer agrees on its type
+    anchor_numbers = {"step": int, "lr": float}
     elementwise = False  # row/column means and update RMS over whole tensors
     shardable = True
     kernel_layout = "contiguous"  # factored rows / columns: other layouts go through contiguous copies
@@ -239,15 +241,6 @@ class Adafactor(KeptStateDtypes, OwnKernels, FusedOptimizer):
         st["RMS"] = 0
         return st
 
-    def state_dict(self):
-        # a relative step leaves its last step size in group['lr'] as a 0-d tensor (timm's, a device view on the
-        # fused path): saved as a float, like the None it replaces, so DCP's loading optimizer agrees on its type
-        sd = super().state_dict()
-        for group in sd["param_groups"]:
-            if group["relative_step"] and isinstance(group["lr"], torch.Tensor):
-                group["lr"] = group["lr"].item()
-        return sd
-
     def _kept_dtypes(self, group, p):
         # moments stay fp32 for fp16/bf16 params, as timm keeps them
         return {k: torch.float32 for k in af.MOMENT_KEYS} if p.dtype in LOW_PRECISION else {}
@@ -259,10 +252,10 @@ class Adafactor(KeptStateDtypes, OwnKernels, FusedOptimizer):
             adafactor_reference(group, params, grads, states)
 
     def _kernel_path(self, group, params) -> bool:
-        # int8 blocks follow the param's storage order: its contiguous copy (kernel_layout) or a DTensor's local
-        # shard would walk other blocks, so those groups take the reference path
-        return super()._kernel_path(group, params) and not (self.state_dtype == quant.INT8 and (
-            any_dtensor(params) or not all(map(torch.Tensor.is_contiguous, params))))
+        # int8 blocks follow the param's storage order: its contiguous copy (kernel_layout) would walk other blocks,
+        # so such groups take the reference path (DTensor params refuse int8 before any step)
+        return super()._kernel_path(group, params) and not (
+            self.state_dtype == quant.INT8 and not all(map(torch.Tensor.is_contiguous, params)))
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         scalars_on_device(states, self.scalar_keys, params[0].device, keep_f64=False)  # its kernels read fp32
