@@ -87,6 +87,25 @@ def saved(state_dict):
     return torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
 
 
+def loaded_twin(opt, params, twin, twin_params):
+    """``twin`` (over ``twin_params``) made to continue ``opt``: the params copied, the state loaded from a real
+    checkpoint of it."""
+    with torch.no_grad():
+        for p, q in zip(params, twin_params):
+            q.copy_(p)
+    twin.load_state_dict(saved(opt.state_dict()))
+
+
+def fp32_master(opt, p):
+    """The fp32 value opt's math updates for param p: its master copy, the bf16 param joined with its remainder
+    (param_remainders), or the param itself."""
+    from fused_optim.kernels.lean import join_remainder
+    st = opt.state[p]
+    if "master_param" in st:
+        return st["master_param"]
+    return join_remainder(p.detach(), st["param_remainder"]) if "param_remainder" in st else p.detach().float()
+
+
 def launches(*steps):
     """Call each step function; returns the (Triton, C++ engine) launches they made together."""
     from fused_optim.kernels import runtime

@@ -118,10 +118,8 @@ class Adopt(TimmCautious):
     Anchor: timm.optim.Adopt (timm's factory names ``adopt``, ``adoptw``: decoupled, ``adoptc``: corrected, and their
     cautious ``c`` forms).
 
-    Fused path: 1 launch of the shared multi-tensor kernel per param group and step. With caution the same launch
-    runs the apply's statistics pass first (the mask's per-tensor mean) behind a grid barrier: 1 persistent
-    cooperative launch, 2 launches where the device refuses cooperative launches or over FSDP2 dim-0 shards (the
-    mask's counts summed over the shards between them: one collective)."""
+    Fused path: 1 launch of the shared multi-tensor kernel per param group and step (with caution: see
+    TimmCautious)."""
     nonnegative_states = ("exp_avg_sq",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, clip_exp=0.333, weight_decay=0.0,

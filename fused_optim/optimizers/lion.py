@@ -99,7 +99,11 @@ def lion_reference(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, c
 class TimmCautious(FusedOptimizer):
     """What the timm optimizers with ``caution`` share (Lion, Adopt): timm's checks of lr, betas and weight decay,
     and, while some group is cautious, FSDP2 shards stepped as a reduction (the mask's mean is over each whole
-    tensor: the local counts are summed over the shards, on both paths)."""
+    tensor: the local counts are summed over the shards, on both paths).
+
+    Fused path with caution: the one launch runs the apply's statistics pass first (the mask's per-tensor mean)
+    behind a grid barrier: 1 persistent cooperative launch, 2 launches where the device refuses cooperative launches
+    or over FSDP2 dim-0 shards (the mask's counts summed over the shards between them: one collective)."""
 
     shardable = True
 
@@ -122,10 +126,8 @@ class Lion(TimmCautious):
     divided by that mask's per-tensor mean, at least 1e-3) and ``maximize``. State: ``exp_avg`` only (no step).
     Anchor: timm.optim.Lion.
 
-    Fused path: 1 launch of the shared multi-tensor kernel per param group and step. With caution the same launch
-    runs the apply's statistics pass first (the mask's per-tensor mean) behind a grid barrier: 1 persistent
-    cooperative launch, 2 launches where the device refuses cooperative launches or over FSDP2 dim-0 shards (the
-    mask's counts summed over the shards between them: one collective)."""
+    Fused path: 1 launch of the shared multi-tensor kernel per param group and step (with caution: see
+    TimmCautious)."""
 
     scalar_keys = ()
 

@@ -119,11 +119,7 @@ def _refusals():
     out = {}
     opt = fused_optim.REGISTRY["novograd"]([torch.nn.Parameter(torch.randn(2)), w], lr=0.1)
     opt.param_groups[0]["params"][0].grad = torch.ones(2)
-    try:
-        opt.step()
-        out["novograd"] = "no error"
-    except NotImplementedError as exc:
-        out["novograd"] = str(exc)
+    out["novograd"] = _error_of(opt.step)
     out["novograd unchanged"] = torch.equal(_full(w), before) and not opt.state
     # max_grad_norm needs only sums of squares: any Shard(d) is exact
     grad = w.grad
@@ -135,26 +131,22 @@ def _refusals():
         out["clip norm", fused] = (float(opt.last_grad_norm), want)
     q = torch.nn.Parameter(distribute_tensor(torch.randn(64, 80), mesh, [Shard(0)]))
     q.grad = distribute_tensor(torch.randn(64, 80), mesh, [Shard(0)])
-    try:
-        fused_optim.REGISTRY["adamw"]([q], state_dtype="int8").step()
-        out["int8"] = "no error"
-    except NotImplementedError as exc:
-        out["int8"] = str(exc)
+    out["int8"] = _error_of(fused_optim.REGISTRY["adamw"]([q], state_dtype="int8").step)
     h = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)]))
     h.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)])
-    hess = fused_optim.REGISTRY["adahessian"]([h])
-    try:
-        hess.step()
-        out["adahessian"] = "no error"
-    except NotImplementedError as exc:
-        out["adahessian"] = str(exc)
+    out["adahessian"] = _error_of(fused_optim.REGISTRY["adahessian"]([h]).step)
     lbfgs = fused_optim.REGISTRY["lbfgs"]([w])
-    try:
-        lbfgs.step(lambda: (w.grad.zero_(), 0.0)[1])
-        out["lbfgs"] = "no error"
-    except (NotImplementedError, RuntimeError) as exc:
-        out["lbfgs"] = str(exc)
+    out["lbfgs"] = _error_of(lambda: lbfgs.step(lambda: (w.grad.zero_(), 0.0)[1]))
     return out
+
+
+def _error_of(step) -> str:
+    """The message a refused step raises, or "no error"."""
+    try:
+        step()
+        return "no error"
+    except (NotImplementedError, RuntimeError) as exc:
+        return str(exc)
 
 
 # ZeroRedundancyOptimizer(optimizer_class=ours): each rank steps whole params of its partition (per-tensor

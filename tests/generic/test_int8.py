@@ -130,17 +130,22 @@ def test_int8_fused_matches_reference(name):
     ref = make(pb, fused=False, state_dtype=INT8, int8_min_numel=MIN)
     step_twins(fused, pa, ref, pb, torch.Generator().manual_seed(1), steps=20)
     for p, q in zip(pa, pb):
-        sa, sb = fused.state[p], ref.state[q]
-        assert sa.keys() == sb.keys()
-        for k, v in sb.items():
-            if isinstance(v, torch.Tensor) and v.dtype == torch.uint8:
-                assert p.numel() >= MIN and k + "_absmax" in sb
-                off = (sa[k].int() - v.int()).abs()
-                assert off.max() <= 1 and off.float().mean() <= 2e-3, f"{k}: {int((off > 0).sum())} codes differ"
-            elif quant.is_scale_key(k) or (isinstance(v, torch.Tensor) and v.shape == p.shape):
-                assert v.dtype == torch.float32 and (quant.is_scale_key(k) or p.numel() < MIN)
-                torch.testing.assert_close(sa[k], v, rtol=1e-5, atol=1e-7)
+        _assert_int8_states_close(p, fused.state[p], ref.state[q])
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-4)
+
+
+def _assert_int8_states_close(p, sa, sb):
+    """Two paths' states of param p: the same keys; int8 codes (large params only, with their scales) off by at most
+    1 on at most 0.2% of elements; scales and fp32 states (small params) within 1e-5."""
+    assert sa.keys() == sb.keys()
+    for k, v in sb.items():
+        if isinstance(v, torch.Tensor) and v.dtype == torch.uint8:
+            assert p.numel() >= MIN and k + "_absmax" in sb
+            off = (sa[k].int() - v.int()).abs()
+            assert off.max() <= 1 and off.float().mean() <= 2e-3, f"{k}: {int((off > 0).sum())} codes differ"
+        elif quant.is_scale_key(k) or (isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape):
+            assert v.dtype == torch.float32 and (quant.is_scale_key(k) or p.numel() < MIN)
+            torch.testing.assert_close(sa[k], v, rtol=1e-5, atol=1e-7)
 
 
 @PATHS
@@ -212,16 +217,7 @@ def test_int8_projected_fused_matches_reference(name):
     assert {(2, 1), (2, 2), (3, 1), (3, 2)} <= set(MODES), MODES
     for p, q in zip(pa, pb):
         sa, sb = fused.state[p], ref.state[q]
-        assert sa.keys() == sb.keys()
-        for k, v in sb.items():
-            if isinstance(v, torch.Tensor) and v.dtype == torch.uint8:
-                assert p.numel() >= MIN
-                off = (sa[k].int() - v.int()).abs()
-                assert off.max() <= 1 and off.float().mean() <= 2e-3, f"{k}: {int((off > 0).sum())} codes differ"
-            elif quant.is_scale_key(k) or (isinstance(v, torch.Tensor) and v.is_floating_point()
-                                           and v.shape == p.shape):
-                assert v.dtype == torch.float32 and (quant.is_scale_key(k) or p.numel() < MIN)
-                torch.testing.assert_close(sa[k], v, rtol=1e-5, atol=1e-7)
+        _assert_int8_states_close(p, sa, sb)
         if remainders:
             ma = join_remainder(p.detach(), sa["param_remainder"])
             torch.testing.assert_close(ma, join_remainder(q.detach(), sb["param_remainder"]), rtol=1e-5, atol=1e-4)

@@ -20,8 +20,8 @@ import torch
 
 import fused_optim
 from conftest import DEVICE
-from helpers import assert_close, launches, saved, step_twins, twin_grads
-from fused_optim.kernels.lean import join_remainder, split_remainder
+from helpers import assert_close, fp32_master, launches, loaded_twin, twin_grads
+from fused_optim.kernels.lean import split_remainder
 
 BF16 = torch.bfloat16
 SHAPES = [(40, 35), (20, 18, 3), (2, 17, 19), (33,), (), (0,)]
@@ -56,12 +56,6 @@ def _run(opts, params, steps, seed=1):
             opt.step()
 
 
-def _master(opt, p):
-    st = opt.state[p]
-    if "master_param" in st:
-        return st["master_param"]
-    return join_remainder(p.detach(), st["param_remainder"]) if "param_remainder" in st else p.detach()
-
 
 def _launches_per_step(config, dtype, **opts):
     """(Triton, C++ engine) launches of a fused step without the lean options (the same every step)."""
@@ -87,7 +81,7 @@ def test_fused_matches_reference_with_lean_options(label, config):
     n = launches(lambda: _run((fused, ref), (pa, pb), 20))
     assert n[0] > 0 and n == (20 * per_step[0], 20 * per_step[1]), (n, per_step)
     for i, (p, q) in enumerate(zip(pa, pb)):
-        ma, mb = _master(fused, p), _master(ref, q)
+        ma, mb = fp32_master(fused, p), fp32_master(ref, q)
         assert ma.dtype == torch.float32
         sa, sb = fused.state[p], ref.state[q]
         assert sa.keys() == sb.keys()
@@ -135,7 +129,7 @@ def test_int8_fused_matches_reference(dtype, config):
             elif isinstance(v, torch.Tensor) and v.is_floating_point() and k != "step" and p.numel():
                 assert sa[k].dtype == torch.float32
                 assert_close(sa[k], v, 1e-5, 1e-7, f"{i} {k}")
-        assert_close(_master(fused, p).float(), _master(ref, q).float(), 1e-5, 1e-4, f"master {i}")
+        assert_close(fp32_master(fused, p).float(), fp32_master(ref, q).float(), 1e-5, 1e-4, f"master {i}")
 
 
 @pytest.mark.parametrize("opts", [dict(param_remainders=True, state_dtype=BF16),
@@ -146,10 +140,7 @@ def test_lean_checkpoint_round_trip_on_the_fused_path(opts):
     opt, pa = _make(True, config, **opts)
     _run((opt,), (pa,), 3)
     again, pb = _make(True, config, **opts)
-    with torch.no_grad():
-        for p, q in zip(pa, pb):
-            q.copy_(p)
-    again.load_state_dict(saved(opt.state_dict()))
+    loaded_twin(opt, pa, again, pb)
     _run((opt, again), (pa, pb), 3, seed=5)
     for p, q in zip(pa, pb):
         assert torch.equal(p.detach(), q.detach())

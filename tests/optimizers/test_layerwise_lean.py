@@ -19,7 +19,7 @@ import torch
 from cases import ALL, run
 from cases.projection import MODES
 from conftest import DEVICE
-from helpers import assert_close, launches, saved
+from helpers import assert_close, launches, loaded_twin
 from fused_optim.kernels.lean import join_remainder
 
 BF16 = torch.bfloat16
@@ -121,10 +121,7 @@ def test_lean_checkpoint_round_trip_on_the_fused_path(name):
     opt, pa = _make(name, True, **opts)
     run(CASE[name], [opt], [pa], steps=3)
     again, pb = _make(name, True, **opts)
-    with torch.no_grad():
-        for p, q in zip(pa, pb):
-            q.copy_(p)
-    again.load_state_dict(saved(opt.state_dict()))
+    loaded_twin(opt, pa, again, pb)
     run(CASE[name], [opt, again], [pa, pb], steps=3, seed=5)
     for p, q in zip(pa, pb):
         assert torch.equal(p.detach(), q.detach())

@@ -6,9 +6,7 @@ import torch
 
 import fused_optim
 from conftest import DEVICE
-from helpers import assert_states_close, assert_unchanged, saved, snapshot
-from fused_optim.kernels import lean
-from fused_optim.kernels import multi_tensor as mt
+from helpers import assert_states_close, assert_unchanged, fp32_master, saved, snapshot
 from fused_optim.kernels import runtime
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -242,14 +240,6 @@ LEAN = [(torch.bfloat16, dict(master_weights=True)), (torch.bfloat16, dict(param
         (torch.bfloat16, dict(master_weights=True, stochastic_rounding=True))]
 
 
-def _master(opt, p):
-    """The fp32 value the math updates: the master copy, the param joined with its remainder, or the param."""
-    st = opt.state[p]
-    if "master_param" in st:
-        return st["master_param"]
-    return lean.join_remainder(p, st["param_remainder"]) if "param_remainder" in st else p.float()
-
-
 @pytest.mark.parametrize("dtype,options", LEAN, ids=[str(o) for _, o in LEAN])
 def test_rows_kernel_precision_options_match_reference(dtype, options):
     """The rows kernel runs the precision options in its one launch per group, the rows absent from every grad
@@ -266,7 +256,7 @@ def test_rows_kernel_precision_options_match_reference(dtype, options):
     assert runtime.launch_count - n0 == 20 * 2  # one launch per group per step
     for a, b, w0, rest in zip(_params(fused_m), _params(ref_m), start, untouched):
         assert torch.equal(a[USED:], rest)
-        wa, wb = _master(fused, a), _master(ref, b)
+        wa, wb = fp32_master(fused, a), fp32_master(ref, b)
         if options.get("stochastic_rounding"):
             moved = float((wb - w0).abs().max())
             assert moved > 1e-2 and float((wa - wb).abs().max()) <= 0.05 * moved
