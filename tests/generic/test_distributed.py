@@ -210,7 +210,11 @@ DCP_CASES = [("adamw", dict(lr=0.01), True, True), ("sgd", dict(lr=0.05, momentu
              ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99)), True, True),
              ("lion", dict(lr=0.01), False, False), ("adopt", dict(lr=0.01), False, False),
              ("lars", dict(lr=0.5, momentum=0.9, weight_decay=0.1, trust_coeff=0.01), False, False),
-             ("lamb", dict(lr=0.01, weight_decay=0.1), False, False)]
+             ("lamb", dict(lr=0.01, weight_decay=0.1), False, False), ("muon", MUON, False, False)]
+
+
+def _dcp_model(name):
+    return _muon_model() if name == "muon" else _model()  # Muon takes matrices only
 
 
 def _dcp_run(model, opt, ckpt, rank, world, *, save: bool):
@@ -246,7 +250,7 @@ def _dcp_work(rank, world, ckpt_dir, save, out):
     for i, (name, kw, fused, on4) in enumerate(DCP_CASES):
         if world == 4 and not on4:
             continue
-        model = _wrap(_model(), "fsdp2")
+        model = _wrap(_dcp_model(name), "fsdp2")
         opt = fused_optim.REGISTRY[name](model.parameters(), fused=fused, **kw)
         results[i] = _dcp_run(model, opt, f"{ckpt_dir}/{i}", rank, world, save=save)
     if rank == 0:
@@ -370,14 +374,14 @@ def test_dcp_resume_and_reshard(tmp_path):
         anchor_cls = anchor(cls.__name__)[0]
         for who, make in (("1 process", lambda ps: cls(ps, fused=fused, **kw)),
                           ("anchor", lambda ps: anchor_cls(ps, **{k: v for k, v in kw.items()}))):
-            model = _model()
+            model = _dcp_model(name)
             runs.setdefault(who, {})[i] = _dcp_run(model, make(model.parameters()), f"{ckpt}/{i}", 0, 1,
                                                    save=False)
         for who, got in runs.items():
             assert i in got or who == "4 ranks", (name, who)
             for a, b in zip(got.get(i, ()), want[i]):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name}: {who}")
-        moved = max(float((a - b).abs().max()) for a, b in zip(want[i], _model().parameters()))
+        moved = max(float((a - b).abs().max()) for a, b in zip(want[i], _dcp_model(name).parameters()))
         assert moved > 1e-3, name  # the run went somewhere: the comparison can fail
 
 
