@@ -14,7 +14,7 @@ from .._registry import register
 from ..kernels import lamb as kl
 from ..kernels import reduce
 from ..kernels.tables import TableCache
-from .common import OwnKernels, amp_unscale_
+from .common import OwnKernels, amp_unscale_, cautious_updates, whole_tensors
 from .lion import max_lr_snapshot
 
 __all__ = ["Lamb", "lamb_clip", "lamb_trust_ratio", "lamb_reference"]
@@ -41,22 +41,14 @@ def lamb_trust_ratio(w_norm, u_norm, trust_clip: bool):
     return torch.clamp(ratio, max=1.0) if trust_clip else ratio
 
 
-def _kept_shares(masks, full_sums):
-    """Each cautious mask's mean over its full tensor: the shards' counts of kept and of all elements, summed."""
-    kept = torch.stack([m.sum(dtype=torch.float64) for m in masks])
-    counts = full_sums(torch.stack([kept, torch.tensor([float(m.numel()) for m in masks], dtype=torch.float64,
-                                                       device=kept.device)], dim=1))
-    return [(k / n).to(m.dtype) for m, (k, n) in zip(masks, counts.unbind())]
-
-
 def lamb_reference(params, grads, exp_avgs, exp_avg_sqs, clip, *, lr, beta1, beta2, step, bias_correction,
                    grad_averaging, eps, weight_decay, decoupled_scale, trust_clip, always_adapt, caution,
-                   full_sums=None):
+                   shards=None):
     """timm's LAMB step of one group, each tensor's ops in its order (the tensors go through each stage together, so
-    that the statistics over whole tensors are one call of ``full_sums`` each). ``step``: the group's new step
+    that the statistics over whole tensors are one collective each over shards). ``step``: the group's new step
     count; ``clip``: lamb_clip's factor or None; ``decoupled_scale``: None for weight decay in the update, else the
-    decay's lr (lr, or lr**2 / max_lr). Over DTensor shards (local tensors): ``full_sums`` turns per-tensor sums over
-    the shards into the full tensors' (None: whole tensors, timm's ops)."""
+    decay's lr (lr, or lr**2 / max_lr). ``shards``: the sharded.Layout of FSDP2 params given as their local shards
+    (its full_sums turns per-tensor sums over the shards into the full tensors'; None: whole tensors, timm's ops)."""
     bc1, bc2 = (1 - beta1 ** step, 1 - beta2 ** step) if bias_correction else (1.0, 1.0)
     beta3 = 1 - beta1 if grad_averaging else 1.0
     if clip is not None:
@@ -70,10 +62,7 @@ def lamb_reference(params, grads, exp_avgs, exp_avg_sqs, clip, *, lr, beta1, bet
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         updates.append((m / bc1).div_((v.sqrt() / bc2 ** 0.5).add_(eps)))
     if caution:  # Cautious Optimizers (arXiv 2411.16085): drop the components that disagree with the grad
-        masks = [(u * g > 0).to(g.dtype) for u, g in zip(updates, grads)]
-        means = [m.mean() for m in masks] if full_sums is None else _kept_shares(masks, full_sums)
-        for u, mask, mean in zip(updates, masks, means):
-            u.mul_(mask.div_(mean.clamp_(min=1e-3)))
+        updates = cautious_updates(updates, grads, *whole_tensors(shards, updates))
     if weight_decay != 0:
         for p, u in zip(params, updates):
             if decoupled_scale is not None:
@@ -81,8 +70,8 @@ def lamb_reference(params, grads, exp_avgs, exp_avg_sqs, clip, *, lr, beta1, bet
             else:
                 u.add_(p, alpha=weight_decay)
     if weight_decay != 0 or always_adapt:
-        norms = (([p.norm(2.0) for p in params], [u.norm(2.0) for u in updates]) if full_sums is None
-                 else full_norms(full_sums, params, updates))
+        norms = (([p.norm(2.0) for p in params], [u.norm(2.0) for u in updates]) if shards is None
+                 else full_norms(shards.full_sums, params, updates))
         for u, w_norm, u_norm in zip(updates, *norms):
             u.mul_(lamb_trust_ratio(w_norm, u_norm, trust_clip))
     for p, u in zip(params, updates):
@@ -189,7 +178,7 @@ class Lamb(OwnKernels, FusedOptimizer):
                        None if self._clip is None else self._clip.to(grads[0].device), lr=scalar(group["lr"]),
                        beta1=beta1, beta2=beta2, step=group["step"].item(), eps=group["eps"],
                        weight_decay=group["weight_decay"], decoupled_scale=self._decoupled_scale(group),
-                       full_sums=None if self._shards is None else self._full_sums,
+                       shards=self._shards,
                        **{k: group[k] for k in ("bias_correction", "grad_averaging", "trust_clip", "always_adapt",
                                                 "caution")})
 

@@ -266,7 +266,8 @@ class Muon(FusedOptimizer):
                                                                      grad_scale, extra=[masters] if masters else ())
         shapes = [p.shape for p in params] if shards is None else shards.shapes
         sharded = [False] * len(params) if shards is None else shards.sharded
-        key = (params[0].device, *map(operator.attrgetter("shape"), params), *shapes, *sharded)
+        key = (params[0].device, *map(operator.attrgetter("shape"), params),
+               *(() if shards is None else (*shapes, *sharded)))  # (unsharded: the shapes are the params')
         ws = caches.get((id(group), "workspace"))
         if ws is None or ws.key != key:
             ws = caches[(id(group), "workspace")] = _workspace(key, params, shapes, sharded)
