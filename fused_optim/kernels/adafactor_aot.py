@@ -43,7 +43,7 @@ def aot_kernels():
                 for passes in launches(CAUTIOUS if cautious else PLAIN, True, csrc_stats):
                     if (flags, passes) not in [x[1:] for x in runs]:
                         runs.append((label + (",caution" if cautious else ""), flags, passes))
-    label, flags, _ = variants[1]  # over DTensor shards: one launch per pass, fp32
+    label, flags, _ = variants[1]  # over DTensor shards: one launch per pass, fp32 and bf16 params
     sharded = [(f"{label},caution,sharded", flags, [x]) for x in sharded_phases(CAUTIOUS, True, True)]
     dtypes = [((F32,) * 3, False), ((BF16, BF16, F32), False), ((torch.float16, torch.float16, F32), True)]
 
@@ -53,7 +53,7 @@ def aot_kernels():
 
     return [entry(_name(label, passes, dts, amp), passes, flags, dts, has_scale=amp, has_inf=amp)
             for label, flags, passes in runs for dts, amp in dtypes] + [
-        entry(f"Adafactor[{label},{PASS_NAMES[passes[0]]}] float32", passes, flags, dtypes[0][0], sharded=True)
-        for label, flags, passes in sharded] + [
+        entry(f"Adafactor[{label},{PASS_NAMES[passes[0]]}] {str(dts[0])[6:]}", passes, flags, dts, sharded=True)
+        for label, flags, passes in sharded for dts, _ in dtypes[:2]] + [
         entry(_name(f"{label},{lean}", passes, dts), passes, flags, dts, master=master, sr=sr, quant_bits=qbits)
         for label, flags, passes in runs if len(passes) > 1 for lean, dts, master, sr, qbits in LEAN]

@@ -273,8 +273,9 @@ def aot_kernels() -> list:
                              ((bf16,) * 3, False, mt.REMAINDER, mt.SR_STATES, 0, " remainders sr-states"),
                              ((bf16, bf16, u8), False, mt.REMAINDER, 0, qbits, " int8 states remainders")]
             runs = [(*v, passes, False) for v in variants for passes in launches(spec.caution, True)]
-            if options:  # over DTensor shards: one launch per pass
-                runs += [(*variants[0], [p], True) for p in sharded_phases(spec.caution, True)]
+            if options:  # over DTensor shards: one launch per pass (fp32, and bf16 params with AMP)
+                runs += [(*v, [p], True) for v in (variants[0], variants[2])
+                         for p in sharded_phases(spec.caution, True)]
             for dts, amp, master, sr, quant_bits, suffix, passes, sharded in runs:
                 out.append(dict(name=f"{cls.__name__}[{label}] pass {'+'.join(map(str, passes))} "
                                      f"{str(dts[0])[6:]}{' amp' * amp}{' sharded' * sharded}{suffix}",
