@@ -103,7 +103,7 @@ class Lamb(OwnKernels, FusedOptimizer):
     scalar_keys = ()
     elementwise = False  # per-tensor norms
     shardable = True  # (over DTensor shards: local sums, combined by full_sums)
-    precision_in_kernel = False  # master_weights / stochastic_rounding run on the reference path
+    precision_in_kernel = True  # the lean options run inside the launches (statistics on the exact fp32 masters)
     float64_in_kernel = False  # its kernel's statistics and coefficients are fp32: float64 params use the reference
     supports_complex = False  # timm squares complex grads as complex numbers: no real-view equivalent
     kernel_variants = ()  # no generic-kernel rule: kernels/lamb.py lists this kernel's AOT entries
@@ -196,11 +196,13 @@ class Lamb(OwnKernels, FusedOptimizer):
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
         # (DTensor params: their local shards, self._shards their Layout; complex params: refused before)
-        params, grads, (m, v), back = self._kernel_tensors(params, grads, states, ("exp_avg", "exp_avg_sq"), grad_scale)
+        keys = ("exp_avg", "exp_avg_sq")
+        params, grads, (m, v), masters, back = self._kernel_tensors_with_masters(params, grads, states, keys,
+                                                                                 grad_scale)
         clip = self._clip
         if clip is not None and clip.device != params[0].device:
             clip = clip.to(params[0].device)
         kl.step(self.lamb_spec(group), self._kernel_caches.setdefault(id(group), TableCache()), params, grads,
-                list(zip(m, v)), group["step"], grad_scale, clip, found_inf,
-                type(self).__name__, shards=self._shards)
+                list(zip(m, v)), group["step"], grad_scale, clip, found_inf, shards=self._shards,
+                **self._precision_args(masters), **self._quant_args(states, keys))
         self._write_back(back)
