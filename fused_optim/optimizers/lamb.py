@@ -97,7 +97,9 @@ class Lamb(OwnKernels, FusedOptimizer):
     per-tensor sums of squares on the C++/CUDA engine, or Triton where it is not built, and the clip factor). No
     host syncs (timm's step reads the group step on the host). Over DTensor (FSDP2) dim-0 shards, both paths: the
     statistics over the local shards, summed across them by one collective each (fused: between the two phases, run
-    as 2 launches; the clip's between its 2 launches)."""
+    as 2 launches; the clip's between its 2 launches). The lean options run in the same launches: the statistics
+    read the exact fp32 masters and the dequantized moments, the apply stores params, remainders and moments
+    rounded (stochastically where asked) or quantized in whole 256-element blocks."""
     nonnegative_states = ("exp_avg_sq",)
 
     scalar_keys = ()
