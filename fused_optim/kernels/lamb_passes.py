@@ -9,6 +9,10 @@ Pass 1 (APPLY) turns the tensor's sums into its coefficients a, b (timm's trust 
 recomputes the moments, stores them and p <- decayed p + a * (kept) u + b * p, and advances the step. Grads are read
 as g / grad_scale (AMP; written back so) and divided by the global clip factor ``clip`` (a device scalar,
 max(|g| / max_grad_norm, 1), AMP's scale folded in).
+The lean options ride in both passes: p is read as the exact fp32 master (lean.load_master) and the moments through
+quant.load_slot (int8: dequantized), so the statistics are the reference's; the apply stores through
+lean.store_master and quant.store_slot. A work item is BLOCK * ITERS elements and BLOCK a multiple of 256, so every
+int8 block is whole in one program and one iteration (its absmax in registers).
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from . import runtime
 from .tables import fields
 
 STATS, APPLY = 0, 1
-E_PARAM, E_GRAD, E_EXP_AVG, E_EXP_AVG_SQ, E_W = fields("param", "grad", "exp_avg", "exp_avg_sq")  # ptrs columns
+# ptrs columns; then the master slot (MASTER), then the int8 code maps and each moment's scales (QUANT)
+E_PARAM, E_GRAD, E_EXP_AVG, E_EXP_AVG_SQ, E_W = fields("param", "grad", "exp_avg", "exp_avg_sq")
 P_PP, P_A, P_B, P_KEPT, P_W = fields("pp", "a", "b", "kept")  # partials: one [W] column per statistic
 # sums: fp64 [T, S_W], a tensor's statistics over its elements (over DTensor shards: the full tensor's)
 S_PP, S_A, S_B, S_KEPT, S_N, S_W = fields("pp", "a", "b", "kept", "n")
@@ -29,11 +34,23 @@ if runtime.available():
     import triton.language as tl
 
     from .access import amp_skip, chunk_ptr, fp64_arg, grad_inv_scale, load, over_chunk, store
+    from .lean import load_master, store_master
+    from .quant import load_slot, store_slot
+    from .rules import REMAINDER, SR_STATES_BIT
     from .sync import arrive, run_phases, sum_partials
 
     # STATS_ON: pass 0 runs this step (adapt or caution), in this launch or the one before
     BIAS_CORRECTION, GRAD_AVG, DECOUPLED, CAUTION, ADAPT, TRUST_CLIP, STATS_ON = mt.flag_bits(7)
     P_STATS = tl.constexpr(STATS)
+    REMAINDER_K = tl.constexpr(REMAINDER)
+
+    @triton.jit
+    def _load_block(el, offs, mask, FULL: tl.constexpr, MASTER: tl.constexpr, QUANT: tl.constexpr):
+        """(p: the exact master, raw grad, exp_avg, exp_avg_sq: int8 dequantized) of one block, fp32."""
+        p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, qrow = el
+        p = load_master(p_ptr, w_ptr, offs, mask, FULL, MASTER)
+        return (p, load(g_ptr, offs, mask, FULL), load_slot(True, 0, m_ptr, offs, mask, FULL, p, qrow, QUANT),
+                load_slot(True, 1, v_ptr, offs, mask, FULL, p, qrow, QUANT))
 
     @triton.jit
     def _direction(p, g, m, v, bc1, bc2_sqrt, hyps, FLAGS: tl.constexpr):
@@ -51,14 +68,12 @@ if runtime.available():
         return p, m, v, u, keep
 
     @triton.jit
-    def _stats_block(acc, offs, mask, FULL: tl.constexpr, el, scales, bc, hyps, FLAGS: tl.constexpr):
+    def _stats_block(acc, offs, mask, FULL: tl.constexpr, el, scales, bc, hyps, FLAGS: tl.constexpr,
+                     MASTER: tl.constexpr, QUANT: tl.constexpr):
         """over_chunk's BODY for pass 0: acc [4, BLOCK] += this block's |p|^2, a, b, kept (P_* rows)."""
-        p_ptr, g_ptr, m_ptr, v_ptr = el
         l2 = hyps[4]
-        p0 = load(p_ptr, offs, mask, FULL)
-        g = load(g_ptr, offs, mask, FULL) * scales[0]
-        p, m, v, u, keep = _direction(p0, g, load(m_ptr, offs, mask, FULL), load(v_ptr, offs, mask, FULL),
-                                      bc[0], bc[1], hyps, FLAGS)
+        p0, raw, m, v = _load_block(el, offs, mask, FULL, MASTER, QUANT)
+        p, m, v, u, keep = _direction(p0, raw * scales[0], m, v, bc[0], bc[1], hyps, FLAGS)
         keep = keep & mask
         if FLAGS & CAUTION:
             a = tl.where(keep, u * u, 0.0)
@@ -73,21 +88,20 @@ if runtime.available():
         return acc + new
 
     @triton.jit
-    def _apply_block(carry, offs, mask, FULL: tl.constexpr, el, scales, bc, hyps, coef, FLAGS: tl.constexpr,
-                     HAS_SCALE: tl.constexpr):
-        """over_chunk's BODY for pass 1: the update of one block."""
-        p_ptr, g_ptr, m_ptr, v_ptr = el
+    def _apply_block(carry, offs, mask, FULL: tl.constexpr, el, scales, bc, hyps, coef, seed, FLAGS: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, QUANT: tl.constexpr):
+        """over_chunk's BODY for pass 1: the update of one block (the master, the param rounded or split, the
+        moments rounded, stochastically (SR) or quantized (QUANT))."""
+        p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, qrow = el
         inv_math, inv_scale = scales
-        p0 = load(p_ptr, offs, mask, FULL)
-        raw = load(g_ptr, offs, mask, FULL)
-        g = raw * inv_math
-        p, m, v, u, keep = _direction(p0, g, load(m_ptr, offs, mask, FULL), load(v_ptr, offs, mask, FULL),
-                                      bc[0], bc[1], hyps, FLAGS)
+        p0, raw, m, v = _load_block(el, offs, mask, FULL, MASTER, QUANT)
+        p, m, v, u, keep = _direction(p0, raw * inv_math, m, v, bc[0], bc[1], hyps, FLAGS)
         if FLAGS & CAUTION:
             u = tl.where(keep, u, 0.0)
-        store(p_ptr, offs, tl.fma(coef[1], p0, tl.fma(coef[0], u, p)), mask, FULL)
-        store(m_ptr, offs, m, mask, FULL)
-        store(v_ptr, offs, v, mask, FULL)
+        store_master(p_ptr, w_ptr, offs, tl.fma(coef[1], p0, tl.fma(coef[0], u, p)), mask, FULL, MASTER, SR, seed)
+        # each moment its own random bits (the param's stream is seed itself)
+        store_slot(True, 0, m_ptr, offs, m, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0001, qrow, QUANT)
+        store_slot(True, 1, v_ptr, offs, v, mask, FULL, SR & SR_STATES_BIT, seed ^ 0x5A5A0002, qrow, QUANT)
         if HAS_SCALE:
             store(g_ptr, offs, raw * inv_scale, mask, FULL)  # p.grad ends AMP-unscaled (not clipped, as timm)
         return carry
@@ -120,17 +134,24 @@ if runtime.available():
         _run_pass(item, PASS, *args)  # run_phases' ITEM (flat args: triton 3.6 unpacks a flat tuple into constexprs)
 
     @triton.jit
-    def _run_pass(item, PASS: tl.constexpr, n_items, tables, scalars, hyps, FLAGS, P_DT, G_DT, S_DT,
-                  HAS_SCALE, HAS_CLIP, WRITE_STEP, ALIGNED, BLOCK, ITERS, PB):
+    def _run_pass(item, PASS: tl.constexpr, n_items, tables, scalars, hyps, seed, FLAGS, P_DT, G_DT, S_DT,
+                  MASTER, SR, QUANT, HAS_SCALE, HAS_CLIP, WRITE_STEP, ALIGNED, BLOCK, ITERS, PB):
         ptrs, numels, work, first, counters, partials, sums = tables
         step_ptr, step_counter, scale_ptr, clip_ptr = scalars
         lr, beta1, beta2 = hyps[0], hyps[1], hyps[2]
         t = tl.load(work + 2 * item)
         chunk = tl.load(work + 2 * item + 1).to(tl.int64)
         n = tl.load(numels + t)
-        row = ptrs + t.to(tl.int64) * E_W
-        el = (chunk_ptr(row, E_PARAM, P_DT, ALIGNED), chunk_ptr(row, E_GRAD, G_DT, ALIGNED),
-              chunk_ptr(row, E_EXP_AVG, S_DT, ALIGNED), chunk_ptr(row, E_EXP_AVG_SQ, S_DT, ALIGNED))
+        row = ptrs + t.to(tl.int64) * (E_W + (1 if MASTER else 0) + (3 if QUANT else 0))
+        p_ptr = chunk_ptr(row, E_PARAM, P_DT, ALIGNED)
+        w_ptr = p_ptr  # the master slot (absent: never dereferenced)
+        if MASTER == REMAINDER_K:
+            w_ptr = chunk_ptr(row, E_W, tl.int16, ALIGNED)
+        elif MASTER:
+            w_ptr = chunk_ptr(row, E_W, tl.float32, ALIGNED)
+        # QUANT: the code maps' column, then the two moments' scales columns (quant.load_slot / store_slot)
+        el = (p_ptr, chunk_ptr(row, E_GRAD, G_DT, ALIGNED), chunk_ptr(row, E_EXP_AVG, S_DT, ALIGNED),
+              chunk_ptr(row, E_EXP_AVG_SQ, S_DT, ALIGNED), w_ptr, row + E_W + (1 if MASTER else 0))
         inv_scale = grad_inv_scale(scale_ptr, HAS_SCALE)
         inv_math = inv_scale
         if HAS_CLIP:  # the clip factor, AMP's scale folded in
@@ -144,7 +165,7 @@ if runtime.available():
         nwork = tl.maximum(tl.cdiv(n, BLOCK * ITERS), 1).to(tl.int32)
         if PASS == P_STATS:
             acc = over_chunk(_stats_block, tl.zeros([4, BLOCK], tl.float32), chunk * (BLOCK * ITERS), n,
-                             (el, (inv_math, inv_scale), bc, hyps, FLAGS), BLOCK, ITERS)
+                             (el, (inv_math, inv_scale), bc, hyps, FLAGS, MASTER, QUANT), BLOCK, ITERS)
             tl.store(partials + tl.arange(0, 4) * n_items + item, tl.sum(acc, axis=1))
             if arrive(counters + t, nwork):  # the tensor's last program: its sums
                 f = tl.load(first + t)
@@ -161,7 +182,8 @@ if runtime.available():
                 a64, b64 = _coefs(sums + t * S_W, hyps, FLAGS)
                 a, b = a64.to(tl.float32), b64.to(tl.float32)
             over_chunk(_apply_block, tl.cast(0, tl.int32), chunk * (BLOCK * ITERS), n,
-                       (el, (inv_math, inv_scale), bc, hyps, (a, b), FLAGS, HAS_SCALE), BLOCK, ITERS)
+                       (el, (inv_math, inv_scale), bc, hyps, (a, b), seed + t, FLAGS, HAS_SCALE, MASTER, SR, QUANT),
+                       BLOCK, ITERS)
             if WRITE_STEP:  # the last program of the pass: every program has read the old step
                 if arrive(step_counter, n_items):
                     tl.store(step_ptr, step.to(tl.float32))
@@ -173,13 +195,16 @@ if runtime.available():
 
     @triton.jit
     def lamb_kernel(ptrs, numels, work, first, counters, partials, sums, barrier, step_ptr, step_counter,
-                    scale_ptr, clip_ptr, inf_ptr, n_items, lr: tl.float64, beta1: tl.float64, beta2: tl.float64,
+                    scale_ptr, clip_ptr, inf_ptr, n_items, seed, lr: tl.float64, beta1: tl.float64, beta2: tl.float64,
                     eps: tl.float64, l2: tl.float64, decay: tl.float64, FLAGS: tl.constexpr, PASSES: tl.constexpr,
-                    P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, MASTER: tl.constexpr,
+                    SR: tl.constexpr, QUANT: tl.constexpr, HAS_SCALE: tl.constexpr,
                     HAS_CLIP: tl.constexpr, HAS_INF: tl.constexpr, WRITE_STEP: tl.constexpr, ALIGNED: tl.constexpr,
                     BLOCK: tl.constexpr, ITERS: tl.constexpr, PB: tl.constexpr):
         """The passes in PASSES (bits) over the n_items work items: one pass is a plain launch, both a persistent
-        one (runtime.launch_phases)."""
+        one (runtime.launch_phases). MASTER: rules.NO_MASTER / MASTER_FP32 / REMAINDER (the column after the
+        moments); SR: rules.SR_PARAM / SR_STATES bits (random bits from seed); QUANT: int8 moments, 1 + 2 * the
+        unsigned slots' bits (quant.load_slot)."""
         if amp_skip(inf_ptr, HAS_INF) == 0:
             # every bit of the fp64 arguments (access.fp64_arg: the interpreter would round them through fp32)
             hyps = (fp64_arg(lr), fp64_arg(beta1), fp64_arg(beta2), fp64_arg(eps), fp64_arg(l2), fp64_arg(decay))
@@ -187,5 +212,6 @@ if runtime.available():
             run_phases(barrier, PASSES, 2, _item, _count,
                        (n_items, (ptrs, numels, work, first, counters, partials, sums),
                         (step_ptr, step_counter, scale_ptr, clip_ptr),
-                        hyps, FLAGS, P_DT, G_DT, S_DT, HAS_SCALE, HAS_CLIP, WRITE_STEP, ALIGNED, BLOCK,
+                        hyps, seed, FLAGS, P_DT, G_DT, S_DT, MASTER, SR, QUANT, HAS_SCALE, HAS_CLIP, WRITE_STEP,
+                        ALIGNED, BLOCK,
                         ITERS, PB))

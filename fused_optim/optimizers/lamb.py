@@ -12,7 +12,7 @@ from .._sharded import full_norms, layout
 from .._tensors import check, check_betas, local, scalar
 from .._registry import register
 from ..kernels import lamb as kl
-from ..kernels import reduce
+from ..kernels import quant, reduce
 from ..kernels.tables import TableCache
 from .common import OwnKernels, amp_unscale_, cautious_updates, whole_tensors
 from .lion import max_lr_snapshot
@@ -97,13 +97,16 @@ class Lamb(OwnKernels, FusedOptimizer):
     per-tensor sums of squares on the C++/CUDA engine, or Triton where it is not built, and the clip factor). No
     host syncs (timm's step reads the group step on the host). Over DTensor (FSDP2) dim-0 shards, both paths: the
     statistics over the local shards, summed across them by one collective each (fused: between the two phases, run
-    as 2 launches; the clip's between its 2 launches)."""
+    as 2 launches; the clip's between its 2 launches). The lean options run in the same launches: the statistics
+    read the exact fp32 masters and the dequantized moments, the apply stores params, remainders and moments
+    rounded (stochastically where asked) or quantized in whole 256-element blocks (int8 with a param the kernel
+    cannot walk in place, a strided slice: the reference path)."""
     nonnegative_states = ("exp_avg_sq",)
 
     scalar_keys = ()
     elementwise = False  # per-tensor norms
     shardable = True  # (over DTensor shards: local sums, combined by full_sums)
-    precision_in_kernel = False  # master_weights / stochastic_rounding run on the reference path
+    precision_in_kernel = True  # the lean options run inside the launches (statistics on the exact fp32 masters)
     float64_in_kernel = False  # its kernel's statistics and coefficients are fp32: float64 params use the reference
     supports_complex = False  # timm squares complex grads as complex numbers: no real-view equivalent
     kernel_variants = ()  # no generic-kernel rule: kernels/lamb.py lists this kernel's AOT entries
@@ -194,13 +197,21 @@ class Lamb(OwnKernels, FusedOptimizer):
                        caution=group["caution"], adapt=wd != 0 or group["always_adapt"],
                        trust_clip=group["trust_clip"])
 
+    def _kernel_path(self, group, params) -> bool:
+        # int8 blocks follow the param's storage order: a param the kernel cannot walk in place goes through a copy
+        # in another order, whose codes would pair with other blocks' scales: such groups take the reference path
+        return super()._kernel_path(group, params) and not (
+            self.state_dtype == quant.INT8 and not all(map(self._walkable, params)))
+
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
         # (DTensor params: their local shards, self._shards their Layout; complex params: refused before)
-        params, grads, (m, v), back = self._kernel_tensors(params, grads, states, ("exp_avg", "exp_avg_sq"), grad_scale)
+        keys = ("exp_avg", "exp_avg_sq")
+        params, grads, (m, v), masters, back = self._kernel_tensors_with_masters(params, grads, states, keys,
+                                                                                 grad_scale)
         clip = self._clip
         if clip is not None and clip.device != params[0].device:
             clip = clip.to(params[0].device)
         kl.step(self.lamb_spec(group), self._kernel_caches.setdefault(id(group), TableCache()), params, grads,
-                list(zip(m, v)), group["step"], grad_scale, clip, found_inf,
-                type(self).__name__, shards=self._shards)
+                list(zip(m, v)), group["step"], grad_scale, clip, found_inf, shards=self._shards,
+                **self._precision_args(masters), **self._quant_args(states, keys))
         self._write_back(back)

@@ -115,6 +115,11 @@ FAMILIES = {
     # layer-wise norms, then the shared apply (its int8 states are the same slots)
     "NvNovoGrad": lambda ps, **kw: fused_optim.NvNovoGrad(ps, lr=1e-2, weight_decay=0.01, **kw),
     "Lars-momentum": lambda ps, **kw: fused_optim.Lars(ps, lr=0.1, momentum=0.9, weight_decay=1e-4, **kw),
+    # its own kernel: trust-ratio statistics on the dequantized moments, then the apply (whole 256-blocks per
+    # iteration), after timm's global clip
+    "Lamb": lambda ps, **kw: fused_optim.Lamb(ps, lr=1e-2, **kw),
+    "Lamb-caution-decoupled": lambda ps, **kw: fused_optim.Lamb(ps, lr=1e-2, weight_decay=0.1, caution=True,
+                                                                decoupled_decay=True, **kw),
 }
 
 
@@ -223,6 +228,37 @@ def test_int8_projected_fused_matches_reference(name):
             torch.testing.assert_close(ma, join_remainder(q.detach(), sb["param_remainder"]), rtol=1e-5, atol=1e-4)
         else:
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-4)
+
+
+def test_int8_lamb_with_remainders_fused_matches_reference():
+    """Lamb on bf16 params with remainders and int8 moments (trust ratio and caution): the masters within float32
+    rounding of the update, the codes as test_int8_fused_matches_reference; launches: 1 per dtype bucket (int8 codes,
+    the small tensors' fp32 moments), as without the options."""
+    pa, pb = _params(dtype=torch.bfloat16), _params(dtype=torch.bfloat16)
+    # no global clip here: timm's (the reference's) rounds the norm of bf16 grads to bf16, the fused one's is fp32
+    kw = dict(lr=1e-2, weight_decay=0.1, caution=True, max_grad_norm=None, state_dtype=INT8, int8_min_numel=MIN,
+              param_remainders=True)
+    fused, ref = fused_optim.Lamb(pa, fused=True, **kw), fused_optim.Lamb(pb, fused=False, **kw)
+    assert launches(lambda: step_twins(fused, pa, ref, pb, torch.Generator().manual_seed(1), steps=20)) == (20 * 2, 0)
+    for p, q in zip(pa, pb):
+        sa, sb = fused.state[p], ref.state[q]
+        assert sa["exp_avg"].dtype == (torch.uint8 if p.numel() >= MIN else torch.float32)
+        _assert_int8_states_close(p, sa, sb)
+        ma = join_remainder(p.detach(), sa["param_remainder"])
+        torch.testing.assert_close(ma, join_remainder(q.detach(), sb["param_remainder"]), rtol=1e-5, atol=1e-4)
+
+
+def test_int8_lamb_with_a_param_it_cannot_walk_takes_the_reference_path():
+    """A strided-slice param goes through a contiguous copy, in another storage order than its codes' blocks: Lamb's
+    group takes the reference path (the fused step on the copy ended 2.7e-3 away from the reference in 5 steps)."""
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randn(60, 40, generator=gen).to(DEVICE)
+    pa, pb = (torch.nn.Parameter(full.clone().t()[:, ::2]) for _ in range(2))
+    assert not pa.is_contiguous() and pa.numel() >= MIN
+    fused = fused_optim.Lamb([pa], lr=1e-2, fused=True, state_dtype=INT8, int8_min_numel=MIN)
+    ref = fused_optim.Lamb([pb], lr=1e-2, fused=False, state_dtype=INT8, int8_min_numel=MIN)
+    assert launches(lambda: step_twins(fused, [pa], ref, [pb], torch.Generator().manual_seed(1), steps=5)) == (0, 0)
+    assert torch.equal(pa, pb)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------

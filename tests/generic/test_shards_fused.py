@@ -51,6 +51,8 @@ CASES_2 = [
     ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99), caution=True), 5, 3, "conv"),
     # the clip's sums of squares and factor, STATS, APPLY; the combines after the clip's sums and STATS
     ("lamb", dict(lr=0.01, weight_decay=0.1, caution=True), 4, 2, "mlp"),
+    # the lean options in the same launches: bf16 moments (rounded to nearest) on the local shards
+    ("lamb", dict(lr=0.01, weight_decay=0.1, state_dtype=torch.bfloat16), 4, 2, "mlp"),
 ]
 STEPS_2 = 6
 # one 4-rank job over several families (4 processes on 2 cores: few steps)

@@ -1,13 +1,13 @@
 """master_weights, stochastic_rounding, param_remainders and state_dtype=bf16 inside the fused kernels of the
-optimizers with per-tensor statistics (NovoGrad, NvNovoGrad, Lars, Adahessian) and per-row ones (SGDP, AdamP: their
-statistics pass reads the masters): fused against reference over 20 steps on bf16 params, same launches as without
+optimizers with per-tensor statistics (NovoGrad, NvNovoGrad, Lars, Adahessian, Lamb) and per-row ones (SGDP, AdamP:
+their statistics pass reads the masters): fused against reference over 20 steps on bf16 params, same launches as without
 the options, checkpoints round-trip.
 
 Tolerances: every run here keeps an exact fp32 master (master_weights or param_remainders), and both paths do fp32
 math on the same loaded values, so the masters agree to float32 rounding (rtol 1e-5; Lars' and NovoGrad's norms
 are summed in another order). bf16 states are rounded once per step from fp32 values that agree to float32
-rounding: equal, or one bf16 ulp apart where a value straddles a rounding boundary (rtol 2^-8). Stochastically
-rounded states draw other random bits on the two paths: no element-wise agreement is defined, so those runs are
+rounding: equal, or one bf16 ulp apart where a value straddles a rounding boundary (rtol 2^-7: one ulp is 2^-8 to
+2^-7 of the value). Stochastically rounded states draw other random bits on the two paths: no element-wise agreement is defined, so those runs are
 compared by the distance between the two masters relative to the distance travelled (at most 5%); so are
 Adahessian's runs with SR or bf16 states (see the test) and AdamP's with bf16 states (Adam's normalised step turns a
 first moment one bf16 ulp apart into a step lr * 2^-8 apart, every step while it lasts: measured 0.05% of the
@@ -31,7 +31,10 @@ CONFIG = {"NvNovoGrad": {"lr": 0.01, "weight_decay": 0.1, "grad_averaging": True
           "Adahessian": {"lr": 0.05, "weight_decay": 0.01},
           # with Nesterov and caution here, without in tests/generic/test_int8.py
           "SGDP": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "caution": True},
-          "AdamP": {"lr": 0.01, "weight_decay": 0.1}}
+          "AdamP": {"lr": 0.01, "weight_decay": 0.1},
+          # weight decay (the trust ratio adapts) and caution; no global clip: on bf16 grads timm's clip (the
+          # reference) rounds the grads' norm to bf16, the fused one keeps it fp32 (tests/generic/test_int8.py clips)
+          "Lamb": {"lr": 0.01, "weight_decay": 0.1, "caution": True, "max_grad_norm": None}}
 # their driver makes the grads from the first list's params: fused and reference step together
 PROJECTED = ("SGDP", "AdamP")
 SHAPES = [(5, 3), (7,), (), (0,), (33, 20)]  # odd sizes, 0-d, empty, several chunks (conftest: 512-element chunks)
@@ -105,7 +108,7 @@ def test_fused_matches_reference_with_lean_options(name, label):
         sa, sb = _states(fused, p), _states(ref, q)
         assert sa.keys() == sb.keys()
         for k in sb:
-            assert_close(sa[k], sb[k], 2 ** -8, 1e-6, f"param {i} state {k}")
+            assert_close(sa[k], sb[k], 2 ** -7, 1e-6, f"param {i} state {k}")
         if "SR" in label:  # the bf16 param: one of the master's two bf16 neighbours
             assert ((p.detach().float() - ma).abs() <= ma.abs() * 2 ** -7).all()
         elif "master" in label:
