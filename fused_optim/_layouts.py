@@ -7,6 +7,7 @@ import operator
 import torch
 
 from ._tensors import any_dtensor, as_real, dense, local, same_order
+from .kernels.quant import CODE_DTYPE
 
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 
@@ -67,7 +68,8 @@ class KernelTensors:
         back = []
         for i, p in enumerate(params):
             if not self._walkable(p):
-                params[i] = p.contiguous()
+                like = self._walk_layout(p, [col[i] for col in columns])
+                params[i] = p.contiguous() if like is None else torch.empty_like(like, dtype=p.dtype).copy_(p)
                 back.append((p, params[i]))
             like = params[i]
             if grads[i].layout == torch.strided and not (dense(grads[i]) and same_order(grads[i], like)):
@@ -80,6 +82,20 @@ class KernelTensors:
                     col[i] = torch.empty_like(like, dtype=s.dtype).copy_(s)
                     back.append((s, col[i]))
         return params, grads, columns, back
+
+    def _walk_layout(self, p, states):
+        """Where a param the kernels cannot walk is copied to: the layout of its first state (of its shape) they
+        can walk, so that state stays in place (int8 codes must: their block scales follow their storage order);
+        None: contiguous."""
+        return next((s for s in states if s is not None and s.shape == p.shape and dense(s) and self._walkable(s)),
+                    None)
+
+    def _codes_in_place(self, p) -> bool:
+        """Whether the kernels walk p's int8 codes where they are (a relaid copy of the codes would pair them with
+        other blocks' scales: a group where one is not takes the reference path)."""
+        states = [v for v in self.state[p].values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
+        like = p if self._walkable(p) else self._walk_layout(p, states)
+        return all(s.dtype != CODE_DTYPE or (like is not None and dense(s) and same_order(s, like)) for s in states)
 
     def _walkable(self, p) -> bool:
         """Whether the kernels can update p in place (see ``kernel_layout``)."""

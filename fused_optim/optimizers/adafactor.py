@@ -251,12 +251,6 @@ class Adafactor(KeptStateDtypes, OwnKernels, FusedOptimizer):
         else:
             adafactor_reference(group, params, grads, states)
 
-    def _kernel_path(self, group, params) -> bool:
-        # int8 blocks follow the param's storage order: its contiguous copy (kernel_layout) would walk other blocks,
-        # so such groups take the reference path (DTensor params refuse int8 before any step)
-        return super()._kernel_path(group, params) and not (
-            self.state_dtype == quant.INT8 and not all(map(torch.Tensor.is_contiguous, params)))
-
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf, variant=None):
         scalars_on_device(states, self.scalar_keys, params[0].device, keep_f64=False)  # its kernels read fp32
         sdts = af.prepare_moments(states, grads, params[0].device, [self._lean_dtype(p) for p in params])

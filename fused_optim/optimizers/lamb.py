@@ -12,7 +12,7 @@ from .._sharded import full_norms, layout
 from .._tensors import check, check_betas, local, scalar
 from .._registry import register
 from ..kernels import lamb as kl
-from ..kernels import quant, reduce
+from ..kernels import reduce
 from ..kernels.tables import TableCache
 from .common import OwnKernels, amp_unscale_, cautious_updates, whole_tensors
 from .lion import max_lr_snapshot
@@ -99,8 +99,7 @@ class Lamb(OwnKernels, FusedOptimizer):
     statistics over the local shards, summed across them by one collective each (fused: between the two phases, run
     as 2 launches; the clip's between its 2 launches). The lean options run in the same launches: the statistics
     read the exact fp32 masters and the dequantized moments, the apply stores params, remainders and moments
-    rounded (stochastically where asked) or quantized in whole 256-element blocks (int8 with a param the kernel
-    cannot walk in place, a strided slice: the reference path)."""
+    rounded (stochastically where asked) or quantized in whole 256-element blocks."""
     nonnegative_states = ("exp_avg_sq",)
 
     scalar_keys = ()
@@ -196,12 +195,6 @@ class Lamb(OwnKernels, FusedOptimizer):
                        bias_correction=group["bias_correction"], grad_averaging=group["grad_averaging"],
                        caution=group["caution"], adapt=wd != 0 or group["always_adapt"],
                        trust_clip=group["trust_clip"])
-
-    def _kernel_path(self, group, params) -> bool:
-        # int8 blocks follow the param's storage order: a param the kernel cannot walk in place goes through a copy
-        # in another order, whose codes would pair with other blocks' scales: such groups take the reference path
-        return super()._kernel_path(group, params) and not (
-            self.state_dtype == quant.INT8 and not all(map(self._walkable, params)))
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
         # (DTensor params: their local shards, self._shards their Layout; complex params: refused before)
