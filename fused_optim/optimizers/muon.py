@@ -183,12 +183,12 @@ class Muon(FusedOptimizer):
     each matrix's adjusted lr; master weights, stochastic rounding): 2 launches and 1 + 3 * ns_steps batched
     matmul ops per shape, whatever the param count. The matmuls run in bf16 as torch's do: batched and per-matrix
     kernels may sum in another order, so an orthogonalized entry can differ from torch's by a bf16 ulp (tested: 2
-    ulps, 2^-7, per chain; over 20 steps the params stay within 2e-4 of the reference's). state_dtype="int8" is
-    refused (ValueError at construction); bf16 states are taken. FSDP2 (DTensor dim-0 shards, both paths): the
+    ulps, 2^-7, per chain; over 20 steps the params stay within 2e-4 of the reference's). state_dtype="int8": the
+    momentum launch reads and writes the momentum buffer as codes + per-256-block fp32 scales (signed map), the
+    reference path dequantizes, runs the fp32 math and requantizes (tested: the same codes over 20 steps); bf16
+    states are taken. FSDP2 (DTensor dim-0 shards, both paths): the
     updates of each distinct shape are gathered whole (one all-gather per shape and step), every rank runs the one
     process's chain on them and keeps its own rows; the lr scale is the full shape's."""
-    supports_int8 = False  # its momentum launch carries no block scales
-
     supports_complex = False
     elementwise = False  # Newton-Schulz needs whole matrices: FSDP2 shards are gathered (orthogonalized_shards)
     shardable = True
@@ -273,7 +273,7 @@ class Muon(FusedOptimizer):
             ws = caches[(id(group), "workspace")] = _workspace(key, params, shapes, sharded)
         rule, _, _ = self._kernel_rule(group, "momentum")
         mt.apply(rule, caches.setdefault((id(group), "momentum"), TableCache()), ws.inputs, grads, [bufs], [],
-                 grad_scale=grad_scale, found_inf=found_inf)
+                 grad_scale=grad_scale, found_inf=found_inf, **self._quant_args(states, ("momentum_buffer",)))
         # after an AMP overflow the momentum launch wrote nothing: the chain runs on stale inputs and the update
         # launch skips too (no host sync)
         ns = (group["ns_coefficients"], group["ns_steps"], group["eps"])
