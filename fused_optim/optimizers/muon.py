@@ -184,11 +184,13 @@ class Muon(FusedOptimizer):
     ulps, 2^-7, per chain; over 20 steps the params stay within 2e-4 of the reference's). state_dtype="int8": the
     momentum launch reads and writes the momentum buffer as codes + per-256-block fp32 scales (signed map), the
     reference path dequantizes, runs the fp32 math and requantizes (tested: the same codes over 20 steps); bf16
-    states are taken. FSDP2 (DTensor dim-0 shards, both paths): the
-    updates of each distinct shape are gathered whole (one all-gather per shape and step), every rank runs the one
-    process's chain on them and keeps its own rows; the lr scale is the full shape's."""
+    states are taken. FSDP2 (DTensor dim-0 shards, both paths): each
+    sharded matrix's chain runs on one owner rank (round-robin over the sharded matrices in shape order); per distinct
+    sharded shape and step one all_to_all sends each matrix's rows to its owner, the owner runs one process's chain
+    on its matrices (batched on the fused path) and one all_to_all sends every rank its rows of each result;
+    replicated matrices are orthogonalized on every rank; the lr scale is the full shape's."""
     supports_complex = False
-    elementwise = False  # Newton-Schulz needs whole matrices: FSDP2 shards are gathered (orthogonalized_shards)
+    elementwise = False  # Newton-Schulz needs whole matrices: FSDP2 rows go to an owner rank (owned_chain)
     shardable = True
     kernel_layout = "contiguous"  # the momentum launch writes the Newton-Schulz stacks in the params' logical order
     matrices_only = True  # 2-D params only, as torch's Muon (so not registered as a timm factory twin)
