@@ -96,22 +96,45 @@ class Layout:
         """The full tensors' numels, for ``tensors`` laid out as the local shards (a complex param's real view: 2x)."""
         return [math.prod(s) * (2 if t.dim() > len(s) else 1) for s, t in zip(self.shapes, tensors)]
 
-    def full_rows(self, stack, shape):
-        """stack [k, r, ...]: this rank's rows of k tensors of the full ``shape`` [A, ...], each sharded on its dim
-        0 -> the full tensors [k, A, ...], the same bits on every rank (one all-gather; DTensor pads uneven shards)."""
-        from torch.distributed.tensor import DTensor, Shard
+    def to_owners(self, stack, shape, owners):
+        """stack [k, r, ...]: this rank's rows of k tensors of the full ``shape`` [A, ...] (dim-0 shards);
+        owners[j]: the rank that takes tensor j whole -> the whole tensors this rank owns, [m, A, ...] in the order
+        of j (one all_to_all; the bits as sent)."""
+        counts, chunk, order = self._routes(shape, owners)
+        send = stack.new_zeros((stack.shape[0], chunk, *shape[1:]))
+        send[:, :stack.shape[1]] = stack  # (DTensor's uneven shards: ceil(A / W) rows, the last ones shorter)
+        m = counts[dist.get_rank(self.group)]
+        recv = stack.new_empty((self.world, m, chunk, *shape[1:]))
+        self._all_to_all(recv, send[order], [m] * self.world, counts, len(shape))
+        return recv.transpose(0, 1).reshape(m, self.world * chunk, *shape[1:])[:, :shape[0]]
 
-        full = torch.Size((stack.shape[0], *shape))
-        return DTensor.from_local(stack.contiguous(), self.mesh, [Shard(1)], run_check=False, shape=full,
-                                  stride=torch.empty(full, device="meta").stride()).full_tensor()
+    def from_owners(self, owned, shape, owners, rows):
+        """to_owners' way back: owned [m, A, ...] (this rank's tensors whole) -> this rank's ``rows`` rows of
+        every tensor, [k, rows, ...] (one all_to_all)."""
+        counts, chunk, order = self._routes(shape, owners)
+        padded = owned.new_zeros((owned.shape[0], self.world * chunk, *shape[1:]))
+        padded[:, :shape[0]] = owned
+        send = padded.view(owned.shape[0], self.world, chunk, *shape[1:]).transpose(0, 1)
+        recv = owned.new_empty((len(owners), chunk, *shape[1:]))
+        self._all_to_all(recv, send, counts, [owned.shape[0]] * self.world, len(shape))
+        out = owned.new_empty((len(owners), rows, *shape[1:]))
+        out[order] = recv[:, :rows]
+        return out
 
-    def own_rows(self, full):
-        """full [k, A, ...] (every rank the same) -> this rank's rows [k, r, ...] of each, as full_rows took them (no
-        collective)."""
-        from torch.distributed.tensor import DTensor, Replicate, Shard
+    def _routes(self, shape, owners):
+        """Per rank the count of tensors it owns, the padded shard rows, and the tensors grouped by owner."""
+        counts = [0] * self.world
+        for o in owners:
+            counts[o] += 1
+        return counts, -(-shape[0] // self.world), sorted(range(len(owners)), key=owners.__getitem__)
 
-        return DTensor.from_local(full, self.mesh, [Replicate()], run_check=False).redistribute(
-            self.mesh, [Shard(1)]).to_local()
+    def _all_to_all(self, recv, send, recv_counts, send_counts, dims):
+        """all_to_all_single of whole [chunk, ...] shards (send's last ``dims`` dims), ``*_counts`` of them from /
+        to each rank, moved as bytes (any dtype on any backend)."""
+        send = send.contiguous()
+        per = math.prod(send.shape[send.dim() - dims:]) * send.element_size()
+        dist.all_to_all_single(recv.view(-1).view(torch.uint8), send.view(-1).view(torch.uint8),
+                               [c * per for c in recv_counts], [c * per for c in send_counts], group=self.group)
 
     def _combine(self, partials, mask):
         flat = partials.detach().contiguous()

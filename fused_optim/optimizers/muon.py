@@ -15,6 +15,7 @@ from ..kernels import multi_tensor as mt
 from ..kernels import runtime
 from ..kernels.tables import TableCache
 from .common import GRAD_BITS
+from .muon_shards import matrix_owners, owned_chain, shape_groups
 
 NS_DTYPE = torch.bfloat16  # torch's Muon orthogonalizes in bf16 whatever the param dtype
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch's defaults: the quintic of Keller Jordan's Muon
@@ -111,24 +112,17 @@ def muon_reference(params, grads, bufs, *, lr, weight_decay, momentum, nesterov,
             apply(p, o, shape)
 
 
-def shape_groups(shapes, sharded) -> dict:
-    """(full shape, sharded) -> the indices of the matrices that have them, in order (every rank alike)."""
-    groups: dict = {}
-    for i, key in enumerate(zip(map(tuple, shapes), sharded)):
-        groups.setdefault(key, []).append(i)
-    return groups
-
-
 def orthogonalized_shards(updates, shards, ns) -> list:
-    """newton_schulz(*ns) of each bf16 update over FSDP2 dim-0 shards (local rows): a sharded matrix is gathered
-    whole (one collective per distinct shape), orthogonalized as one process does, on every rank alike, and this
-    rank's rows of the result are kept."""
-    outs = list(updates)
-    for (shape, sharded), idx in shape_groups(shards.shapes, shards.sharded).items():
-        whole = shards.full_rows(torch.stack([updates[i] for i in idx]), shape).unbind() if sharded else (
-            [updates[i] for i in idx])
-        done = [newton_schulz(x, *ns) for x in whole]
-        for i, o in zip(idx, shards.own_rows(torch.stack(done)).unbind() if sharded else done):
+    """newton_schulz(*ns) of each bf16 update over FSDP2 dim-0 shards (local rows), per matrix as one process does;
+    a sharded matrix on its owner only (owned_chain)."""
+    outs, groups = list(updates), shape_groups(shards.shapes, shards.sharded)
+    owners = matrix_owners(groups, shards.world)
+    per_matrix = lambda stack: torch.stack([newton_schulz(x, *ns) for x in stack])  # noqa: E731
+    for (shape, sharded), idx in groups.items():
+        local = [updates[i] for i in idx]
+        done = owned_chain(shards, torch.stack(local), shape, owners[shape, sharded], per_matrix).unbind() \
+            if sharded else [newton_schulz(x, *ns) for x in local]
+        for i, o in zip(idx, done):
             outs[i] = o
     return outs
 
@@ -141,6 +135,7 @@ class _Workspace:
     key: tuple
     stacks: list   # (input stack, result stack) per distinct shape, [k, A, B] views ([k, local rows, B])
     whole: list    # per stack: the full shape [A, B] of its sharded matrices, None when they are not sharded
+    owners: list   # per stack: its sharded matrices' owner ranks (matrix_owners), None when not sharded
     inputs: list   # per param: its matrix of an input stack
     results: list  # per param: its matrix of a result stack
     rows: list     # per param: 0-d fp32 device tensors holding A and B (the update launch's per-tensor scalars)
@@ -153,11 +148,13 @@ def _strided_stack(k, rows, cols, device):
     return flat.as_strided((k, rows, cols), (stride, cols, 1))
 
 
-def _workspace(key, params, shapes, sharded) -> _Workspace:
+def _workspace(key, params, shapes, sharded, world) -> _Workspace:
     """params: what the kernels see (local shards), of the full ``shapes``; sharded: which are dim-0 shards."""
     device = params[0].device
     inputs, results, stacks, whole = [None] * len(params), [None] * len(params), [], []
-    for (shape, shard), idx in shape_groups(shapes, sharded).items():
+    groups = shape_groups(shapes, sharded)
+    owners = matrix_owners(groups, world)
+    for (shape, shard), idx in groups.items():
         rows, cols = params[idx[0]].shape  # (the local rows: alike for one full shape)
         stack = (_strided_stack(len(idx), rows, cols, device), _strided_stack(len(idx), rows, cols, device))
         stacks.append(stack)
@@ -165,7 +162,8 @@ def _workspace(key, params, shapes, sharded) -> _Workspace:
         for j, i in enumerate(idx):
             inputs[i], results[i] = stack[0][j], stack[1][j]
     dims = torch.tensor([list(s) for s in shapes], dtype=torch.float32, device=device)
-    return _Workspace(key, stacks, whole, inputs, results, list(dims[:, 0]), list(dims[:, 1]))
+    return _Workspace(key, stacks, whole, [owners.get(k) for k in groups], inputs, results, list(dims[:, 0]),
+                      list(dims[:, 1]))
 
 
 @register
@@ -183,14 +181,16 @@ class Muon(FusedOptimizer):
     each matrix's adjusted lr; master weights, stochastic rounding): 2 launches and 1 + 3 * ns_steps batched
     matmul ops per shape, whatever the param count. The matmuls run in bf16 as torch's do: batched and per-matrix
     kernels may sum in another order, so an orthogonalized entry can differ from torch's by a bf16 ulp (tested: 2
-    ulps, 2^-7, per chain; over 20 steps the params stay within 2e-4 of the reference's). state_dtype="int8" is
-    refused (ValueError at construction); bf16 states are taken. FSDP2 (DTensor dim-0 shards, both paths): the
-    updates of each distinct shape are gathered whole (one all-gather per shape and step), every rank runs the one
-    process's chain on them and keeps its own rows; the lr scale is the full shape's."""
-    supports_int8 = False  # its momentum launch carries no block scales
-
+    ulps, 2^-7, per chain; over 20 steps the params stay within 2e-4 of the reference's). state_dtype="int8": the
+    momentum launch reads and writes the momentum buffer as codes + per-256-block fp32 scales (signed map), the
+    reference path dequantizes, runs the fp32 math and requantizes (tested: the same codes over 20 steps); bf16
+    states are taken. FSDP2 (DTensor dim-0 shards, both paths): each
+    sharded matrix's chain runs on one owner rank (round-robin over the sharded matrices in shape order); per distinct
+    sharded shape and step one all_to_all sends each matrix's rows to its owner, the owner runs one process's chain
+    on its matrices (batched on the fused path) and one all_to_all sends every rank its rows of each result;
+    replicated matrices are orthogonalized on every rank; the lr scale is the full shape's."""
     supports_complex = False
-    elementwise = False  # Newton-Schulz needs whole matrices: FSDP2 shards are gathered (orthogonalized_shards)
+    elementwise = False  # Newton-Schulz needs whole matrices: FSDP2 rows go to an owner rank (owned_chain)
     shardable = True
     kernel_layout = "contiguous"  # the momentum launch writes the Newton-Schulz stacks in the params' logical order
     matrices_only = True  # 2-D params only, as torch's Muon (so not registered as a timm factory twin)
@@ -270,22 +270,19 @@ class Muon(FusedOptimizer):
                *(() if shards is None else (*shapes, *sharded)))  # (unsharded: the shapes are the params')
         ws = caches.get((id(group), "workspace"))
         if ws is None or ws.key != key:
-            ws = caches[(id(group), "workspace")] = _workspace(key, params, shapes, sharded)
+            ws = caches[(id(group), "workspace")] = _workspace(key, params, shapes, sharded,
+                                                               1 if shards is None else shards.world)
         rule, _, _ = self._kernel_rule(group, "momentum")
         mt.apply(rule, caches.setdefault((id(group), "momentum"), TableCache()), ws.inputs, grads, [bufs], [],
-                 grad_scale=grad_scale, found_inf=found_inf)
+                 grad_scale=grad_scale, found_inf=found_inf, **self._quant_args(states, ("momentum_buffer",)))
         # after an AMP overflow the momentum launch wrote nothing: the chain runs on stale inputs and the update
         # launch skips too (no host sync)
         ns = (group["ns_coefficients"], group["ns_steps"], group["eps"])
-        for (inputs, results), shape in zip(ws.stacks, ws.whole):
+        for (inputs, results), shape, owners in zip(ws.stacks, ws.whole, ws.owners):
             if shape is None:
                 newton_schulz(inputs, *ns, out=results)
-                continue
-            # FSDP2: the whole matrices (one collective), in stacks laid out as one process's, so every rank runs
-            # the chain one process runs (the same bits); this rank's rows of the result
-            x, out = (_strided_stack(inputs.shape[0], *shape, inputs.device) for _ in range(2))
-            newton_schulz(x.copy_(shards.full_rows(inputs, shape)), *ns, out=out)
-            results.copy_(shards.own_rows(out))
+            else:  # FSDP2: each matrix's chain on its owner, batched over the owned ones
+                results.copy_(owned_chain(shards, inputs, shape, owners, lambda x: newton_schulz(x, *ns)))
         rule, _, _ = self._kernel_rule(group, "update")
         lr = group["lr"]
         mt.apply(rule, caches.setdefault((id(group), "update"), TableCache()), params, ws.results, [],

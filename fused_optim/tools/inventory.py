@@ -109,26 +109,32 @@ def _scalar_f64_variants(dts, nt: int, amp) -> tuple:
     return 0, sum(1 << (mt.SCALAR_F64_FIRST + k) for k in range(1, nt))
 
 
-INT8_AOT = ("adam", "adamw", "sgd", "rmsprop")  # state_dtype="int8" (QUANT): a few optimizers, not every option
+INT8_AOT = ("adam", "adamw", "sgd", "rmsprop", "muon")  # state_dtype="int8" (QUANT): a few, not every option
 
 
 def _int8_entries(sig) -> list[Entry]:
-    """int8 states of INT8_AOT's default and all-options rules: fp32 params, and bf16 params with remainders."""
+    """int8 states of INT8_AOT's default and all-options rules: fp32 params, and bf16 params with remainders (each
+    launch of a step that carries states, with the dtypes its aot_launch gives)."""
     out = []
     for name in INT8_AOT:
         cls = fused_optim.REGISTRY[name]
         probe = cls([torch.nn.Parameter(torch.ones(2, 2))], fused=False, **({"lr": 0.1} if _lr_required(cls) else {}))
         variants = option_variants(cls)
-        for variant in (variants[0], max(variants, key=len)):  # the defaults, every option on
-            rule, keys, skeys = probe._kernel_rule({**probe.param_groups[0], **variant})
-            if not keys:  # no states (SGD without momentum): nothing to quantize
+        subs = getattr(cls, "kernel_subvariants", (None,))
+        for variant, sub in itertools.product((variants[0], max(variants, key=len)), subs):  # defaults, all options
+            rule, keys, skeys = probe._kernel_rule({**probe.param_groups[0], **variant}, sub)
+            if not keys:  # no states (SGD without momentum, Muon's update launch): nothing to quantize
                 continue
             unsigned = sum(1 << i for i, k in enumerate(keys) if k in cls.nonnegative_states)
             label = ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
             for dts, master in (((torch.float32,) * 2, mt.NO_MASTER), ((BF16,) * 2, mt.REMAINDER)):
+                if hasattr(cls, "aot_launch"):  # (Muon's momentum launch: the bf16 stack, no master)
+                    (*dts, _), _, master, _ = cls.aot_launch(sub, (*dts, torch.uint8), False, master, False)
+                    master = master or mt.NO_MASTER
                 cx = mt.constexprs(rule, (*dts, torch.uint8), len(keys), len(skeys), lr_tensor=False, has_scale=False,
                                    has_inf=False, aligned=True, master=master, quant=1 + 2 * unsigned)
-                out.append(Entry(f"{cls.__name__}[{label}] {dts[0]} int8 states{_MASTER_NAMES.get(master, '')}"
+                dname = "/".join(map(str, dts[:1] if len(set(dts)) == 1 else dts))
+                out.append(Entry(f"{cls.__name__}[{label}] {dname} int8 states{_MASTER_NAMES.get(master, '')}"
                                  .replace("torch.", ""), mt.multi_tensor_apply_kernel, sig, cx,
                                  runtime.compile_options(), vector_check=True))
     return out

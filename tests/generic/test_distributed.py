@@ -5,6 +5,7 @@ local shards; the reductions (NovoGrad, NvNovoGrad, ..., and max_grad_norm on an
 per-tensor statistics on the local shards and combine them with one collective (fused_optim/_sharded.py).
 One spawn per (mode, world size) runs every case on both paths inside the same process group.
 """
+import contextlib
 import os
 import sys
 
@@ -73,6 +74,23 @@ def _muon_model():
 
 
 MUON = dict(lr=0.02, weight_decay=0.1)
+
+
+@contextlib.contextmanager
+def _counted_newton_schulz():
+    """Count the matrices this rank orthogonalizes (a [k, A, B] stack: k)."""
+    from fused_optim.optimizers import muon
+    real, count = muon.newton_schulz, [0]
+
+    def counted(x, *args, **kw):
+        count[0] += x.shape[0] if x.dim() == 3 else 1
+        return real(x, *args, **kw)
+
+    muon.newton_schulz = counted
+    try:
+        yield count
+    finally:
+        muon.newton_schulz = real
 
 
 def _data():
@@ -190,9 +208,13 @@ def _rank_work(rank, world, mode, out):
         results["zero"] = _zero(x, y)
     if mode == "fsdp2" and world == 2:
         results["refusals"] = _refusals()
-        for fused in (False, True):  # Newton-Schulz over whole matrices: the shards are gathered
+        for fused in (False, True):  # Newton-Schulz over whole matrices, each on its owner rank
             model = _wrap(_muon_model(), mode)
-            results["muon", fused] = _train(model, fused_optim.Muon(model.parameters(), fused=fused, **MUON), x, y)
+            with _counted_newton_schulz() as count:
+                results["muon", fused] = _train(model, fused_optim.Muon(model.parameters(), fused=fused, **MUON), x,
+                                                y)
+            results["muon_ns", fused] = [None] * world
+            dist.all_gather_object(results["muon_ns", fused], count[0])
     if rank == 0:
         torch.save(results, out)
 
@@ -343,6 +365,10 @@ def _check_muon(got):
     moved = min(float((a - b.detach()).abs().max()) for a, b in zip(got["muon", False][0][-1],
                                                                    _muon_model().parameters()))
     assert moved > 1e-2, moved  # every matrix moved: the comparisons can fail
+    # 3 sharded matrices of 3 shapes, owners round-robin: rank 0 runs 2 chains a step, rank 1 one (not all 3)
+    steps = len(got["muon", False][0])
+    for fused in (False, True):
+        assert got["muon_ns", fused] == [2 * steps, steps], got["muon_ns", fused]
 
 
 def test_projection_cases_project():
