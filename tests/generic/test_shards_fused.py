@@ -127,7 +127,12 @@ def _refusals():
 MIXED = [("sgdp", dict(lr=0.05, momentum=0.9, caution=True)), ("adafactor", dict(min_dim_size_to_factor=2)),
          ("lars", dict(lr=0.5, momentum=0.9, weight_decay=0.1, trust_coeff=0.01)),
          ("lamb", dict(lr=0.01, caution=True)),
-         ("adopt", dict(lr=0.01, caution=True))]
+         ("adopt", dict(lr=0.01, caution=True)),
+         # the sharded [7, 6] orthogonalized on its owner rank, the replicated [5, 4] on every rank
+         ("muon", dict(lr=0.02))]
+# compared with the same path on one process (Muon's fused chain is batched: bf16 roundings of another order than
+# the reference's per-matrix chain, tests/optimizers/test_muon.py); the others with the reference path
+SAME_PATH = ("muon",)
 
 
 def _start(dtype):
@@ -207,7 +212,7 @@ def _check(tmp_path, world, cases, steps):
             assert all(c[1] == collectives and c[0] > 0 for c in calls), (name, kw, calls)
     mixed, low = got["mixed"] if world == 2 else ((), {})
     for (name, kw), steps_got in zip(MIXED, mixed):
-        for a_list, b_list in zip(steps_got, _mixed_run(name, kw, lambda t, i: t, False)):
+        for a_list, b_list in zip(steps_got, _mixed_run(name, kw, lambda t, i: t, name in SAME_PATH)):
             for a, b in zip(a_list, b_list):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} Shard(0) + Replicate")
     for (i, fused), steps_got in low.items():
