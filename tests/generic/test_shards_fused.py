@@ -5,7 +5,8 @@ collectives it states (fused_optim/_sharded.py; kernels/README.md, Note [project
 The model (test_distributed._model) has weights of 20 rows (projected per layer), 3 rows (per channel; 2 + 1 rows
 on 2 ranks) and 1 row (an empty shard on every rank but the first), and 1-D biases; _Conv has 3-D weights that
 Adafactor factors over dims 0, 1 (5 rows, 3 planes) and over dims 1, 2 (2 planes, one per rank); MIXED puts a
-Shard(0) and a Replicate weight in one group; LOW has bf16 and fp16 params. Bad placements are refused before any change.
+Shard(0) and a Replicate weight in one group; LOW has bf16 and fp16 params. Bad placements are refused before any
+change.
 """
 import torch
 import torch.distributed as dist
