@@ -108,7 +108,8 @@ def step(spec: Spec, cache: TableCache, params, grads, states, step_t, grad_scal
         qbits = 1 + 2 * unsigned if dts[2] == quant.CODE_DTYPE else 0  # QUANT: int8 moments, unsigned slots
         qs = list(zip(*pick(idx, *scales))) if qbits else None  # each param's scales, by moment
         key = (tuple(map(ptr, ps)), tuple(map(ptr, itertools.chain.from_iterable(sts))), tuple(map(numel, ps)),
-               tuple(m.data_ptr() for m in ms if m is not None), tuple(map(ptr, itertools.chain.from_iterable(qs or ()))))
+               tuple(m.data_ptr() for m in ms if m is not None),
+               tuple(map(ptr, itertools.chain.from_iterable(qs or ()))))
         tab = cache.lookup((dts, master), key, gs,
                            lambda: _build(key, ps, gs, sts, None if shards is None else shards.pick(idx), ms, qs))
         sr = mt.sr_bits(dts[0], dts[2], master, stochastic_rounding, state_stochastic_rounding)

@@ -7,8 +7,8 @@ Tolerances: every run here keeps an exact fp32 master (master_weights or param_r
 math on the same loaded values, so the masters agree to float32 rounding (rtol 1e-5; Lars' and NovoGrad's norms
 are summed in another order). bf16 states are rounded once per step from fp32 values that agree to float32
 rounding: equal, or one bf16 ulp apart where a value straddles a rounding boundary (rtol 2^-7: one ulp is 2^-8 to
-2^-7 of the value). Stochastically rounded states draw other random bits on the two paths: no element-wise agreement is defined, so those runs are
-compared by the distance between the two masters relative to the distance travelled (at most 5%); so are
+2^-7 of the value). Stochastically rounded states draw other random bits on the two paths: no element-wise
+agreement is defined, so those runs are compared by the distance between the two masters relative to the distance travelled (at most 5%); so are
 Adahessian's runs with SR or bf16 states (see the test) and AdamP's with bf16 states (Adam's normalised step turns a
 first moment one bf16 ulp apart into a step lr * 2^-8 apart, every step while it lasts: measured 0.05% of the
 distance travelled after 20 steps).
