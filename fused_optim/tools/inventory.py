@@ -126,7 +126,8 @@ def _int8_entries(sig) -> list[Entry]:
             if not keys:  # no states (SGD without momentum, Muon's update launch): nothing to quantize
                 continue
             unsigned = sum(1 << i for i, k in enumerate(keys) if k in cls.nonnegative_states)
-            label = ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
+            label = (",".join(f"{k}={v}" for k, v in variant.items()) or "default") + (
+                f",variant={sub}" if sub is not None else "")  # (as the other entries name a subvariant)
             for dts, master in (((torch.float32,) * 2, mt.NO_MASTER), ((BF16,) * 2, mt.REMAINDER)):
                 if hasattr(cls, "aot_launch"):  # (Muon's momentum launch: the bf16 stack, no master)
                     (*dts, _), _, master, _ = cls.aot_launch(sub, (*dts, torch.uint8), False, master, False)

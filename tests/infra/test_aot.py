@@ -28,10 +28,13 @@ def test_inventory_covers_every_jit_function(tmp_path):
         print("MISSING", aot.check_complete(entries))
         print("CLASSES", sorted({e.name.split("[")[0] for e in entries}))
         print("WITH_KERNEL", sorted(c.__name__ for c in fused_optim.REGISTRY.values() if c._has_kernel()))
+        names = [e.name for e in entries]
+        print("REPEATED", sorted({n for n in names if names.count(n) > 1}))
     """, tmp_path)
     assert r.returncode == 0, r.stderr
     lines = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.split(" ")[0].isupper())
     assert lines["MISSING"] == "[]", lines["MISSING"]
+    assert lines["REPEATED"] == "[]", lines["REPEATED"]  # one name, one specialization (a repeat: compiled twice)
     with_kernel = eval(lines["WITH_KERNEL"])
     assert with_kernel and set(with_kernel) <= set(eval(lines["CLASSES"]))
 
