@@ -20,7 +20,7 @@ from ._precision import PrecisionOptions
 from ._tensors import (GRAD, IS_SPARSE, LOW_PRECISION, any_dtensor, as_real, keep_replaced, like_param,
                        numbers_as_anchor, scalars_on_device, writable_grads)
 from .kernels import multi_tensor as mt
-from .kernels import quant, runtime
+from .kernels import runtime
 from .kernels.tables import TableCache
 
 _FLOAT64 = frozenset((torch.float64, torch.complex128))
@@ -221,8 +221,7 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
         return self._use_kernel(group, params) and (
             self.precision_in_kernel or not self._low_precision_options(params)) and (
             self.float64_in_kernel or _FLOAT64.isdisjoint(map(_DTYPE, params))) and (
-            self.sharded_kernel or self.elementwise or not any_dtensor(params)) and (
-            self.state_dtype != quant.INT8 or all(map(self._codes_in_place, params)))
+            self.sharded_kernel or self.elementwise or not any_dtensor(params)) and self._codes_fit(params)
 
     def _state_of(self, p, group) -> dict:
         st = self.state[p]

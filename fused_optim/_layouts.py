@@ -7,7 +7,7 @@ import operator
 import torch
 
 from ._tensors import any_dtensor, as_real, dense, local, same_order
-from .kernels.quant import CODE_DTYPE
+from .kernels.quant import CODE_DTYPE, INT8
 
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 
@@ -90,9 +90,12 @@ class KernelTensors:
         return next((s for s in states if s is not None and s.shape == p.shape and dense(s) and self._walkable(s)),
                     None)
 
+    def _codes_fit(self, params) -> bool:
+        """Whether the kernels walk the params' int8 codes where they are (a relaid copy of the codes would pair
+        them with other blocks' scales: such a group takes the reference path)."""
+        return self.state_dtype != INT8 or all(map(self._codes_in_place, params))
+
     def _codes_in_place(self, p) -> bool:
-        """Whether the kernels walk p's int8 codes where they are (a relaid copy of the codes would pair them with
-        other blocks' scales: a group where one is not takes the reference path)."""
         states = [v for v in self.state[p].values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
         like = p if self._walkable(p) else self._walk_layout(p, states)
         return all(s.dtype != CODE_DTYPE or (like is not None and dense(s) and same_order(s, like)) for s in states)

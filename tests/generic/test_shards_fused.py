@@ -55,7 +55,7 @@ CASES_2 = [
     # the lean options in the same launches: bf16 moments (rounded to nearest) on the local shards
     ("lamb", dict(lr=0.01, weight_decay=0.1, state_dtype=torch.bfloat16), 4, 2, "mlp"),
 ]
-STEPS_2 = 6
+STEPS_2 = 4
 # one 4-rank job over several families (4 processes on 2 cores: few steps)
 CASES_4 = [
     ("adam", dict(lr=0.01), None, 0, "mlp"),
