@@ -232,7 +232,7 @@ DCP_CASES = [("adamw", dict(lr=0.01), True, True), ("sgd", dict(lr=0.05, momentu
              ("adafactor", dict(min_dim_size_to_factor=2, betas=(0.9, 0.99)), True, True),
              ("lion", dict(lr=0.01), False, False), ("adopt", dict(lr=0.01), False, False),
              ("lars", dict(lr=0.5, momentum=0.9, weight_decay=0.1, trust_coeff=0.01), False, False),
-             ("lamb", dict(lr=0.01, weight_decay=0.1), False, False), ("muon", MUON, False, False)]
+             ("lamb", dict(lr=0.01, weight_decay=0.1), False, False), ("muon", MUON, False, True)]
 
 
 def _dcp_model(name):
