@@ -90,7 +90,7 @@ def constexprs(spec: Spec, passes, dts, *, has_scale, has_clip, has_inf, write_s
 
 
 def step(spec: Spec, cache: TableCache, params, grads, states, step_t, grad_scale, clip, found_inf, shards=None, *,
-         who: str = "fused_optim", masters=None, stochastic_rounding=False, seed=0, state_stochastic_rounding=False,
+         who: str, masters=None, stochastic_rounding=False, seed=0, state_stochastic_rounding=False,
          scales=None, unsigned=0) -> None:
     """One fused step of a param group: ``states`` (exp_avg, exp_avg_sq) of each param, ``step_t`` the group's
     float32 step on the device (advanced once, by the last launch), ``clip`` the global clip factor or None,
@@ -108,7 +108,7 @@ def step(spec: Spec, cache: TableCache, params, grads, states, step_t, grad_scal
         qbits = 1 + 2 * unsigned if dts[2] == quant.CODE_DTYPE else 0  # QUANT: int8 moments, unsigned slots
         qs = list(zip(*pick(idx, *scales))) if qbits else None  # each param's scales, by moment
         key = (tuple(map(ptr, ps)), tuple(map(ptr, itertools.chain.from_iterable(sts))), tuple(map(numel, ps)),
-               tuple(m.data_ptr() for m in ms if m is not None),
+               tuple(ptr(m) for m in ms if m is not None),
                tuple(map(ptr, itertools.chain.from_iterable(qs or ()))))
         tab = cache.lookup((dts, master), key, gs,
                            lambda: _build(key, ps, gs, sts, None if shards is None else shards.pick(idx), ms, qs))
