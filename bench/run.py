@@ -9,8 +9,11 @@ CPU it needs a C++ compiler and seconds per optimizer), timm's class where timm 
 priming steps first (one; three for torch-compile, which recompiles once the state exists), whose time is reported
 separately as `first_step_ms` so that compilation and table building stay out, then --warmup steps, then CUDA
 events (CPU: perf_counter) around each step, median of --reps. Each row reports step time, bytes moved per step
-(each tensor read or written once, see STREAMS), achieved GB/s and, on CUDA, the fraction of the device copy
-bandwidth measured in the same run.
+(the whole-tensor passes of STREAMS over params and grads, plus the bytes of the element-wise states measured in
+the optimizer's own state after priming, each read STREAMS' count of times and written once), achieved GB/s and,
+on CUDA, the fraction of the device copy bandwidth measured in the same run.
+`--states int8 bfloat16` adds rows of ours with memory-lean states (`ours-fused-int8`, ...; `state_dtype` of the
+optimizers): their `time / ours` is the step time over that of ours with the anchor's states.
 Writes <out>.json and <out>.md after every optimizer (a run cut short keeps what it measured) and <out>.png at the
 end (with matplotlib). Shows a progress bar with tqdm (`pip install .[bench]`), else one line per item on stderr.
 """
@@ -35,16 +38,21 @@ try:  # optional (the `bench` extra): progress bar
 except ImportError:
     tqdm = None
 
-# bytes per element per step for fp32 params, grads and states: (tensors read) + (tensors written), x 4 bytes.
-# Reduction optimizers also read the grad (and param) once more for their norms.
-STREAMS = {  # optimizer: (reads, writes) in whole-tensor passes, default options
-    "SGD": (2, 1), "Adam": (4, 3), "AdamW": (4, 3), "Adamax": (4, 3), "NAdam": (4, 3), "RAdam": (4, 3),
-    "Adagrad": (3, 2), "RMSprop": (3, 2), "Adadelta": (4, 3), "Rprop": (4, 3), "ASGD": (3, 2),
-    "SGDP": (4, 1), "AdamP": (6, 3), "Adahessian": (5, 3), "NovoGrad": (4, 2), "NvNovoGrad": (4, 2),
-    "Adafactor": (3, 1), "Lion": (3, 2), "Adopt": (4, 3),
-    "Lars": (5, 2), "Lamb": (9, 3),  # Lars: norms of g and p; Lamb: its statistics pass and the global clip's
-    "Muon": (4, 3),  # its two element-wise passes (the bf16 Newton-Schulz matmuls are compute, not counted)
+# Whole-tensor passes per step at the options timed here (KW): (reads, writes) of params and grads, and how many
+# times each element-wise state is read (each is written once). The states' bytes are measured (state_bytes), so
+# int8 / bf16 states, momentum buffers made on the first step and small tensors kept in fp32 count as they are.
+STREAMS = {  # optimizer: (param/grad reads, param writes, reads of each state)
+    "SGD": (2, 1, 1), "Adam": (2, 1, 1), "AdamW": (2, 1, 1), "Adamax": (2, 1, 1), "NAdam": (2, 1, 1),
+    "RAdam": (2, 1, 1), "Adagrad": (2, 1, 1), "RMSprop": (2, 1, 1), "Adadelta": (2, 1, 1), "Rprop": (2, 1, 1),
+    "ASGD": (2, 1, 1), "Lion": (2, 1, 1), "Adopt": (2, 1, 1), "Adahessian": (2, 1, 1),
+    "NovoGrad": (3, 1, 1), "NvNovoGrad": (3, 1, 1),  # the per-tensor grad norms read g once more
+    "Lars": (4, 1, 1),  # the norms of g and p
+    # their statistics (per-row dots, trust ratios, Adafactor's update RMS) recompute the update: p, g and the
+    # states once more; Lamb's global clip (timm's max_grad_norm=1.0) reads g a third time
+    "SGDP": (4, 1, 2), "AdamP": (4, 1, 2), "Adafactor": (4, 1, 2), "Lamb": (5, 1, 2),
+    "Muon": (3, 2, 1),  # + the bf16 stacks its Newton-Schulz reads and writes (one pass each way, at most)
 }
+STATES = {"bfloat16": torch.bfloat16, "int8": "int8"}  # --states: the state_dtype of ours' lean rows
 TORCH_ANCHORS = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Rprop", "ASGD", "Adamax", "NAdam",
                  "RAdam"]
 TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
@@ -129,16 +137,19 @@ def compiled(opt):
     @torch.compile(fullgraph=False)
     def step():
         opt.step()
-    return types.SimpleNamespace(step=step)
+    return types.SimpleNamespace(step=step, state=opt.state, param_groups=opt.param_groups)
 
 
-def implementations(name, device, compile_torch=False):
+def implementations(name, device, compile_torch=False, lean_states=()):
     import fused_optim
     ours = fused_optim.REGISTRY[name.lower()]
     impls = {}
-    if device == "cuda":  # where fused=True is refused, its row says why
-        impls["ours-fused"] = lambda ps, **kw: ours(ps, fused=True, **kw)
-    impls["ours-reference"] = lambda ps, **kw: ours(ps, fused=False, **kw)
+    paths = (["fused"] if device == "cuda" else []) + ["reference"]  # where fused=True is refused, its row says why
+    for states in ["default", *lean_states]:
+        for path in paths:
+            kw_states = {} if states == "default" else {"state_dtype": STATES[states]}
+            impls["ours-" + path + ("" if states == "default" else "-" + states)] = (
+                lambda ps, fused=path == "fused", extra=kw_states, **kw: ours(ps, fused=fused, **extra, **kw))
     if name in TORCH_PLAIN:
         impls["torch"] = lambda ps, **kw: getattr(torch.optim, name)(ps, **kw)
     if name in TORCH_ANCHORS:
@@ -165,6 +176,10 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated optimizer names (factory names and aliases)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="add torch-compile for the torch anchors (default: on CUDA only)")
+    ap.add_argument("--states", nargs="*", default=[], choices=list(STATES),
+                    help="also time ours with these memory-lean states (state_dtype)")
+    ap.add_argument("--impls", default="", help="comma-separated prefixes: time only the implementations named so "
+                    "(e.g. ours)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=None)
@@ -189,12 +204,13 @@ def main(argv=None):
             if not shapes:
                 continue
         numel = sum(torch.Size(s).numel() for s in shapes)
-        reads, writes = STREAMS[name]
-        nbytes = numel * (reads + writes) * dtype.itemsize
         # build every implementation first, then time them in interleaved rounds, so that drift (clocks, other
         # load) hits all of them alike; median over all rounds
-        opts, firsts = {}, {}
-        for impl, make in implementations(name, device, compile_torch).items():
+        opts, firsts, nbytes = {}, {}, {}
+        wanted = [x.strip() for x in args.impls.split(",") if x.strip()]
+        for impl, make in implementations(name, device, compile_torch, args.states).items():
+            if wanted and not any(impl.startswith(w) for w in wanted):
+                continue
             params = make_params(shapes, dtype, device)
             try:
                 opt = make(params, **KW.get(name, {}))
@@ -205,6 +221,7 @@ def main(argv=None):
                     torch.cuda.synchronize()
                 firsts[impl] = (time.perf_counter() - t0) * 1e3
                 opts[impl] = opt
+                nbytes[impl] = bytes_moved(name, params, opt)
             except Exception as exc:  # noqa: BLE001 - an unsupported combination is a row, not a crash
                 rows.append({"workload": wname, "dtype": dtype_name, "optimizer": name, "impl": impl,
                              "error": f"{type(exc).__name__}: {exc}"[:200]})
@@ -215,10 +232,12 @@ def main(argv=None):
                 samples[impl] += timer.samples_ms(opt.step, max(args.reps // rounds, 1), args.warmup)
         for impl in opts:
             ms = statistics.median(samples[impl])
-            gbs = nbytes / ms / 1e6
+            total, states = nbytes[impl]
+            gbs = total / ms / 1e6
             row = {"workload": wname, "dtype": dtype_name, "optimizer": name, "impl": impl,
                    "tensors": len(shapes), "numel": numel, "ms": round(ms, 4),
-                   "first_step_ms": round(firsts[impl], 2), "bytes": nbytes, "GBs": float(f"{gbs:.4g}"),
+                   "first_step_ms": round(firsts[impl], 2), "bytes": total, "state_bytes": states,
+                   "GBs": float(f"{gbs:.4g}"),
                    "pct_copy_bw": round(100 * gbs / bw, 1)}
             rows.append(row)
             _log(f"{wname:6s} {dtype_name:9s} {name:11s} {impl:15s} {ms:10.3f} ms {gbs:8.1f} GB/s "
@@ -229,6 +248,28 @@ def main(argv=None):
     if args.out:
         _plot(meta, rows, args.out + ".png")
     return 0
+
+
+def state_bytes(params, opt) -> int:
+    """The bytes of the element-wise states of params in opt.state: every tensor with a param's number of elements
+    (momentum buffers, moments, int8 codes, fp32 masters) and the int8 codes' block scales; per-tensor scalars and
+    Adafactor's factored row / column states are too small to count."""
+    from fused_optim.kernels import quant
+    total = 0
+    for p in params:
+        for key, v in opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor) and (v.numel() == p.numel() > 1 or quant.is_scale_key(key)):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def bytes_moved(name, params, opt) -> tuple:
+    """(bytes moved per step, of which the states'): STREAMS' passes over params and grads at their dtype, the
+    states' measured bytes read STREAMS' count of times and written once."""
+    reads, writes, state_reads = STREAMS[name]
+    states = state_bytes(params, opt)
+    pg = sum(p.numel() * p.element_size() for p in params) * (reads + writes)
+    return pg + states * (state_reads + 1), states
 
 
 def selected(only: str, error) -> list:
@@ -320,6 +361,15 @@ def _targets(rows) -> list:
                    f"{'met' if ok else f'MISSED by {abs(value / goal - 1) * 100:.0f}%'}")
 
     for (w, dt, name, impl), r in sorted(ms.items()):
+        lean = impl.startswith("ours-fused-")
+        if lean and w == "large":  # memory-lean states: their own bytes at the copy bandwidth too
+            states = impl[len("ours-fused-"):]
+            base = ms.get((w, dt, name, "ours-fused"))
+            if base:
+                out.append(f"- {name} {dt} large: {states} states / the anchor's states: step time "
+                           f"{r['ms'] / base['ms']:.2f}, bytes moved {r['bytes'] / base['bytes']:.2f}")
+            if name in ELEMENTWISE:
+                verdict(f"{name} {dt} large, {states} states: % of copy bandwidth", r["pct_copy_bw"], 90)
         if impl != "ours-fused":
             continue
         if w == "large" and name in ELEMENTWISE:

@@ -19,9 +19,14 @@ def _bench(tmp_path, *args):
     return json.loads((tmp_path / "r.json").read_text())["rows"]
 
 
-def _check_timed(row):
+def _check_timed(row, states=None):
+    """row's bytes follow STREAMS over its params, grads and measured states (`states` element-wise state buffers
+    of the params' dtype, when given)."""
     itemsize = getattr(torch, row["dtype"]).itemsize
-    assert row["bytes"] == row["numel"] * sum(run.STREAMS[row["optimizer"]]) * itemsize
+    reads, writes, state_reads = run.STREAMS[row["optimizer"]]
+    if states is not None:
+        assert row["state_bytes"] == states * row["numel"] * itemsize
+    assert row["bytes"] == row["numel"] * itemsize * (reads + writes) + row["state_bytes"] * (state_reads + 1)
     assert row["ms"] > 0 and row["first_step_ms"] > 0 and row["time_over_ours"] > 0
     # GBs keeps 4 significant digits (a slow CPU step still shows), ms 4 decimals
     assert row["GBs"] == pytest.approx(row["bytes"] / row["ms"] / 1e6, rel=0.01)
@@ -38,12 +43,44 @@ def test_rows_default_dtypes_and_progress_fallback(tmp_path, monkeypatch, capsys
     for r in rows:
         assert "error" not in r, r
         assert r["tensors"] == (500 if r["workload"] == "tiny" else 1) and r["numel"] == 500 * 256
-        _check_timed(r)
+        _check_timed(r, states={"SGD": 1, "Adam": 2}[r["optimizer"]])  # SGD with momentum (run.KW)
         assert r["GBs"] > 0
         assert r["time_over_ours"] == round(r["ms"] / ours[(r["workload"], r["dtype"], r["optimizer"])], 3)
     err = capsys.readouterr().err
     assert "[1/8] tiny float32 SGD" in err and "[8/8] tiny-flat bfloat16 Adam" in err
     assert "## Targets" in (tmp_path / "r.md").read_text()
+
+
+def test_lean_state_rows_count_their_own_bytes(tmp_path, monkeypatch):
+    """--states: rows of ours with int8 / bf16 states beside the anchor's states, bytes from the states they keep
+    (a tensor under int8_min_numel keeps fp32 states), time over ours with the anchor's states."""
+    monkeypatch.setattr(run, "workloads", lambda device, which: {"mini": [(8192,), (64,)]})
+    rows = _bench(tmp_path, "--only", "AdamW", "--dtype", "float32", "--states", "int8", "bfloat16",
+                  "--impls", "ours", "--no-compile")
+    by_impl = {r["impl"]: r for r in rows}
+    assert set(by_impl) == {"ours-reference", "ours-reference-int8", "ours-reference-bfloat16"}
+    n = 8192 + 64
+    _check_timed(by_impl["ours-reference"], states=2)
+    assert by_impl["ours-reference-bfloat16"]["state_bytes"] == 2 * n * 2
+    # two moments: codes and one fp32 scale per 256-element block for the large tensor, fp32 for the small one
+    assert by_impl["ours-reference-int8"]["state_bytes"] == 2 * (8192 + 8192 // 256 * 4 + 64 * 4)
+    base = by_impl["ours-reference"]["ms"]
+    for r in rows:
+        assert "error" not in r, r
+        _check_timed(r)
+        assert r["time_over_ours"] == round(r["ms"] / base, 3)
+    md = (tmp_path / "r.md").read_text()
+    assert "| mini | float32 | AdamW | ours-reference-int8 |" in md
+
+
+def test_lean_targets_report_time_and_bytes_against_the_anchors_states():
+    rows = [{"workload": "large", "dtype": "float32", "optimizer": "AdamW", "impl": "ours-fused", "ms": 1.0,
+             "bytes": 28, "pct_copy_bw": 95.0},
+            {"workload": "large", "dtype": "float32", "optimizer": "AdamW", "impl": "ours-fused-int8", "ms": 0.8,
+             "bytes": 16, "pct_copy_bw": 70.0}]
+    lines = run._targets(rows)
+    assert "- AdamW float32 large: int8 states / the anchor's states: step time 0.80, bytes moved 0.57" in lines
+    assert "- AdamW float32 large, int8 states: % of copy bandwidth: 70.00 (goal >= 90) MISSED by 22%" in lines
 
 
 def test_only_takes_factory_names_in_any_case(tmp_path, monkeypatch):
