@@ -153,11 +153,14 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
             raise RuntimeError(f"{name}: fused=True is not available for this optimizer")
         if not runtime.available():
             raise RuntimeError(f"{name}: fused=True needs triton: {runtime.unavailable_reason()}")
+        interpreter_problem = runtime.interpreter_problem()
         for p in group["params"]:
             if not (p.is_cuda or (p.device.type == "cpu" and runtime.interpreter_enabled())):
                 raise RuntimeError(
                     f"{name}: fused=True needs CUDA params (or TRITON_INTERPRET=1 to run the kernels on CPU), "
                     f"got a param on {p.device}")
+            if p.device.type == "cpu" and interpreter_problem:
+                raise RuntimeError(f"{name}: fused=True on CPU params: {interpreter_problem}")
 
     def _use_kernel(self, group, params) -> bool:
         fused = group.get("fused")

@@ -49,11 +49,12 @@ def problem(name: str, shapes, steps: int, seed: int = 0):
     """(initial params, loss_fn(params, step)) on CPU in float64: per param p, the loss sums
     c p^2 / 2 + b sin(a p) / 4 + r_step p (c in [1, 2]: a Hessian diagonal away from zero, for Adahessian), r_step
     changing each step like a mini-batch. Sparse-grad optimizers get the 2-D params only, read through an embedding
-    lookup of a few rows (one repeated) each step."""
+    lookup of a few rows (one repeated) each step; so do the optimizers of matrices only (Muon)."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda s: torch.rand(s, generator=gen, dtype=torch.float64)
     sparse = name in anchors.SPARSE_GRADS
-    shapes = [s for s in shapes if len(s) == 2] if sparse else shapes
+    matrices = getattr(fused_optim.REGISTRY[name.lower()], "matrices_only", False)  # Muon: 2-D params only
+    shapes = [s for s in shapes if len(s) == 2] if sparse or matrices else shapes
     params = [rand(s) * 2 - 1 + 0.1 for s in shapes]
     coef = [(rand(s) * 2 - 1, rand(s) * 2 - 1, rand(s) + 1) for s in shapes]
     rows = [torch.randint(0, s[0], (steps, 4), generator=gen) for s in shapes]
@@ -124,6 +125,11 @@ def main(argv=None) -> int:
         print("no CUDA device, and TRITON_INTERPRET=1 was not set before fused_optim was imported: the kernels "
               "cannot run (python -m fused_optim.check sets it)", file=sys.stderr)
         return 2
+    if device.type == "cpu":
+        from fused_optim.kernels import runtime
+        if runtime.interpreter_problem():
+            print(runtime.interpreter_problem(), file=sys.stderr)
+            return 2
     shapes, steps = (QUICK_SHAPES, QUICK_STEPS) if args.quick else (SHAPES, STEPS)
     print("\n".join(environment(device)))
     failed, t0 = [], time.perf_counter()

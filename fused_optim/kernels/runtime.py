@@ -39,6 +39,23 @@ def available() -> bool:
     return triton is not None
 
 
+def _major_minor(version: str) -> tuple:
+    return tuple(int(x) for x in version.split(".")[:2])
+
+
+def interpreter_problem() -> str:
+    """Why Triton's interpreter cannot run these kernels here, or "": triton < 3.7's interpreter converts a
+    one-element array to an int with int(), which numpy >= 2.4 refuses, so every kernel with a run-time loop
+    bound fails (triton 3.6 + numpy 2.3 and triton 3.9 + numpy 2.4 run them)."""
+    if triton is None or not interpreter_enabled():
+        return ""
+    import numpy
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run these kernels with numpy "
+                f"{numpy.__version__} (it needs numpy < 2.4, or triton >= 3.7): pip install 'numpy<2.4'")
+    return ""
+
+
 def unavailable_reason() -> str:
     """Why the kernels cannot run here (for error messages): the import error's real cause."""
     if IMPORT_ERROR is None:
