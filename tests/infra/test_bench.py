@@ -190,3 +190,30 @@ def test_lean_gpt_smoke(tmp_path, monkeypatch):
     assert all(0.9 < r < 1.1 for r in ratios.values()), ratios  # 2 steps: the lean states barely differ yet
     text = out.read_text()
     assert "| SGD | reference |" in text and "| SGD | fused |" in text and "train_gpt's GPT" in text
+
+
+def test_fsdp_step_times_both_paths_on_shards_and_checks_they_agree(tmp_path):
+    """bench/fsdp_step.py on one gloo process (its own process group, so in a subprocess): a tiny GPT under
+    fully_shard, ours' fused path (the interpreter) and reference path, a reduction optimizer and the clip: the
+    sharded steps ran on DTensor params and ended where the unsharded steps did."""
+    import subprocess
+    import sys
+    out = tmp_path / "fsdp"
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "fsdp_step.py")
+    cmd = [sys.executable, script, "--device", "cpu", "--paths", "fused", "reference", "--only",
+           "AdamW+clip,NovoGrad", "--reps", "5", "--warmup", "0", "--model", "vocab=32", "d_model=16",
+           "n_layers=1", "n_heads=2", "seq_len=8", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "fsdp.json").read_text())
+    assert data["meta"]["world_size"] == 1
+    rows = {(r["optimizer"], r["impl"]): r for r in data["rows"]}
+    assert set(rows) == {(o, i) for o in ("AdamW+clip", "NovoGrad") for i in ("ours-fused", "ours-reference")}
+    n_params = 17  # tok, pos; the block's 2 LayerNorms (2 each), attention in / out (2 each), MLP (4); ln (2), head
+    for r in rows.values():
+        assert "unsharded_error" not in r and "sharded_error" not in r, r
+        assert r["unsharded_ms"] > 0 and r["sharded_ms"] > 0
+        assert r["dtensor_params"] == n_params
+        assert r["max_rel_param_diff"] <= 1e-6, r  # one rank: the same steps, to fp32 rounding
+    assert "| NovoGrad | ours-fused |" in (tmp_path / "fsdp.md").read_text()
