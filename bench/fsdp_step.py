@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -159,13 +158,9 @@ def time_pair(name, impl, make, plain, sharded, timer, args) -> dict:
             opts[label] = opt
         except Exception as exc:  # noqa: BLE001 - an unsupported combination is a row, not a crash
             row[label + "_error"] = f"{type(exc).__name__}: {exc}"[:200]
-    samples = {label: [] for label in opts}
-    rounds = 5
-    for _ in range(rounds):
-        for label, opt in opts.items():
-            samples[label] += timer.samples_ms(opt.step, max(args.reps // rounds, 1), args.warmup)
-    for label in opts:
-        row[label + "_ms"] = round(statistics.median(samples[label]), 4)
+    for label, ms in timer.interleaved_ms({label: opt.step for label, opt in opts.items()}, args.reps,
+                                          args.warmup).items():
+        row[label + "_ms"] = round(ms, 4)
     if len(opts) == 2:
         row["sharded_over_unsharded"] = round(row["sharded_ms"] / row["unsharded_ms"], 3)
         row["max_rel_param_diff"] = float(f"{max(_rel_diff(p, q) for p, q in pairs):.3g}")

@@ -96,6 +96,15 @@ class Timer:
     def time_ms(self, fn, reps: int, warmup: int):
         return statistics.median(self.samples_ms(fn, reps, warmup))
 
+    def interleaved_ms(self, steps: dict, reps: int, warmup: int, rounds: int = 5) -> dict:
+        """{name: median ms of step()} over `rounds` interleaved rounds, so that drift (clocks, other load) hits
+        every one alike."""
+        samples = {name: [] for name in steps}
+        for _ in range(rounds):
+            for name, step in steps.items():
+                samples[name] += self.samples_ms(step, max(reps // rounds, 1), warmup)
+        return {name: statistics.median(s) for name, s in samples.items()}
+
     def samples_ms(self, fn, reps: int, warmup: int) -> list:
         for _ in range(warmup):
             fn()
@@ -204,8 +213,7 @@ def main(argv=None):
             if not shapes:
                 continue
         numel = sum(torch.Size(s).numel() for s in shapes)
-        # build every implementation first, then time them in interleaved rounds, so that drift (clocks, other
-        # load) hits all of them alike; median over all rounds
+        # build every implementation first, then time them in interleaved rounds
         opts, firsts, nbytes = {}, {}, {}
         wanted = [x.strip() for x in args.impls.split(",") if x.strip()]
         for impl, make in implementations(name, device, compile_torch, args.states).items():
@@ -225,13 +233,9 @@ def main(argv=None):
             except Exception as exc:  # noqa: BLE001 - an unsupported combination is a row, not a crash
                 rows.append({"workload": wname, "dtype": dtype_name, "optimizer": name, "impl": impl,
                              "error": f"{type(exc).__name__}: {exc}"[:200]})
-        samples = {impl: [] for impl in opts}
-        rounds = 5
-        for _ in range(rounds):
-            for impl, opt in opts.items():
-                samples[impl] += timer.samples_ms(opt.step, max(args.reps // rounds, 1), args.warmup)
+        medians = timer.interleaved_ms({impl: opt.step for impl, opt in opts.items()}, args.reps, args.warmup)
         for impl in opts:
-            ms = statistics.median(samples[impl])
+            ms = medians[impl]
             total, states = nbytes[impl]
             gbs = total / ms / 1e6
             row = {"workload": wname, "dtype": dtype_name, "optimizer": name, "impl": impl,
