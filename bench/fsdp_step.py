@@ -60,13 +60,13 @@ def init_distributed(device):
     """The torchrun job's process group, else a one-process group (file rendezvous)."""
     import torch.distributed as dist
     backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":  # before the group: NCCL binds its communicator to the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend)
     else:
         store = os.path.join(tempfile.mkdtemp(), "store")
         dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -178,8 +178,8 @@ def _rel_diff(p, q) -> float:
 
 
 def _line(r):
-    cells = [f"{r.get(k + '_ms', r.get(k + '_error', '-'))}" for k in ("unsharded", "sharded")]
-    return (f"{r['optimizer']:11s} {r['impl']:15s} unsharded {cells[0]} ms, sharded {cells[1]} ms, "
+    cells = [f"{r[k + '_ms']} ms" if k + "_ms" in r else r.get(k + "_error", "-") for k in ("unsharded", "sharded")]
+    return (f"{r['optimizer']:11s} {r['impl']:15s} unsharded {cells[0]}, sharded {cells[1]}, "
             f"ratio {r.get('sharded_over_unsharded', '-')}, params apart {r.get('max_rel_param_diff', '-')}")
 
 

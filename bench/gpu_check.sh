@@ -48,7 +48,7 @@ skip() { SUMMARY+=("$1: skipped ($2)"); echo "== $1: skipped ($2)"; }
 # run_if OK REASON NAME CAP LOG COMMAND...: the stage if OK is 1, else a line saying why it is skipped
 run_if() {
     local ok=$1 why=$2; shift 2
-    if (( ok )); then stage "$@"; else skip "$1" "$why"; fi
+    if (( ok || DRY )); then stage "$@"; else skip "$1" "$why"; fi  # a dry run shows every stage
 }
 
 CUDA=0 NVCC=0 SANITIZER=0
@@ -97,15 +97,28 @@ done
 run_if $NVCC "no nvcc" "build csrc (CUDA)" 40 build_csrc.log bash scripts/build_csrc.sh
 
 # 4. the test suite on CUDA (8 workers: with cold Triton caches compilation is the long pole, done in parallel)
-# and 5. the benchmarks (speed claims come only from GPU runs)
+# and 5. the benchmarks (speed claims come only from GPU runs); stages past the budget are skipped, so the later
+# ones are the ones that can wait
 reps=50; (( QUICK )) && reps=10
-run_if $CUDA "no CUDA device" "tests on CUDA" 150 tests.log $PY -m pytest -q -n 8 tests -p no:cacheprovider
-run_if $CUDA "no CUDA device" "benchmarks" 70 bench.log $PY bench/run.py --workload large gpt tiny \
+run_if $CUDA "no CUDA device" "tests on CUDA" 140 tests.log $PY -m pytest -q -n 8 tests -p no:cacheprovider
+run_if $CUDA "no CUDA device" "benchmarks" 60 bench.log $PY bench/run.py --workload large gpt tiny \
     --dtype float32 bfloat16 --reps $reps --no-compile --out "$dest/bench"
+# memory-lean states: the fused step with int8 / bf16 states against the anchor's states on the 100M-param
+# workload, bytes moved (the states' own) / time against the copy bandwidth
+run_if $CUDA "no CUDA device" "benchmarks (lean states)" 30 bench-lean.log $PY bench/run.py --workload large \
+    --dtype float32 bfloat16 --states int8 bfloat16 --impls ours-fused --reps $reps --no-compile \
+    --only Adam,AdamW,SGD,RMSprop,Lion,Lamb,Adafactor --out "$dest/bench-lean"
+# FSDP2 at world size 1: the DTensor code paths (local shards, the reductions' combine, the clip's global norm)
+# against the unsharded step, each row checked for the two models ending at the same params
+run_if $CUDA "no CUDA device" "FSDP2 step (world size 1)" 30 fsdp.log $PY bench/fsdp_step.py --paths fused \
+    --only AdamW,AdamW+clip,NovoGrad,SGDP,Lamb,Adafactor,Muon --reps $reps --out "$dest/fsdp"
 # torch.compile'd torch steps compile once per optimizer and workload (tens of seconds each): the optimizers with a
 # torch fused path, fp32, in a run of their own so the main table is never cut short by compile time
-run_if $CUDA "no CUDA device" "benchmarks (torch.compile)" 30 bench-compile.log $PY bench/run.py --workload large gpt \
+run_if $CUDA "no CUDA device" "benchmarks (torch.compile)" 25 bench-compile.log $PY bench/run.py --workload large gpt \
     --dtype float32 --reps $reps --compile --only Adam,AdamW,SGD,Adagrad --out "$dest/bench-compile"
+# training quality of lean states on the fused path (train_gpt's GPT, 200 steps; the interpreter cannot on CPU)
+run_if $CUDA "no CUDA device" "lean states on train_gpt (fused)" 30 lean-gpt.log $PY bench/lean_gpt.py \
+    --paths fused --out "$dest/lean-gpt.md"
 
 (( DRY )) && exit 0
 { echo "summary ($((SECONDS - START))s of ${BUDGET:-570}s), results in $dest"; printf -- '- %s\n' "${SUMMARY[@]}"; } \

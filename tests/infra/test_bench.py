@@ -217,3 +217,23 @@ def test_fsdp_step_times_both_paths_on_shards_and_checks_they_agree(tmp_path):
         assert r["dtensor_params"] == n_params
         assert r["max_rel_param_diff"] <= 1e-6, r  # one rank: the same steps, to fp32 rounding
     assert "| NovoGrad | ours-fused |" in (tmp_path / "fsdp.md").read_text()
+
+
+def test_gpu_check_plans_every_stage_within_its_budget():
+    """bench/gpu_check.sh --dry-run: every stage with its time cap (the requirements taken as present), the scripts
+    it runs exist, and no stage's cap exceeds the budget."""
+    import re
+    import subprocess
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    done = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=root, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "BUDGET": "570"})
+    assert done.returncode == 0, done.stderr
+    stages = re.findall(r"^== (.+) \(cap (\d+)s\) > (\S+): (.*)$", done.stdout, re.M)
+    names = [s[0] for s in stages]
+    assert names == ["self-check", "memcheck", "racecheck", "synccheck", "build csrc (CUDA)", "tests on CUDA",
+                     "benchmarks", "benchmarks (lean states)", "FSDP2 step (world size 1)",
+                     "benchmarks (torch.compile)", "lean states on train_gpt (fused)"]
+    assert all(0 < int(cap) <= 570 for _, cap, _, _ in stages)
+    scripts = {w for *_, cmd in stages for w in cmd.split() if w.endswith((".py", ".sh"))}
+    assert scripts >= {"bench/run.py", "bench/fsdp_step.py", "bench/lean_gpt.py", "scripts/build_csrc.sh"}
+    assert all(os.path.exists(os.path.join(root, s)) for s in scripts), scripts
