@@ -78,19 +78,24 @@ MUON = dict(lr=0.02, weight_decay=0.1)
 
 @contextlib.contextmanager
 def _counted_newton_schulz():
-    """Count the matrices this rank orthogonalizes (a [k, A, B] stack: k)."""
+    """Count the matrices this rank orthogonalizes (a [k, A, B] stack: k) and the all_to_all collectives it issues:
+    yields [matrices, all_to_all calls]."""
     from fused_optim.optimizers import muon
-    real, count = muon.newton_schulz, [0]
+    real, real_a2a, count = muon.newton_schulz, dist.all_to_all_single, [0, 0]
 
     def counted(x, *args, **kw):
         count[0] += x.shape[0] if x.dim() == 3 else 1
         return real(x, *args, **kw)
 
-    muon.newton_schulz = counted
+    def counted_a2a(*args, **kw):
+        count[1] += 1
+        return real_a2a(*args, **kw)
+
+    muon.newton_schulz, dist.all_to_all_single = counted, counted_a2a
     try:
         yield count
     finally:
-        muon.newton_schulz = real
+        muon.newton_schulz, dist.all_to_all_single = real, real_a2a
 
 
 def _data():
@@ -214,7 +219,7 @@ def _rank_work(rank, world, mode, out):
                 results["muon", fused] = _train(model, fused_optim.Muon(model.parameters(), fused=fused, **MUON), x,
                                                 y)
             results["muon_ns", fused] = [None] * world
-            dist.all_gather_object(results["muon_ns", fused], count[0])
+            dist.all_gather_object(results["muon_ns", fused], tuple(count))
     if rank == 0:
         torch.save(results, out)
 
@@ -365,10 +370,11 @@ def _check_muon(got):
     moved = min(float((a - b.detach()).abs().max()) for a, b in zip(got["muon", False][0][-1],
                                                                    _muon_model().parameters()))
     assert moved > 1e-2, moved  # every matrix moved: the comparisons can fail
-    # 3 sharded matrices of 3 shapes, owners round-robin: rank 0 runs 2 chains a step, rank 1 one (not all 3)
+    # 3 sharded matrices of 3 shapes, owners round-robin: rank 0 runs 2 chains a step, rank 1 one (not all 3); each
+    # rank issues 2 all_to_all per distinct shape and step (the rows to the owner, the result's rows back)
     steps = len(got["muon", False][0])
     for fused in (False, True):
-        assert got["muon_ns", fused] == [2 * steps, steps], got["muon_ns", fused]
+        assert got["muon_ns", fused] == [(2 * steps, 2 * 3 * steps), (steps, 2 * 3 * steps)], got["muon_ns", fused]
 
 
 def test_projection_cases_project():
