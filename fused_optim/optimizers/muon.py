@@ -128,14 +128,20 @@ def orthogonalized_shards(updates, shards, ns) -> list:
 
 
 @dataclass
+class _Stack:
+    """The matrices of one distinct shape: [k, A, B] bf16 views ([k, local rows, B] on FSDP2 shards)."""
+    inputs: torch.Tensor   # the updates (the momentum launch writes them)
+    results: torch.Tensor  # the chain's results (the update launch reads them)
+    whole: tuple | None    # sharded matrices: their full shape [A, B]; None when they are not sharded
+    owners: list | None    # sharded matrices: their owner ranks (matrix_owners)
+
+
+@dataclass
 class _Workspace:
-    """The fused path's Newton-Schulz buffers of one group: per distinct shape, a bf16 stack of the updates (the
-    momentum launch writes them) and one of the results (the update launch reads them); each matrix starts on a
-    16-byte boundary so the element-wise launches keep their aligned variant. FSDP2: the stacks hold local rows."""
+    """The fused path's Newton-Schulz buffers of one group, a _Stack per distinct shape; each matrix starts on a
+    16-byte boundary so the element-wise launches keep their aligned variant."""
     key: tuple
-    stacks: list   # (input stack, result stack) per distinct shape, [k, A, B] views ([k, local rows, B])
-    whole: list    # per stack: the full shape [A, B] of its sharded matrices, None when they are not sharded
-    owners: list   # per stack: its sharded matrices' owner ranks (matrix_owners), None when not sharded
+    stacks: list   # _Stack per distinct shape
     inputs: list   # per param: its matrix of an input stack
     results: list  # per param: its matrix of a result stack
     rows: list     # per param: 0-d fp32 device tensors holding A and B (the update launch's per-tensor scalars)
@@ -151,19 +157,18 @@ def _strided_stack(k, rows, cols, device):
 def _workspace(key, params, shapes, sharded, world) -> _Workspace:
     """params: what the kernels see (local shards), of the full ``shapes``; sharded: which are dim-0 shards."""
     device = params[0].device
-    inputs, results, stacks, whole = [None] * len(params), [None] * len(params), [], []
+    inputs, results, stacks = [None] * len(params), [None] * len(params), []
     groups = shape_groups(shapes, sharded)
     owners = matrix_owners(groups, world)
     for (shape, shard), idx in groups.items():
         rows, cols = params[idx[0]].shape  # (the local rows: alike for one full shape)
-        stack = (_strided_stack(len(idx), rows, cols, device), _strided_stack(len(idx), rows, cols, device))
+        stack = _Stack(_strided_stack(len(idx), rows, cols, device), _strided_stack(len(idx), rows, cols, device),
+                       shape if shard else None, owners.get((shape, shard)))
         stacks.append(stack)
-        whole.append(shape if shard else None)
         for j, i in enumerate(idx):
-            inputs[i], results[i] = stack[0][j], stack[1][j]
+            inputs[i], results[i] = stack.inputs[j], stack.results[j]
     dims = torch.tensor([list(s) for s in shapes], dtype=torch.float32, device=device)
-    return _Workspace(key, stacks, whole, [owners.get(k) for k in groups], inputs, results, list(dims[:, 0]),
-                      list(dims[:, 1]))
+    return _Workspace(key, stacks, inputs, results, list(dims[:, 0]), list(dims[:, 1]))
 
 
 @register
@@ -278,11 +283,11 @@ class Muon(FusedOptimizer):
         # after an AMP overflow the momentum launch wrote nothing: the chain runs on stale inputs and the update
         # launch skips too (no host sync)
         ns = (group["ns_coefficients"], group["ns_steps"], group["eps"])
-        for (inputs, results), shape, owners in zip(ws.stacks, ws.whole, ws.owners):
-            if shape is None:
-                newton_schulz(inputs, *ns, out=results)
+        for st in ws.stacks:
+            if st.whole is None:
+                newton_schulz(st.inputs, *ns, out=st.results)
             else:  # FSDP2: each matrix's chain on its owner, batched over the owned ones
-                results.copy_(owned_chain(shards, inputs, shape, owners, lambda x: newton_schulz(x, *ns)))
+                st.results.copy_(owned_chain(shards, st.inputs, st.whole, st.owners, lambda x: newton_schulz(x, *ns)))
         rule, _, _ = self._kernel_rule(group, "update")
         lr = group["lr"]
         mt.apply(rule, caches.setdefault((id(group), "update"), TableCache()), params, ws.results, [],
