@@ -37,7 +37,6 @@ BATCH = 4
 OPTIMIZERS = {"AdamW": {}, "AdamW+clip": {"max_grad_norm": 1.0}, "Adam": {}, "SGD": run.KW["SGD"], "Lion": {},
               "Adopt": {}, "NovoGrad": {}, "NvNovoGrad": {}, "Lars": run.KW["Lars"], "SGDP": run.KW["SGDP"],
               "AdamP": {}, "Lamb": {}, "Adafactor": {}, "Muon": {}}
-MATRICES_ONLY = run.MATRICES_ONLY  # Muon: the 2-D params
 TORCH = {"AdamW", "Adam", "SGD"}  # torch.optim's own steps on DTensor params, for comparison
 
 
@@ -94,7 +93,8 @@ def models(device, cfg):
 
 def params_for(name, model):
     ps = list(model.parameters())
-    return [p for p in ps if p.ndim == 2] if name.split("+")[0] in MATRICES_ONLY else ps
+    import fused_optim
+    return [p for p in ps if p.ndim == 2] if fused_optim.REGISTRY[name.split("+")[0].lower()].matrices_only else ps
 
 
 def main(argv=None):

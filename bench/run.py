@@ -57,7 +57,6 @@ TORCH_ANCHORS = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Rpro
                  "RAdam"]
 TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
 TORCH_PLAIN = {"Muon"}  # torch anchors with no foreach / fused option: one row, `torch`
-MATRICES_ONLY = {"Muon"}  # takes 2-D params only: the workloads' matrices
 KW = {"SGD": {"lr": 0.01, "momentum": 0.9}, "SGDP": {"lr": 0.01, "momentum": 0.9},
       "Lars": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}}
 PRIME = {"torch-compile": 3}  # untimed steps before timing (default 1): compile, then recompile once state exists
@@ -146,7 +145,7 @@ def compiled(opt):
     @torch.compile(fullgraph=False)
     def step():
         opt.step()
-    return types.SimpleNamespace(step=step, state=opt.state, param_groups=opt.param_groups)
+    return types.SimpleNamespace(step=step, state=opt.state)  # state: bytes_moved reads it
 
 
 def implementations(name, device, compile_torch=False, lean_states=()):
@@ -208,7 +207,7 @@ def main(argv=None):
     items = list(itertools.product(workloads(device, args.workload).items(), args.dtype, names))
     for (wname, shapes), dtype_name, name in progress(items, lambda it: f"{it[0][0]} {it[1]} {it[2]}"):
         dtype = getattr(torch, dtype_name)
-        if name in MATRICES_ONLY:
+        if fused_optim.REGISTRY[name.lower()].matrices_only:  # Muon: the workloads' matrices
             shapes = [s for s in shapes if len(s) == 2]
             if not shapes:
                 continue

@@ -41,6 +41,7 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
         float64_in_kernel: the fused kernels compute float64 params in float64; False for a family whose kernels
             compute in float32 only: its float64 (and complex128) params take the reference path, never fp32 math.
         kernel_layout: what the fused kernels can walk in place (see _layouts.KernelTensors).
+        matrices_only: 2-D params only (Muon, as torch's).
     """
 
     dense_only = True
@@ -51,6 +52,7 @@ class FusedOptimizer(KernelTensors, ShardedSteps, PrecisionOptions, Optimizer):
     scalar_keys: tuple = ("step",)
     anchor_numbers: dict = {}
     float64_in_kernel = True
+    matrices_only = False
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf (unscale inside the step)
 
     def __init__(self, params, defaults: dict, *, fused: bool | None = None):

@@ -53,7 +53,7 @@ def problem(name: str, shapes, steps: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     rand = lambda s: torch.rand(s, generator=gen, dtype=torch.float64)
     sparse = name in anchors.SPARSE_GRADS
-    matrices = getattr(fused_optim.REGISTRY[name.lower()], "matrices_only", False)  # Muon: 2-D params only
+    matrices = fused_optim.REGISTRY[name.lower()].matrices_only
     shapes = [s for s in shapes if len(s) == 2] if sparse or matrices else shapes
     params = [rand(s) * 2 - 1 + 0.1 for s in shapes]
     coef = [(rand(s) * 2 - 1, rand(s) * 2 - 1, rand(s) + 1) for s in shapes]
@@ -127,8 +127,9 @@ def main(argv=None) -> int:
         return 2
     if device.type == "cpu":
         from fused_optim.kernels import runtime
-        if runtime.interpreter_problem():
-            print(runtime.interpreter_problem(), file=sys.stderr)
+        problem_here = runtime.interpreter_problem()
+        if problem_here:
+            print(problem_here, file=sys.stderr)
             return 2
     shapes, steps = (QUICK_SHAPES, QUICK_STEPS) if args.quick else (SHAPES, STEPS)
     print("\n".join(environment(device)))

@@ -65,7 +65,7 @@ def register_timm(prefix: str = TIMM_PREFIX, registry=None) -> list[str]:
     taken = {info.name for info in infos}
     for key, cls in sorted(REGISTRY.items()):
         if (cls not in twinned and _accepts(cls, "weight_decay") and prefix + key not in taken
-                and not getattr(cls, "matrices_only", False)):
+                and not cls.matrices_only):
             infos.append(factory.OptimInfo(name=prefix + key, opt_class=cls, description=f"fused_optim.{cls.__name__}",
                                            has_eps=_accepts(cls, "eps"), has_momentum=_accepts(cls, "momentum"),
                                            has_betas=_accepts(cls, "betas")))
