@@ -151,9 +151,9 @@ def time_pair(name, impl, make, plain, sharded, timer, args) -> dict:
     start = [(p.detach().clone(), q.detach().clone()) for p, q in pairs]
     row["dtensor_params"] = sum(isinstance(q, DTensor) for _, q in pairs)
     opts = {}
-    for label, model in (("unsharded", plain), ("sharded", sharded)):
+    for label, params in (("unsharded", [p for p, _ in pairs]), ("sharded", [q for _, q in pairs])):
         try:
-            opt = make(params_for(name, model), **OPTIMIZERS[name])
+            opt = make(params, **OPTIMIZERS[name])
             opt.step()  # priming: the states, the tables, Triton's compilation
             opts[label] = opt
         except Exception as exc:  # noqa: BLE001 - an unsupported combination is a row, not a crash

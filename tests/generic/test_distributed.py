@@ -77,7 +77,7 @@ MUON = dict(lr=0.02, weight_decay=0.1)
 
 
 @contextlib.contextmanager
-def _counted_newton_schulz():
+def _counted_chains_and_all_to_all():
     """Count the matrices this rank orthogonalizes (a [k, A, B] stack: k) and the all_to_all collectives it issues:
     yields [matrices, all_to_all calls]."""
     from fused_optim.optimizers import muon
@@ -215,7 +215,7 @@ def _rank_work(rank, world, mode, out):
         results["refusals"] = _refusals()
         for fused in (False, True):  # Newton-Schulz over whole matrices, each on its owner rank
             model = _wrap(_muon_model(), mode)
-            with _counted_newton_schulz() as count:
+            with _counted_chains_and_all_to_all() as count:
                 results["muon", fused] = _train(model, fused_optim.Muon(model.parameters(), fused=fused, **MUON), x,
                                                 y)
             results["muon_ns", fused] = [None] * world
