@@ -10,7 +10,7 @@ import math
 import torch
 
 from . import _sharded as sharded
-from ._tensors import LOW_PRECISION, as_real, check, dense, local, same_order, stochastic_round_bf16
+from ._tensors import LOW_PRECISION, as_real, check, dense, is_dtensor, local, same_order, stochastic_round_bf16
 from .kernels import lean, quant, reduce, runtime
 
 # the keyword options and their defaults, in signature order
@@ -215,6 +215,9 @@ class PrecisionOptions:
                     for k, v in fresh.items():
                         if quant.is_scale_key(k) or getattr(v, "dtype", None) == quant.CODE_DTYPE:
                             st[k] = v.float() if quant.is_scale_key(k) else v  # as saved (torch cast them)
+                            if quant.is_scale_key(k) and not is_dtensor(v) and \
+                                    v.numel() == math.prod(quant.scale_shape(p)):  # (a flat run: older layout)
+                                st[k] = st[k].reshape(quant.scale_shape(p))
                         elif self._is_elementwise_state(k, v, p):
                             self._set_lean(st, k, v, p)
                     for k in [k for k, v in st.items() if getattr(v, "dtype", None) == quant.CODE_DTYPE]:
@@ -229,7 +232,8 @@ class PrecisionOptions:
         """The dtype of p's element-wise states: state_dtype, else fp32 for a low-precision param with an exact
         master (master_weights / param_remainders), else None (the anchor's)."""
         if self.state_dtype == quant.INT8:
-            return quant.CODE_DTYPE if p.numel() >= self.int8_min_numel else torch.float32
+            numel = self._full_numels.get(id(p), p.numel()) if self._full_numels else p.numel()
+            return quant.CODE_DTYPE if numel >= self.int8_min_numel else torch.float32
         exact_master = (self.master_weights or self.param_remainders) and p.dtype in LOW_PRECISION
         return self.state_dtype or (torch.float32 if exact_master else None)
 

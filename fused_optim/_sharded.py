@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ._tensors import any_dtensor, is_dtensor, keep_replaced, local
+from .kernels import quant
 
 # torch 2.13 renamed all_gather_into_tensor (the old name warns there)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -205,6 +206,7 @@ class ShardedSteps:
     shardable = False
     sharded_kernel = True  # False: over DTensor shards, the reference math runs on the local shards
     _shards = None  # the Layout of the group being stepped (reductions over DTensor params), else None
+    _full_numels: dict = {}  # id(local shard) -> the full tensor's numel, while the reference runs on shards
 
     def _check_shards(self, work) -> None:
         """DTensor params: refuse, before anything changes, the placements whose whole-tensor statistics (this
@@ -213,9 +215,16 @@ class ShardedSteps:
         if not any(map(any_dtensor, groups)):
             return
         who = type(self).__name__
-        if self.state_dtype == "int8":  # a 256-element block of a shard is not a block of the full tensor
-            raise NotImplementedError(f"{who}: state_dtype='int8' is not supported on DTensor (FSDP2) params (its "
-                                      f"blocks and their scales follow the whole tensor); use torch.bfloat16 states")
+        if self.state_dtype == quant.INT8:  # each shard's blocks must be the full tensor's blocks of that shard
+            for gi, params in enumerate(groups):
+                for i, p in enumerate(params):
+                    why = quant.shard_problem(p) if self._lean_dtype(p) == quant.CODE_DTYPE else None
+                    if why is not None:
+                        raise NotImplementedError(
+                            f"{who}: state_dtype='int8' on param {i} of param group {gi} (shape {tuple(p.shape)}), "
+                            f"a DTensor with placements {p.placements}: {why}; its states' blocks and scales would "
+                            f"not be the full tensor's. Raise int8_min_numel above its size (fp32 states) or use "
+                            f"torch.bfloat16 states")
         if not self.elementwise:
             if not self.shardable:
                 raise NotImplementedError(f"{who}: not supported on DTensor (FSDP2) params; use DDP")
@@ -235,9 +244,18 @@ class ShardedSteps:
         work_states = [{k: local(v) for k, v in st.items()} for st in states]
         before = [dict(ws) for ws in work_states]
         local_params = list(map(local, params))
-        self._reference_path(group, local_params, list(map(local, grads)), work_states, grad_scale, found_inf)
+        # a state the reference makes now takes the lean dtype of the full tensor (int8_min_numel counts its size)
+        self._full_numels = {id(lp): p.numel() for p, lp in zip(params, local_params)}
+        try:
+            self._reference_path(group, local_params, list(map(local, grads)), work_states, grad_scale, found_inf)
+        finally:
+            self._full_numels = {}
         for p, lp, ws, old in zip(params, local_params, work_states, before):
             for k, v in ws.items():  # a state made now (e.g. SGD's first momentum buffer) is a shard like p
-                if old.get(k) is not v and isinstance(v, torch.Tensor) and v.shape == lp.shape and v.dim():
+                if old.get(k) is v or not isinstance(v, torch.Tensor):
+                    continue
+                if quant.is_scale_key(k):  # (its int8 scales: the shard's blocks)
+                    ws[k] = quant.shard_scales(v, p)
+                elif v.shape == lp.shape and v.dim():
                     ws[k] = like(p, v)
         keep_replaced(states, work_states, before)

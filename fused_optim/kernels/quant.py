@@ -17,6 +17,12 @@ beside the kernel half (Triton), bit-identical codes and scales.
   table, ``code_maps``); the reference by torch.searchsorted over the same fp32 thresholds.
 * The absmax of a block is taken in registers: a kernel block of BLOCK lanes (a multiple of 256) is reshaped to
   [BLOCK / 256, 256], so a 256-block never straddles two programs or iterations.
+* The scales have one row per row of a contiguous tensor whose rows are whole blocks ([rows, row / 256]), else
+  they are one flat run. FSDP2 (DTensor dim-0 shards): the codes are a DTensor like the param, the scales a
+  DTensor of the local shard's blocks, which are the full tensor's blocks of that shard when each shard starts on
+  a block boundary (always with rows of whole blocks; a flat run needs shards of whole blocks split as
+  torch.chunk splits the scales: ``shard_problem``). So the kernels and the reference walk the local shard as they
+  walk a whole tensor, the codes and scales are one process's, and DCP reshards both by the same rows.
 """
 from __future__ import annotations
 
@@ -106,18 +112,74 @@ def is_scale_key(key) -> bool:
     return isinstance(key, str) and key.endswith(SUFFIX)
 
 
+def scale_shape(like: torch.Tensor) -> tuple:
+    """The shape of the block scales of a state laid out like ``like`` (a DTensor: the full tensor's): one row of
+    scales per row of a contiguous tensor whose rows are whole blocks (so FSDP2's dim-0 shards of the state and of
+    its scales are the same rows, and a checkpoint reshards), else one flat run of blocks."""
+    n = like.numel()
+    if like.dim() >= 2 and like.shape[0] and like.is_contiguous() and (n // like.shape[0]) % QBLOCK == 0:
+        return (like.shape[0], n // like.shape[0] // QBLOCK)
+    return (n_blocks(n),)
+
+
+def shard_problem(like) -> str | None:
+    """Why the blocks of a DTensor state laid out like ``like`` cannot follow the full tensor's (None: they can).
+    Each dim-0 shard must start on a block boundary of the full tensor, and its blocks must be the shard of the
+    scales that DTensor gives the rank (torch.chunk's split of the scales' dim 0)."""
+    from .._tensors import is_dtensor
+    if not is_dtensor(like) or not like.placements[0].is_shard():
+        return None
+    if like.placements[0].dim != 0 or not like.is_contiguous():
+        return f"placement {like.placements} (the blocks follow dim 0 of a contiguous tensor)"
+    shape, world = scale_shape(like), like.device_mesh.size()
+    if len(shape) == 2 or like.numel() == 0:
+        return None  # rows of whole blocks: the scales shard by the same rows
+    rows = like.shape[0] if like.dim() else 1
+    per_rank = -(-rows // world) * (like.numel() // max(rows, 1))  # elements of a full shard
+    if per_rank % QBLOCK or -(-shape[0] // world) != per_rank // QBLOCK:
+        return (f"its shards over {world} ranks hold {per_rank} elements each, not whole {QBLOCK}-element blocks "
+                f"split as its {shape[0]} block scales are")
+    return None
+
+
+def new_scales(like: torch.Tensor) -> torch.Tensor:
+    """Zero block scales for a state laid out like ``like``; for a DTensor, a DTensor holding the local shard's
+    blocks (shard_problem(like) must be None: they are then the full tensor's blocks of that shard)."""
+    from .._tensors import is_dtensor, local
+    if not is_dtensor(like):
+        return torch.zeros(scale_shape(like), dtype=torch.float32, device=like.device)
+    shard, full = local(like), scale_shape(like)
+    rows = shard.shape[0] if len(full) == 2 else n_blocks(shard.numel())
+    return shard_scales(torch.zeros((rows, *full[1:]), dtype=torch.float32, device=shard.device), like)
+
+
+def shard_scales(mine: torch.Tensor, like) -> torch.Tensor:
+    """The scales of the local shard of the DTensor ``like``'s state as a DTensor placed like it."""
+    from torch.distributed.tensor import DTensor
+    full = scale_shape(like)
+    return DTensor.from_local(mine.view(-1, *full[1:]), like.device_mesh, like.placements, run_check=False,
+                              shape=full, stride=(full[1], 1) if len(full) == 2 else (1,))
+
+
+def _local(t):
+    from .._tensors import local
+    return local(t)
+
+
 def store_state(st: dict, key: str, v: torch.Tensor, unsigned: bool, like: torch.Tensor) -> None:
     """st[key] = the codes of v (new, laid out like ``like``), st[key + SUFFIX] = its scales."""
     st[key] = torch.empty_like(like, dtype=CODE_DTYPE)
-    st[key + SUFFIX] = torch.empty(n_blocks(like.numel()), dtype=torch.float32, device=like.device)
+    st[key + SUFFIX] = new_scales(like)
     requantize_(st, key, v, unsigned)
 
 
 def requantize_(st: dict, key: str, v: torch.Tensor, unsigned: bool) -> None:
-    """The codes and scales of st[key] overwritten in place with v's (v shaped and laid out like the codes)."""
-    codes, absmax = quantize(storage_flat(torch.empty_like(st[key], dtype=v.dtype).copy_(v)), unsigned)
-    storage_flat(st[key]).copy_(codes)
-    st[key + SUFFIX].copy_(absmax)
+    """The codes and scales of st[key] overwritten in place with v's (v shaped and laid out like the codes; with
+    DTensors, the local shards')."""
+    codes, v = _local(st[key]), _local(v)
+    q, absmax = quantize(storage_flat(torch.empty_like(codes, dtype=v.dtype).copy_(v)), unsigned)
+    storage_flat(codes).copy_(q)
+    _local(st[key + SUFFIX]).view(-1).copy_(absmax)
 
 
 def relay_(st: dict, key: str, unsigned: bool, like: torch.Tensor) -> None:
@@ -127,22 +189,27 @@ def relay_(st: dict, key: str, unsigned: bool, like: torch.Tensor) -> None:
 
 
 def scales_of(st: dict, key: str):
-    """The block scales of st[key] if it holds int8 codes (made zero for a buffer made as zero codes at its first
-    step: SGD's momentum), else None."""
+    """The block scales of st[key] (the local shard's, with DTensors) if it holds int8 codes (made zero for a buffer
+    made as zero codes at its first step: SGD's momentum), else None."""
     v = st[key]
     if v.dtype != CODE_DTYPE:
         return None
     if key + SUFFIX not in st:
-        st[key + SUFFIX] = torch.zeros(n_blocks(v.numel()), dtype=torch.float32, device=v.device)
-    return st[key + SUFFIX]
+        st[key + SUFFIX] = new_scales(v)
+    return _local(st[key + SUFFIX])
 
 
 def load_state(st: dict, key: str, unsigned: bool) -> torch.Tensor:
-    """The fp32 values of the quantized st[key], shaped and laid out like its codes."""
-    codes = st[key]
+    """The fp32 values of the quantized st[key], shaped and laid out like its codes (a DTensor like them)."""
+    codes = _local(st[key])
     out = torch.empty_like(codes, dtype=torch.float32)
-    storage_flat(out).copy_(dequantize(storage_flat(codes), st[key + SUFFIX], unsigned))
-    return out
+    storage_flat(out).copy_(dequantize(storage_flat(codes), _local(st[key + SUFFIX]).reshape(-1), unsigned))
+    if codes is st[key]:
+        return out
+    from torch.distributed.tensor import DTensor
+    full = st[key]
+    return DTensor.from_local(out, full.device_mesh, full.placements, run_check=False, shape=full.shape,
+                              stride=full.stride())
 
 
 if runtime.available():
