@@ -69,10 +69,16 @@ _TABLE = torch.stack([torch.cat([m, thresholds(m), torch.full((1,), float("inf")
                       for m in (SIGNED_MAP, UNSIGNED_MAP)])
 
 
+_DEVICE_TABLES: dict = {}
+
+
 def code_maps(device) -> torch.Tensor:
-    """The kernels' table: fp32 [2, MAP_WIDTH], row 0 the signed map, row 1 the unsigned one (held by the
-    element-wise apply's tables, one upload per table build)."""
-    return _TABLE.to(device)
+    """The kernels' table: fp32 [2, MAP_WIDTH], row 0 the signed map, row 1 the unsigned one; one copy per device,
+    uploaded once and kept (a launch may pass its address without holding the tensor)."""
+    device = torch.device(device)
+    if device not in _DEVICE_TABLES:
+        _DEVICE_TABLES[device] = _TABLE.to(device)
+    return _DEVICE_TABLES[device]
 
 
 def n_blocks(n: int) -> int:

@@ -6,7 +6,9 @@ empty one), so the bias corrections are computed on the host and reach the kerne
 
 Fused path: ONE launch of kernels/sparse_rows.py per dtype combination updates the coalesced rows of every param of
 a group with the element rule ``_sparse_adam_update`` below, master_weights / param_remainders / bf16 states /
-stochastic rounding included (int8 states: the reference path, since a row update cannot requantize a block alone).
+stochastic rounding included, and int8 states where a param's rows are whole 256-blocks (embedding dims 256, 512,
+768, ...; contiguous): each row's blocks are requantized on their own. A param whose blocks span rows takes the
+reference path with int8 states (a block holding rows absent from the grad is requantized whole).
 """
 from __future__ import annotations
 
@@ -41,10 +43,12 @@ def aot_kernels():
     """The rows kernel's specializations for fused_optim.tools.aot: fp32 / bf16 / fp16 / fp64, with and without
     maximize, and with AMP unscaling (an absent grad_scale is passed as the int64 table, hence its pointer type);
     bf16 params with the precision options (an fp32 master + stochastic rounding; a remainder with bf16 states
-    rounded stochastically)."""
-    bf16, f32 = torch.bfloat16, torch.float32
-    lean = [((bf16, bf16, f32), mt.MASTER_FP32, mt.SR_PARAM, " master sr"),
-            ((bf16, bf16, bf16), mt.REMAINDER, mt.SR_STATES, " remainders sr-states")]
+    rounded stochastically; a remainder with int8 states), and fp32 params with int8 states (the precision options
+    sum duplicate rows in fp32: fp32 grad values)."""
+    bf16, f32, u8 = torch.bfloat16, torch.float32, quant.CODE_DTYPE
+    lean = [((bf16, f32, f32), mt.MASTER_FP32, mt.SR_PARAM, " master sr"),
+            ((bf16, f32, bf16), mt.REMAINDER, mt.SR_STATES, " remainders sr-states"),
+            ((f32, f32, u8), mt.NO_MASTER, 0, " int8-states"), ((bf16, f32, u8), mt.REMAINDER, 0, " remainders int8")]
     specs = [((dt, dt, dt), mt.NO_MASTER, 0, "") for dt in (torch.float32, bf16, torch.float16, torch.float64)]
     entries = []
     for dts, master, sr, what in specs + lean:
@@ -141,10 +145,6 @@ class SparseAdam(FusedOptimizer):
             upd = (m_new / (v_new.sqrt_().add_(eps))) * -_step_size(lr, beta1, beta2, st["step"])
             p.index_put_(at, p[at] + upd)
 
-    def _kernel_path(self, group, params) -> bool:
-        # int8 blocks span rows: only whole blocks can be requantized, so int8 states take the reference path
-        return self.state_dtype != quant.INT8 and super()._kernel_path(group, params)
-
     def _kernel_rule(self, group, variant=None):
         beta1, beta2 = group["betas"]
         rule = mt.Rule(_sparse_adam_update, flags=mt.pack((MAXIMIZE, group["maximize"])),
@@ -154,6 +154,16 @@ class SparseAdam(FusedOptimizer):
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
         if found_inf is not None and found_inf.item() != 0:
             return  # AMP overflow: nothing advances (the host sync is free: coalescing syncs anyway)
+        # int8 codes whose blocks span rows: the reference (it requantizes whole blocks of the tensor)
+        fit = [sparse_rows.fits(p, st["exp_avg"], g) for p, g, st in zip(params, grads, states)]
+        if not all(fit):
+            def part(xs, fits):
+                return [x for x, f in zip(xs, fit) if f == fits]
+            self._reference_path(group, part(params, False), part(grads, False), part(states, False), grad_scale,
+                                 None)
+            params, grads, states = part(params, True), part(grads, True), part(states, True)
+            if not params:
+                return
         rule, keys, _ = self._kernel_rule(group)
         lr, (beta1, beta2) = group["lr"], group["betas"]
         originals = params
@@ -175,7 +185,9 @@ class SparseAdam(FusedOptimizer):
                 continue
             vals = vals.contiguous()
             rows = _linear_rows(g)
-            item = (p, m, v, vals, rows, _step_size(lr, beta1, beta2, st["step"]), w)
+            scales = (quant.scales_of(st, "exp_avg"), quant.scales_of(st, "exp_avg_sq")) \
+                if m.dtype == quant.CODE_DTYPE else None
+            item = (p, m, v, vals, rows, _step_size(lr, beta1, beta2, st["step"]), w, scales)
             buckets.setdefault(sparse_rows.bucket_key(p, m, vals, w), []).append(item)
         precision = self._precision_args(masters)
         for key, items in buckets.items():
