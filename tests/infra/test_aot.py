@@ -53,11 +53,20 @@ def test_checker_flags_a_broken_kernel_and_a_narrow_one(tmp_path):
             offs = tl.arange(0, N)
             tl.store(x + offs, tl.load(x + offs, mask=offs < 3) + 1.0, mask=offs < 3)  # masked: no vector hint
 
-        for fn in (broken, scalar_width):
+        @triton.jit
+        def vector_width(x, N: tl.constexpr):  # x: an int64 address, as the kernels' tables hold them
+            p = tl.multiple_of(tl.load(x.to(tl.pointer_type(tl.int64))).to(tl.pointer_type(tl.float32)), 16)
+            offs = tl.arange(0, N)
+            tl.store(p + offs, tl.load(p + offs) * 2.0)
+
+        for fn in (broken, scalar_width, vector_width):
             e = aot.Entry(fn.__name__, fn, {"x": "*fp32", "N": "constexpr"}, {"N": 1024}, vector_check=True)
-            print(fn.__name__, aot.compile_entry(e, 90)["problems"])
+            row = aot.compile_entry(e, 90, sass=fn is not broken)  # the PTX's widths checked against the SASS
+            print(fn.__name__, row["problems"], row.get("ld_bits"), row.get("st_bits"))
     """, tmp_path)
     assert r.returncode == 0, r.stderr
     out = dict(line.split(" ", 1) for line in r.stdout.splitlines())
     assert "does not compile" in out["broken"]
-    assert "no 128-bit" in out["scalar_width"]
+    assert "no 128-bit" in out["scalar_width"] and "differ" not in out["scalar_width"]
+    assert out["scalar_width"].endswith("32 32")
+    assert out["vector_width"] == "[] 128 128"
