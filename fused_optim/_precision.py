@@ -293,7 +293,7 @@ class PrecisionOptions:
         if self.state_dtype != quant.INT8:
             return {}
         return dict(scales=[[quant.scales_of(st, k) for st in states] for k in keys],
-                    unsigned=sum(1 << i for i, k in enumerate(keys) if k in self.nonnegative_states))
+                    unsigned=quant.unsigned_slots(keys, self.nonnegative_states))
 
     def _precision_args(self, masters) -> dict:
         """mt.apply's master / rounding arguments for a launch that writes the params (masters: the master slots

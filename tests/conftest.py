@@ -19,9 +19,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    from interpreter import patch_language_once_per_launch
-    patch_language_once_per_launch()
+from interpreter import patch_language_once_per_launch  # noqa: E402
+
+patch_language_once_per_launch()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,6 +1,7 @@
 """Test-only speed-up of Triton's interpreter (TRITON_INTERPRET=1): applied by conftest.py in the test session
 and by the distributed tests' worker processes, which do not import conftest."""
 import inspect
+import os
 
 
 def patch_language_once_per_launch():
@@ -8,7 +9,10 @@ def patch_language_once_per_launch():
     own standard library) for a launch, then again on every nested @triton.jit call it runs (inspect.getmembers over
     the modules: over half of our kernels' interpreted run time), though the modules are already patched for that
     launch. Here a nested call patches only modules not yet patched in the launch: the same interpreted semantics,
-    a fraction of the host time. Left as it is if the interpreter's internals differ from what this expects."""
+    a fraction of the host time. Left as it is if the interpreter's internals differ from what this expects, and
+    without TRITON_INTERPRET."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
     import triton.language as tl
     from triton.runtime import interpreter as ti
     patch, grid_call = getattr(ti, "_patch_lang", None), getattr(getattr(ti, "GridExecutor", None), "__call__", None)

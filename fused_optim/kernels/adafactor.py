@@ -224,7 +224,7 @@ def step(spec: Spec, caches: dict, slot, params, grads, states, sdts, grad_scale
         if qs and (SUB * TB) % quant.QBLOCK:  # the storage-order walk steps over whole 256-element blocks
             raise RuntimeError(f"Adafactor: int8 states need the kernel's SUB * TB ({SUB * TB}) to be a multiple "
                                f"of {quant.QBLOCK}")
-        lean = dict(master=dts[4], quant_bits=1 + 2 * unsigned if qs else 0,
+        lean = dict(master=dts[4], quant_bits=quant.quant_bits(unsigned) if qs else 0,
                     sr=sr_bits(dts[0], dts[3], dts[4], stochastic_rounding, state_stochastic_rounding))
         _launch(tab, spec, dts[:4], gs, hypers, grad_scale, found_inf, tab.shards, seed, lean)
         if idx[-1] == len(params) - 1:

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import torch
 
-from . import runtime
+from . import quant, runtime
 from .adafactor import CAUTIOUS, HYPERS, PASS_NAMES, PLAIN, constexprs, launches, options, sharded_phases
 from .rules import MASTER_FP32, NO_MASTER, REMAINDER, SR_PARAM, SR_STATES
 
 BF16, F32 = torch.bfloat16, torch.float32
 # the precision and lean options (label, dts: param, grad, moments, element-wise states; master; sr; int8 bits):
-# int8 states are unsigned for exp_avg_sq (slot 1): 1 + 2 * 0b10
+# int8 states are unsigned for exp_avg_sq (slot 1)
+INT8 = quant.quant_bits(0b10)
 LEAN = [("remainders,bf16 states", (BF16, BF16, F32, BF16), REMAINDER, 0, 0),
         ("remainders,bf16 states sr", (BF16, BF16, F32, BF16), REMAINDER, SR_STATES, 0),
         ("master,sr", (BF16, BF16, F32, F32), MASTER_FP32, SR_PARAM, 0),
-        ("int8 states", (F32, F32, F32, torch.uint8), NO_MASTER, 0, 5),
-        ("remainders,int8 states", (BF16, BF16, F32, torch.uint8), REMAINDER, 0, 5)]
+        ("int8 states", (F32, F32, F32, torch.uint8), NO_MASTER, 0, INT8),
+        ("remainders,int8 states", (BF16, BF16, F32, torch.uint8), REMAINDER, 0, INT8)]
 
 
 def _name(label, passes, dts, amp=False):

@@ -105,7 +105,7 @@ def step(spec: Spec, cache: TableCache, params, grads, states, step_t, grad_scal
     for k, ((*dts, master), idx) in enumerate(groups):
         dts = tuple(dts)
         ps, gs, sts, ms = pick(idx, params, grads, states, masters)
-        qbits = 1 + 2 * unsigned if dts[2] == quant.CODE_DTYPE else 0  # QUANT: int8 moments, unsigned slots
+        qbits = quant.quant_bits(unsigned) if dts[2] == quant.CODE_DTYPE else 0
         qs = list(zip(*pick(idx, *scales))) if qbits else None  # each param's scales, by moment
         key = (tuple(map(ptr, ps)), tuple(map(ptr, itertools.chain.from_iterable(sts))), tuple(map(numel, ps)),
                tuple(ptr(m) for m in ms if m is not None),
@@ -144,7 +144,7 @@ def aot_kernels() -> list:
     sig = {a: ptr_args.get(a, "constexpr" if a.isupper() else "fp64" if a in HYPERS else "*fp32")
            for a in lamb_kernel.arg_names}
     f32, bf16, u8 = torch.float32, torch.bfloat16, quant.CODE_DTYPE
-    qbits = 1 + 2 * 2  # int8 moments: exp_avg signed, exp_avg_sq unsigned
+    qbits = quant.quant_bits(0b10)  # int8 moments: exp_avg signed, exp_avg_sq unsigned
     # (dtypes, AMP, master, SR bits, QUANT, name suffix)
     lean = [((bf16, bf16, f32), False, mt.MASTER_FP32, mt.SR_PARAM, 0, " master sr"),
             ((bf16,) * 3, False, mt.REMAINDER, mt.SR_STATES, 0, " remainders sr-states"),

@@ -320,7 +320,7 @@ def apply(rule: Rule, cache: TableCache, params, grads, columns, scalars, *, lr_
         cols, scs = cols[:len(columns)], cols[len(columns):]
         if master:  # the master copy rides in the table as one more element-wise slot, after the states
             cols = [*cols, [masters[i] for i in idx]]
-        qbits = 1 + 2 * unsigned if dts[2] == quant.CODE_DTYPE else 0  # QUANT: int8 states, unsigned slots
+        qbits = quant.quant_bits(unsigned) if dts[2] == quant.CODE_DTYPE else 0
         qs = pick(idx, *scales) if qbits else ()
         tab = cache.lookup((dts, master, sdts), key, gs,
                            lambda: _build_tables(key, ps, gs, cols, scs, ps[0].device, qs,

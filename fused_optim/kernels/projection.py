@@ -189,7 +189,7 @@ def step(spec: Spec, cache: TableCache, params, grads, states, steps, grad_scale
         dts = tuple(dts)
         ps, gs, sts, ms = pick(idx, params, grads, states, masters)
         scs = pick(idx, steps)[0] if steps else []
-        qbits = 1 + 2 * unsigned if dts[2] == quant.CODE_DTYPE else 0  # QUANT: int8 states, unsigned slots
+        qbits = quant.quant_bits(unsigned) if dts[2] == quant.CODE_DTYPE else 0
         qs = list(zip(*pick(idx, *scales))) if qbits else [()] * len(ps)  # each param's scales, by state
         key = (tuple(map(ptr, ps)), tuple(map(ptr, itertools.chain.from_iterable(sts))), tuple(map(ptr, scs)),
                tuple(map(torch.Tensor.size, ps)), tuple(m.data_ptr() for m in ms if m is not None),
@@ -261,7 +261,7 @@ def aot_kernels() -> list:
         group0 = cls([torch.nn.Parameter(torch.ones(2))], fused=False, lr=0.1).param_groups[0]
         for options in ({}, {k: v for k, v in every.items() if k in group0}):
             spec = cls.projection_spec({**group0, **options})
-            qbits = 1 + 2 * sum(1 << i for i, k in enumerate(spec.state_keys) if k in cls.nonnegative_states)
+            qbits = quant.quant_bits(quant.unsigned_slots(spec.state_keys, cls.nonnegative_states))
             label = ",".join(f"{k}={v}" for k, v in options.items()) or "default"
             # (dtypes, AMP, master, SR bits, QUANT, name suffix)
             int8 = [((f32, f32, u8), False, mt.NO_MASTER, 0, qbits, " int8 states")]

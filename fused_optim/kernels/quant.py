@@ -81,6 +81,17 @@ def code_maps(device) -> torch.Tensor:
     return _DEVICE_TABLES[device]
 
 
+def unsigned_slots(keys, nonnegative) -> int:
+    """The bits of the state slots (in ``keys`` order) that hold non-negative states (the unsigned map's)."""
+    return sum(1 << i for i, k in enumerate(keys) if k in nonnegative)
+
+
+def quant_bits(unsigned: int) -> int:
+    """A launch's QUANT constexpr with int8 states: bit 0 on, bit 1 + K for each unsigned slot K (``unsigned``:
+    unsigned_slots' bits)."""
+    return 1 + 2 * unsigned
+
+
 def n_blocks(n: int) -> int:
     return -(-n // QBLOCK)
 

@@ -78,16 +78,13 @@ if runtime.available():
                        QUANT)
 
 
-# int8 states: exp_avg signed (slot 0), exp_avg_sq unsigned (slot 1): quant's QUANT bits
-QUANT_BITS = 1 + 2 * 0b10
-
-
-def constexprs(rule, dts, has_scale: bool, master: int = NO_MASTER, sr: int = 0) -> dict:
+def constexprs(rule, dts, has_scale: bool, master: int = NO_MASTER, sr: int = 0, unsigned: int = 0) -> dict:
     """dts: (param, grad values, states) dtypes (uint8 states: int8 codes); master: rules' NO_MASTER / MASTER_FP32 /
-    REMAINDER; sr: SR_PARAM and SR_STATES bits."""
+    REMAINDER; sr: SR_PARAM and SR_STATES bits; unsigned: quant.unsigned_slots' bits of int8 states."""
     return dict(UPDATE=rule.update, FLAGS=rule.flags, P_DT=runtime.tl_dtype(dts[0]), G_DT=runtime.tl_dtype(dts[1]),
                 S_DT=runtime.tl_dtype(dts[2]), HAS_SCALE=has_scale, MASTER=master, SR=sr,
-                QUANT=QUANT_BITS if dts[2] == quant.CODE_DTYPE else 0, BLOCK=runtime.BLOCK, ITERS=runtime.ITERS)
+                QUANT=quant.quant_bits(unsigned) if dts[2] == quant.CODE_DTYPE else 0, BLOCK=runtime.BLOCK,
+                ITERS=runtime.ITERS)
 
 
 def row_len(grad) -> int:
@@ -108,12 +105,12 @@ def bucket_key(p, m, vals, master) -> tuple:
 
 
 def launch_rows(rule, key, items, grad_scale, *, stochastic_rounding=False, state_stochastic_rounding=False,
-                seed=0) -> None:
+                seed=0, unsigned=0) -> None:
     """One launch over the coalesced rows of every param in ``items`` ((p, exp_avg, exp_avg_sq, values, rows, step
     size, master or None, (exp_avg's, exp_avg_sq's block scales) or None) each, all of one ``bucket_key``): the
     table is uploaded each step (sparse indices are new every step anyway). ``stochastic_rounding``: bf16 params
     (without a remainder) stored stochastically from ``seed``'s bits; ``state_stochastic_rounding``: bf16 states
-    too."""
+    too; ``unsigned``: the unsigned slots of int8 states (PrecisionOptions._quant_args)."""
     chunk = runtime.BLOCK * runtime.ITERS
     table, work = [], []
     dev = items[0][0].device
@@ -131,7 +128,7 @@ def launch_rows(rule, key, items, grad_scale, *, stochastic_rounding=False, stat
     sr = sr_bits(p_dt, s_dt, master, stochastic_rounding, state_stochastic_rounding)
     runtime.launch(sparse_rows_kernel, len(work) // 2, buf[:n_h].view(torch.float64), buf[n_h:n_t], buf[n_t:],
                    grad_scale if grad_scale is not None else buf, seed,
-                   **constexprs(rule, (p_dt, g_dt, s_dt), grad_scale is not None, master, sr))
+                   **constexprs(rule, (p_dt, g_dt, s_dt), grad_scale is not None, master, sr, unsigned))
 
 
 def f64_bits(x: float) -> int:

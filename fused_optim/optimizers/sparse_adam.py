@@ -56,7 +56,8 @@ def aot_kernels():
             for amp in (False, True):
                 rule = mt.Rule(_sparse_adam_update, flags=mt.pack((MAXIMIZE, maximize)),
                                hypers=dict(lr=0.0, beta1=0.0, beta2=0.0, eps=0.0))  # compile-time only
-                cx = sparse_rows.constexprs(rule, dts, amp, master, sr)
+                cx = sparse_rows.constexprs(rule, dts, amp, master, sr,
+                                            quant.unsigned_slots(KEYS, SparseAdam.nonnegative_states))
                 sig = {"hypers": "*fp64", "table": "*i64", "work": "*i64", "scale_ptr": "*fp32" if amp else "*i64",
                        "seed": "i32", **{k: "constexpr" for k in cx}}
                 name = (f"SparseAdam[rows,maximize={maximize}] {str(dts[0]).replace('torch.', '')}"
@@ -64,6 +65,9 @@ def aot_kernels():
                 entries.append(dict(name=name, fn=sparse_rows.sparse_rows_kernel, signature=sig, constexprs=cx,
                                     options=runtime.compile_options()))
     return entries
+
+
+KEYS = ("exp_avg", "exp_avg_sq")  # the rows kernel's state slots
 
 
 def _step_size(lr, beta1: float, beta2: float, step: int) -> float:
@@ -149,7 +153,7 @@ class SparseAdam(FusedOptimizer):
         beta1, beta2 = group["betas"]
         rule = mt.Rule(_sparse_adam_update, flags=mt.pack((MAXIMIZE, group["maximize"])),
                        hypers=dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"]))
-        return rule, ("exp_avg", "exp_avg_sq"), ()
+        return rule, KEYS, ()
 
     def _kernel_step(self, group, params, grads, states, grad_scale, found_inf):
         if found_inf is not None and found_inf.item() != 0:
@@ -172,10 +176,13 @@ class SparseAdam(FusedOptimizer):
         params, _, (exp_avgs, exp_avg_sqs), masters, back = self._kernel_tensors_with_masters(params, grads, states,
                                                                                                keys)
         masters = masters or [None] * len(params)
+        q = self._quant_args(states, keys)  # int8 states: each slot's block scales (None for fp32 states)
+        scales = list(zip(*q["scales"])) if q else [None] * len(params)
         # with the precision options the reference sums duplicate rows in fp32 (it takes fp32 grads): so do we
         fp32_grads = self._low_precision_options(params)
         buckets: dict = {}
-        for p, orig, grad, st, m, v, w in zip(params, originals, grads, states, exp_avgs, exp_avg_sqs, masters):
+        for p, orig, grad, st, m, v, w, sc in zip(params, originals, grads, states, exp_avgs, exp_avg_sqs, masters,
+                                                  scales):
             st["step"] += 1
             g = (grad.float() if fp32_grads else grad).coalesce()
             if grad_scale is not None and g is not grad and g.dtype == grad.dtype:
@@ -185,13 +192,13 @@ class SparseAdam(FusedOptimizer):
                 continue
             vals = vals.contiguous()
             rows = _linear_rows(g)
-            scales = (quant.scales_of(st, "exp_avg"), quant.scales_of(st, "exp_avg_sq")) \
-                if m.dtype == quant.CODE_DTYPE else None
-            item = (p, m, v, vals, rows, _step_size(lr, beta1, beta2, st["step"]), w, scales)
+            item = (p, m, v, vals, rows, _step_size(lr, beta1, beta2, st["step"]), w,
+                    sc if m.dtype == quant.CODE_DTYPE else None)
             buckets.setdefault(sparse_rows.bucket_key(p, m, vals, w), []).append(item)
         precision = self._precision_args(masters)
         for key, items in buckets.items():
             sparse_rows.launch_rows(rule, key, items, grad_scale, seed=precision["seed"],
                                     stochastic_rounding=precision["stochastic_rounding"],
-                                    state_stochastic_rounding=precision["state_stochastic_rounding"])
+                                    state_stochastic_rounding=precision["state_stochastic_rounding"],
+                                    unsigned=q.get("unsigned", 0))
         self._write_back(back)

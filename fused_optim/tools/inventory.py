@@ -14,7 +14,7 @@ import torch
 from triton.runtime.jit import JITFunction
 
 import fused_optim
-from fused_optim.kernels import multi_tensor as mt, runtime
+from fused_optim.kernels import multi_tensor as mt, quant, runtime
 
 _SKIP_BOOLS = {"foreach", "capturable", "differentiable", "fused"}
 
@@ -125,7 +125,7 @@ def _int8_entries(sig) -> list[Entry]:
             rule, keys, skeys = probe._kernel_rule({**probe.param_groups[0], **variant}, sub)
             if not keys:  # no states (SGD without momentum, Muon's update launch): nothing to quantize
                 continue
-            unsigned = sum(1 << i for i, k in enumerate(keys) if k in cls.nonnegative_states)
+            unsigned = quant.unsigned_slots(keys, cls.nonnegative_states)
             label = (",".join(f"{k}={v}" for k, v in variant.items()) or "default") + (
                 f",variant={sub}" if sub is not None else "")  # (as the other entries name a subvariant)
             for dts, master in (((torch.float32,) * 2, mt.NO_MASTER), ((BF16,) * 2, mt.REMAINDER)):
@@ -133,7 +133,7 @@ def _int8_entries(sig) -> list[Entry]:
                     (*dts, _), _, master, _ = cls.aot_launch(sub, (*dts, torch.uint8), False, master, False)
                     master = master or mt.NO_MASTER
                 cx = mt.constexprs(rule, (*dts, torch.uint8), len(keys), len(skeys), lr_tensor=False, has_scale=False,
-                                   has_inf=False, aligned=True, master=master, quant=1 + 2 * unsigned)
+                                   has_inf=False, aligned=True, master=master, quant=quant.quant_bits(unsigned))
                 dname = "/".join(map(str, dts[:1] if len(set(dts)) == 1 else dts))
                 out.append(Entry(f"{cls.__name__}[{label}] {dname} int8 states{_MASTER_NAMES.get(master, '')}"
                                  .replace("torch.", ""), mt.multi_tensor_apply_kernel, sig, cx,

@@ -282,9 +282,8 @@ def _dcp_work(rank, world, ckpt_dir, save, out):
 
 
 def _worker(rank, store_path, world, mode, out, work=None):
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # (set by conftest, which this process lacks)
-        from interpreter import patch_language_once_per_launch
-        patch_language_once_per_launch()
+    from interpreter import patch_language_once_per_launch
+    patch_language_once_per_launch()  # (conftest's, which this process does not import)
     # a file store: no TCP port to race for when several test workers run distributed tests at once
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
